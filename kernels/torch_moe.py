@@ -1,0 +1,44 @@
+"""Plain-torch grouped experts: the portable fallback for both expert sets.
+
+Used for GPU-resident experts when Triton cannot run (the CPU platform) and
+for host-resident experts when the C++ CPU kernel is unavailable. Computes in
+the weights' dtype with torch's matmuls (fp32 accumulation inside), and
+accumulates the top-k weighted sum in fp32, as vLLM's fused MoE does.
+
+Shape legend: T = tokens, H = hidden, I = intermediate, Ex = experts in this
+set, K = top-k.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def moe_forward(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: torch.Tensor,
+                topk_weights: torch.Tensor, out: torch.Tensor) -> None:
+    """out += sum_k topk_weights[t, k] * ffn_{topk_ids[t, k]}(x[t]); ids of -1 are skipped.
+
+    x [T, H]; w13 [Ex, 2I, H]; w2 [Ex, H, I]; topk_ids [T, K] local ids or -1;
+    topk_weights [T, K] fp32; out [T, H] fp32.
+    """
+    if x.shape[0] == 0 or w13.shape[0] == 0:
+        return
+    inter = w2.shape[-1]
+    flat_ids = topk_ids.reshape(-1)  # [T*K]
+    valid = flat_ids >= 0
+    if not bool(valid.any()):
+        return
+    order = torch.argsort(flat_ids.masked_fill(~valid, w13.shape[0]), stable=True)  # [T*K]
+    counts = torch.bincount(flat_ids[valid], minlength=w13.shape[0]).tolist()  # [Ex]
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        slots = order[start:start + n]  # [n] flat (token, k) positions
+        start += n
+        tokens = slots // topk_ids.shape[1]  # [n]
+        gate_up = x[tokens].to(w13.dtype) @ w13[e].t()  # [n, 2I]
+        act = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]  # [n, I]
+        y = (act @ w2[e].t()).float()  # [n, H]
+        out.index_add_(0, tokens, y * topk_weights.reshape(-1)[slots, None].float())

@@ -1,0 +1,111 @@
+"""`vllm serve --model-impl fiddler` answers the OpenAI API (via the `openai` client)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def vllm_cli() -> list[str]:
+    exe = os.path.join(os.path.dirname(sys.executable), "vllm")
+    return [exe] if os.path.exists(exe) else [sys.executable, "-m", "vllm.entrypoints.cli.main"]
+
+
+class Server:
+    def __init__(self, args: list[str], timeout_s: float = 300):
+        self.port = free_port()
+        self.log = open(os.path.join(os.environ.get("TMPDIR", "/tmp"), f"fiddler-serve-{self.port}.log"), "w+")
+        self.proc = subprocess.Popen(vllm_cli() + ["serve", *args, "--host", "127.0.0.1",
+                                                   "--port", str(self.port)],
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()[-4000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(1)
+        self.stop()
+        raise TimeoutError(f"server not healthy after {timeout_s}s:\n{self.output()[-4000:]}")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def output(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_mixtral):
+    s = Server([tiny_mixtral, "--model-impl", "fiddler", "--enforce-eager", "--max-model-len", "512",
+                "--served-model-name", "tiny", "--additional-config",
+                '{"fiddler": {"gpu_expert_budget_gb": 0.0002}}'])
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    import openai
+
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="none")
+
+
+def test_placement_logged(server):
+    log = server.output()
+    assert "fiddler placement" in log and "experts on GPU" in log
+
+
+def test_completions(client):
+    r = client.completions.create(model="tiny", prompt="hello world the model", max_tokens=8,
+                                  temperature=0)
+    assert r.usage.completion_tokens == 8 and r.choices[0].text.strip()
+    again = client.completions.create(model="tiny", prompt="hello world the model", max_tokens=8,
+                                      temperature=0)
+    assert again.choices[0].text == r.choices[0].text  # greedy is deterministic
+
+
+def test_chat_completions(client):
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hello gpu"}],
+                                       max_tokens=6, temperature=0)
+    assert r.choices[0].message.content and r.usage.completion_tokens == 6
+
+
+def test_streaming_matches_non_streaming(client):
+    kwargs = dict(model="tiny", prompt="the cat and dog", max_tokens=8, temperature=0)
+    whole = client.completions.create(**kwargs).choices[0].text
+    pieces = [c.choices[0].text for c in client.completions.create(stream=True, **kwargs) if c.choices]
+    assert "".join(pieces) == whole
+
+
+def test_unsupported_architecture_fails_at_startup(tiny_llama):
+    with pytest.raises(RuntimeError) as e:
+        Server([tiny_llama, "--model-impl", "fiddler"], timeout_s=120)
+    assert "fiddler does not support architecture(s) ['LlamaForCausalLM']" in str(e.value)

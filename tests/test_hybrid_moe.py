@@ -1,0 +1,144 @@
+"""HybridMoE alone against the fp32 oracle of Mixtral's sparse MoE block.
+
+Tolerances, per dtype, relative to the output's scale (max |ref|):
+- fp32: same math in another order; 1e-5 covers fp32 summation order.
+- bf16: the expert computes in bf16 (8-bit mantissa): gate/up, the SiLU
+  product and the down projection are each rounded once (<= 2^-8 relative
+  each), the fp32 top-k sum then rounds once more to bf16. Four roundings:
+  2e-2 of scale, with margin. The oracle sees the same bf16-rounded inputs.
+- fp16: the same four roundings at 2^-11: 4e-3.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+
+import pytest
+import torch
+
+from vllm_fiddler.kernels import reference
+from vllm_fiddler.layers.hybrid_moe import HybridMoE
+from vllm_fiddler.runtime.cpu_experts import CPUExpertRuntime
+
+E, K, H, I = 8, 2, 96, 160  # odd-ish sizes on purpose (not powers of two)
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+PLACEMENTS = {
+    "all_gpu": tuple(range(E)),
+    "all_cpu": (),
+    "mixed": (0, 3, 5),
+    "one_gpu": (6,),
+    "one_cpu": tuple(e for e in range(E) if e != 2),
+}
+
+
+def make_layer(gpu_experts, dtype, runtime=None, seed=0):
+    layer = HybridMoE(num_experts=E, top_k=K, hidden_size=H, intermediate_size=I,
+                      gpu_experts=gpu_experts, dtype=dtype, device=torch.device("cpu"),
+                      cpu_runtime=runtime or CPUExpertRuntime(num_threads=1, inline=True),
+                      pin_memory=False)
+    gen = torch.Generator().manual_seed(seed)
+    w1 = torch.randn(E, I, H, generator=gen) * H**-0.5
+    w3 = torch.randn(E, I, H, generator=gen) * H**-0.5
+    w2 = torch.randn(E, H, I, generator=gen) * I**-0.5
+    layer.load_weights((f"{e}.{name}.weight", w[e]) for e in range(E)
+                       for name, w in (("w1", w1), ("w2", w2), ("w3", w3)))
+    w13 = torch.cat([w1, w3], dim=1).to(dtype)  # the weights as the layer stores them
+    return layer, w13, w2.to(dtype)
+
+
+def check(layer, w13, w2, x, logits, dtype):
+    out = layer(x, logits)
+    weights, ids = reference.route(logits, K)
+    ref = reference.moe(x, w13, w2, weights, ids)
+    assert out.dtype == dtype and out.shape == x.shape
+    scale = max(ref.abs().max().item(), 1e-6) if ref.numel() else 1.0
+    torch.testing.assert_close(out.float(), ref, atol=TOLERANCE[dtype] * scale, rtol=TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("placement", list(PLACEMENTS))
+@pytest.mark.parametrize("tokens", [0, 1, 7, 64])
+def test_matches_oracle(tokens, placement, dtype):
+    layer, w13, w2 = make_layer(PLACEMENTS[placement], dtype)
+    gen = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, H, generator=gen).to(dtype)
+    logits = torch.randn(tokens, E, generator=gen).to(dtype)
+    check(layer, w13, w2, x, logits, dtype)
+
+
+@pytest.mark.parametrize("placement", ["mixed", "all_cpu", "all_gpu"])
+def test_empty_experts(placement):
+    """Routing that hits only experts 3 and 4: every other expert gets no token."""
+    layer, w13, w2 = make_layer(PLACEMENTS[placement], torch.float32)
+    x = torch.randn(33, H)
+    logits = torch.full((33, E), -10.0)
+    logits[:, 3], logits[:, 4] = 5.0, 4.0
+    check(layer, w13, w2, x, logits, torch.float32)
+
+
+def test_threaded_runtime_matches_inline():
+    pool = CPUExpertRuntime(num_threads=1, inline=False)
+    try:
+        layer, w13, w2 = make_layer(PLACEMENTS["mixed"], torch.float32, runtime=pool)
+        x, logits = torch.randn(64, H), torch.randn(64, E)
+        check(layer, w13, w2, x, logits, torch.float32)
+    finally:
+        pool.shutdown()
+
+
+def test_every_pair_runs_on_exactly_one_side(monkeypatch):
+    """The dispatch claim: each (token, k) pair is computed once, on the side where its expert lives."""
+    layer, _, _ = make_layer(PLACEMENTS["mixed"], torch.float32)
+    seen = {"cpu": [], "gpu": []}
+    original_submit = layer.cpu_runtime.submit
+
+    def spy_submit(x, w13, w2, ids, weights):
+        seen["cpu"].append(ids.clone())
+        return original_submit(x, w13, w2, ids, weights)
+
+    original_device = layer._device_experts
+
+    def spy_device(x, ids, weights, acc):
+        seen["gpu"].append(ids.clone())
+        return original_device(x, ids, weights, acc)
+
+    monkeypatch.setattr(layer.cpu_runtime, "submit", spy_submit)
+    monkeypatch.setattr(layer, "_device_experts", spy_device)
+    logits = torch.randn(50, E)
+    layer(torch.randn(50, H), logits)
+    _, ids = reference.route(logits, K)
+    cpu_ids, gpu_ids = seen["cpu"][0], seen["gpu"][0]
+    on_gpu = torch.isin(ids, torch.tensor(PLACEMENTS["mixed"]))
+    assert torch.equal(gpu_ids >= 0, on_gpu) and torch.equal(cpu_ids >= 0, ~on_gpu)
+    # local slots point back at the right global experts
+    assert torch.equal(torch.tensor(layer.gpu_experts)[gpu_ids[on_gpu].long()], ids[on_gpu])
+    assert torch.equal(torch.tensor(layer.cpu_experts)[cpu_ids[~on_gpu].long()], ids[~on_gpu])
+    assert layer.routed_to_gpu == int(on_gpu.sum()) and layer.routed_to_cpu == int((~on_gpu).sum())
+
+
+def test_all_gpu_never_calls_cpu(monkeypatch):
+    layer, _, _ = make_layer(PLACEMENTS["all_gpu"], torch.float32)
+    monkeypatch.setattr(layer.cpu_runtime, "submit", lambda *a: pytest.fail("CPU path used"))
+    layer(torch.randn(9, H), torch.randn(9, E))
+
+
+def test_cpu_fault_fails_the_step():
+    """An exception in the CPU worker thread reaches the caller, not a hang."""
+    pool = CPUExpertRuntime(num_threads=1, inline=False)
+    try:
+        layer, _, _ = make_layer(PLACEMENTS["all_cpu"], torch.float32, runtime=pool)
+        layer.w2_cpu = layer.w2_cpu[:, :, :5]  # wrong shape: the worker's matmul raises
+        with pytest.raises(RuntimeError):
+            layer(torch.randn(4, H), torch.randn(4, E))
+    finally:
+        pool.shutdown()
+
+
+def test_dummy_init_is_placement_independent():
+    a, _, _ = make_layer(PLACEMENTS["mixed"], torch.bfloat16)
+    b, _, _ = make_layer(PLACEMENTS["one_gpu"], torch.bfloat16)
+    a.init_random(seed=7)
+    b.init_random(seed=7)
+    for e in range(E):
+        for wa, wb in zip(a.expert_weights(e), b.expert_weights(e)):
+            assert torch.equal(wa, wb) and wa.abs().max() <= 1e-3 and wa.abs().max() > 0

@@ -1,0 +1,62 @@
+"""FiddlerConfig: every bad option is a clear error naming the key."""
+
+import pytest
+
+from vllm_fiddler.config import FiddlerConfig, FiddlerConfigError
+
+
+def parse(options):
+    return FiddlerConfig.from_additional_config({"fiddler": options})
+
+
+def test_defaults_when_absent():
+    assert FiddlerConfig.from_additional_config({}) == FiddlerConfig()
+    assert FiddlerConfig.from_additional_config(None) == FiddlerConfig()
+    assert FiddlerConfig().placement == "even"
+
+
+def test_valid_options(tmp_path):
+    f = tmp_path / "p.json"
+    f.write_text('{"gpu_experts": []}')
+    cfg = parse({"gpu_expert_budget_gb": 12, "kv_cache_reserve_gb": 0.5, "placement": str(f),
+                 "cpu_threads": 7})
+    assert (cfg.gpu_expert_budget_gb, cfg.kv_cache_reserve_gb, cfg.cpu_threads) == (12.0, 0.5, 7)
+    assert cfg.resolved_cpu_threads() == 7
+    assert parse({"gpu_expert_budget_gb": 0}).gpu_expert_budget_gb == 0.0
+
+
+def test_json_string_is_accepted():
+    assert FiddlerConfig.from_additional_config({"fiddler": '{"cpu_threads": 3}'}).cpu_threads == 3
+
+
+@pytest.mark.parametrize("options, words", [
+    ({"gpu_budget": 1}, ["unknown fiddler option", "gpu_budget", "gpu_expert_budget_gb"]),
+    ({"gpu_expert_budget_gb": -1}, ["gpu_expert_budget_gb", ">= 0"]),
+    ({"gpu_expert_budget_gb": float("nan")}, ["gpu_expert_budget_gb"]),
+    ({"gpu_expert_budget_gb": "12"}, ["gpu_expert_budget_gb", "number"]),
+    ({"gpu_expert_budget_gb": True}, ["gpu_expert_budget_gb"]),
+    ({"kv_cache_reserve_gb": -0.5}, ["kv_cache_reserve_gb"]),
+    ({"cpu_threads": 0}, ["cpu_threads", ">= 1"]),
+    ({"cpu_threads": 2.5}, ["cpu_threads"]),
+    ({"placement": ""}, ["placement"]),
+    ({"placement": "/no/such/file.json"}, ["placement file", "/no/such/file.json", "does not exist"]),
+])
+def test_bad_options_name_the_problem(options, words):
+    with pytest.raises(FiddlerConfigError) as e:
+        parse(options)
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_not_an_object():
+    with pytest.raises(FiddlerConfigError, match="must be an object"):
+        FiddlerConfig.from_additional_config({"fiddler": [1, 2]})
+    with pytest.raises(FiddlerConfigError, match="not valid JSON"):
+        FiddlerConfig.from_additional_config({"fiddler": "{oops"})
+
+
+def test_default_cpu_threads_leaves_one_core():
+    import os
+
+    n = len(os.sched_getaffinity(0))
+    assert FiddlerConfig().resolved_cpu_threads() == max(1, n - 1)

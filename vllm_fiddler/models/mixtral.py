@@ -1,0 +1,98 @@
+"""FiddlerMixtralForCausalLM: vLLM's Mixtral with a hybrid MoE block.
+
+Everything but the MoE block is vLLM's own (attention, decoder layer,
+embeddings, logits, weight loading, torch.compile). ``MixtralMoE`` is swapped
+for ``FiddlerMixtralMoE`` only while the model is built; the subclass keeps
+vLLM's ``isinstance`` checks and the checkpoint names (``block_sparse_moe.gate``,
+``block_sparse_moe.experts.{e}.w{1,2,3}``) working.
+"""
+
+from __future__ import annotations
+
+
+import threading
+
+import torch
+from torch import nn
+from vllm.config import VllmConfig, get_current_vllm_config
+from vllm.model_executor.layers.linear import ReplicatedLinear
+from vllm.model_executor.models import mixtral as vllm_mixtral
+from vllm.model_executor.models.utils import extract_layer_index
+
+from vllm_fiddler.config import FiddlerConfig
+from vllm_fiddler.layers import custom_op
+from vllm_fiddler.layers.hybrid_moe import HybridMoE
+from vllm_fiddler.placement import MoEShape, Placement
+from vllm_fiddler.runtime.cpu_experts import CPUExpertRuntime, get_cpu_runtime
+from vllm_fiddler.runtime.setup import resolve_model_placement
+
+from vllm_fiddler.logger import logger
+
+# The placement and runtime of the model being built; FiddlerMixtralMoE reads
+# them because vLLM's decoder layer constructs it with Mixtral's arguments only.
+_building = threading.local()
+
+
+class FiddlerMixtralMoE(vllm_mixtral.MixtralMoE):
+    def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int,
+                 params_dtype: torch.dtype | None = None, quant_config=None, tp_size=None,
+                 dp_size=None, prefix: str = "", enable_eplb: bool = False):
+        nn.Module.__init__(self)  # not MixtralMoE.__init__: FusedMoE would allocate every expert
+        if quant_config is not None or enable_eplb:
+            raise ValueError("fiddler: quantised experts and EPLB are not supported")
+        placement: Placement = _building.placement
+        runtime: CPUExpertRuntime = _building.runtime
+        vllm_config = get_current_vllm_config()
+        self.hidden_size = hidden_size
+        self.layer_name = prefix
+        self.enable_eplb = False
+        self.n_routed_experts = self.n_logical_experts = num_experts
+        self.n_physical_experts = self.n_local_physical_experts = num_experts
+        self.n_redundant_experts = 0
+        self.gate = ReplicatedLinear(hidden_size, num_experts, bias=False, params_dtype=params_dtype,
+                                     quant_config=None, prefix=f"{prefix}.gate")
+        layer_index = extract_layer_index(prefix)
+        device = torch.get_default_device()
+        self.experts = HybridMoE(
+            num_experts=num_experts, top_k=top_k, hidden_size=hidden_size,
+            intermediate_size=intermediate_size, gpu_experts=placement.on_gpu(layer_index),
+            dtype=vllm_config.model_config.dtype, device=device, cpu_runtime=runtime,
+            pin_memory=device.type == "cuda")
+        if vllm_config.load_config.load_format == "dummy":
+            # vLLM's dummy loader only fills Parameters; experts are plain tensors.
+            self.experts.init_random(seed=1234 + layer_index)
+        ctx = vllm_config.compilation_config.static_forward_context
+        if prefix in ctx:
+            raise ValueError(f"Duplicate layer name: {prefix}")
+        ctx[prefix] = self
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        orig_shape = hidden_states.shape
+        x = hidden_states.view(-1, self.hidden_size)  # [T, H]
+        router_logits, _ = self.gate(x)  # [T, E]
+        out = torch.empty_like(x)
+        torch.ops.vllm_fiddler.hybrid_moe(x, router_logits, out, self.layer_name)
+        return out.view(orig_shape)
+
+
+class FiddlerMixtralForCausalLM(vllm_mixtral.MixtralForCausalLM):
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        custom_op.register_op()
+        cfg = FiddlerConfig.from_additional_config(vllm_config.additional_config)
+        hf = vllm_config.model_config.hf_config
+        shape = MoEShape.from_hf_config(hf, dtype_bytes=vllm_config.model_config.dtype.itemsize)
+        self_placement = resolve_model_placement(cfg, shape, vllm_config)
+        on_cuda = torch.get_default_device().type == "cuda"
+        runtime = get_cpu_runtime(cfg.resolved_cpu_threads(), inline=not on_cuda)
+        cc = vllm_config.compilation_config
+        if cc.splitting_ops is not None and custom_op.SPLITTING_OP not in cc.splitting_ops:
+            cc.splitting_ops.append(custom_op.SPLITTING_OP)
+        _building.placement, _building.runtime = self_placement, runtime
+        original, vllm_mixtral.MixtralMoE = vllm_mixtral.MixtralMoE, FiddlerMixtralMoE
+        try:
+            super().__init__(vllm_config=vllm_config, prefix=prefix)
+        finally:
+            vllm_mixtral.MixtralMoE = original
+            del _building.placement, _building.runtime
+        self.placement = self_placement
+        self.fiddler_shape = shape

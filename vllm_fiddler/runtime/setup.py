@@ -1,0 +1,73 @@
+"""Start-up decisions that need the device: the expert budget and placement.
+
+Runs in the worker while the model is built, before any expert is allocated,
+so an impossible budget fails here, not after allocating tens of GB.
+"""
+
+from __future__ import annotations
+
+
+
+import torch
+
+from vllm_fiddler.config import FiddlerConfig, FiddlerConfigError
+from vllm_fiddler.placement import (
+    GIB,
+    MoEShape,
+    Placement,
+    auto_expert_budget_bytes,
+    default_kv_reserve_bytes,
+    resolve_placement,
+)
+
+from vllm_fiddler.logger import logger
+
+
+def expert_budget_bytes(cfg: FiddlerConfig, shape: MoEShape, *, device_total_bytes: int | None,
+                        gpu_memory_utilization: float, max_model_len: int) -> tuple[int, str]:
+    """The GPU expert budget and how it was chosen.
+
+    device_total_bytes is None on a platform without device memory (vLLM's
+    CPU platform): there the auto budget keeps half of the experts in the
+    device set, so both code paths run.
+    """
+    if cfg.kv_cache_reserve_gb is not None:
+        kv_reserve = int(cfg.kv_cache_reserve_gb * GIB)
+    else:
+        kv_reserve = default_kv_reserve_bytes(shape, max_model_len)
+    available = None
+    if device_total_bytes is not None:
+        available = auto_expert_budget_bytes(
+            gpu_total_bytes=device_total_bytes, gpu_memory_utilization=gpu_memory_utilization,
+            non_expert_bytes=shape.non_expert_bytes, kv_reserve_bytes=kv_reserve)
+        if available < 0:
+            raise FiddlerConfigError(
+                f"gpu_memory_utilization={gpu_memory_utilization} gives vLLM "
+                f"{device_total_bytes * gpu_memory_utilization / GIB:.2f} GiB, less than the "
+                f"non-expert weights ({shape.non_expert_bytes / GIB:.2f} GiB) plus the KV-cache "
+                f"reserve ({kv_reserve / GIB:.2f} GiB): raise gpu_memory_utilization, or lower "
+                f"kv_cache_reserve_gb / max_model_len")
+    if cfg.gpu_expert_budget_gb is not None:
+        budget = int(cfg.gpu_expert_budget_gb * GIB)
+        if available is not None and budget > available:
+            raise FiddlerConfigError(
+                f"gpu_expert_budget_gb={cfg.gpu_expert_budget_gb} does not fit: "
+                f"gpu_memory_utilization={gpu_memory_utilization} leaves {available / GIB:.2f} GiB "
+                f"after non-expert weights ({shape.non_expert_bytes / GIB:.2f} GiB) and the "
+                f"KV-cache reserve ({kv_reserve / GIB:.2f} GiB)")
+        return budget, "gpu_expert_budget_gb"
+    if available is None:
+        return shape.all_experts_bytes // 2, "auto (CPU platform: half of the experts)"
+    return available, "auto"
+
+
+def resolve_model_placement(cfg: FiddlerConfig, shape: MoEShape, vllm_config) -> Placement:
+    on_cuda = torch.get_default_device().type == "cuda"
+    total = torch.cuda.mem_get_info()[1] if on_cuda else None
+    budget, how = expert_budget_bytes(
+        cfg, shape, device_total_bytes=total,
+        gpu_memory_utilization=vllm_config.cache_config.gpu_memory_utilization,
+        max_model_len=vllm_config.model_config.max_model_len)
+    placement, source = resolve_placement(cfg, shape, budget)
+    logger.info("%s", placement.report(shape.expert_bytes, f"{source}; budget {how}"))
+    return placement
