@@ -22,10 +22,12 @@ def moe_forward(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: 
     x [T, H]; w13 [Ex, 2I, H]; w2 [Ex, H, I]; topk_ids [T, K] local ids or -1;
     topk_weights [T, K] fp32; out [T, H] fp32.
     """
-    if x.shape[0] == 0 or w13.shape[0] == 0:
+    if x.shape[0] == 0 or topk_ids.numel() == 0:
         return
     inter = w2.shape[-1]
     flat_ids = topk_ids.reshape(-1)  # [T*K]
+    if int(flat_ids.min()) < -1 or int(flat_ids.max()) >= w13.shape[0]:
+        raise ValueError(f"topk_ids out of range [-1, {w13.shape[0]})")
     valid = flat_ids >= 0
     if not bool(valid.any()):
         return

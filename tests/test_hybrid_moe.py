@@ -11,7 +11,6 @@ Tolerances, per dtype, relative to the output's scale (max |ref|):
 
 from __future__ import annotations
 
-import concurrent.futures
 
 import pytest
 import torch

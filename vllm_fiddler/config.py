@@ -9,6 +9,7 @@ process before anything is allocated, and unit-tested in CPU CI.
 | kv_cache_reserve_gb   | float >= 0  | auto    | kept free for KV cache when the budget is auto |
 | placement             | str         | "even"  | "even", or a JSON file of GPU experts per layer |
 | cpu_threads           | int >= 1    | auto    | threads computing cold experts |
+| staging_slots         | int >= 0    | 2       | GPU slots for copying cold experts (CUDA); 0 = CPU only |
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ class FiddlerConfig:
     placement: str = PLACEMENT_EVEN
     # None = auto: the cores this process may run on, less one for the engine.
     cpu_threads: int | None = None
+    # Expert-sized GPU buffers for the weight-copy path, taken from the expert
+    # budget; two let one copy run while the previous expert computes.
+    staging_slots: int = 2
 
     @classmethod
     def from_additional_config(cls, additional_config: Mapping[str, Any] | None) -> "FiddlerConfig":
@@ -64,6 +68,7 @@ class FiddlerConfig:
             kv_cache_reserve_gb=_non_negative_float(raw, "kv_cache_reserve_gb"),
             placement=_placement(raw),
             cpu_threads=_positive_int(raw, "cpu_threads"),
+            staging_slots=_non_negative_int(raw, "staging_slots", default=2),
         )
 
     def resolved_cpu_threads(self) -> int:
@@ -98,6 +103,13 @@ def _positive_int(raw: Mapping[str, Any], key: str) -> int | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise FiddlerConfigError(f"fiddler option {key} must be an integer >= 1, got {value!r}")
+    return value
+
+
+def _non_negative_int(raw: Mapping[str, Any], key: str, default: int) -> int:
+    value = raw.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise FiddlerConfigError(f"fiddler option {key} must be an integer >= 0, got {value!r}")
     return value
 
 

@@ -77,3 +77,21 @@ def build_tiny_mixtral(path: str, *, seed: int = 0, dtype: str = "bfloat16", **o
     with open(stamp, "w") as f:
         json.dump(args, f)
     return path
+
+
+def build_mixtral_8x7b_shapes(path: str, num_layers: int = 32) -> str:
+    """Config + tokenizer with Mixtral-8x7B's real shapes, for ``--load-format dummy``.
+
+    No weights are written: vLLM fills them (and fiddler its experts) with
+    random values. `num_layers` < 32 trims the model where host memory or
+    time demands it; every per-layer shape stays the real one.
+    """
+    config = tiny_mixtral_config(
+        vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=num_layers,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128, num_local_experts=8,
+        num_experts_per_tok=2, max_position_embeddings=32768, rope_theta=1e6,
+        initializer_range=0.02, torch_dtype="bfloat16")
+    config.architectures = ["MixtralForCausalLM"]
+    config.save_pretrained(path)
+    build_tokenizer(path, config.vocab_size)
+    return path

@@ -2,64 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-
 import pytest
 
+from vllm_fiddler.serving import VllmServer as Server
+
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def vllm_cli() -> list[str]:
-    exe = os.path.join(os.path.dirname(sys.executable), "vllm")
-    return [exe] if os.path.exists(exe) else [sys.executable, "-m", "vllm.entrypoints.cli.main"]
-
-
-class Server:
-    def __init__(self, args: list[str], timeout_s: float = 300):
-        self.port = free_port()
-        self.log = open(os.path.join(os.environ.get("TMPDIR", "/tmp"), f"fiddler-serve-{self.port}.log"), "w+")
-        self.proc = subprocess.Popen(vllm_cli() + ["serve", *args, "--host", "127.0.0.1",
-                                                   "--port", str(self.port)],
-                                     stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.time() + timeout_s
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()[-4000:]}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                time.sleep(1)
-        self.stop()
-        raise TimeoutError(f"server not healthy after {timeout_s}s:\n{self.output()[-4000:]}")
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def output(self) -> str:
-        self.log.flush()
-        self.log.seek(0)
-        return self.log.read()
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
 
 
 @pytest.fixture(scope="module")

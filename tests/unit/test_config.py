@@ -23,6 +23,7 @@ def test_valid_options(tmp_path):
     assert (cfg.gpu_expert_budget_gb, cfg.kv_cache_reserve_gb, cfg.cpu_threads) == (12.0, 0.5, 7)
     assert cfg.resolved_cpu_threads() == 7
     assert parse({"gpu_expert_budget_gb": 0}).gpu_expert_budget_gb == 0.0
+    assert parse({}).staging_slots == 2 and parse({"staging_slots": 0}).staging_slots == 0
 
 
 def test_json_string_is_accepted():
@@ -38,6 +39,7 @@ def test_json_string_is_accepted():
     ({"kv_cache_reserve_gb": -0.5}, ["kv_cache_reserve_gb"]),
     ({"cpu_threads": 0}, ["cpu_threads", ">= 1"]),
     ({"cpu_threads": 2.5}, ["cpu_threads"]),
+    ({"staging_slots": -1}, ["staging_slots", ">= 0"]),
     ({"placement": ""}, ["placement"]),
     ({"placement": "/no/such/file.json"}, ["placement file", "/no/such/file.json", "does not exist"]),
 ])

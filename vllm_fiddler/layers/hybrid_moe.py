@@ -24,6 +24,7 @@ from torch import nn
 
 from vllm_fiddler.kernels.reference import route
 from vllm_fiddler.runtime.cpu_experts import CPUExpertRuntime
+from vllm_fiddler.runtime.step_planner import get_step_planner
 
 # Checkpoint names of Mixtral's expert weights -> (tensor, row offset in w13).
 _W1, _W2, _W3 = "w1", "w2", "w3"
@@ -42,12 +43,16 @@ class HybridMoE(nn.Module):
         self.cpu_runtime = cpu_runtime
         # Plain tensors, not Parameters: vLLM's loader neither moves nor
         # re-initialises them, and this module places them itself.
-        gpu_slot = torch.full((E,), -1, dtype=torch.int32)
-        gpu_slot[list(self.gpu_experts)] = torch.arange(len(self.gpu_experts), dtype=torch.int32)
-        cpu_slot = torch.full((E,), -1, dtype=torch.int32)
-        cpu_slot[list(self.cpu_experts)] = torch.arange(len(self.cpu_experts), dtype=torch.int32)
+        # device="cpu" explicitly: vLLM builds the model under `with torch.device(cuda)`.
+        gpu_slot = torch.full((E,), -1, dtype=torch.int32, device="cpu")
+        gpu_slot[list(self.gpu_experts)] = torch.arange(len(self.gpu_experts), dtype=torch.int32, device="cpu")
+        cpu_slot = torch.full((E,), -1, dtype=torch.int32, device="cpu")
+        cpu_slot[list(self.cpu_experts)] = torch.arange(len(self.cpu_experts), dtype=torch.int32, device="cpu")
         self.gpu_slot_of = gpu_slot.to(self.device)  # [E] slot in the device set, or -1
         self.cpu_slot_of = cpu_slot.to(self.device)  # [E] slot in the host set, or -1
+        self.cpu_slot_of_host = cpu_slot  # [E], for host-side planning
+        self.stager = None  # WeightStager on CUDA (set by the model), else no copy path
+        self._last_cpu_pairs = 0
         Eg, Ec = len(self.gpu_experts), len(self.cpu_experts)
         self.w13_gpu = torch.empty(Eg, 2 * I, H, dtype=dtype, device=self.device)  # [Eg, 2I, H]
         self.w2_gpu = torch.empty(Eg, H, I, dtype=dtype, device=self.device)  # [Eg, H, I]
@@ -56,6 +61,7 @@ class HybridMoE(nn.Module):
         # Counters for metrics and tests: (token, k) pairs computed on each side.
         self.routed_to_gpu = 0
         self.routed_to_cpu = 0
+        self.steps = 0  # forward calls with at least one token
 
     # ---- weights -------------------------------------------------------
     def expert_weights(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,13 +93,27 @@ class HybridMoE(nn.Module):
             loaded.add(name)
         return loaded
 
-    def init_random(self, seed: int, scale: float = 1e-3) -> None:
-        """uniform(-scale, scale) weights for --load-format dummy, the same for any placement."""
+    def init_random(self, seed: int, scale: float = 1e-3, pool_size: int = 1 << 24) -> None:
+        """uniform(-scale, scale)-valued weights for --load-format dummy.
+
+        Drawing 90 GB one value at a time runs at ~0.4 GB/s on the host (torch's
+        CPU generator is serial): minutes for Mixtral. Instead one pool of
+        `pool_size` random values per layer is tiled into every expert at copy
+        speed, rotated per (expert, tensor) so experts differ. The values depend
+        on (seed, expert) only, never on the placement.
+        """
         gen = torch.Generator(device="cpu").manual_seed(seed)
+        dtype = self.w13_cpu.dtype
+        pool = torch.empty(pool_size, dtype=torch.float32, device="cpu").uniform_(-scale, scale, generator=gen).to(dtype)
         for e in range(self.num_experts):
-            w13, w2 = self.expert_weights(e)
-            for dst in (w13, w2):  # drawn on the host so every placement gets the same values
-                dst.copy_(torch.empty(dst.shape, dtype=dst.dtype).uniform_(-scale, scale, generator=gen))
+            for j, dst in enumerate(self.expert_weights(e)):
+                shift = (2 * e + j) * 104729 % pool_size
+                rolled = torch.cat([pool[shift:], pool[:shift]]).to(dst.device)
+                flat = dst.view(-1)
+                whole = flat.numel() // pool_size * pool_size
+                if whole:
+                    flat[:whole].view(-1, pool_size).copy_(rolled.expand(whole // pool_size, pool_size))
+                flat[whole:].copy_(rolled[:flat.numel() - whole])
 
     # ---- compute -------------------------------------------------------
     def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
@@ -103,24 +123,38 @@ class HybridMoE(nn.Module):
         return out
 
     def forward_into(self, x: torch.Tensor, router_logits: torch.Tensor, out: torch.Tensor) -> None:
-        T = x.shape[0]
+        T = num_actual_tokens(x.shape[0])
+        if T < x.shape[0]:  # CUDA-graph padding: no expert work for padded rows
+            out[T:].zero_()
+            x, router_logits, out = x[:T], router_logits[:T], out[:T]
         if T == 0:
             return
+        self.steps += 1
         topk_weights, topk_ids = route(router_logits, self.top_k)  # [T, K] fp32, [T, K] int64
-        cpu_ids = self.cpu_slot_of[topk_ids]  # [T, K] host-set slot or -1
-        gpu_ids = self.gpu_slot_of[topk_ids]  # [T, K] device-set slot or -1
+        if self.device.type == "cuda":
+            self._forward_cuda(x, topk_weights, topk_ids, out)
+        else:
+            self._forward_host(x, topk_weights, topk_ids, out)
+
+    def _count(self, cpu_ids: torch.Tensor) -> int:
         n_cpu = int((cpu_ids >= 0).sum())
         self.routed_to_cpu += n_cpu
-        self.routed_to_gpu += T * self.top_k - n_cpu
+        self.routed_to_gpu += cpu_ids.numel() - n_cpu
+        return n_cpu
+
+    # -- vLLM's CPU platform: both sets in host memory, same two paths ------
+    def _forward_host(self, x, topk_weights, topk_ids, out) -> None:
+        cpu_ids = self.cpu_slot_of[topk_ids]  # [T, K] host-set slot or -1
+        gpu_ids = self.gpu_slot_of[topk_ids]  # [T, K] device-set slot or -1
+        n_cpu = self._count(cpu_ids)
         cold = None
         if n_cpu:
-            cold = self.cpu_runtime.submit(x.to("cpu"), self.w13_cpu, self.w2_cpu,
-                                           cpu_ids.to("cpu"), topk_weights.to("cpu"))
+            cold = self.cpu_runtime.submit(x, self.w13_cpu, self.w2_cpu, cpu_ids, topk_weights)
         acc = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # [T, H]
-        if n_cpu < T * self.top_k:
+        if n_cpu < cpu_ids.numel():
             self._device_experts(x, gpu_ids, topk_weights, acc)
         if cold is not None:
-            acc += cold.result().to(x.device, non_blocking=True)
+            acc += cold.result()
         out.copy_(acc)
 
     def _device_experts(self, x: torch.Tensor, gpu_ids: torch.Tensor, topk_weights: torch.Tensor,
@@ -128,3 +162,81 @@ class HybridMoE(nn.Module):
         from vllm_fiddler.kernels.torch_moe import moe_forward
 
         moe_forward(x, self.w13_gpu, self.w2_gpu, gpu_ids, topk_weights, acc)
+
+    # -- CUDA: hot experts on the GPU || cold experts on the CPU || copies --
+    def _forward_cuda(self, x, topk_weights, topk_ids, out) -> None:
+        from vllm_fiddler.kernels.triton import fused_moe
+
+        T, K = topk_ids.shape
+        # 1. What the host needs, in one D2H on the compute stream: ids,
+        #    weights and the activations (KB per token).
+        host = self.cpu_runtime.host_buffers(T, K, self.hidden_size, x.dtype)
+        host.ids.copy_(topk_ids.to(torch.int32), non_blocking=True)
+        host.weights.copy_(topk_weights, non_blocking=True)
+        host.x.copy_(x, non_blocking=True)
+        d2h_done = torch.cuda.Event()
+        d2h_done.record()
+        # 2. Hot experts: queued now, run while the host works.
+        if self.gpu_experts:
+            fused_moe(x, self.w13_gpu, self.w2_gpu, topk_weights, self.gpu_slot_of[topk_ids], out=out)
+        else:
+            out.zero_()
+        d2h_done.synchronize()
+        cpu_ids = self.cpu_slot_of_host[host.ids.long()]  # [T, K] host-set slot or -1
+        self._last_cpu_pairs = self._count(cpu_ids)
+        if self._last_cpu_pairs == 0:
+            return
+        # 3. Per cold expert: compute on the CPU, or copy its weights and compute here.
+        copy_slots = []
+        if self.stager is not None:
+            planner = get_step_planner(self)
+            copy_slots = planner.plan(cpu_ids, len(self.cpu_experts), hot_tokens=cpu_ids.numel() - self._last_cpu_pairs)
+        cold = None
+        cpu_only_ids = cpu_ids
+        if copy_slots:
+            copied = torch.tensor(copy_slots, dtype=cpu_ids.dtype, device="cpu")
+            cpu_only_ids = cpu_ids.masked_fill(torch.isin(cpu_ids, copied), -1)
+        if bool((cpu_only_ids >= 0).any()):
+            cold = self.cpu_runtime.submit(host.x, self.w13_cpu, self.w2_cpu, cpu_only_ids, host.weights)
+        if copy_slots:
+            self._copied_experts(x, topk_weights, topk_ids, copy_slots, out)
+        # 4. The CPU's share comes back (pinned, async) and is added.
+        if cold is not None:
+            out.add_(self.cpu_runtime.to_device(cold.result(), x.device, x.dtype))
+
+    def _copied_experts(self, x, topk_weights, topk_ids, copy_slots, out) -> None:
+        from vllm_fiddler.kernels.triton import fused_moe
+
+        stager = self.stager
+        staged = [(s, *stager.stage(self.w13_cpu[s], self.w2_cpu[s])) for s in copy_slots[:stager.num_slots]]
+        pending = list(copy_slots[stager.num_slots:])
+        partial = torch.empty_like(out)
+        while staged:
+            cold_slot, staging_slot, ready = staged.pop(0)
+            torch.cuda.current_stream().wait_event(ready)
+            expert = self.cpu_experts[cold_slot]
+            ids = torch.where(topk_ids == expert, staging_slot, -1)  # [T, K] only this expert
+            fused_moe(x, stager.w13, stager.w2, topk_weights, ids, out=partial)
+            out.add_(partial)
+            stager.release(staging_slot)
+            if pending:
+                nxt = pending.pop(0)
+                staged.append((nxt, *stager.stage(self.w13_cpu[nxt], self.w2_cpu[nxt])))
+
+
+def num_actual_tokens(padded: int) -> int:
+    """Real tokens in this step (vLLM pads batches to CUDA-graph sizes)."""
+    try:
+        from vllm.forward_context import get_forward_context, is_forward_context_available
+
+        if not is_forward_context_available():
+            return padded
+        meta = get_forward_context().attn_metadata
+    except ImportError:
+        return padded
+    if isinstance(meta, list):
+        meta = meta[0] if meta else None
+    if isinstance(meta, dict):
+        meta = next(iter(meta.values()), None)
+    n = getattr(meta, "num_actual_tokens", None)
+    return min(padded, n) if isinstance(n, int) else padded

@@ -25,8 +25,8 @@ from vllm_fiddler.layers.hybrid_moe import HybridMoE
 from vllm_fiddler.placement import MoEShape, Placement
 from vllm_fiddler.runtime.cpu_experts import CPUExpertRuntime, get_cpu_runtime
 from vllm_fiddler.runtime.setup import resolve_model_placement
+from vllm_fiddler.runtime.weight_stager import WeightStager
 
-from vllm_fiddler.logger import logger
 
 # The placement and runtime of the model being built; FiddlerMixtralMoE reads
 # them because vLLM's decoder layer constructs it with Mixtral's arguments only.
@@ -81,18 +81,25 @@ class FiddlerMixtralForCausalLM(vllm_mixtral.MixtralForCausalLM):
         cfg = FiddlerConfig.from_additional_config(vllm_config.additional_config)
         hf = vllm_config.model_config.hf_config
         shape = MoEShape.from_hf_config(hf, dtype_bytes=vllm_config.model_config.dtype.itemsize)
-        self_placement = resolve_model_placement(cfg, shape, vllm_config)
-        on_cuda = torch.get_default_device().type == "cuda"
-        runtime = get_cpu_runtime(cfg.resolved_cpu_threads(), inline=not on_cuda)
+        placement, staging_slots = resolve_model_placement(cfg, shape, vllm_config)
+        device = torch.get_default_device()
+        on_cuda = device.type == "cuda"
+        runtime = get_cpu_runtime(cfg.resolved_cpu_threads(), inline=not on_cuda, pin_memory=on_cuda)
+        stager = None
+        if staging_slots:
+            stager = WeightStager(staging_slots, hf.hidden_size, hf.intermediate_size,
+                                  vllm_config.model_config.dtype, device)
         cc = vllm_config.compilation_config
         if cc.splitting_ops is not None and custom_op.SPLITTING_OP not in cc.splitting_ops:
             cc.splitting_ops.append(custom_op.SPLITTING_OP)
-        _building.placement, _building.runtime = self_placement, runtime
+        _building.placement, _building.runtime = placement, runtime
         original, vllm_mixtral.MixtralMoE = vllm_mixtral.MixtralMoE, FiddlerMixtralMoE
         try:
             super().__init__(vllm_config=vllm_config, prefix=prefix)
         finally:
             vllm_mixtral.MixtralMoE = original
             del _building.placement, _building.runtime
-        self.placement = self_placement
+        self.placement = placement
         self.fiddler_shape = shape
+        for experts in self.moe_layers:
+            experts.stager = stager

@@ -61,13 +61,20 @@ def expert_budget_bytes(cfg: FiddlerConfig, shape: MoEShape, *, device_total_byt
     return available, "auto"
 
 
-def resolve_model_placement(cfg: FiddlerConfig, shape: MoEShape, vllm_config) -> Placement:
+def resolve_model_placement(cfg: FiddlerConfig, shape: MoEShape, vllm_config) -> tuple[Placement, int]:
+    """(placement, staging slots). Staging slots come out of the expert budget."""
     on_cuda = torch.get_default_device().type == "cuda"
     total = torch.cuda.mem_get_info()[1] if on_cuda else None
     budget, how = expert_budget_bytes(
         cfg, shape, device_total_bytes=total,
         gpu_memory_utilization=vllm_config.cache_config.gpu_memory_utilization,
         max_model_len=vllm_config.model_config.max_model_len)
-    placement, source = resolve_placement(cfg, shape, budget)
-    logger.info("%s", placement.report(shape.expert_bytes, f"{source}; budget {how}"))
-    return placement
+    staging = 0
+    if on_cuda and cfg.staging_slots:
+        staging = min(cfg.staging_slots, max(0, budget) // shape.expert_bytes)
+    placement, source = resolve_placement(cfg, shape, budget - staging * shape.expert_bytes)
+    if placement.num_cpu == 0:
+        staging = 0  # nothing to copy
+    logger.info("%s", placement.report(
+        shape.expert_bytes, f"{source}; budget {how}; {staging} staging slots for copied experts"))
+    return placement, staging

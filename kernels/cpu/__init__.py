@@ -1,0 +1,260 @@
+"""CPU expert kernel: one or several MoE experts' SwiGLU FFN on the CPU.
+
+Native paths (C++, built on first use with ``torch.utils.cpp_extension.load``
+and cached in ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``):
+
+- ``"avx512_bf16"``: ``_mm512_dpbf16_ps``; for few tokens per expert, where the
+  expert is bound by DRAM bandwidth.
+- ``"amx"``: AMX tiles (``_tile_dpbf16ps``); for many tokens per expert. In
+  ``auto`` mode experts with fewer than ``FIDDLER_CPU_AMX_MIN_TOKENS`` tokens
+  (default 8) still use the AVX512-BF16 kernels.
+- ``"torch"``: the same math through torch matmuls; used where the native
+  kernels can't be built or the CPU lacks the instructions.
+
+Weights are used in vLLM's FusedMoE layout as loaded (no repacking); see
+docs/cpu-kernel.md for the layouts, the work split and the numerics.
+
+Environment:
+  FIDDLER_CPU_ISA            auto | amx | avx512_bf16 | torch (force a path)
+  FIDDLER_CPU_THREADS        worker threads (default: CPUs in the affinity mask)
+  FIDDLER_CPU_AMX_MIN_TOKENS tokens per expert from which ``auto`` uses AMX
+  FIDDLER_CPU_SPIN_US        how long idle workers spin before sleeping (1000)
+  FIDDLER_CPU_BUILD          0 disables building the native kernels
+  FIDDLER_CPU_BUILD_VERBOSE  1 shows the compiler output
+  FIDDLER_CPU_PREFETCH       software prefetch distance on weight rows (elements, 512)
+  FIDDLER_CPU_AMX_PF_NEXT_KB experimental: AMX prefetches the next weight panel (0 = off)
+  FIDDLER_CPU_AMX_EMULATE    1: on a CPU without AMX, test the AMX kernels with the
+                             tile instructions emulated in scalar code (tests only)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import threading
+import time
+
+import torch
+
+__all__ = ["isa", "available_isas", "set_num_threads", "expert_ffn", "moe_forward"]
+
+logger = logging.getLogger("vllm.fiddler")  # a child of vLLM's logger, as vllm_fiddler.logger
+
+_SRC_DIR = os.path.dirname(os.path.abspath(__file__))
+_ISA_ORDER = ("amx", "avx512_bf16")  # best first
+_ISA_SOURCES = {"avx512_bf16": "kernel_avx512bf16.cpp", "amx": "kernel_amx.cpp"}
+_ISA_FLAGS = {
+    "avx512_bf16": ["-mavx512f", "-mavx512bf16", "-mavx512bw", "-mavx512vl"],
+    "amx": ["-mamx-tile", "-mamx-bf16", "-mavx512f", "-mavx512bf16", "-mavx512bw", "-mavx512vl"],
+}
+_FEATURE_BIT = {"avx512_bf16": 1, "amx": 2}
+_COMMON_CFLAGS = ["-O3", "-DNDEBUG"]
+_MODE = {"avx512_bf16": 1, "amx_all": 2, "amx_auto": 3}
+
+_lock = threading.RLock()
+_native: list[str] | None = None  # native ISAs loaded, best first
+_num_threads: int | None = None
+_logged: set[str] = set()
+
+
+def _log_once(level: int, key: str, msg: str, *args) -> None:
+    if key not in _logged:
+        _logged.add(key)
+        logger.log(level, msg, *args)
+
+
+def _build_one(name: str, source: str, extra: list[str]) -> str:
+    from torch.utils.cpp_extension import load
+
+    verbose = os.environ.get("FIDDLER_CPU_BUILD_VERBOSE", "0") not in ("", "0")
+    return load(
+        name=name,
+        sources=[os.path.join(_SRC_DIR, source)],
+        extra_cflags=_COMMON_CFLAGS + extra,
+        # Bind every symbol at load time: no lazy PLT resolution (glibc's
+        # _dl_runtime_resolve saves the extended register state) in a thread
+        # whose AMX tiles are live.
+        extra_ldflags=["-Wl,-z,now"],
+        extra_include_paths=[_SRC_DIR],
+        is_python_module=False,
+        verbose=verbose,
+    )
+
+
+def _load_native() -> list[str]:
+    """Build (first time) and load the native kernels; returns the ISAs usable here."""
+    global _native
+    if _native is not None:
+        return _native
+    with _lock:
+        if _native is not None:
+            return _native
+        loaded: list[str] = []
+        try:
+            loaded = _load_native_locked()
+        finally:
+            _native = loaded
+    return _native
+
+
+def _load_native_locked() -> list[str]:
+    if os.environ.get("FIDDLER_CPU_BUILD", "1") == "0":
+        logger.info("vllm_fiddler CPU kernel: native build disabled (FIDDLER_CPU_BUILD=0)")
+        return []
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        logger.info("vllm_fiddler CPU kernel: no native kernels for %s, using torch", platform.machine())
+        return []
+    t0 = time.perf_counter()
+    try:
+        if not hasattr(torch.ops.fiddler_cpu, "moe_forward"):
+            _build_one("fiddler_cpu_ops", "ops.cpp", [])
+        feats = int(torch.ops.fiddler_cpu.cpu_features())
+    except Exception as exc:  # no compiler, no ninja, build error, ...
+        logger.warning("vllm_fiddler CPU kernel: could not build the native kernels (%s: %s); using torch",
+                       type(exc).__name__, str(exc).strip().splitlines()[-1] if str(exc).strip() else "")
+        return []
+    if feats & 4 and not feats & 2:
+        logger.warning("vllm_fiddler CPU kernel: the CPU has AMX but the kernel refused XTILEDATA "
+                       "(arch_prctl ARCH_REQ_XCOMP_PERM); AMX disabled")
+    loaded: list[str] = []
+    for name in ("avx512_bf16", "amx"):
+        if not feats & _FEATURE_BIT[name]:
+            continue
+        if name == "amx" and "avx512_bf16" not in loaded:
+            continue
+        try:
+            path = _build_one(f"fiddler_cpu_{name}", _ISA_SOURCES[name],
+                              _ISA_FLAGS[name] + ["-fvisibility=hidden"])
+            if torch.ops.fiddler_cpu.register_isa_library(name, path):
+                loaded.append(name)
+        except Exception as exc:
+            logger.warning("vllm_fiddler CPU kernel: %s kernels unavailable (%s: %s)", name,
+                           type(exc).__name__, str(exc).strip().splitlines()[-1] if str(exc).strip() else "")
+    if (os.environ.get("FIDDLER_CPU_AMX_EMULATE", "0") == "1" and "amx" not in loaded
+            and "avx512_bf16" in loaded):
+        # Test hook: the AMX kernels with the tile instructions emulated in scalar
+        # code (amx_emu.h), to test their indexing on a CPU without AMX. Slow.
+        try:
+            path = _build_one("fiddler_cpu_amx_emu", "kernel_amx.cpp",
+                              _ISA_FLAGS["avx512_bf16"] + ["-DFIDDLER_AMX_EMULATE", "-fvisibility=hidden"])
+            if torch.ops.fiddler_cpu.register_isa_library("amx_emulated", path):
+                loaded.append("amx")
+                logger.warning("vllm_fiddler CPU kernel: AMX tile instructions EMULATED "
+                               "(FIDDLER_CPU_AMX_EMULATE=1, for tests only: slow)")
+        except Exception as exc:
+            logger.warning("vllm_fiddler CPU kernel: AMX emulation unavailable (%s: %s)",
+                           type(exc).__name__, exc)
+    threads = _num_threads or int(os.environ.get("FIDDLER_CPU_THREADS", "0") or 0)
+    if threads > 0:
+        torch.ops.fiddler_cpu.set_num_threads(threads)
+    logger.info("vllm_fiddler CPU kernel: native kernels %s ready in %.1f s (cpu features 0x%x, %d threads)",
+                loaded or "none", time.perf_counter() - t0, feats, torch.ops.fiddler_cpu.get_num_threads())
+    return [i for i in _ISA_ORDER if i in loaded]
+
+
+def available_isas() -> list[str]:
+    """Paths usable on this CPU (and build), best first; always ends with "torch"."""
+    return _load_native() + ["torch"]
+
+
+def _resolve(requested: str | None) -> tuple[str, bool]:
+    """-> (path, forced). ``requested``: an ISA path (forced), "auto" (best available, AMX
+    only for experts with enough tokens), or None: FIDDLER_CPU_ISA, which defaults to auto."""
+    avail = available_isas()
+    if requested == "auto":
+        return avail[0], False
+    if requested is not None:
+        if requested not in avail:
+            raise ValueError(f"CPU ISA path {requested!r} is not available here (available: {avail})")
+        return requested, True
+    env = os.environ.get("FIDDLER_CPU_ISA", "auto").strip().lower() or "auto"
+    if env == "auto":
+        chosen, forced = avail[0], False
+    elif env in avail:
+        chosen, forced = env, True
+    else:
+        _log_once(logging.WARNING, f"env:{env}",
+                  "vllm_fiddler CPU kernel: FIDDLER_CPU_ISA=%s is not available here (available: %s); using %s",
+                  env, ", ".join(avail), avail[0])
+        chosen, forced = avail[0], False
+    _log_once(logging.INFO, f"isa:{chosen}:{forced}",
+              "vllm_fiddler CPU kernel: using the %s path%s (available: %s)", chosen,
+              " (forced by FIDDLER_CPU_ISA)" if forced else "", ", ".join(avail))
+    return chosen, forced
+
+
+def isa() -> str:
+    """ "amx" | "avx512_bf16" | "torch": the path moe_forward uses (FIDDLER_CPU_ISA or the best one)."""
+    return _resolve(None)[0]
+
+
+def set_num_threads(n: int) -> None:
+    """Worker threads of the native kernels (the calling thread counts as one)."""
+    global _num_threads
+    n = int(n)
+    if n < 1:
+        raise ValueError(f"set_num_threads: n must be >= 1, got {n}")
+    with _lock:
+        _num_threads = n
+        if _native:  # already loaded: apply now; otherwise applied at load
+            torch.ops.fiddler_cpu.set_num_threads(n)
+
+
+def _get_num_threads() -> int:
+    if _load_native():
+        return int(torch.ops.fiddler_cpu.get_num_threads())
+    return _num_threads or torch.get_num_threads()
+
+
+def _amx_min_tokens() -> int:
+    return max(1, int(os.environ.get("FIDDLER_CPU_AMX_MIN_TOKENS", "8") or 8))
+
+
+def expert_ffn(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, *, isa: str | None = None) -> torch.Tensor:
+    """One expert's SwiGLU FFN: x [T,H] bf16, w13 [2I,H] bf16, w2 [H,I] bf16 -> [T,H] fp32."""
+    T = x.shape[0]
+    out = torch.zeros(T, w2.shape[0], dtype=torch.float32)
+    ids = torch.zeros(T, 1, dtype=torch.int32)
+    wts = torch.ones(T, 1, dtype=torch.float32)
+    moe_forward(x, w13.unsqueeze(0), w2.unsqueeze(0), ids, wts, out, isa=isa)
+    return out
+
+
+def moe_forward(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: torch.Tensor,
+                topk_weights: torch.Tensor, out: torch.Tensor, *, isa: str | None = None) -> None:
+    """out[t] += sum_k topk_weights[t,k] * ffn_{topk_ids[t,k]}(x[t]) for the experts in w13/w2.
+
+    x [T,H] bf16; w13 [Ec,2I,H] bf16; w2 [Ec,H,I] bf16 (each expert row-major; the
+    Ec stride is free, so the whole host weight tensor can be passed with global
+    ids); topk_ids [T,K] int32, local expert index or -1 (skipped); topk_weights
+    [T,K] fp32; out [T,H] fp32, accumulated into. Experts without tokens are not read.
+    The native paths release the GIL while they compute.
+    """
+    path, forced = _resolve(isa)
+    if x.shape[0] == 0:
+        return
+    if topk_ids.dtype != torch.int32:
+        topk_ids = topk_ids.to(torch.int32)
+    if topk_weights.dtype != torch.float32:
+        topk_weights = topk_weights.float()
+    if path != "torch" and (w13.dtype != torch.bfloat16 or w2.dtype != torch.bfloat16):
+        _log_once(logging.WARNING, f"dtype:{w13.dtype}",
+                  "vllm_fiddler CPU kernel: native kernels need bf16 weights, got %s; using torch", w13.dtype)
+        path = "torch"
+    if path == "torch":
+        _torch_moe_forward(x, w13, w2, topk_ids, topk_weights, out)
+        return
+    if x.dtype != torch.bfloat16:
+        x = x.to(torch.bfloat16)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    mode = _MODE["avx512_bf16"] if path == "avx512_bf16" else _MODE["amx_all" if forced else "amx_auto"]
+    torch.ops.fiddler_cpu.moe_forward(x, w13, w2, topk_ids, topk_weights, out, mode, _amx_min_tokens())
+
+
+def _torch_moe_forward(x, w13, w2, topk_ids, topk_weights, out) -> None:
+    """The same math through torch bf16 matmuls (gate/up, activation and down rounded to bf16)."""
+    from vllm_fiddler.kernels.torch_moe import moe_forward
+
+    moe_forward(x, w13, w2, topk_ids, topk_weights, out)

@@ -1,0 +1,563 @@
+// Dispatcher for the CPU expert kernels: torch ops (namespace fiddler_cpu),
+// CPUID / AMX permission, the persistent worker thread pool, token grouping
+// and work splitting. Built WITHOUT any ISA flags (it must run on any x86-64
+// CPU); the ISA-specific kernels live in separately built shared libraries
+// that are dlopen()ed through register_isa_library once CPUID allows it.
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <cpuid.h>
+#include <dlfcn.h>
+#include <sched.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "kernel_api.h"
+
+// Error checks that build their message without iostreams. TORCH_CHECK with
+// several arguments formats them through std::ostringstream instantiated in
+// this library, and that crashed (SIGSEGV in libstdc++'s locale code, seen on
+// the H100 host's toolchain) the moment a check failed; one std::string goes
+// straight to c10::Error.
+#define FCHECK(cond, msg)                                                                              \
+  do {                                                                                                 \
+    if (!(cond)) ::c10::detail::torchCheckFail(__func__, __FILE__, static_cast<uint32_t>(__LINE__), \
+                                               std::string(msg));                                     \
+  } while (0)
+#define FSTR(v) std::to_string(v)
+
+namespace fiddler_cpu {
+namespace {
+
+// ---------------------------------------------------------------- CPU features
+enum : int64_t {
+  kFeatAvx512Bf16 = 1,  // AVX512F/BW/VL + AVX512_BF16, zmm state enabled by the OS
+  kFeatAmx = 2,         // AMX-TILE + AMX-BF16 and XTILEDATA permission granted
+  kFeatAmxCpuid = 4,    // AMX in CPUID (whether or not usable)
+  kFeatAmxNoPerm = 8,   // AMX in CPUID but arch_prctl(ARCH_REQ_XCOMP_PERM) failed
+};
+
+uint64_t xgetbv0() {
+  uint32_t eax, edx;
+  __asm__ __volatile__("xgetbv" : "=a"(eax), "=d"(edx) : "c"(0));
+  return (uint64_t(edx) << 32) | eax;
+}
+
+int64_t detect_features() {
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (!__get_cpuid(1, &a, &b, &c, &d)) return 0;
+  if (!(c & (1u << 27))) return 0;  // OSXSAVE
+  const uint64_t xcr0 = xgetbv0();
+  if (__get_cpuid_max(0, nullptr) < 7) return 0;
+  __cpuid_count(7, 0, a, b, c, d);
+  const unsigned max_sub = a;
+  const bool f = b & (1u << 16), bw = b & (1u << 30), vl = b & (1u << 31);
+  const bool amx_bf16 = d & (1u << 22), amx_tile = d & (1u << 24);
+  bool bf16 = false;
+  if (max_sub >= 1) {
+    __cpuid_count(7, 1, a, b, c, d);
+    bf16 = a & (1u << 5);
+  }
+  const bool zmm_os = (xcr0 & 0xE6) == 0xE6;  // SSE, AVX, opmask, ZMM_Hi256, Hi16_ZMM
+  int64_t feats = 0;
+  if (zmm_os && f && bw && vl && bf16) feats |= kFeatAvx512Bf16;
+  if (amx_tile && amx_bf16) {
+    feats |= kFeatAmxCpuid;
+    bool ok = (xcr0 & (3ull << 17)) == (3ull << 17);  // XTILECFG, XTILEDATA enabled by the OS
+#ifdef SYS_arch_prctl
+    if (ok) {
+      // Linux >= 5.16: AMX state must be requested per process before use.
+      constexpr long kArchGetXcompPerm = 0x1022, kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+      syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata);
+      unsigned long perm = 0;
+      ok = syscall(SYS_arch_prctl, kArchGetXcompPerm, &perm) == 0 && (perm & (1ul << kXfeatureXtiledata));
+    }
+#else
+    ok = false;
+#endif
+    if (ok && (feats & kFeatAvx512Bf16)) feats |= kFeatAmx;
+    if (!ok) feats |= kFeatAmxNoPerm;
+  }
+  return feats;
+}
+
+int64_t features() {
+  static const int64_t f = detect_features();
+  return f;
+}
+
+// ---------------------------------------------------------------- thread pool
+// Persistent workers; the calling thread takes part as worker 0. A job is a
+// number of items handed out through an atomic counter. After a job, workers
+// spin for a while (FIDDLER_CPU_SPIN_US, default 1000 us) waiting for the next
+// one (the down phase follows the gate/up phase right away, and a layer's call
+// follows the previous layer's), then sleep: waking sleeping threads costs tens
+// of microseconds each in a VM, more than a small expert's whole computation.
+class ThreadPool {
+ public:
+  using Body = void (*)(void* ctx, int64_t item);
+  using Fini = void (*)(void* ctx);
+
+  explicit ThreadPool(int n_threads) : pid_(getpid()) {
+    const char* s = std::getenv("FIDDLER_CPU_SPIN_US");
+    spin_us_ = s ? std::max(0, std::atoi(s)) : 1000;
+    n_threads = std::max(1, n_threads);
+    // Workers must start from the generation at construction: one that starts
+    // late must still take part in the first job.
+    const uint64_t g0 = gen_.load();
+    for (int i = 1; i < n_threads; ++i) workers_.emplace_back([this, g0] { worker_loop(g0); });
+  }
+  ~ThreadPool() {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      stop_ = true;
+      gen_.fetch_add(1, std::memory_order_release);
+    }
+    cv_.notify_all();
+    for (auto& t : workers_) t.join();
+  }
+  int size() const { return int(workers_.size()) + 1; }
+  pid_t pid() const { return pid_; }
+
+  void run(int64_t n_items, Body body, Fini fini, void* ctx) {
+    if (n_items <= 0) return;
+    if (workers_.empty() || n_items == 1) {
+      for (int64_t i = 0; i < n_items; ++i) body(ctx, i);
+      if (fini) fini(ctx);
+      return;
+    }
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      body_ = body;
+      fini_ = fini;
+      ctx_ = ctx;
+      n_items_ = n_items;
+      next_.store(0, std::memory_order_relaxed);
+      pending_.store(int(workers_.size()), std::memory_order_relaxed);
+      gen_.fetch_add(1, std::memory_order_release);
+    }
+    cv_.notify_all();
+    work();
+    // Wait for the workers (spin first, they usually finish together with us).
+    const auto t0 = std::chrono::steady_clock::now();
+    while (pending_.load(std::memory_order_acquire) != 0) {
+      __builtin_ia32_pause();
+      if (std::chrono::steady_clock::now() - t0 > std::chrono::microseconds(spin_us_)) {
+        std::unique_lock<std::mutex> lk(mu_);
+        done_cv_.wait(lk, [&] { return pending_.load(std::memory_order_acquire) == 0; });
+        break;
+      }
+    }
+  }
+
+ private:
+  void work() {
+    int64_t i;
+    while ((i = next_.fetch_add(1, std::memory_order_relaxed)) < n_items_) body_(ctx_, i);
+    if (fini_) fini_(ctx_);
+  }
+
+  void worker_loop(uint64_t seen) {
+    for (;;) {
+      const auto t0 = std::chrono::steady_clock::now();
+      int spins = 0;
+      while (gen_.load(std::memory_order_acquire) == seen) {
+        __builtin_ia32_pause();
+        if ((++spins & 63) == 0 &&
+            std::chrono::steady_clock::now() - t0 > std::chrono::microseconds(spin_us_)) {
+          std::unique_lock<std::mutex> lk(mu_);
+          cv_.wait(lk, [&] { return gen_.load(std::memory_order_acquire) != seen; });
+          break;
+        }
+      }
+      seen = gen_.load(std::memory_order_acquire);
+      if (stop_) return;
+      work();
+      if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+        std::lock_guard<std::mutex> lk(mu_);
+        done_cv_.notify_one();
+      }
+    }
+  }
+
+  const pid_t pid_;
+  int spin_us_ = 1000;
+  std::vector<std::thread> workers_;
+  std::mutex mu_;
+  std::condition_variable cv_, done_cv_;
+  std::atomic<uint64_t> gen_{0};
+  std::atomic<int64_t> next_{0};
+  std::atomic<int> pending_{0};
+  int64_t n_items_ = 0;
+  Body body_ = nullptr;
+  Fini fini_ = nullptr;
+  void* ctx_ = nullptr;
+  bool stop_ = false;
+};
+
+std::mutex g_mu;  // serializes moe_forward calls and pool changes
+ThreadPool* g_pool = nullptr;
+int g_threads = 0;  // 0: not set yet -> hardware concurrency
+
+int default_threads() {
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+  return std::max(1u, std::thread::hardware_concurrency());
+}
+
+ThreadPool* pool_locked() {
+  if (g_pool && g_pool->pid() != getpid()) g_pool = nullptr;  // forked child: the parent's threads are gone; leak
+  const int want = g_threads > 0 ? g_threads : default_threads();
+  if (g_pool && g_pool->size() != want) {
+    delete g_pool;
+    g_pool = nullptr;
+  }
+  if (!g_pool) g_pool = new ThreadPool(want);
+  return g_pool;
+}
+
+void set_num_threads(int64_t n) {
+  FCHECK(n >= 1, "fiddler_cpu.set_num_threads: n must be >= 1, got " + FSTR(n));
+  std::lock_guard<std::mutex> lk(g_mu);
+  g_threads = int(n);
+  pool_locked();
+}
+
+int64_t get_num_threads() {
+  std::lock_guard<std::mutex> lk(g_mu);
+  return g_threads > 0 ? g_threads : default_threads();
+}
+
+// ---------------------------------------------------------------- ISA libraries
+const KernelTable* g_tables[2] = {nullptr, nullptr};  // 0: avx512_bf16, 1: amx
+
+bool register_isa_library(std::string isa, std::string path) {
+  int slot;
+  if (isa == "avx512_bf16") {
+    slot = 0;
+    if (!(features() & kFeatAvx512Bf16)) return false;
+  } else if (isa == "amx") {
+    slot = 1;
+    if (!(features() & kFeatAmx) || !g_tables[0]) return false;
+  } else if (isa == "amx_emulated") {  // test hook: kernel_amx.cpp built with -DFIDDLER_AMX_EMULATE
+    slot = 1;
+    if (!(features() & kFeatAvx512Bf16) || !g_tables[0]) return false;
+  } else {
+    FCHECK(false, "fiddler_cpu: unknown ISA '" + isa + "'");
+  }
+  void* h = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
+  FCHECK(h, "fiddler_cpu: dlopen(" + path + ") failed: " + std::string(dlerror()));
+  using Fn = const KernelTable* (*)();
+  auto fn = reinterpret_cast<Fn>(dlsym(h, "fiddler_cpu_kernel_table"));
+  FCHECK(fn, "fiddler_cpu: " + path + " has no fiddler_cpu_kernel_table");
+  const KernelTable* t = fn();
+  FCHECK(t && t->api_version == kApiVersion && t->gate_up && t->down,
+         "fiddler_cpu: " + path + " has an incompatible kernel table");
+  FCHECK(slot == 0 || (t->pack_x && t->region_begin && t->region_end), "fiddler_cpu: bad AMX table");
+  std::lock_guard<std::mutex> lk(g_mu);
+  g_tables[slot] = t;
+  return true;
+}
+
+// ---------------------------------------------------------------- moe_forward
+struct Item1 {  // gate/up work item
+  int32_t e;
+  int64_t n0, n1;
+};
+
+struct Ctx {
+  MoeProblem prob;
+  const std::vector<ExpertWork>* experts;
+  const std::vector<int32_t>* amx_experts;
+  const std::vector<int32_t>* active;  // experts with tokens, in order
+  const std::vector<Item1>* items1;
+  int64_t rows2;  // down phase: output rows per item
+};
+
+thread_local bool tls_amx_on = false;
+
+inline const KernelTable* table_for(const ExpertWork& ew) { return ew.amx ? g_tables[1] : g_tables[0]; }
+
+inline void amx_on() {
+  if (!tls_amx_on) {
+    g_tables[1]->region_begin();
+    tls_amx_on = true;
+  }
+}
+
+void fini_amx(void*) {
+  if (tls_amx_on) {
+    g_tables[1]->region_end();
+    tls_amx_on = false;
+  }
+}
+
+void body_pack(void* vctx, int64_t item) {
+  auto* ctx = static_cast<Ctx*>(vctx);
+  // item -> (amx expert, token block)
+  int64_t i = item;
+  for (int32_t e : *ctx->amx_experts) {
+    const int64_t mbs = ((*ctx->experts)[e].m + 15) / 16;
+    if (i < mbs) {
+      g_tables[1]->pack_x(&ctx->prob, e, int32_t(i));
+      return;
+    }
+    i -= mbs;
+  }
+}
+
+void body_gate_up(void* vctx, int64_t item) {
+  auto* ctx = static_cast<Ctx*>(vctx);
+  const Item1& it = (*ctx->items1)[item];
+  const ExpertWork& ew = (*ctx->experts)[it.e];
+  if (ew.amx) amx_on();
+  table_for(ew)->gate_up(&ctx->prob, it.e, it.n0, it.n1);
+}
+
+void body_down(void* vctx, int64_t item) {
+  auto* ctx = static_cast<Ctx*>(vctx);
+  const int64_t h0 = item * ctx->rows2;
+  const int64_t h1 = std::min(h0 + ctx->rows2, ctx->prob.H);
+  for (int32_t e : *ctx->active) {
+    const ExpertWork& ew = (*ctx->experts)[e];
+    if (ew.amx) amx_on();
+    table_for(ew)->down(&ctx->prob, e, h0, h1);
+  }
+}
+
+// Grow-only 64-byte aligned scratch.
+struct Scratch {
+  void* p = nullptr;
+  size_t cap = 0;
+  void* get(size_t bytes) {
+    if (bytes > cap) {
+      std::free(p);
+      cap = (bytes + 4095) & ~size_t(4095);
+      p = std::aligned_alloc(64, cap);
+      FCHECK(p, "fiddler_cpu: out of memory (" + FSTR(cap) + " bytes)");
+    }
+    return p;
+  }
+};
+
+int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+
+// mode: 1 = AVX512-BF16 for every expert; 2 = AMX for every expert (where the
+// shape allows, H >= 32 and I >= 32); 3 = AMX for experts with at least
+// amx_min_tokens tokens, AVX512-BF16 for the others.
+void moe_forward(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w2, const at::Tensor& topk_ids,
+                 const at::Tensor& topk_weights, const at::Tensor& out, int64_t mode, int64_t amx_min_tokens) {
+  FCHECK(x.device().is_cpu() && w13.device().is_cpu() && w2.device().is_cpu() &&
+                  topk_ids.device().is_cpu() && topk_weights.device().is_cpu() && out.device().is_cpu(),
+              "fiddler_cpu.moe_forward: all tensors must be on the CPU");
+  FCHECK(x.scalar_type() == at::kBFloat16 && w13.scalar_type() == at::kBFloat16 &&
+                  w2.scalar_type() == at::kBFloat16,
+              "fiddler_cpu.moe_forward: x, w13, w2 must be bfloat16");
+  FCHECK(topk_ids.scalar_type() == at::kInt, "fiddler_cpu.moe_forward: topk_ids must be int32");
+  FCHECK(topk_weights.scalar_type() == at::kFloat, "fiddler_cpu.moe_forward: topk_weights must be float32");
+  FCHECK(out.scalar_type() == at::kFloat, "fiddler_cpu.moe_forward: out must be float32");
+  FCHECK(x.dim() == 2 && w13.dim() == 3 && w2.dim() == 3 && topk_ids.dim() == 2 && topk_weights.dim() == 2 &&
+                  out.dim() == 2,
+              "fiddler_cpu.moe_forward: expected x [T,H], w13 [E,2I,H], w2 [E,H,I], topk_ids/topk_weights [T,K], "
+              "out [T,H]");
+  const int64_t T = x.size(0), H = x.size(1), E = w13.size(0), I2 = w13.size(1), I = I2 / 2;
+  const int64_t K = topk_ids.size(1);
+  FCHECK(I2 % 2 == 0 && w13.size(2) == H, "fiddler_cpu.moe_forward: w13 must be [E, 2I, H]");
+  FCHECK(w2.size(0) == E && w2.size(1) == H && w2.size(2) == I, "fiddler_cpu.moe_forward: w2 must be [E, H, I]");
+  FCHECK(topk_ids.size(0) == T && topk_weights.size(0) == T && topk_weights.size(1) == K,
+              "fiddler_cpu.moe_forward: topk_ids/topk_weights must be [T, K]");
+  FCHECK(out.size(0) == T && out.size(1) == H, "fiddler_cpu.moe_forward: out must be [T, H]");
+  FCHECK(mode >= 1 && mode <= 3, "fiddler_cpu.moe_forward: bad mode " + FSTR(mode));
+  if (T == 0 || E == 0 || K == 0 || H == 0 || I == 0) return;
+  FCHECK(x.stride(1) == 1 && out.stride(1) == 1, "fiddler_cpu.moe_forward: x and out rows must be contiguous");
+  FCHECK(w13.stride(2) == 1 && w13.stride(1) == H && w2.stride(2) == 1 && w2.stride(1) == I,
+              "fiddler_cpu.moe_forward: each expert's w13 / w2 must be contiguous (row-major)");
+
+  const at::Tensor ids = topk_ids.contiguous();
+  const at::Tensor wts = topk_weights.contiguous();
+  const int32_t* idp = ids.data_ptr<int32_t>();
+  const float* wtp = wts.data_ptr<float>();
+
+  std::lock_guard<std::mutex> lk(g_mu);
+  FCHECK(g_tables[0], "fiddler_cpu.moe_forward: the AVX512-BF16 kernels are not loaded");
+  FCHECK(mode == 1 || g_tables[1], "fiddler_cpu.moe_forward: the AMX kernels are not loaded");
+  ThreadPool* pool = pool_locked();
+  const int nthreads = pool->size();
+
+  // Group (token, weight) pairs by expert, in token order.
+  static std::vector<int32_t> counts, offs, toks;
+  static std::vector<float> wlist;
+  counts.assign(E, 0);
+  for (int64_t i = 0; i < T * K; ++i) {
+    const int32_t e = idp[i];
+    FCHECK(e >= -1 && e < E,
+           "fiddler_cpu.moe_forward: topk_ids value " + FSTR(e) + " out of range [-1, " + FSTR(E) + ")");
+    if (e >= 0) ++counts[e];
+  }
+  offs.assign(E + 1, 0);
+  for (int64_t e = 0; e < E; ++e) offs[e + 1] = offs[e] + counts[e];
+  const int64_t total = offs[E];
+  if (total == 0) return;
+  toks.resize(total);
+  wlist.resize(total);
+  {
+    static std::vector<int32_t> fill;
+    fill.assign(offs.begin(), offs.end() - 1);
+    for (int64_t i = 0; i < T * K; ++i) {
+      const int32_t e = idp[i];
+      if (e < 0) continue;
+      toks[fill[e]] = int32_t(i / K);
+      wlist[fill[e]] = wtp[i];
+      ++fill[e];
+    }
+  }
+
+  // Per-expert work and scratch layout.
+  static std::vector<ExpertWork> experts;
+  static std::vector<int32_t> active, amx_experts;
+  experts.assign(E, ExpertWork{});
+  active.clear();
+  amx_experts.clear();
+  const bool amx_shape_ok = H >= 32 && I >= 32;
+  const int64_t S1 = (H + 31) / 32, S2 = (I + 31) / 32;
+  size_t act_elems = 0, xpack_elems = 0;
+  std::vector<size_t> act_off(E), xp_off(E);
+  for (int64_t e = 0; e < E; ++e) {
+    const int32_t m = counts[e];
+    if (m == 0) continue;
+    ExpertWork& ew = experts[e];
+    ew.w13 = reinterpret_cast<const uint16_t*>(w13.data_ptr<at::BFloat16>()) + e * w13.stride(0);
+    ew.w2 = reinterpret_cast<const uint16_t*>(w2.data_ptr<at::BFloat16>()) + e * w2.stride(0);
+    ew.tok = toks.data() + offs[e];
+    ew.wt = wlist.data() + offs[e];
+    ew.m = m;
+    ew.amx = (mode == 2 || (mode == 3 && m >= amx_min_tokens)) && amx_shape_ok ? 1 : 0;
+    active.push_back(int32_t(e));
+    act_off[e] = act_elems;
+    if (ew.amx) {
+      amx_experts.push_back(int32_t(e));
+      const int64_t MB = (m + 15) / 16;
+      act_elems += size_t(MB * S2 * kPackBlockElems);
+      xp_off[e] = xpack_elems;
+      xpack_elems += size_t(MB * S1 * kPackBlockElems);
+    } else {
+      act_elems += size_t(round_up(int64_t(m) * I, 32));
+    }
+  }
+  static Scratch act_buf, xp_buf;
+  uint16_t* act = static_cast<uint16_t*>(act_buf.get(act_elems * 2 + 64));
+  uint16_t* xp = xpack_elems ? static_cast<uint16_t*>(xp_buf.get(xpack_elems * 2 + 64)) : nullptr;
+  for (int32_t e : active) {
+    experts[e].act = act + act_off[e];
+    experts[e].xpack = experts[e].amx ? xp + xp_off[e] : nullptr;
+  }
+
+  // Gate/up items: row ranges of each expert, multiples of 16 rows, about 16 per
+  // thread so that the last round's imbalance is small.
+  static std::vector<Item1> items1;
+  items1.clear();
+  const int64_t rows_total = int64_t(active.size()) * I;
+  const int64_t rows1 = std::clamp<int64_t>(round_up(rows_total / (int64_t(nthreads) * 16), 16), 16, 1024);
+  for (int32_t e : active)
+    for (int64_t n0 = 0; n0 < I; n0 += rows1) items1.push_back(Item1{e, n0, std::min(n0 + rows1, I)});
+  // Down items: output row ranges (each over all experts), multiples of 32 rows,
+  // about 8 per thread.
+  const int64_t rows2 = std::clamp<int64_t>(round_up(H / (int64_t(nthreads) * 8), 32), 32, 1024);
+
+  Ctx ctx;
+  ctx.prob.x = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  ctx.prob.ldx = x.stride(0);
+  ctx.prob.out = out.data_ptr<float>();
+  ctx.prob.ldo = out.stride(0);
+  ctx.prob.H = H;
+  ctx.prob.I = I;
+  ctx.prob.n_experts = int32_t(E);
+  ctx.prob.experts = experts.data();
+  ctx.experts = &experts;
+  ctx.amx_experts = &amx_experts;
+  ctx.active = &active;
+  ctx.items1 = &items1;
+  ctx.rows2 = rows2;
+
+  if (!amx_experts.empty()) {
+    int64_t n_pack = 0;
+    for (int32_t e : amx_experts) n_pack += (experts[e].m + 15) / 16;
+    pool->run(n_pack, body_pack, nullptr, &ctx);
+  }
+  pool->run(int64_t(items1.size()), body_gate_up, fini_amx, &ctx);
+  pool->run((H + rows2 - 1) / rows2, body_down, fini_amx, &ctx);
+}
+
+// ---------------------------------------------------------------- stream_read
+// Reads a buffer with all pool threads (the DRAM read roofline for the
+// benchmark): 1 MiB chunks handed out dynamically, 64-bit loads summed.
+struct ReadCtx {
+  const uint64_t* p;
+  int64_t n;  // words
+  int64_t chunk;
+  std::vector<uint64_t>* sums;
+};
+
+void body_read(void* vctx, int64_t item) {
+  // 8 interleaved streams per chunk with a prefetch ahead in each (the access
+  // pattern of the kernels: a single stream per core under-reports DRAM).
+  auto* ctx = static_cast<ReadCtx*>(vctx);
+  const int64_t b = item * ctx->chunk, e = std::min(b + ctx->chunk, ctx->n);
+  const int64_t sub = (e - b) / 64 * 8;  // words per stream, a multiple of 8
+  uint64_t acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  const uint64_t* p = ctx->p + b;
+  for (int64_t i = 0; i < sub; i += 8) {
+    for (int j = 0; j < 8; ++j) {
+      const uint64_t* q = p + j * sub + i;
+      __builtin_prefetch(q + 128);
+      acc[j] += q[0] + q[1] + q[2] + q[3] + q[4] + q[5] + q[6] + q[7];
+    }
+  }
+  uint64_t total = 0;
+  for (int j = 0; j < 8; ++j) total += acc[j];
+  for (int64_t i = b + 8 * sub; i < e; ++i) total += ctx->p[i];
+  (*ctx->sums)[item] = total;
+}
+
+int64_t stream_read(const at::Tensor& buf) {
+  FCHECK(buf.device().is_cpu() && buf.is_contiguous(), "fiddler_cpu.stream_read: contiguous CPU tensor");
+  ReadCtx ctx;
+  ctx.p = static_cast<const uint64_t*>(buf.data_ptr());
+  ctx.n = int64_t(buf.nbytes() / 8);
+  ctx.chunk = (1 << 21) / 8;  // 2 MiB: 8 x 256 KiB streams
+  std::vector<uint64_t> sums((ctx.n + ctx.chunk - 1) / ctx.chunk);
+  ctx.sums = &sums;
+  std::lock_guard<std::mutex> lk(g_mu);
+  pool_locked()->run(int64_t(sums.size()), body_read, nullptr, &ctx);
+  uint64_t total = 0;
+  for (uint64_t v : sums) total += v;
+  return int64_t(total);
+}
+
+}  // namespace
+}  // namespace fiddler_cpu
+
+TORCH_LIBRARY(fiddler_cpu, m) {
+  m.def("stream_read(Tensor buf) -> int", &fiddler_cpu::stream_read);
+  m.def("cpu_features() -> int", &fiddler_cpu::features);
+  m.def("register_isa_library(str isa, str path) -> bool", &fiddler_cpu::register_isa_library);
+  m.def("set_num_threads(int n) -> ()", &fiddler_cpu::set_num_threads);
+  m.def("get_num_threads() -> int", &fiddler_cpu::get_num_threads);
+  m.def(
+      "moe_forward(Tensor x, Tensor w13, Tensor w2, Tensor topk_ids, Tensor topk_weights, Tensor(a!) out, "
+      "int mode, int amx_min_tokens) -> ()");
+  m.impl("moe_forward", c10::DispatchKey::CPU, TORCH_FN(fiddler_cpu::moe_forward));
+}

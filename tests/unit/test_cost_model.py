@@ -1,0 +1,396 @@
+"""Unit tests of vllm_fiddler.cost_model (pure Python: no torch, no GPU)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+
+import pytest
+
+from vllm_fiddler import cost_model as cm
+from vllm_fiddler.cost_model import CostModel, plan_cold_experts
+
+
+def flat_model(cpu_ms: float, copy_ms: float, gpu_ms: float) -> CostModel:
+    """Every expert costs cpu_ms on the CPU, copy_ms to copy and gpu_ms on the GPU, whatever its tokens."""
+    return CostModel(cpu_points=((1, cpu_ms),), h2d_gb_s=1.0, copy_latency_ms=0.0,
+                     expert_bytes=int(round(copy_ms * 1e6)), gpu_points=((1, gpu_ms),))
+
+
+def linear_model(cpu_fixed, cpu_per_tok, copy_ms, gpu_fixed, gpu_per_tok) -> CostModel:
+    return CostModel(cpu_points=((1, cpu_fixed + cpu_per_tok), (1000, cpu_fixed + 1000 * cpu_per_tok)),
+                     h2d_gb_s=1.0, copy_latency_ms=0.0, expert_bytes=int(round(copy_ms * 1e6)),
+                     gpu_points=((1, gpu_fixed + gpu_per_tok), (1000, gpu_fixed + 1000 * gpu_per_tok)))
+
+
+def brute_force(token_counts, cost, gpu_busy_ms=0.0, max_copies=None, staging_slots=None):
+    """Every subset, the planner's copy order and tie-break key: the reference optimum."""
+    items = sorted((e, n) for e, n in token_counts.items() if n > 0)
+    experts = [e for e, _ in items]
+    cpu = {e: cost.cpu_ms(n) for e, n in items}
+    gpu = {e: cost.gpu_ms(n) for e, n in items}
+    limit = len(experts) if max_copies is None else min(max_copies, len(experts))
+    best = None
+    for m in range(limit + 1):
+        for subset in itertools.combinations(experts, m):
+            order = cm.copy_order(sorted(subset), cost.copy_ms, gpu)
+            rest = [e for e in experts if e not in subset]
+            crit, cpu_end, _, _ = cm.simulate(rest, order, cpu, gpu, cost.copy_ms, gpu_busy_ms, staging_slots)
+            busy = cpu_end + m * cost.copy_ms + sum(gpu[e] for e in subset)
+            key = (round(crit / 1e-9), m, round(busy / 1e-9), tuple(sorted(subset)))
+            if best is None or key < best[0]:
+                best = (key, crit, tuple(sorted(subset)))
+    return best[1], best[2]
+
+
+def random_model(rng: random.Random) -> CostModel:
+    cpu, t, ms = [], 1, rng.uniform(1, 10)
+    for _ in range(rng.randint(1, 5)):
+        cpu.append((t, ms))
+        t *= rng.choice((2, 4, 8))
+        ms += rng.uniform(0, 20)
+    gpu = [(1, rng.uniform(0.05, 1.0))]
+    gpu.append((rng.choice((64, 512, 2048)), gpu[0][1] + rng.uniform(0, 3)))
+    return CostModel(cpu_points=tuple(cpu), h2d_gb_s=rng.uniform(10, 60), copy_latency_ms=rng.uniform(0, 0.5),
+                     expert_bytes=rng.randint(50, 400) * 10**6, gpu_points=tuple(gpu))
+
+
+def random_counts(rng: random.Random, n: int) -> dict[int, int]:
+    ids = rng.sample(range(64), n)
+    scale = rng.choice((4, 64, 4096))
+    return {e: rng.randint(1, scale) for e in ids}
+
+
+# ----------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------
+
+
+def test_interpolation():
+    c = CostModel(cpu_points=((1, 6.5), (16, 6.5), (64, 9.7), (128, 18.8), (512, 61.0)), h2d_gb_s=55,
+                  copy_latency_ms=0.0, expert_bytes=10**6, gpu_points=((1, 0.2),))
+    assert c.cpu_ms(0) == 0.0
+    assert c.cpu_ms(1) == 6.5 and c.cpu_ms(16) == 6.5 and c.cpu_ms(512) == 61.0
+    assert c.cpu_ms(0.5) == 6.5  # below the first point: the first point's (fixed) cost
+    assert c.cpu_ms(96) == pytest.approx((9.7 + 18.8) / 2)
+    assert c.cpu_ms(1024) == pytest.approx(61.0 + (61.0 - 18.8) / 384 * 512)  # last slope, extended
+    assert c.gpu_ms(5000) == 0.2  # one point: flat
+    assert c.copy_ms == pytest.approx(10**6 / 55e6)
+
+
+def test_points_are_cleaned_and_validated():
+    c = CostModel(cpu_points=((64, 10.0), (1, 6.0), (16, 7.0), (16, 5.0), (128, 9.0)), h2d_gb_s=10,
+                  copy_latency_ms=0.1, expert_bytes=1, gpu_points=((1, 1),))
+    # sorted, duplicates averaged (16 -> 6.0), made non-decreasing (128: 9.0 -> 10.0)
+    assert c.cpu_points == ((1, 6.0), (16, 6.0), (64, 10.0), (128, 10.0))
+    for bad in (dict(h2d_gb_s=0), dict(h2d_gb_s=float("nan")), dict(copy_latency_ms=-1), dict(expert_bytes=0),
+                dict(cpu_points=()), dict(cpu_points=((1, -2.0),))):
+        kw = dict(cpu_points=((1, 1.0),), h2d_gb_s=1.0, copy_latency_ms=0.0, expert_bytes=1,
+                  gpu_points=((1, 1.0),))
+        kw.update(bad)
+        with pytest.raises(ValueError):
+            CostModel(**kw)
+
+
+def test_json_round_trip_and_cache_files(tmp_path, monkeypatch):
+    c = cm.default_for_shape()
+    c2 = CostModel.from_json(c.to_json())
+    assert c2 == c and hash(c2) == hash(c)
+    assert json.loads(c.to_json())["version"] == 1
+    # explicit paths
+    p = cm.save(c, str(tmp_path / "sub" / "m.json"))
+    assert cm.load(p) == c
+    assert cm.load(str(tmp_path / "missing.json")) is None
+    (tmp_path / "bad.json").write_text("{not json")
+    assert cm.load(str(tmp_path / "bad.json")) is None
+    # the cache dir, by key
+    monkeypatch.setenv("VLLM_FIDDLER_CACHE_DIR", str(tmp_path / "cache"))
+    key = "NVIDIA H100|Xeon 8480+|H4096/I14336|bf16|t52"
+    path = cm.save_cached(key, c)
+    assert os.path.dirname(path) == str(tmp_path / "cache")
+    name = os.path.basename(path)
+    assert name.startswith("cost_model-") and name.endswith(".json")
+    assert all(ch.isalnum() or ch in "-_." for ch in name)
+    assert cm.load_cached(key) == c
+    assert cm.load_cached("another machine") is None
+    assert [f for f in os.listdir(tmp_path / "cache") if f.startswith(".")] == []  # no temp file left
+    monkeypatch.delenv("VLLM_FIDDLER_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cm.cache_dir() == str(tmp_path / "xdg" / "vllm_fiddler")
+
+
+def test_key_names_machine_and_shape():
+    c = cm.default_for_shape(4096, 14336, 2)
+    assert "H4096-I14336-bf16" in c.key
+    other = cm.default_for_shape(6144, 16384, 2)
+    assert other.key != c.key
+    assert all(ch.isalnum() or ch in "-_." for ch in c.key)
+
+
+def test_fit_from_measurements_and_fit_copy():
+    bytes_ = 352_321_536
+    bw, lat = cm.fit_copy([(bytes_ / 4, 0.064 + bytes_ / 4 / 55e6), (bytes_, 0.064 + bytes_ / 55e6),
+                           (bytes_ / 2, 0.064 + bytes_ / 2 / 55e6)])
+    assert bw == pytest.approx(55.0) and lat == pytest.approx(0.064)
+    bw1, lat1 = cm.fit_copy([(bytes_, 6.4), (bytes_, 6.5)])
+    assert lat1 == 0.0 and bw1 == pytest.approx(bytes_ / 6.45 / 1e6)
+    c = cm.fit_from_measurements(cpu_points=[(1, 6.4), (1, 6.6), (64, 9.7), [512, 61]], h2d_gb_s=bw,
+                                 copy_latency_ms=lat, gpu_points=[(16, 0.17), (1, 0.17), (512, 0.32)],
+                                 expert_bytes=bytes_, machine="box", shape="H4096-I14336-bf16")
+    assert c.cpu_ms(1) == pytest.approx(6.5)
+    assert c.copy_ms == pytest.approx(6.47, abs=0.01)
+    assert c.gpu_ms(256) == pytest.approx(0.17 + (0.32 - 0.17) * 240 / 496)
+    assert c.key == "box-H4096-I14336-bf16" and c.source == "measured"
+
+
+def test_default_for_shape_is_the_measured_prior():
+    c = cm.default_for_shape()  # Mixtral-8x7B bf16
+    assert c.expert_bytes == 352_321_536
+    assert c.copy_ms == pytest.approx(6.47)
+    assert [c.cpu_ms(t) for t in (1, 16, 64, 128, 512)] == [6.5, 6.5, 9.7, 18.8, 61.0]
+    assert c.gpu_ms(1) == pytest.approx(0.17) and c.gpu_ms(512) == pytest.approx(0.32)
+    assert c.gpu_ms(4096) > c.gpu_ms(512)
+    # A lone expert is worth copying from ~20 tokens on (6.5 ms CPU vs 6.47 + 0.17 ms).
+    assert 16 < c.breakeven_tokens() < 64
+    # Scaled by expert bytes for another shape.
+    half = cm.default_for_shape(4096, 7168, 2)
+    assert half.expert_bytes * 2 == c.expert_bytes
+    assert half.cpu_ms(64) == pytest.approx(c.cpu_ms(64) / 2)
+    assert half.copy_ms < c.copy_ms
+    assert "prior" in c.source and "prior" in c.describe()
+
+
+def test_import_is_pure_python():
+    code = ("import sys; import vllm_fiddler.cost_model as m;"
+            "m.plan_cold_experts({0: 5}, m.default_for_shape());"
+            "bad = [k for k in ('torch', 'triton', 'vllm', 'numpy') if k in sys.modules]; print(bad);"
+            "sys.exit(1 if bad else 0)")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+# ----------------------------------------------------------------------------
+# Planning
+# ----------------------------------------------------------------------------
+
+
+def test_empty_input():
+    c = cm.default_for_shape()
+    p = plan_cold_experts({}, c)
+    assert p.cpu == () and p.copy == () and p.critical_path_ms == 0.0
+    p = plan_cold_experts({3: 0, 5: 0}, c, gpu_busy_ms=1.5)  # zero-token experts are not hit
+    assert p.cpu == () and p.copy == () and p.critical_path_ms == 1.5
+    assert "0 cold experts" in p.report()
+
+
+def test_min_max_splits_where_min_sum_is_indifferent():
+    """4 cold experts, each 10 ms on the CPU and 10 ms to copy (GPU compute ~free).
+
+    Per-expert costs are equal on both sides, so minimising their SUM cannot
+    choose (26/40 ms whatever the split, and "all on one side" is as good as
+    any); the step's critical path is the max of the two queues, and a 2/2
+    split halves it.
+    """
+    c = flat_model(cpu_ms=10.0, copy_ms=10.0, gpu_ms=0.01)
+    counts = {0: 3, 1: 3, 2: 3, 3: 3}
+    p = plan_cold_experts(counts, c)
+    opt, _ = brute_force(counts, c)
+    assert p.critical_path_ms == pytest.approx(opt)
+    assert p.critical_path_ms == pytest.approx(20.01)
+    assert len(p.cpu) == 2 and len(p.copy) == 2
+    best_one_sided = min(p.all_cpu_ms, p.all_copy_ms)
+    assert best_one_sided == pytest.approx(40.0)
+    assert p.critical_path_ms < 0.51 * best_one_sided
+    # The sum of per-expert costs is the same for every split: min-sum is indifferent.
+    sums = {round(sum(10.0 if e in cp else 10.0 for e in counts), 9)
+            for m in range(5) for cp in itertools.combinations(counts, m)}
+    assert len(sums) == 1
+    # Deterministic tie-break: the lowest ids are copied.
+    assert p.copy == (0, 1) and p.cpu == (2, 3)
+
+
+def test_decode_stays_on_cpu_when_copying_costs_more():
+    # Mixtral prior: a lone 1-token expert: 6.5 ms CPU < 6.47 + 0.17 ms copy + GPU.
+    c = cm.default_for_shape()
+    p = plan_cold_experts({5: 1}, c)
+    assert p.cpu == (5,) and p.copy == ()
+    assert p.critical_path_ms == pytest.approx(6.5)
+    # A slower link (PCIe gen4 x16, ~25 GB/s: 14 ms a copy): two decode experts both stay on the CPU.
+    slow = cm.default_for_shape(h2d_gb_s=25.0)
+    p = plan_cold_experts({1: 1, 6: 2}, slow)
+    assert p.copy == () and p.critical_path_ms == pytest.approx(13.0)
+    # ...and so does everything when the GPU is already busy for longer than the CPU queue needs.
+    p = plan_cold_experts({1: 1, 2: 1, 6: 1}, c, gpu_busy_ms=30.0)
+    assert p.copy == () and p.critical_path_ms == pytest.approx(30.0)
+
+
+def test_decode_with_two_experts_overlaps_cpu_and_pcie():
+    # On the measured box a copy costs about one CPU expert, so with 2 decode experts
+    # one goes each way: max(6.5, 6.47 + 0.17) instead of 13 ms.
+    c = cm.default_for_shape()
+    p = plan_cold_experts({0: 1, 4: 1}, c)
+    assert len(p.copy) == 1 and len(p.cpu) == 1
+    assert p.critical_path_ms == pytest.approx(c.copy_ms + c.gpu_ms(1))
+
+
+def test_long_prefill_copies():
+    c = cm.default_for_shape()
+    counts = {0: 2000, 2: 3500, 3: 1200, 7: 4000}
+    p = plan_cold_experts(counts, c)
+    assert set(p.copy) == set(counts) and p.cpu == ()
+    # The PCIe queue is the critical path: 4 copies back to back, then the last compute.
+    assert p.pcie_ms == pytest.approx(4 * c.copy_ms)
+    assert p.critical_path_ms < 0.2 * p.all_cpu_ms
+    # Copy order: Johnson's rule, longest GPU compute first, shortest last.
+    assert p.copy == (7, 2, 0, 3)
+
+
+def test_max_copies_respected():
+    c = cm.default_for_shape()
+    counts = {0: 2000, 2: 3500, 3: 1200, 7: 4000, 9: 100}
+    for k in range(0, 6):
+        p = plan_cold_experts(counts, c, max_copies=k)
+        assert len(p.copy) <= k
+        opt, _ = brute_force(counts, c, max_copies=k)
+        assert p.critical_path_ms == pytest.approx(opt)
+    assert plan_cold_experts(counts, c, max_copies=0).copy == ()
+    # The largest experts are the ones copied when slots are short.
+    assert set(plan_cold_experts(counts, c, max_copies=2).copy) == {2, 7}
+    assert math.isinf(plan_cold_experts(counts, c, max_copies=2).all_copy_ms)
+
+
+def test_staging_slots_make_copies_wait_for_compute():
+    c = flat_model(cpu_ms=100.0, copy_ms=5.0, gpu_ms=3.0)
+    cpu = {0: 100.0, 1: 100.0}
+    gpu = {0: 3.0, 1: 3.0}
+    # One slot: copy 2 waits until expert 1 is computed (5 + 3), then 5 + 3 more.
+    assert cm.simulate([], [0, 1], cpu, gpu, 5.0, 0.0, staging_slots=1) == (16.0, 0.0, 13.0, 16.0)
+    # Two slots (double buffering): the copies stream back to back.
+    assert cm.simulate([], [0, 1], cpu, gpu, 5.0, 0.0, staging_slots=2) == (13.0, 0.0, 10.0, 13.0)
+    assert cm.simulate([], [0, 1], cpu, gpu, 5.0, 0.0) == (13.0, 0.0, 10.0, 13.0)
+    # The hot work delays the copied experts' compute, hence the slot's release.
+    assert cm.simulate([], [0, 1], cpu, gpu, 5.0, 20.0, staging_slots=1) == (31.0, 0.0, 28.0, 31.0)
+    p1 = plan_cold_experts({0: 1, 1: 1, 2: 1}, c, staging_slots=1)
+    p2 = plan_cold_experts({0: 1, 1: 1, 2: 1}, c, staging_slots=2)
+    assert p1.critical_path_ms == pytest.approx(24.0) and p2.critical_path_ms == pytest.approx(18.0)
+    with pytest.raises(ValueError):
+        plan_cold_experts({0: 1}, c, staging_slots=0)
+
+
+def test_gpu_busy_delays_copied_experts():
+    c = flat_model(cpu_ms=10.0, copy_ms=4.0, gpu_ms=1.0)
+    p = plan_cold_experts({0: 1, 1: 1}, c, gpu_busy_ms=0.0)
+    assert p.copy == (0, 1) and p.critical_path_ms == pytest.approx(9.0)  # 4, 8, +1
+    p = plan_cold_experts({0: 1, 1: 1}, c, gpu_busy_ms=9.5)
+    assert p.critical_path_ms == pytest.approx(10.5)  # one each way: max(10, 9.5 + 1), the copy waiting
+    assert len(p.copy) == 1
+
+
+def test_exact_search_matches_brute_force_on_random_cases():
+    rng = random.Random(1234)
+    for trial in range(300):
+        c = random_model(rng)
+        counts = random_counts(rng, rng.randint(1, 9))
+        busy = rng.choice((0.0, 0.0, rng.uniform(0, 50)))
+        max_copies = rng.choice((None, None, rng.randint(0, 4)))
+        slots = rng.choice((None, None, 1, 2))
+        p = plan_cold_experts(counts, c, gpu_busy_ms=busy, max_copies=max_copies, staging_slots=slots)
+        opt, copy_set = brute_force(counts, c, busy, max_copies, slots)
+        assert p.exact
+        assert p.critical_path_ms == pytest.approx(opt, abs=1e-9), (trial, counts)
+        assert tuple(sorted(p.copy)) == copy_set, (trial, counts)
+        assert sorted(p.cpu + p.copy) == sorted(counts)
+
+
+def test_heuristic_close_to_exact_on_random_cases():
+    """The heuristic (used above exact_limit) against exhaustive search: within 5%, mostly equal."""
+    rng = random.Random(99)
+    ratios = []
+    for _ in range(300):
+        c = random_model(rng)
+        counts = random_counts(rng, rng.randint(2, 11))
+        busy = rng.choice((0.0, rng.uniform(0, 40)))
+        max_copies = rng.choice((None, rng.randint(1, 6)))
+        exact = plan_cold_experts(counts, c, gpu_busy_ms=busy, max_copies=max_copies)
+        heur = plan_cold_experts(counts, c, gpu_busy_ms=busy, max_copies=max_copies, exact_limit=0)
+        assert exact.exact and not heur.exact
+        assert heur.critical_path_ms >= exact.critical_path_ms - 1e-9
+        if max_copies is not None:
+            assert len(heur.copy) <= max_copies
+        ratios.append(heur.critical_path_ms / exact.critical_path_ms)
+    assert max(ratios) <= 1.05, max(ratios)
+    assert sum(r <= 1 + 1e-9 for r in ratios) >= 0.9 * len(ratios)
+
+
+def test_large_inputs_use_the_heuristic_quickly():
+    c = cm.default_for_shape()
+    rng = random.Random(5)
+    counts = {e: rng.randint(1, 600) for e in range(40)}
+    t = time.perf_counter()
+    p = plan_cold_experts(counts, c)
+    assert time.perf_counter() - t < 5.0
+    assert not p.exact and sorted(p.cpu + p.copy) == list(range(40))
+    assert p.critical_path_ms <= min(p.all_cpu_ms, p.all_copy_ms)
+
+
+def test_exact_search_is_fast_for_mixtral_sizes():
+    c = cm.default_for_shape()
+    rng = random.Random(7)
+    cases = [{e: rng.randint(1, rng.choice((4, 300, 3000))) for e in range(8)} for _ in range(50)]
+    t = time.perf_counter()
+    for counts in cases:
+        cm._plan_cached.cache_clear()
+        plan_cold_experts(counts, c)
+    per_plan_ms = (time.perf_counter() - t) / len(cases) * 1e3
+    assert per_plan_ms < 20, per_plan_ms  # ~0.2 ms here; generous for slow CI machines
+
+
+def test_monotonicity():
+    rng = random.Random(42)
+    for _ in range(100):
+        c = random_model(rng)
+        counts = random_counts(rng, rng.randint(1, 7))
+        base = plan_cold_experts(counts, c).critical_path_ms
+        e = rng.choice(sorted(counts))
+        # more tokens for one expert: never shorter
+        assert plan_cold_experts({**counts, e: counts[e] * 3 + 1}, c).critical_path_ms >= base - 1e-9
+        # one more expert hit: never shorter
+        assert plan_cold_experts({**counts, 1000: rng.randint(1, 500)}, c).critical_path_ms >= base - 1e-9
+        # busier GPU: never shorter
+        assert plan_cold_experts(counts, c, gpu_busy_ms=rng.uniform(0, 30)).critical_path_ms >= base - 1e-9
+        # faster link: never longer
+        faster = CostModel(c.cpu_points, c.h2d_gb_s * 2, c.copy_latency_ms, c.expert_bytes, c.gpu_points)
+        assert plan_cold_experts(counts, faster).critical_path_ms <= base + 1e-9
+        # more copies allowed: never longer
+        prev = math.inf
+        for k in range(len(counts) + 1):
+            cur = plan_cold_experts(counts, c, max_copies=k).critical_path_ms
+            assert cur <= prev + 1e-9
+            prev = cur
+        assert prev == pytest.approx(base)
+        # the plan is never worse than either one-sided plan
+        p = plan_cold_experts(counts, c)
+        assert p.critical_path_ms <= min(p.all_cpu_ms, p.all_copy_ms) + 1e-9
+
+
+def test_deterministic_and_report():
+    c = cm.default_for_shape()
+    a = plan_cold_experts({3: 40, 1: 40, 2: 1, 0: 700}, c)
+    cm._plan_cached.cache_clear()
+    b = plan_cold_experts(dict(reversed(list({3: 40, 1: 40, 2: 1, 0: 700}.items()))), c)
+    assert a == b
+    assert sorted(a.cpu + a.copy) == [0, 1, 2, 3]
+    # A tie between copying and not goes to not copying.
+    tie = flat_model(cpu_ms=10.0, copy_ms=10.0, gpu_ms=0.0)
+    assert plan_cold_experts({0: 1}, tie).copy == ()
+    text = a.report()
+    assert "critical path" in text and "cpu" in text and "copy" in text
+    for e in (0, 1, 2, 3):
+        assert f"e{e}(" in text

@@ -1,0 +1,588 @@
+"""Cold-expert cost model: compute a cold expert on the CPU, or copy it to the GPU?
+
+Pure Python (no torch, no CUDA), so it is unit-tested in CPU CI and can be
+reasoned about on its own.
+
+Per MoE layer and step, each COLD (CPU-resident) expert that received tokens
+is either
+
+  (a) computed on the CPU, or
+  (b) copied host->device over PCIe into a GPU staging slot and computed
+      there by the Triton kernel.
+
+Three resources work concurrently: the CPU thread pool, the PCIe copy stream
+and the GPU compute stream. The step's timeline, as modelled here:
+
+- **CPU queue.** CPU experts run one after another, each on the whole pool:
+  it ends at sum(cpu_ms(n_e)) over the CPU experts.
+- **PCIe queue.** Copies run one after another: copy i starts when copy i-1
+  is done (and, with `staging_slots` = S, when the GPU has finished the
+  expert copied S copies earlier, whose slot it reuses).
+- **GPU queue.** The hot experts' work (`gpu_busy_ms`) is queued first; each
+  copied expert's compute then starts once both its copy and the previous
+  GPU work are done.
+
+Simplifications, on purpose: the tokens' activations (KBs) moving over PCIe
+are not counted; the CPU pool is not slowed by the copies' memory traffic;
+the GPU runs one thing at a time (the hot work first, then the copied
+experts in copy order); staging slots are reused round-robin, a copy into a
+slot waiting for the GPU to finish the expert that slot held (`staging_slots`,
+2 = double buffering); `max_copies` is a hard cap per step.
+
+The step's critical path is the max of the three queues' end times, and that
+is what `plan_cold_experts` minimises, NOT the sum of per-expert costs: with
+4 cold experts that each cost 6.5 ms either way, min-sum is indifferent (26 ms
+on one side), while min-max splits 2/2 and ends in ~13 ms.
+
+Measured on the target (H100 80GB HBM3 box, Mixtral-8x7B bf16, expert =
+3*4096*14336*2 B = 352 MB), the figures `default_for_shape` is built from:
+torch CPU expert 6.5 ms for 1-16 tokens, 9.7 ms at 64, 18.8 ms at 128, 61 ms
+at 512; H2D copy of one expert 6.47 ms (55 GB/s, pinned); GPU expert 0.17 ms
+(decode) to 0.32 ms. So in decode (a few tokens per expert) a copy costs about
+one CPU expert, and splitting halves the critical path once two or more cold
+experts are hit; in prefill the CPU is 10-100x slower and copies win.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import functools
+import json
+import math
+import os
+import re
+import tempfile
+from typing import Any, Iterable, Mapping, Sequence
+
+Point = tuple[float, float]  # (tokens, ms)
+
+# Mixtral-8x7B on the target box (see the module docstring): the rough prior.
+MIXTRAL_H, MIXTRAL_I, MIXTRAL_DTYPE_BYTES = 4096, 14336, 2
+MIXTRAL_EXPERT_BYTES = 3 * MIXTRAL_H * MIXTRAL_I * MIXTRAL_DTYPE_BYTES  # 352,321,536
+# torch CPU expert on the H100 box's host CPU (whole thread pool), ms by tokens.
+MEASURED_CPU_POINTS: tuple[Point, ...] = ((1, 6.5), (16, 6.5), (64, 9.7), (128, 18.8), (512, 61.0))
+MEASURED_H2D_GB_S = 55.0  # pinned host -> H100, one 352 MB expert
+MEASURED_COPY_MS = 6.47  # that copy, end to end
+# 6.47 ms - 352 MB / 55 GB/s (6.406 ms) = ~0.064 ms fixed cost per copy.
+MEASURED_COPY_LATENCY_MS = MEASURED_COPY_MS - MIXTRAL_EXPERT_BYTES / (MEASURED_H2D_GB_S * 1e6)
+# GPU expert (Triton fused_moe, one expert): 0.17 ms for a few tokens (weight
+# streaming: 352 MB at ~2.1-3 TB/s), 0.32 ms at the top of the measured range.
+# The token counts of those two readings were not recorded; 16 and 512 are
+# assumptions. Beyond 512 the prior follows the FLOPs: 2*3*H*I flops/token at
+# ~500 TFLOP/s, i.e. ~0.7 us per token for Mixtral.
+GPU_FLOPS_PER_MS = 500e9  # 500 TFLOP/s effective, bf16 grouped GEMM on an H100 (assumption)
+
+_EPS = 1e-9
+
+
+# ----------------------------------------------------------------------------
+# The cost model
+# ----------------------------------------------------------------------------
+
+
+def _clean_points(points: Iterable[Sequence[float]], what: str) -> tuple[Point, ...]:
+    """Sorted by tokens, duplicates averaged, ms made non-decreasing (measurement noise)."""
+    by_tokens: dict[float, list[float]] = {}
+    for p in points:
+        tokens, ms = float(p[0]), float(p[1])
+        if not (tokens >= 0 and ms >= 0 and math.isfinite(tokens) and math.isfinite(ms)):
+            raise ValueError(f"{what}: bad point {tuple(p)} (need tokens >= 0, ms >= 0)")
+        by_tokens.setdefault(tokens, []).append(ms)
+    if not by_tokens:
+        raise ValueError(f"{what}: no points")
+    out: list[Point] = []
+    for tokens in sorted(by_tokens):
+        ms = sum(by_tokens[tokens]) / len(by_tokens[tokens])
+        if out and ms < out[-1][1]:
+            ms = out[-1][1]  # more tokens never take less time
+        out.append((tokens, ms))
+    return tuple(out)
+
+
+def interpolate(points: Sequence[Point], tokens: float) -> float:
+    """Piecewise-linear ms at `tokens`; 0 for 0 tokens.
+
+    Below the first point: the first point's time (a fixed cost dominates
+    there: the weights are read once whatever the token count). Above the
+    last: the last segment's slope, extended (compute grows linearly); with
+    a single point, that point's time everywhere.
+    """
+    if tokens <= 0:
+        return 0.0
+    xs = [p[0] for p in points]
+    if tokens <= xs[0] or len(points) == 1:  # one point: a flat cost
+        return points[0][1]
+    if tokens >= xs[-1]:
+        (x0, y0), (x1, y1) = points[-2], points[-1]
+        slope = (y1 - y0) / (x1 - x0) if x1 > x0 else 0.0
+        return y1 + slope * (tokens - x1)
+    i = bisect.bisect_right(xs, tokens)
+    (x0, y0), (x1, y1) = points[i - 1], points[i]
+    return y0 + (y1 - y0) * (tokens - x0) / (x1 - x0)
+
+
+@dataclasses.dataclass(frozen=True)
+class CostModel:
+    """Costs of one expert of one MoE layer, in ms, on one machine.
+
+    cpu_points: (tokens, ms) of one expert on the CPU (whole pool), interpolated.
+    h2d_gb_s, copy_latency_ms: a copy takes copy_latency_ms + expert_bytes / bandwidth.
+    expert_bytes: w13 + w2 of one expert.
+    gpu_points: (tokens, ms) of one expert on the GPU (weights already there).
+    The descriptive fields (machine, shape, source) only name and document it.
+    Frozen and hashable, so plans are memoised per (routing, cost model).
+    """
+
+    cpu_points: tuple[Point, ...]
+    h2d_gb_s: float
+    copy_latency_ms: float
+    expert_bytes: int
+    gpu_points: tuple[Point, ...]
+    machine: str = ""  # e.g. "H100-80GB-HBM3|Xeon-8480+|t52"
+    shape: str = ""  # e.g. "H4096-I14336-bf16"
+    source: str = ""  # where the numbers come from
+
+    def __post_init__(self):
+        object.__setattr__(self, "cpu_points", _clean_points(self.cpu_points, "cpu_points"))
+        object.__setattr__(self, "gpu_points", _clean_points(self.gpu_points, "gpu_points"))
+        if not (self.h2d_gb_s > 0 and math.isfinite(self.h2d_gb_s)):
+            raise ValueError(f"h2d_gb_s must be > 0, got {self.h2d_gb_s}")
+        if not (self.copy_latency_ms >= 0 and math.isfinite(self.copy_latency_ms)):
+            raise ValueError(f"copy_latency_ms must be >= 0, got {self.copy_latency_ms}")
+        if not self.expert_bytes > 0:
+            raise ValueError(f"expert_bytes must be > 0, got {self.expert_bytes}")
+        object.__setattr__(self, "expert_bytes", int(self.expert_bytes))
+
+    # -- costs ---------------------------------------------------------------
+
+    def cpu_ms(self, tokens: float) -> float:
+        """One expert on the CPU with `tokens` tokens."""
+        return interpolate(self.cpu_points, tokens)
+
+    def gpu_ms(self, tokens: float) -> float:
+        """One expert on the GPU with `tokens` tokens (weights resident)."""
+        return interpolate(self.gpu_points, tokens)
+
+    @property
+    def copy_ms(self) -> float:
+        """One expert's weights host -> device."""
+        return self.copy_latency_ms + self.expert_bytes / (self.h2d_gb_s * 1e6)
+
+    def breakeven_tokens(self, max_tokens: int = 1 << 20) -> int | None:
+        """The fewest tokens at which copy + GPU beats the CPU for a lone expert; None if never."""
+        lo, hi = 1, max_tokens
+        if self.copy_ms + self.gpu_ms(hi) >= self.cpu_ms(hi):
+            return None
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self.copy_ms + self.gpu_ms(mid) < self.cpu_ms(mid):
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+
+    # -- identity and persistence --------------------------------------------
+
+    @property
+    def key(self) -> str:
+        """Names this model's machine and shape, for a cache file name."""
+        return make_key(self.machine or "unknown", self.shape or f"B{self.expert_bytes}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["cpu_points"] = [list(p) for p in self.cpu_points]
+        d["gpu_points"] = [list(p) for p in self.gpu_points]
+        d["version"] = 1
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "CostModel":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in fields}
+        kw["cpu_points"] = tuple(tuple(p) for p in kw["cpu_points"])
+        kw["gpu_points"] = tuple(tuple(p) for p in kw["gpu_points"])
+        return cls(**kw)
+
+    @classmethod
+    def from_json(cls, text: str) -> "CostModel":
+        return cls.from_dict(json.loads(text))
+
+    def describe(self) -> str:
+        pts = ", ".join(f"{t:g}:{self.cpu_ms(t):.2f}" for t in (1, 16, 64, 128, 512, 2048))
+        gpts = ", ".join(f"{t:g}:{self.gpu_ms(t):.3f}" for t in (1, 16, 64, 128, 512, 2048))
+        be = self.breakeven_tokens()
+        return (f"CostModel[{self.key}] expert {self.expert_bytes / 1e6:.0f} MB; copy {self.copy_ms:.2f} ms "
+                f"({self.h2d_gb_s:g} GB/s + {self.copy_latency_ms:.3f} ms); CPU ms by tokens {{{pts}}}; "
+                f"GPU ms {{{gpts}}}; lone-expert break-even {be} tokens"
+                + (f"; source: {self.source}" if self.source else ""))
+
+
+def _safe(text: str) -> str:
+    """File-name-safe: letters, digits, '-', '_', '.' (anything else -> '_'), at most 200 chars."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")[:200]
+
+
+def make_key(machine: str, shape: str) -> str:
+    """The cache key of a machine and a shape, e.g. 'H100_80GB_HBM3_Xeon_8480_t52-H4096-I14336-bf16'."""
+    return _safe(f"{machine}-{shape}")
+
+
+def shape_tag(hidden_size: int, intermediate_size: int, dtype_bytes: int = 2) -> str:
+    """'H4096-I14336-bf16'."""
+    dtype = {1: "fp8", 2: "bf16", 4: "fp32"}.get(dtype_bytes, f"{dtype_bytes}B")
+    return f"H{hidden_size}-I{intermediate_size}-{dtype}"
+
+
+# ----------------------------------------------------------------------------
+# Building a cost model
+# ----------------------------------------------------------------------------
+
+
+def fit_from_measurements(cpu_points: Iterable[Sequence[float]], h2d_gb_s: float, copy_latency_ms: float,
+                          gpu_points: Iterable[Sequence[float]], expert_bytes: int, *,
+                          machine: str = "", shape: str = "", source: str = "measured") -> CostModel:
+    """A CostModel from raw measurements (what runtime/calibrate.py times on the device).
+
+    cpu_points / gpu_points: (tokens, ms) pairs, any order; repeated token
+    counts are averaged and the times made non-decreasing in tokens (noise).
+    h2d_gb_s and copy_latency_ms: see fit_copy() to derive them from timed copies.
+    """
+    return CostModel(cpu_points=tuple(tuple(p) for p in cpu_points), h2d_gb_s=float(h2d_gb_s),
+                     copy_latency_ms=float(copy_latency_ms), expert_bytes=int(expert_bytes),
+                     gpu_points=tuple(tuple(p) for p in gpu_points), machine=machine, shape=shape,
+                     source=source)
+
+
+def fit_copy(samples: Iterable[Sequence[float]]) -> tuple[float, float]:
+    """(GB/s, latency ms) from (bytes, ms) copy timings, by least squares ms = latency + bytes/bw.
+
+    With one size only, the latency is taken as 0. The latency is clamped at 0.
+    """
+    pts = [(float(b), float(ms)) for b, ms in samples]
+    if not pts:
+        raise ValueError("no copy samples")
+    xs = {b for b, _ in pts}
+    if len(xs) == 1:
+        b = pts[0][0]
+        ms = sum(m for _, m in pts) / len(pts)
+        return b / ms / 1e6, 0.0
+    n = len(pts)
+    mx = sum(b for b, _ in pts) / n
+    my = sum(m for _, m in pts) / n
+    slope = sum((b - mx) * (m - my) for b, m in pts) / sum((b - mx) ** 2 for b, _ in pts)  # ms per byte
+    latency = max(0.0, my - slope * mx)
+    if slope <= 0:
+        raise ValueError("copy time does not grow with size: cannot fit a bandwidth")
+    return 1.0 / slope / 1e6, latency
+
+
+def default_for_shape(hidden_size: int = MIXTRAL_H, intermediate_size: int = MIXTRAL_I,
+                      dtype_bytes: int = MIXTRAL_DTYPE_BYTES, *, h2d_gb_s: float = MEASURED_H2D_GB_S,
+                      machine: str = "prior-H100-box") -> CostModel:
+    """A ROUGH PRIOR, used until calibration has run on the machine.
+
+    Built from the Mixtral-8x7B figures measured on the H100 box (module
+    docstring, MEASURED_* constants), scaled to another expert size by its
+    bytes (CPU and GPU expert time are both proportional to 3*H*I per token
+    at every token count: weight reads at few tokens, FLOPs at many). The
+    H2D bandwidth and per-copy latency are the measured ones; a different
+    PCIe link makes this prior wrong by that ratio, which is why calibration
+    (runtime/calibrate.py -> fit_from_measurements) replaces it.
+    """
+    expert_bytes = 3 * hidden_size * intermediate_size * dtype_bytes
+    scale = expert_bytes / MIXTRAL_EXPERT_BYTES
+    cpu = tuple((t, ms * scale) for t, ms in MEASURED_CPU_POINTS)
+    flops_per_token = 2 * 3 * hidden_size * intermediate_size
+    gpu = [(1, 0.17 * scale), (16, 0.17 * scale), (512, 0.32 * scale)]
+    for t in (1024, 2048, 4096, 8192):  # compute-bound tail: FLOPs at GPU_FLOPS_PER_MS, continuous at 512
+        gpu.append((t, 0.32 * scale + (t - 512) * flops_per_token / GPU_FLOPS_PER_MS))
+    return CostModel(cpu_points=cpu, h2d_gb_s=h2d_gb_s, copy_latency_ms=MEASURED_COPY_LATENCY_MS,
+                     expert_bytes=expert_bytes, gpu_points=tuple(gpu), machine=machine,
+                     shape=shape_tag(hidden_size, intermediate_size, dtype_bytes),
+                     source="prior: Mixtral-8x7B figures measured on the H100 box, scaled by expert bytes")
+
+
+# ----------------------------------------------------------------------------
+# Cache files
+# ----------------------------------------------------------------------------
+
+
+def cache_dir() -> str:
+    """$VLLM_FIDDLER_CACHE_DIR, else $XDG_CACHE_HOME/vllm_fiddler, else ~/.cache/vllm_fiddler."""
+    d = os.environ.get("VLLM_FIDDLER_CACHE_DIR")
+    if d:
+        return d
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "vllm_fiddler")
+
+
+def cache_path(key: str, directory: str | None = None) -> str:
+    return os.path.join(directory or cache_dir(), f"cost_model-{_safe(key)}.json")
+
+
+def save(model: CostModel, path: str) -> str:
+    """Writes model as JSON at path, atomically (temp file + rename)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".cost_model-", dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(model.to_json())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def load(path: str) -> CostModel | None:
+    """The model at path; None if missing or unreadable (a stale or corrupt cache is re-measured)."""
+    try:
+        with open(path) as f:
+            return CostModel.from_json(f.read())
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def save_cached(key: str, model: CostModel, directory: str | None = None) -> str:
+    """Saves under the cache dir as cost_model-<key>.json; returns the path."""
+    return save(model, cache_path(key, directory))
+
+
+def load_cached(key: str, directory: str | None = None) -> CostModel | None:
+    return load(cache_path(key, directory))
+
+
+# ----------------------------------------------------------------------------
+# Planning
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ColdPlan:
+    """Where each hit cold expert runs this step, and the modelled timeline.
+
+    cpu: experts computed on the CPU, in CPU-queue order (ascending id).
+    copy: experts copied to the GPU, in copy order.
+    critical_path_ms: max(cpu_ms, gpu_end_ms) (gpu_end_ms includes the hot work).
+    """
+
+    cpu: tuple[int, ...]
+    copy: tuple[int, ...]
+    critical_path_ms: float
+    cpu_ms: float  # CPU queue end
+    pcie_ms: float  # PCIe queue end (last copy done)
+    gpu_end_ms: float  # GPU queue end: hot work, then the copied experts
+    gpu_busy_ms: float  # the hot GPU work given
+    token_counts: tuple[tuple[int, int], ...]  # (expert, tokens), ascending expert
+    exact: bool  # found by exhaustive search (else the heuristic)
+    all_cpu_ms: float  # critical path with every expert on the CPU
+    all_copy_ms: float  # ... with every expert copied (respecting max_copies: +inf if it cannot)
+
+    def report(self) -> str:
+        n = dict(self.token_counts)
+        cpu = " ".join(f"e{e}({n[e]})" for e in self.cpu) or "-"
+        cp = " ".join(f"e{e}({n[e]})" for e in self.copy) or "-"
+        how = "exact" if self.exact else "heuristic"
+        best_one_sided = min(self.all_cpu_ms, self.all_copy_ms)
+        gain = (f", {best_one_sided / self.critical_path_ms:.2f}x vs best one-sided"
+                if self.critical_path_ms > 0 and math.isfinite(best_one_sided) else "")
+        return (f"cold plan ({how}): {len(self.token_counts)} cold experts hit, critical path "
+                f"{self.critical_path_ms:.2f} ms{gain}\n"
+                f"  cpu  queue {self.cpu_ms:7.2f} ms: {cpu}\n"
+                f"  pcie queue {self.pcie_ms:7.2f} ms, gpu end {self.gpu_end_ms:.2f} ms "
+                f"(hot {self.gpu_busy_ms:.2f} ms): copy {cp}\n"
+                f"  all-cpu {self.all_cpu_ms:.2f} ms, all-copy {self.all_copy_ms:.2f} ms")
+
+
+def copy_order(experts: Sequence[int], copy_ms: float, gpu_ms: Mapping[int, float]) -> list[int]:
+    """Johnson's rule for the two-stage flow shop (PCIe copy, then GPU compute).
+
+    Experts whose GPU time is at least the copy time go first, by id (copy
+    times are all equal); the others follow by decreasing GPU time, so the
+    shortest compute is last after the final copy. Optimal for two machines
+    free at time 0; a heuristic when the GPU starts busy or slots are bounded.
+    """
+    first = sorted(e for e in experts if gpu_ms[e] >= copy_ms)
+    rest = sorted((e for e in experts if gpu_ms[e] < copy_ms), key=lambda e: (-gpu_ms[e], e))
+    return first + rest
+
+
+def simulate(cpu: Iterable[int], copy: Sequence[int], cpu_ms: Mapping[int, float],
+             gpu_ms: Mapping[int, float], copy_ms: float, gpu_busy_ms: float = 0.0,
+             staging_slots: int | None = None) -> tuple[float, float, float, float]:
+    """The timeline of one plan: (critical path, CPU end, PCIe end, GPU end), in ms.
+
+    `copy` is in copy order. Staging slots (when given) are used round-robin:
+    copy i goes to slot i % S and cannot start before the GPU finished the
+    expert of copy i - S (double buffering when S = 2); without a bound,
+    every copy has its own slot.
+    """
+    cpu_end = sum(cpu_ms[e] for e in cpu)
+    pcie = 0.0
+    gpu = gpu_busy_ms
+    done: list[float] = []  # GPU end of each copied expert
+    for i, e in enumerate(copy):
+        start = pcie
+        if staging_slots is not None and i >= staging_slots:
+            start = max(start, done[i - staging_slots])
+        pcie = start + copy_ms
+        gpu = max(gpu, pcie) + gpu_ms[e]
+        done.append(gpu)
+    return max(cpu_end, gpu), cpu_end, pcie, gpu
+
+
+def plan_cold_experts(token_counts: Mapping[int, int], cost: CostModel, gpu_busy_ms: float = 0.0,
+                      max_copies: int | None = None, staging_slots: int | None = None,
+                      exact_limit: int = 12) -> ColdPlan:
+    """Splits the hit cold experts between the CPU and copies, minimising the critical path.
+
+    token_counts: cold expert id -> tokens routed to it this step (experts with
+        0 tokens are ignored).
+    gpu_busy_ms: GPU work already queued this step (the hot experts); copied
+        experts compute after it.
+    max_copies: at most this many copies this step (None: no bound; 0: none),
+        e.g. the staging slots free when slots are not reused within a step.
+    staging_slots: the number of staging buffers when they ARE reused within
+        the step: a copy waits until the GPU has computed the expert in the
+        slot it overwrites (see simulate). None: no such wait.
+    exact_limit: exhaustive search up to this many hit experts (identical
+        costs are interchangeable, and branch-and-bound prunes plans that
+        cannot win: the exhaustive optimum, usually in well under 1 ms);
+        above it, a heuristic (the best prefixes of the experts ranked three
+        ways by what a copy saves, then local search: one more / one fewer
+        copy, or a swap, until nothing improves).
+
+    Ties (within 1e-9 ms) go to fewer copies, then to the lower total busy
+    time (CPU + PCIe + GPU), then to copying the lower expert ids: the plan
+    is deterministic.
+    """
+    items = tuple(sorted((int(e), int(n)) for e, n in token_counts.items() if n > 0))
+    return _plan_cached(items, cost, float(gpu_busy_ms), None if max_copies is None else int(max_copies),
+                        None if staging_slots is None else int(staging_slots), int(exact_limit))
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan_cached(items: tuple[tuple[int, int], ...], cost: CostModel, gpu_busy_ms: float,
+                 max_copies: int | None, staging_slots: int | None, exact_limit: int) -> ColdPlan:
+    if staging_slots is not None and staging_slots < 1:
+        raise ValueError("staging_slots must be >= 1 (or None)")
+    experts = [e for e, _ in items]
+    cpu_ms = {e: cost.cpu_ms(n) for e, n in items}
+    gpu_ms = {e: cost.gpu_ms(n) for e, n in items}
+    copy_ms = cost.copy_ms
+    limit = len(experts) if max_copies is None else max(0, min(max_copies, len(experts)))
+
+    def evaluate(copy_set: Iterable[int]):
+        copy_set = frozenset(copy_set)
+        order = copy_order(sorted(copy_set), copy_ms, gpu_ms)
+        cpu = [e for e in experts if e not in copy_set]
+        crit, cpu_end, pcie_end, gpu_end = simulate(cpu, order, cpu_ms, gpu_ms, copy_ms, gpu_busy_ms,
+                                                    staging_slots)
+        busy = cpu_end + len(order) * copy_ms + sum(gpu_ms[e] for e in order)
+        key = (round(crit / _EPS), len(order), round(busy / _EPS), tuple(sorted(copy_set)))
+        return key, (tuple(cpu), tuple(order), crit, cpu_end, pcie_end, gpu_end)
+
+    # Starting points: the best prefix of the experts ranked by what a copy
+    # saves, three ways (CPU time; CPU minus GPU time; CPU per GPU time).
+    rankings = [
+        sorted(experts, key=lambda e: (-cpu_ms[e], e)),
+        sorted(experts, key=lambda e: (-(cpu_ms[e] - gpu_ms[e]), e)),
+        sorted(experts, key=lambda e: (-cpu_ms[e] / max(gpu_ms[e], 1e-12), e)),
+    ]
+    starts = [min((evaluate(r[:m]) for m in range(limit + 1)), key=lambda c: c[0]) for r in rankings]
+    best = min(starts, key=lambda c: c[0])
+    if len(experts) <= exact_limit:
+        best = _exact(experts, cpu_ms, gpu_ms, copy_ms, gpu_busy_ms, limit, evaluate, best)
+        exact = True
+    else:  # local search from each distinct start
+        for start in {tuple(sorted(s[1][1])): s for s in starts}.values():
+            cand = _descend(experts, limit, evaluate, start)
+            if cand[0] < best[0]:
+                best = cand
+        exact = False
+    cpu, order, crit, cpu_end, pcie_end, gpu_end = best[1]
+    all_cpu = evaluate(())[1][2]
+    all_copy = evaluate(experts)[1][2] if limit == len(experts) else math.inf
+    return ColdPlan(cpu=cpu, copy=order, critical_path_ms=crit, cpu_ms=cpu_end, pcie_ms=pcie_end,
+                    gpu_end_ms=gpu_end, gpu_busy_ms=gpu_busy_ms, token_counts=items, exact=exact,
+                    all_cpu_ms=all_cpu, all_copy_ms=all_copy)
+
+
+def _exact(experts, cpu_ms, gpu_ms, copy_ms, gpu_busy_ms, limit, evaluate, best):
+    """The optimum over every subset of at most `limit` copies.
+
+    Experts with the same CPU and GPU times are interchangeable, so it
+    enumerates how many of each such group to copy (the lowest ids of a group
+    are the ones copied). A candidate is simulated only if two lower bounds leave it a
+    chance to beat (or tie) `best`: its CPU queue (exact, cheap), and its
+    GPU end >= max(m copies + the smallest GPU time, hot work + the m
+    smallest GPU times). Pruning only drops strictly worse plans, so the
+    result is the exhaustive search's, tie-breaks included.
+    """
+    groups: dict[tuple[float, float], list[int]] = {}
+    for e in experts:  # same CPU and GPU time: interchangeable (decode: 1-16 tokens all cost the same)
+        groups.setdefault((cpu_ms[e], gpu_ms[e]), []).append(e)  # ascending ids within a group
+    # Depth-first over the groups, most CPU-expensive first, copying as many as
+    # possible first: good plans come early and bound the rest.
+    group_lists = [groups[k] for k in sorted(groups, reverse=True)]
+    group_cpu = [cpu_ms[g[0]] for g in group_lists]
+    total_cpu = sum(cpu_ms.values())
+    g_sorted = sorted(gpu_ms.values())
+    g_min = g_sorted[0] if g_sorted else 0.0
+    gpu_lb = [0.0] + [max(m * copy_ms + g_min, gpu_busy_ms + sum(g_sorted[:m])) for m in range(1, limit + 1)]
+    # max_save[i][r]: the most CPU time r more copies can take off, from groups i.. on.
+    n_groups = len(group_lists)
+    max_save = []
+    for i in range(n_groups + 1):
+        rest = [c for gc, g in zip(group_cpu[i:], group_lists[i:]) for c in [gc] * len(g)]  # descending
+        acc = [0.0]
+        for c in rest:
+            acc.append(acc[-1] + c)
+        max_save.append(acc)
+    slack = 1e-6  # ms: a bound must beat the best by more than this to prune (ties stay in)
+    best_box = [best]
+    chosen: list[int] = []
+
+    def dfs(i: int, m: int, saved: float) -> None:
+        bound = best_box[0][1][2] + slack
+        if gpu_lb[m] > bound:  # gpu_lb grows with m: no completion can do better
+            return
+        left = max_save[i]
+        if total_cpu - saved - left[min(limit - m, len(left) - 1)] > bound:
+            return
+        if i == n_groups:
+            cand = evaluate([e for g, c in zip(group_lists, chosen) for e in g[:c]])
+            if cand[0] < best_box[0][0]:
+                best_box[0] = cand
+            return
+        for c in range(min(len(group_lists[i]), limit - m), -1, -1):
+            chosen.append(c)
+            dfs(i + 1, m + c, saved + c * group_cpu[i])
+            chosen.pop()
+
+    dfs(0, 0, 0.0)
+    return best_box[0]
+
+
+def _descend(experts, limit, evaluate, best, max_passes: int = 64):
+    """From `best`: single moves (copy one more / one fewer) and swaps, first improvement, until none."""
+    current = set(best[1][1])
+    for _ in range(max_passes):
+        on_cpu = [e for e in experts if e not in current]
+        moves = [current - {c} for c in sorted(current)]
+        if len(current) < limit:
+            moves += [current | {p} for p in on_cpu]
+        moves += [(current - {c}) | {p} for c in sorted(current) for p in on_cpu]
+        for m in moves:
+            cand = evaluate(m)
+            if cand[0] < best[0]:
+                best, current = cand, set(m)
+                break
+        else:
+            break
+    return best

@@ -1,0 +1,55 @@
+"""Per layer and step: which cold experts to copy to the GPU instead of computing on the CPU.
+
+A thin adapter from the step's routing (host tensors) to the pure cost model
+(vllm_fiddler.cost_model), which minimises the step's critical path
+max(CPU queue, PCIe queue + GPU compute of copied experts, hot GPU work).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from vllm_fiddler.cost_model import CostModel
+
+
+class StepPlanner:
+    def __init__(self, cost: "CostModel", max_copies: int | None):
+        self.cost = cost
+        self.max_copies = max_copies
+        self.copies = 0  # experts copied so far (metrics)
+
+    def plan(self, cpu_ids: torch.Tensor, num_cold: int, hot_tokens: int = 0) -> list[int]:
+        """cpu_ids [T, K]: cold slot or -1. Returns the cold slots to copy, in copy order."""
+        from vllm_fiddler.cost_model import plan_cold_experts
+
+        if self.max_copies == 0:
+            return []
+        counts = torch.bincount(cpu_ids[cpu_ids >= 0].long(), minlength=num_cold).tolist()
+        token_counts = {slot: n for slot, n in enumerate(counts) if n}
+        hot_ms = self.cost.gpu_ms(hot_tokens) if hot_tokens else 0.0
+        plan = plan_cold_experts(token_counts, self.cost, gpu_busy_ms=hot_ms,
+                                    max_copies=self.max_copies)
+        self.copies += len(plan.copy)
+        return list(plan.copy)
+
+
+_planner: StepPlanner | None = None
+_planner_lock = threading.Lock()
+
+
+def get_step_planner(layer) -> StepPlanner:
+    """The process's planner; the first call calibrates the cost model on `layer` (CUDA)."""
+    global _planner
+    with _planner_lock:
+        if _planner is None:
+            from vllm_fiddler.runtime.calibrate import load_or_measure
+
+            cost = load_or_measure(layer, layer.cpu_runtime, layer.stager, layer.cpu_runtime.num_threads)
+            # Slots are reused once their expert is computed, so copies are bounded
+            # by time (the cost model's PCIe queue), not by the slot count.
+            _planner = StepPlanner(cost, max_copies=None)
+        return _planner
