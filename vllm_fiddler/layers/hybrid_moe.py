@@ -104,7 +104,8 @@ class HybridMoE(nn.Module):
         """
         gen = torch.Generator(device="cpu").manual_seed(seed)
         dtype = self.w13_cpu.dtype
-        pool = torch.empty(pool_size, dtype=torch.float32, device="cpu").uniform_(-scale, scale, generator=gen).to(dtype)
+        pool = torch.empty(pool_size, dtype=torch.float32, device="cpu")
+        pool = pool.uniform_(-scale, scale, generator=gen).to(dtype)
         for e in range(self.num_experts):
             for j, dst in enumerate(self.expert_weights(e)):
                 shift = (2 * e + j) * 104729 % pool_size
@@ -168,6 +169,10 @@ class HybridMoE(nn.Module):
         from vllm_fiddler.kernels.triton import fused_moe
 
         T, K = topk_ids.shape
+        if not self.cpu_experts:  # all device-resident: no host round trip at all
+            fused_moe(x, self.w13_gpu, self.w2_gpu, topk_weights, self.gpu_slot_of[topk_ids], out=out)
+            self.routed_to_gpu += T * K
+            return
         # 1. What the host needs, in one D2H on the compute stream: ids,
         #    weights and the activations (KB per token).
         host = self.cpu_runtime.host_buffers(T, K, self.hidden_size, x.dtype)
@@ -190,7 +195,8 @@ class HybridMoE(nn.Module):
         copy_slots = []
         if self.stager is not None:
             planner = get_step_planner(self)
-            copy_slots = planner.plan(cpu_ids, len(self.cpu_experts), hot_tokens=cpu_ids.numel() - self._last_cpu_pairs)
+            copy_slots = planner.plan(cpu_ids, len(self.cpu_experts),
+                                      hot_tokens=cpu_ids.numel() - self._last_cpu_pairs)
         cold = None
         cpu_only_ids = cpu_ids
         if copy_slots:
