@@ -113,6 +113,7 @@ def test_every_pair_runs_on_exactly_one_side(monkeypatch):
     assert torch.equal(torch.tensor(layer.gpu_experts)[gpu_ids[on_gpu].long()], ids[on_gpu])
     assert torch.equal(torch.tensor(layer.cpu_experts)[cpu_ids[~on_gpu].long()], ids[~on_gpu])
     assert layer.routed_to_gpu == int(on_gpu.sum()) and layer.routed_to_cpu == int((~on_gpu).sum())
+    assert layer.expert_tokens.tolist() == torch.bincount(ids.flatten(), minlength=E).tolist()
 
 
 def test_all_gpu_never_calls_cpu(monkeypatch):

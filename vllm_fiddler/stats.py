@@ -28,5 +28,10 @@ def model_stats(model) -> dict:
     }
 
 
+def expert_tokens(model) -> list[list[int]]:
+    """Tokens routed to each expert so far, per MoE layer: [L][E] (for profiling)."""
+    return [m.expert_tokens.tolist() for m in getattr(model, "moe_layers", []) if hasattr(m, "expert_tokens")]
+
+
 def delta(after: dict, before: dict) -> dict:
     return {k: after[k] - before.get(k, 0) for k in after if isinstance(after[k], (int, float))}

@@ -62,6 +62,9 @@ class HybridMoE(nn.Module):
         self.routed_to_gpu = 0
         self.routed_to_cpu = 0
         self.steps = 0  # forward calls with at least one token
+        # tokens routed to each expert so far ([E], on the device: no sync per step);
+        # read by profiling (vllm_fiddler.profile) and placement
+        self.expert_tokens = torch.zeros(E, dtype=torch.int64, device=self.device)
 
     # ---- weights -------------------------------------------------------
     def expert_weights(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,6 +135,7 @@ class HybridMoE(nn.Module):
             return
         self.steps += 1
         topk_weights, topk_ids = route(router_logits, self.top_k)  # [T, K] fp32, [T, K] int64
+        self.expert_tokens += torch.bincount(topk_ids.flatten(), minlength=self.num_experts)
         if self.device.type == "cuda":
             self._forward_cuda(x, topk_weights, topk_ids, out)
         else:
