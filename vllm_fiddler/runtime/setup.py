@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from vllm_fiddler.config import FiddlerConfig, FiddlerConfigError
+from vllm_fiddler.preflight import run_preflight
 from vllm_fiddler.placement import (
     GIB,
     MoEShape,
@@ -77,4 +78,6 @@ def resolve_model_placement(cfg: FiddlerConfig, shape: MoEShape, vllm_config) ->
         staging = 0  # nothing to copy
     logger.info("%s", placement.report(
         shape.expert_bytes, f"{source}; budget {how}; {staging} staging slots for copied experts"))
+    for warning in run_preflight(shape, placement, device_is_host=not on_cuda):
+        logger.warning("%s", warning)
     return placement, staging
