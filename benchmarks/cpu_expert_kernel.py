@@ -26,7 +26,6 @@ import json
 import logging
 import math
 import os
-import platform
 import socket
 import sys
 import time
@@ -39,14 +38,9 @@ RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"
 
 # ----------------------------------------------------------------------------- machine
 def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    from vllm_fiddler.cpuinfo import cpu_model_name
+
+    return cpu_model_name()
 
 
 def l3_bytes() -> int:

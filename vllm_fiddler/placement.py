@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Any, Mapping, Sequence
 
 from vllm_fiddler.config import PLACEMENT_EVEN, FiddlerConfig, FiddlerConfigError
@@ -194,3 +195,208 @@ def resolve_placement(cfg: FiddlerConfig, shape: MoEShape, budget_bytes: int) ->
             f"expert budget is {budget_bytes / GIB:.2f} GiB ({fit} experts): raise "
             f"gpu_expert_budget_gb or gpu_memory_utilization, or list fewer experts")
     return placement, f"file {cfg.placement}"
+
+
+# ---------------------------------------------------------------- popularity
+# Counts in, plan + report out: a profile (tokens routed to each expert,
+# vllm_fiddler.profile) and a budget give the placement that keeps the most
+# routed tokens on the GPU, and a report of what it buys over plan_even.
+
+POPULARITY_KEYS = ("model", "num_layers", "num_experts", "tokens", "prompts")
+
+
+def validate_counts(counts: Any, source: str = "popularity counts") -> tuple[tuple[float, ...], ...]:
+    """[L][E] non-negative finite numbers, every layer the same length -> a tuple copy.
+
+    Raises FiddlerConfigError (a ValueError) naming the first problem.
+    """
+    if isinstance(counts, (str, bytes)) or not isinstance(counts, Sequence):
+        raise FiddlerConfigError(f"{source}: expected a list of layers, each a list of per-expert counts")
+    if not counts:
+        raise FiddlerConfigError(f"{source}: no layers")
+    rows: list[tuple[float, ...]] = []
+    width = None
+    for layer, row in enumerate(counts):
+        if isinstance(row, (str, bytes)) or not isinstance(row, Sequence):
+            raise FiddlerConfigError(f"{source}: layer {layer} is not a list of per-expert counts")
+        if width is None:
+            width = len(row)
+            if width == 0:
+                raise FiddlerConfigError(f"{source}: layer 0 has no experts")
+        elif len(row) != width:
+            raise FiddlerConfigError(
+                f"{source}: ragged counts: layer {layer} has {len(row)} experts, layer 0 has {width}")
+        for expert, c in enumerate(row):
+            if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c):
+                raise FiddlerConfigError(
+                    f"{source}: layer {layer} expert {expert}: {c!r} is not a finite number")
+            if c < 0:
+                raise FiddlerConfigError(f"{source}: layer {layer} expert {expert}: negative count {c!r}")
+        rows.append(tuple(row))
+    return tuple(rows)
+
+
+def layer_hit_rates(counts: Sequence[Sequence[float]], placement: Placement) -> tuple[float, ...]:
+    """Per layer: share of that layer's routed tokens that land on its GPU experts (0 if none routed)."""
+    rates = []
+    for layer, row in enumerate(counts):
+        total = sum(row)
+        on_gpu = sum(row[e] for e in placement.on_gpu(layer)) if layer < placement.num_layers else 0
+        rates.append(on_gpu / total if total else 0.0)
+    return tuple(rates)
+
+
+def hit_rate(counts: Sequence[Sequence[float]], placement: Placement) -> float:
+    """Share of all routed tokens that land on GPU experts (0 if none routed)."""
+    total = sum(sum(row) for row in counts)
+    on_gpu = sum(sum(row[e] for e in placement.on_gpu(layer))
+                 for layer, row in enumerate(counts) if layer < placement.num_layers)
+    return on_gpu / total if total else 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class PlacementReport:
+    """What a placement buys under a popularity profile, next to plan_even.
+
+    Hit rate = share of routed (token, expert) pairs that land on a GPU
+    expert; every such pair is CPU work saved, wherever it is.
+    """
+
+    num_gpu_experts: int  # placed on the GPU (the budget, capped at L*E)
+    num_experts_total: int  # L*E
+    routed_tokens: float  # all (token, expert) pairs in the profile
+    expected_hit_rate: float
+    even_hit_rate: float  # plan_even with the same number of GPU experts
+    layer_hit_rates: tuple[float, ...]  # [L]
+    layer_gpu_experts: tuple[int, ...]  # [L] how many of each layer's experts are on the GPU
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self) | {
+            "layer_hit_rates": list(self.layer_hit_rates),
+            "layer_gpu_experts": list(self.layer_gpu_experts)}
+
+    def text(self) -> str:
+        n, total = self.num_gpu_experts, self.num_experts_total
+        gain = self.expected_hit_rate - self.even_hit_rate
+        rows = [f"popularity placement: {n}/{total} experts on GPU; expected GPU hit rate "
+                f"{self.expected_hit_rate:.1%} of {self.routed_tokens:g} routed (token, expert) pairs, "
+                f"even placement {self.even_hit_rate:.1%} ({100 * gain:+.1f} points)",
+                "  layer | gpu experts | hit rate"]
+        E = self.num_experts_total // max(1, len(self.layer_gpu_experts))
+        rows += [f"  {l:>5} | {f'{g}/{E}':>11} | {r:.1%}"
+                 for l, (g, r) in enumerate(zip(self.layer_gpu_experts, self.layer_hit_rates))]
+        return "\n".join(rows)
+
+
+def plan_from_popularity(counts: Sequence[Sequence[float]],
+                         num_gpu_experts: int) -> tuple[Placement, PlacementReport]:
+    """The `num_gpu_experts` (layer, expert) pairs with the most routed tokens go to the GPU.
+
+    Global, not per layer: a token routed to a GPU expert saves the same CPU
+    work in any layer, so a hot expert anywhere beats a cold one elsewhere.
+    Ties go to the lower layer, then the lower expert id (deterministic).
+    The budget is capped at L*E; negative budgets are an error.
+    """
+    rows = validate_counts(counts)
+    if isinstance(num_gpu_experts, bool) or not isinstance(num_gpu_experts, int) or num_gpu_experts < 0:
+        raise FiddlerConfigError(f"num_gpu_experts must be an integer >= 0, got {num_gpu_experts!r}")
+    L, E = len(rows), len(rows[0])
+    n = min(num_gpu_experts, L * E)
+    ranked = sorted(((l, e) for l in range(L) for e in range(E)), key=lambda p: (-rows[p[0]][p[1]], p))
+    chosen: list[list[int]] = [[] for _ in range(L)]
+    for l, e in ranked[:n]:
+        chosen[l].append(e)
+    placement = Placement(E, tuple(tuple(sorted(c)) for c in chosen))
+    report = PlacementReport(
+        num_gpu_experts=n, num_experts_total=L * E,
+        routed_tokens=sum(sum(r) for r in rows),
+        expected_hit_rate=hit_rate(rows, placement),
+        even_hit_rate=hit_rate(rows, plan_even(L, E, n)),
+        layer_hit_rates=layer_hit_rates(rows, placement),
+        layer_gpu_experts=tuple(len(c) for c in chosen))
+    return placement, report
+
+
+@dataclasses.dataclass(frozen=True)
+class Popularity:
+    """A popularity file: tokens[l][e] = tokens routed to expert e of layer l while profiling."""
+
+    tokens: tuple[tuple[float, ...], ...]  # [L][E]
+    model: str | None = None
+    prompts: int | None = None
+    extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # other keys, kept as read
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.tokens[0])
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "num_layers": self.num_layers,
+                "num_experts": self.num_experts, "tokens": [list(r) for r in self.tokens],
+                "prompts": self.prompts, **self.extra}
+
+
+def popularity_from_mapping(data: Any, source: str = "popularity") -> Popularity:
+    """Validates ``{"model", "num_layers", "num_experts", "tokens": [[...] per layer], "prompts"}``.
+
+    Only "tokens" is required; num_layers / num_experts, when present, must match it.
+    """
+    if not isinstance(data, Mapping) or "tokens" not in data:
+        raise FiddlerConfigError(f"{source}: expected an object with key \"tokens\" ([layer][expert] counts)")
+    tokens = validate_counts(data["tokens"], source)
+    for key, actual in (("num_layers", len(tokens)), ("num_experts", len(tokens[0]))):
+        if key in data and data[key] != actual:
+            raise FiddlerConfigError(f"{source}: {key} is {data[key]!r} but \"tokens\" has {actual}")
+    prompts = data.get("prompts")
+    if prompts is not None and (isinstance(prompts, bool) or not isinstance(prompts, int) or prompts < 0):
+        raise FiddlerConfigError(f"{source}: prompts must be an integer >= 0, got {prompts!r}")
+    model = data.get("model")
+    extra = {k: v for k, v in data.items() if k not in POPULARITY_KEYS}
+    return Popularity(tokens, None if model is None else str(model), prompts, extra)
+
+
+def popularity_from_file(path: str) -> Popularity:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise FiddlerConfigError(f"cannot read popularity file {path!r}: {e}") from e
+    return popularity_from_mapping(data, source=f"popularity file {path!r}")
+
+
+def write_popularity_file(path: str, popularity: Popularity) -> None:
+    validate_counts(popularity.tokens)
+    with open(path, "w") as f:
+        f.write(_dumps_rows(popularity.to_dict(), "tokens"))
+
+
+def placement_to_mapping(placement: Placement, report: PlacementReport | None = None,
+                         **extra: Any) -> dict:
+    """The placement-file object: ``{"gpu_experts": [[e, ...] per layer]}``, plus an
+    informational "report" (placement_from_mapping reads only "gpu_experts")."""
+    data: dict[str, Any] = {"gpu_experts": [list(g) for g in placement.gpu_experts]}
+    if report is not None or extra:
+        data["report"] = {**(report.to_dict() if report is not None else {}), **extra}
+    return data
+
+
+def write_placement_file(path: str, placement: Placement, report: PlacementReport | None = None,
+                         **extra: Any) -> None:
+    with open(path, "w") as f:
+        f.write(_dumps_rows(placement_to_mapping(placement, report, **extra), "gpu_experts"))
+
+
+def _dumps_rows(data: Mapping[str, Any], rows_key: str) -> str:
+    """JSON with `rows_key` (a list of lists) one layer per line, the rest indented."""
+    parts = []
+    for key, value in data.items():
+        if key == rows_key:
+            body = ",\n".join("  " + json.dumps(list(r)) for r in value)
+            parts.append(f" {json.dumps(key)}: [\n{body}\n ]")
+        else:
+            parts.append(f" {json.dumps(key)}: " + json.dumps(value, indent=1).replace("\n", "\n "))
+    return "{\n" + ",\n".join(parts) + "\n}\n"

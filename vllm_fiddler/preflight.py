@@ -7,6 +7,7 @@ numbers (tested in CI); `run_preflight` gathers the numbers on the machine.
 from __future__ import annotations
 
 from vllm_fiddler.config import FiddlerConfigError
+from vllm_fiddler.cpuinfo import cpu_flags
 from vllm_fiddler.placement import GIB, MoEShape, Placement, format_bytes
 
 # Kept free beside the host-resident experts: the engine process, tokenizer,
@@ -37,17 +38,6 @@ def cpu_isa_warning(flags: set[str]) -> str | None:
         return None
     return ("fiddler: this CPU has neither AVX512-BF16 nor AMX-BF16; cold experts run on torch's "
             "CPU path (about 2x slower at decode on the H100 host): keep more experts on the GPU")
-
-
-def cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 def available_host_bytes() -> int:

@@ -47,14 +47,9 @@ LOOSE_TORCH = 3e-2
 
 
 def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "this CPU"
+    from vllm_fiddler.cpuinfo import cpu_model_name
+
+    return cpu_model_name()
 
 
 @pytest.fixture(params=ALL_ISAS)

@@ -11,31 +11,20 @@ dtype and threads, so later starts skip the ~1 s of measurement.
 from __future__ import annotations
 
 import os
-import platform
 import time
 
 import torch
 
+from vllm_fiddler.cpuinfo import cpu_model_name
 from vllm_fiddler.logger import logger
 
 CPU_TOKENS = (1, 4, 16, 64, 256)
 GPU_TOKENS = (1, 16, 64, 256, 1024)
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
-
-
 def machine_key(hidden: int, inter: int, dtype: torch.dtype, threads: int) -> str:
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "nogpu"
-    raw = f"{_cpu_name()}|{os.cpu_count()}|{gpu}|H{hidden}|I{inter}|{dtype}|t{threads}"
+    raw = f"{cpu_model_name()}|{os.cpu_count()}|{gpu}|H{hidden}|I{inter}|{dtype}|t{threads}"
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in raw)
 
 
