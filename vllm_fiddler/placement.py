@@ -278,9 +278,9 @@ class PlacementReport:
     def text(self) -> str:
         n, total = self.num_gpu_experts, self.num_experts_total
         gain = self.expected_hit_rate - self.even_hit_rate
-        rows = [f"popularity placement: {n}/{total} experts on GPU; expected GPU hit rate "
-                f"{self.expected_hit_rate:.1%} of {self.routed_tokens:g} routed (token, expert) pairs, "
-                f"even placement {self.even_hit_rate:.1%} ({100 * gain:+.1f} points)",
+        rows = [(f"popularity placement: {n}/{total} experts on GPU; expected GPU hit rate "
+                 f"{self.expected_hit_rate:.1%} of {self.routed_tokens:g} routed (token, expert) pairs, "
+                 f"even placement {self.even_hit_rate:.1%} ({100 * gain:+.1f} points)"),
                 "  layer | gpu experts | hit rate"]
         E = self.num_experts_total // max(1, len(self.layer_gpu_experts))
         rows += [f"  {l:>5} | {f'{g}/{E}':>11} | {r:.1%}"
@@ -294,7 +294,10 @@ def plan_from_popularity(counts: Sequence[Sequence[float]],
 
     Global, not per layer: a token routed to a GPU expert saves the same CPU
     work in any layer, so a hot expert anywhere beats a cold one elsewhere.
-    Ties go to the lower layer, then the lower expert id (deterministic).
+    Ties go first to the layer holding fewer of the tied experts so far (an
+    expert's rank within its own layer), then to the lower layer and expert
+    id: uniform counts spread like plan_even, keeping per-layer CPU work
+    level, and the result is deterministic.
     The budget is capped at L*E; negative budgets are an error.
     """
     rows = validate_counts(counts)
@@ -302,7 +305,11 @@ def plan_from_popularity(counts: Sequence[Sequence[float]],
         raise FiddlerConfigError(f"num_gpu_experts must be an integer >= 0, got {num_gpu_experts!r}")
     L, E = len(rows), len(rows[0])
     n = min(num_gpu_experts, L * E)
-    ranked = sorted(((l, e) for l in range(L) for e in range(E)), key=lambda p: (-rows[p[0]][p[1]], p))
+    rank = {}  # (l, e) -> rank of e within layer l by (-count, id)
+    for l in range(L):
+        for r, e in enumerate(sorted(range(E), key=lambda e: (-rows[l][e], e))):
+            rank[(l, e)] = r
+    ranked = sorted(rank, key=lambda p: (-rows[p[0]][p[1]], rank[p], p))
     chosen: list[list[int]] = [[] for _ in range(L)]
     for l, e in ranked[:n]:
         chosen[l].append(e)

@@ -33,7 +33,8 @@ import os
 import random
 import sys
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from vllm_fiddler.config import FiddlerConfig, FiddlerConfigError
 from vllm_fiddler.placement import (
@@ -45,7 +46,6 @@ from vllm_fiddler.placement import (
     write_placement_file,
     write_popularity_file,
 )
-
 
 INSECURE_SERIALIZATION = "VLLM_ALLOW_INSECURE_SERIALIZATION"
 
@@ -188,11 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _engine(args, additional_config: dict):
     from vllm import LLM
 
-    kwargs: dict[str, Any] = dict(
-        model=args.model, model_impl="fiddler", additional_config=additional_config,
-        dtype=args.dtype, seed=args.seed, enforce_eager=args.enforce_eager,
+    kwargs: dict[str, Any] = {
+        "model": args.model, "model_impl": "fiddler", "additional_config": additional_config,
+        "dtype": args.dtype, "seed": args.seed, "enforce_eager": args.enforce_eager,
         # every prompt token must pass through the experts to be counted
-        enable_prefix_caching=False)
+        "enable_prefix_caching": False}
     if args.max_model_len is not None:
         kwargs["max_model_len"] = args.max_model_len
     if args.gpu_memory_utilization is not None:

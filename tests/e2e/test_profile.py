@@ -185,7 +185,7 @@ def test_profile_tiny_mixtral(tiny_mixtral, tmp_path, capsys):
     assert rc == 0, err[-3000:]
 
     # progress: one line per batch of 3
-    assert len(re.findall(r"^batch \d/3: ", out, re.M)) == 3, out
+    assert len(re.findall(r"^batch \d/3: ", out, re.MULTILINE)) == 3, out
     warmup = re.search(r"engine start-up runs routed (\d+) \(token, expert\) pairs: not counted", out)
     assert warmup, out
     print(f"warm-up routed {warmup.group(1)} pairs (subtracted)")

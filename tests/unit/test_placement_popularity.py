@@ -111,7 +111,7 @@ def test_skewed_trace_margin_and_optimality():
     assert report.expected_hit_rate - report.even_hit_rate > 0.6
 
 
-@pytest.mark.parametrize("n", range(0, 9))
+@pytest.mark.parametrize("n", range(9))
 def test_optimal_against_brute_force(n):
     counts = routed_trace(300, 2, 4, 2, [[1, 4, 2, 8], [3, 1, 9, 1]], seed=1)
     best = max(sum(counts[l][e] for l, e in subset)
@@ -121,7 +121,7 @@ def test_optimal_against_brute_force(n):
     assert report.expected_hit_rate >= report.even_hit_rate
 
 
-@pytest.mark.parametrize("n", range(0, 13))
+@pytest.mark.parametrize("n", range(13))
 def test_uniform_counts_equal_even(n):
     counts = [[7] * 4 for _ in range(3)]
     placement, report = plan_from_popularity(counts, n)
@@ -149,9 +149,9 @@ def test_budget_at_least_all_experts(n):
 
 
 def test_ties_are_deterministic():
-    # equal counts: the lower layer first, then the lower expert id
-    assert plan_from_popularity([[1, 1, 1, 1], [1, 1, 1, 1]], 3)[0].gpu_experts == ((0, 1, 2), ())
-    assert plan_from_popularity([[1, 5, 5], [5, 1, 1]], 2)[0].gpu_experts == ((1, 2), ())
+    # equal counts spread over the layers (rank within the layer), then lower layer, lower id
+    assert plan_from_popularity([[1, 1, 1, 1], [1, 1, 1, 1]], 3)[0].gpu_experts == ((0, 1), (0,))
+    assert plan_from_popularity([[1, 5, 5], [5, 1, 1]], 2)[0].gpu_experts == ((1,), (0,))
     assert plan_from_popularity([[1, 5, 5], [5, 1, 1]], 3)[0].gpu_experts == ((1, 2), (0,))
     assert plan_from_popularity([[0, 3], [3, 0], [3, 3]], 3)[0].gpu_experts == ((1,), (0,), (0,))
     runs = {plan_from_popularity([[2, 2, 1], [2, 1, 2]], 2) for _ in range(5)}
@@ -254,3 +254,9 @@ def test_placement_file_with_report_loads(tmp_path):
     with pytest.raises(FiddlerConfigError, match="puts 4 experts"):
         resolve_placement(cfg, shape, 3 * shape.expert_bytes)
     assert math.isclose(4 * shape.expert_bytes / GIB, 4 * 3 * 128 * 192 * 2 / GIB)
+
+
+def test_uniform_counts_spread_like_even():
+    for n in range(0, 13):
+        placement, _ = plan_from_popularity([[7] * 4] * 3, n)
+        assert [len(g) for g in placement.gpu_experts] == [len(g) for g in plan_even(3, 4, n).gpu_experts]
