@@ -32,6 +32,7 @@ def register() -> None:
     Lazy (imports vLLM only when called), idempotent (lru_cache, and the hooks
     guard themselves), and touches no CUDA.
     """
-    from vllm_fiddler import vllm_hooks
+    from vllm_fiddler import metrics, vllm_hooks
 
     vllm_hooks.install()
+    metrics.install_frontend_collector()

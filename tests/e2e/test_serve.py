@@ -52,6 +52,30 @@ def test_streaming_matches_non_streaming(client):
     assert "".join(pieces) == whole
 
 
+def test_metrics(server, client):
+    """fiddler's counters on /metrics agree with the tokens the server computed."""
+    import time
+    import urllib.request
+
+    client.completions.create(model="tiny", prompt="one two three four", max_tokens=5, temperature=0)
+    time.sleep(2.5)  # the worker rewrites its stats at most once a second
+    client.completions.create(model="tiny", prompt="one", max_tokens=2, temperature=0)
+    time.sleep(1.5)
+    with urllib.request.urlopen(f"{server.url}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line.startswith("vllm:fiddler_"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    gpu = values['vllm:fiddler_routed_tokens_total{placement="gpu"}']
+    cpu = values['vllm:fiddler_routed_tokens_total{placement="cpu"}']
+    # every routed pair is counted once, on one side: a multiple of top-k (2) x layers (3)
+    assert gpu + cpu > 0 and (gpu + cpu) % 6 == 0
+    assert values['vllm:fiddler_experts{placement="gpu"}'] + values['vllm:fiddler_experts{placement="cpu"}'] == 24
+    assert "vllm:fiddler_cpu_expert_seconds_total" in values and "vllm:fiddler_weight_copy_bytes_total" in values
+
+
 def test_unsupported_architecture_fails_at_startup(tiny_llama):
     with pytest.raises(RuntimeError) as e:
         Server([tiny_llama, "--model-impl", "fiddler"], timeout_s=120)

@@ -22,6 +22,7 @@ from vllm.model_executor.models.utils import extract_layer_index
 from vllm_fiddler.config import FiddlerConfig
 from vllm_fiddler.layers import custom_op
 from vllm_fiddler.layers.hybrid_moe import HybridMoE
+from vllm_fiddler.metrics import StatsWriter
 from vllm_fiddler.placement import MoEShape, Placement
 from vllm_fiddler.runtime.cpu_experts import CPUExpertRuntime, get_cpu_runtime
 from vllm_fiddler.runtime.setup import resolve_model_placement
@@ -101,5 +102,13 @@ class FiddlerMixtralForCausalLM(vllm_mixtral.MixtralForCausalLM):
             del _building.placement, _building.runtime
         self.placement = placement
         self.fiddler_shape = shape
+        self._stats_writer = StatsWriter()
         for experts in self.moe_layers:
             experts.stager = stager
+
+    def forward(self, *args, **kwargs):
+        # vLLM compiles self.model, not this method: the stats file is written
+        # in plain Python, at most once a second (vllm_fiddler.metrics).
+        hidden_states = super().forward(*args, **kwargs)
+        self._stats_writer.maybe_write(self)
+        return hidden_states
