@@ -183,27 +183,23 @@ def main(argv=None) -> int:
         default_cfg = fm.default_config(T, E, K, w13.element_size())
         default_ms = bench(default_cfg)
         best_ms, best_cfg = default_ms, default_cfg
-        for cfg in configs_for(T, E_model, K, space):
-            try:
-                ms = bench(cfg)
-            except Exception as e:
-                print(f"  T={T} {cfg}: {type(e).__name__}", flush=True)
-                continue
-            if ms < best_ms:
-                best_ms, best_cfg = ms, cfg
+
+        def try_all(candidates):
+            nonlocal best_ms, best_cfg
+            for cfg in candidates:
+                try:
+                    ms = bench(cfg)
+                except Exception as e:
+                    print(f"  T={T} {cfg}: {type(e).__name__}", flush=True)
+                    continue
+                if ms < best_ms:
+                    best_ms, best_cfg = ms, cfg
+
+        try_all(list(configs_for(T, E_model, K, space)))
         # Stage 2: the down projection's column tile alone (decode with few experts
         # hit runs few GEMM #2 programs: narrower tiles spread them over the SMs).
-        for bn_down in (16, 32, 64, 128):
-            if bn_down == best_cfg.get("BLOCK_N_DOWN", best_cfg["BLOCK_N"]):
-                continue
-            cfg = dict(best_cfg, BLOCK_N_DOWN=bn_down)
-            try:
-                ms = bench(cfg)
-            except Exception as e:
-                print(f"  T={T} {cfg}: {type(e).__name__}", flush=True)
-                continue
-            if ms < best_ms:
-                best_ms, best_cfg = ms, cfg
+        try_all([dict(best_cfg, BLOCK_N_DOWN=bn) for bn in (16, 32, 64, 128)
+                 if bn != best_cfg.get("BLOCK_N_DOWN", best_cfg["BLOCK_N"])])
         best_table[str(T)] = dict(best_cfg)
         gbs = hit * bytes_per_expert / best_ms / 1e6
         tflops = 2 * int((ti >= 0).sum()) * 3 * H * I / best_ms / 1e9
