@@ -73,8 +73,14 @@ class FiddlerCollector:
         yield experts
 
 
+_collector: FiddlerCollector | None = None
+
+
 def install_frontend_collector() -> None:
-    """Chooses the stats file (first process) and registers its collector (every process)."""
+    """Chooses the stats file (first process) and registers its collector (every process, once)."""
+    global _collector
+    if _collector is not None:
+        return
     path = os.environ.get(METRICS_ENV)
     if not path:
         path = os.path.join(tempfile.gettempdir(), f"vllm-fiddler-metrics-{os.getpid()}.json")
@@ -83,7 +89,8 @@ def install_frontend_collector() -> None:
         from prometheus_client import REGISTRY
     except ImportError:
         return
-    REGISTRY.register(FiddlerCollector(path))
+    _collector = FiddlerCollector(path)
+    REGISTRY.register(_collector)
 
 
 class StatsWriter:
