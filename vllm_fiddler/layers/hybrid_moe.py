@@ -26,7 +26,7 @@ from vllm_fiddler.kernels.reference import route
 from vllm_fiddler.runtime.cpu_experts import CPUExpertRuntime
 from vllm_fiddler.runtime.step_planner import get_step_planner
 
-# Checkpoint names of Mixtral's expert weights -> (tensor, row offset in w13).
+# Checkpoint names of Mixtral's expert weights: w1 (gate) and w3 (up) fill w13, w2 is down.
 _W1, _W2, _W3 = "w1", "w2", "w3"
 
 
