@@ -106,7 +106,14 @@ def test_every_pair_runs_on_exactly_one_side(monkeypatch):
     logits = torch.randn(50, E)
     layer(torch.randn(50, H), logits)
     _, ids = reference.route(logits, K)
-    cpu_ids, gpu_ids = seen["cpu"][0], seen["gpu"][0]
+    chunk_ids, gpu_ids = seen["cpu"][0], seen["gpu"][0]
+    C = layer.chunks
+    assert C == 2 and chunk_ids.shape == (50, K * C)  # I = 160: two chunks of 80 rows
+    chunk_ids = chunk_ids.view(50, K, C)
+    # a host expert's pair runs as all of its chunks (c = 0..C-1 of its slot), or not at all
+    assert torch.equal((chunk_ids >= 0).all(-1), (chunk_ids >= 0).any(-1))
+    cpu_ids = torch.where(chunk_ids[..., 0] >= 0, chunk_ids[..., 0] // C, -1)
+    assert torch.equal(chunk_ids[chunk_ids[..., 0] >= 0] % C, torch.arange(C).expand(int((cpu_ids >= 0).sum()), C))
     on_gpu = torch.isin(ids, torch.tensor(PLACEMENTS["mixed"]))
     assert torch.equal(gpu_ids >= 0, on_gpu) and torch.equal(cpu_ids >= 0, ~on_gpu)
     # local slots point back at the right global experts
@@ -127,7 +134,7 @@ def test_cpu_fault_fails_the_step():
     pool = CPUExpertRuntime(num_threads=1, inline=False)
     try:
         layer, _, _ = make_layer(PLACEMENTS["all_cpu"], torch.float32, runtime=pool)
-        layer.w2_cpu = layer.w2_cpu[:, :, :5]  # wrong shape: the worker's matmul raises
+        layer.w2_cpu_chunks = layer.w2_cpu_chunks[:, :, :5]  # wrong shape: the worker's matmul raises
         with pytest.raises(RuntimeError):
             layer(torch.randn(4, H), torch.randn(4, E))
     finally:
@@ -142,3 +149,100 @@ def test_dummy_init_is_placement_independent():
     for e in range(E):
         for wa, wb in zip(a.expert_weights(e), b.expert_weights(e)):
             assert torch.equal(wa, wb) and wa.abs().max() <= 1e-3 and wa.abs().max() > 0
+
+
+@pytest.mark.parametrize("inter,chunks", [(14336, 8), (160, 2), (192, 4), (96, 2), (48, 1), (100, 1), (64, 2)])
+def test_expert_chunks(inter, chunks):
+    from vllm_fiddler.layers.hybrid_moe import expert_chunks
+
+    assert expert_chunks(inter) == chunks
+
+
+def test_chunked_host_layout_round_trips():
+    """Host experts are stored in chunks; the plain layout comes back bit for bit."""
+    layer, w13, w2 = make_layer(PLACEMENTS["mixed"], torch.bfloat16)
+    for e in layer.cpu_experts:
+        a13, a2 = layer.expert_weights(e)
+        assert torch.equal(a13, w13[e]) and torch.equal(a2, w2[e])
+    # chunk c of a host expert is itself an expert: gate rows, up rows, down columns of chunk c
+    slot, e = 1, layer.cpu_experts[1]
+    Ic = I // layer.chunks
+    for c in range(layer.chunks):
+        chunk13, chunk2 = layer.w13_cpu_chunks[slot * layer.chunks + c], layer.w2_cpu_chunks[slot * layer.chunks + c]
+        assert torch.equal(chunk13[:Ic], w13[e, c * Ic:(c + 1) * Ic])
+        assert torch.equal(chunk13[Ic:], w13[e, I + c * Ic:I + (c + 1) * Ic])
+        assert torch.equal(chunk2, w2[e, :, c * Ic:(c + 1) * Ic])
+
+
+@pytest.mark.parametrize("gpu_chunks", [0, 1, 2])
+@pytest.mark.parametrize("tokens", [1, 9])
+def test_split_expert_parts_add_up(gpu_chunks, tokens):
+    """An expert cut in two: the CPU computes its chunks from `gpu_chunks` on (cpu_chunk_ids), the
+    rest runs as staged chunk-experts (what the GPU computes after a partial copy); the sum is
+    the oracle's."""
+    from vllm_fiddler.kernels.torch_moe import moe_forward
+    from vllm_fiddler.runtime.cpu_experts import cpu_moe_forward
+
+    layer, w13, w2 = make_layer(PLACEMENTS["all_cpu"], torch.float32)
+    C = layer.chunks
+    gen = torch.Generator().manual_seed(tokens)
+    x, logits = torch.randn(tokens, H, generator=gen), torch.randn(tokens, E, generator=gen)
+    weights, ids = reference.route(logits, K)
+    split = int(ids[0, 0])  # the expert cut in two; all_cpu: host slot == expert id
+    cpu_ids = layer.cpu_slot_of[ids]
+    first = torch.zeros(E, dtype=cpu_ids.dtype)
+    first[split] = gpu_chunks
+    acc = torch.zeros(tokens, H)
+    cpu_moe_forward(x, layer.w13_cpu_chunks, layer.w2_cpu_chunks, *layer.cpu_chunk_ids(cpu_ids, weights, first), acc)
+    staged = torch.arange(gpu_chunks) + split * C  # the split expert's first chunks, as experts
+    part_ids = torch.where((ids == split).unsqueeze(-1), staged, -1).view(tokens, K * gpu_chunks)
+    part_w = weights.unsqueeze(-1).expand(tokens, K, gpu_chunks).reshape(tokens, K * gpu_chunks)
+    if gpu_chunks:
+        moe_forward(x, layer.w13_cpu_chunks, layer.w2_cpu_chunks, part_ids, part_w, acc)
+    ref = reference.moe(x, w13, w2, weights, ids)
+    torch.testing.assert_close(acc, ref, atol=1e-5 * ref.abs().max().item(), rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the copy path)")
+@pytest.mark.parametrize("plan", ["none", "whole", "split", "whole+split", "more_than_slots"])
+@pytest.mark.parametrize("tokens", [1, 40])
+def test_cuda_copy_and_split_paths_match_oracle(monkeypatch, plan, tokens):
+    """HybridMoE on CUDA with the planner forced: whole copies, a split expert, more copies than
+    staging slots (slots reused within the step); against the fp32 oracle."""
+    from vllm_fiddler.layers import hybrid_moe
+    from vllm_fiddler.runtime.weight_stager import WeightStager
+
+    dtype = torch.bfloat16
+    gen = torch.Generator().manual_seed(tokens)
+    w1 = torch.randn(E, I, H, generator=gen) * H**-0.5
+    w3 = torch.randn(E, I, H, generator=gen) * H**-0.5
+    w2 = torch.randn(E, H, I, generator=gen) * I**-0.5
+    runtime = CPUExpertRuntime(num_threads=2, inline=False, pin_memory=True)
+    layer = HybridMoE(num_experts=E, top_k=K, hidden_size=H, intermediate_size=I, gpu_experts=(0, 3),
+                      dtype=dtype, device=torch.device("cuda"), cpu_runtime=runtime, pin_memory=True)
+    layer.load_weights((f"{e}.{name}.weight", w[e]) for e in range(E)
+                       for name, w in (("w1", w1), ("w2", w2), ("w3", w3)))
+    layer.stager = WeightStager(2, H, I, layer.chunks, dtype, torch.device("cuda"))
+    C = layer.chunks
+
+    class ForcedPlanner:
+        def plan(self, cpu_ids, num_cold, chunks, hot_tokens=0):
+            hit = sorted(set(cpu_ids[cpu_ids >= 0].tolist()))
+            forced = {"none": [], "whole": [(s, C) for s in hit[:1]], "split": [(s, 1) for s in hit[:1]],
+                      "whole+split": [(s, C) for s in hit[:1]] + [(s, 1) for s in hit[1:2]],
+                      "more_than_slots": [(s, C) for s in hit[:3]] + [(s, 1) for s in hit[3:4]]}[plan]
+            return forced
+
+    monkeypatch.setattr(hybrid_moe, "get_step_planner", lambda layer: ForcedPlanner())
+    try:
+        x = torch.randn(tokens, H, generator=gen).to(dtype)
+        logits = torch.randn(tokens, E, generator=gen)
+        logits[:, 0] = logits[:, 3] = -9.0  # every pair cold: the copy paths see all of them
+        out = layer(x.cuda(), logits.cuda()).cpu()
+        weights, ids = reference.route(logits, K)
+        w13 = torch.cat([w1, w3], dim=1).to(dtype)
+        ref = reference.moe(x, w13, w2.to(dtype), weights, ids)
+        scale = ref.abs().max().item()
+        torch.testing.assert_close(out.float(), ref, atol=TOLERANCE[dtype] * scale, rtol=TOLERANCE[dtype])
+    finally:
+        runtime.shutdown()

@@ -14,6 +14,7 @@ Metrics (counters end in ``_total`` on the wire):
   computed by device-resident / host-resident experts;
 - ``vllm:fiddler_weight_copy_bytes``: expert weight bytes copied host->device;
 - ``vllm:fiddler_experts_copied``: cold experts computed by copy-and-compute;
+- ``vllm:fiddler_experts_split``: cold experts cut between the CPU and a copy;
 - ``vllm:fiddler_cpu_expert_seconds``: time the CPU spent on cold experts;
 - ``vllm:fiddler_experts{placement=...}`` (gauge): experts resident on each side.
 """
@@ -37,6 +38,8 @@ _COUNTERS = (
     ("vllm:fiddler_weight_copy_bytes", "Expert weight bytes copied host to device", "h2d_weight_bytes", {}),
     ("vllm:fiddler_experts_copied", "Cold experts computed by copying their weights to the GPU",
      "experts_copied", {}),
+    ("vllm:fiddler_experts_split", "Cold experts computed partly on the CPU and partly copied to the GPU",
+     "experts_split", {}),
     ("vllm:fiddler_cpu_expert_seconds", "Time the CPU spent computing cold experts", "cpu_busy_s", {}),
 )
 

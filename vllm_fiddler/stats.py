@@ -23,6 +23,7 @@ def model_stats(model) -> dict:
         "cpu_calls": runtime.calls,
         "h2d_weight_bytes": stager.bytes_copied if stager is not None else 0,
         "experts_copied": planner.copies if planner is not None else 0,
+        "experts_split": planner.splits if planner is not None else 0,
         "gpu_experts": sum(len(m.gpu_experts) for m in layers),
         "cpu_experts": sum(len(m.cpu_experts) for m in layers),
     }

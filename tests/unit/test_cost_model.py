@@ -394,3 +394,83 @@ def test_deterministic_and_report():
     assert "critical path" in text and "cpu" in text and "copy" in text
     for e in (0, 1, 2, 3):
         assert f"e{e}(" in text
+
+
+# ---------------------------------------------------------------- chunk plans
+def brute_force_chunks(token_counts, cost, chunks, gpu_busy_ms=0.0):
+    """Every allocation of chunks to the GPU per expert (whole copies first, partial ones after, each
+    group in every order): the reference optimum of the chunked problem."""
+    items = sorted((e, n) for e, n in token_counts.items() if n > 0)
+    lat, bw_ms = cost.copy_latency_ms, cost.copy_ms - cost.copy_latency_ms
+    best = math.inf
+    for alloc in itertools.product(range(chunks + 1), repeat=len(items)):
+        cpu_end = sum(cost.cpu_ms(n) * (chunks - j) / chunks for (e, n), j in zip(items, alloc))
+        copied = [(lat + bw_ms * j / chunks, cost.gpu_ms(n) * j / chunks) for (e, n), j in zip(items, alloc) if j]
+        for order in itertools.permutations(copied):
+            best = min(best, cm.simulate_items(cpu_end, order, gpu_busy_ms)[0])
+    return best
+
+
+def test_chunk_plan_splits_one_decode_expert_between_dram_and_pcie():
+    """Two 1-token cold experts on the H100 box's measured costs (CPU 3.4 ms, copy 6.47 ms): whole
+    experts end at copy + GPU (~6.6 ms); cutting the copied one at 5/8 ends at ~4.7 ms."""
+    c = CostModel(cpu_points=((1, 3.4), (16, 3.6)), h2d_gb_s=55.0, copy_latency_ms=0.064,
+                  expert_bytes=cm.MIXTRAL_EXPERT_BYTES, gpu_points=((1, 0.17), (512, 0.32)))
+    p = cm.plan_cold_chunks({0: 1, 4: 1}, c, chunks=8)
+    assert p.whole.critical_path_ms == pytest.approx(c.copy_ms + c.gpu_ms(1))
+    assert p.split is not None and p.on_gpu(p.split) == 5 and len(p.copy) == 1
+    assert p.on_gpu(4 if p.split == 0 else 0) == 0  # the other expert stays whole on the CPU
+    assert p.critical_path_ms == pytest.approx(3.4 + 3.4 * 3 / 8)
+    assert p.critical_path_ms < 0.75 * p.whole.critical_path_ms
+    # ... within one chunk of the bandwidth bound: 2 experts' bytes over CPU + PCIe together
+    cpu_gb_s = cm.MIXTRAL_EXPERT_BYTES / 3.4 / 1e6
+    bound = 2 * cm.MIXTRAL_EXPERT_BYTES / (cpu_gb_s + 55.0) / 1e6
+    assert bound < p.critical_path_ms < bound + 3.4 / 8 + 0.2
+    # A lone cold expert is cut too: ~3/8 copied, 5/8 on the CPU, instead of 3.4 ms on the CPU alone.
+    p1 = cm.plan_cold_chunks({2: 1}, c, chunks=8)
+    assert p1.whole.copy == () and p1.split == 2 and 0 < p1.on_gpu(2) < 8
+    assert p1.critical_path_ms < 0.75 * 3.4  # 2.53 ms: 3/8 over PCIe (2.47 ms) + its GPU part
+    assert cm.plan_cold_chunks({2: 1}, c, chunks=1).split is None  # one chunk: whole experts only
+
+
+def test_chunk_plan_keeps_whole_experts_when_cutting_does_not_pay():
+    # long prefill: the CPU's share of any expert would outlast all the copies: every expert is
+    # copied whole (at 700 tokens each, 1/8 of an expert on the CPU, ~10 ms, would still pay)
+    c = cm.default_for_shape()
+    counts = {e: 4000 for e in range(6)}
+    p = cm.plan_cold_chunks(counts, c, chunks=8)
+    assert p.split is None and sorted(p.copy) == list(range(6)) and all(p.on_gpu(e) == 8 for e in range(6))
+    assert p.critical_path_ms == pytest.approx(p.whole.critical_path_ms)
+    # a copy latency longer than the CPU's whole time: never cut
+    slow = CostModel(cpu_points=((1, 1.0),), h2d_gb_s=55.0, copy_latency_ms=5.0,
+                     expert_bytes=cm.MIXTRAL_EXPERT_BYTES, gpu_points=((1, 0.2),))
+    p = cm.plan_cold_chunks({0: 1, 1: 1}, slow, chunks=8)
+    assert p.split is None and p.copy == ()
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_chunk_plan_is_consistent_and_near_the_chunked_optimum(seed):
+    rng = random.Random(seed)
+    cost = random_model(rng)
+    chunks = rng.choice((2, 4, 8))
+    counts = {e: rng.choice((1, 1, 2, 8, 64, 512)) for e in rng.sample(range(8), rng.randint(1, 3))}
+    busy = rng.choice((0.0, 0.5, 5.0))
+    p = cm.plan_cold_chunks(counts, cost, chunks, gpu_busy_ms=busy)
+    # never worse than whole experts; at most one expert cut; the reported timeline is the plan's
+    assert p.critical_path_ms <= p.whole.critical_path_ms + 1e-9
+    cut = [e for e, j in p.gpu_chunks if 0 < j < chunks]
+    assert cut == ([p.split] if p.split is not None else [])
+    assert set(p.copy) == {e for e, j in p.gpu_chunks if j > 0} and (p.split is None or p.copy[-1] == p.split)
+    cpu_end = sum(cost.cpu_ms(n) * (chunks - p.on_gpu(e)) / chunks for e, n in counts.items())
+    lat, bw = cost.copy_latency_ms, cost.copy_ms - cost.copy_latency_ms
+    order = [(lat + bw * p.on_gpu(e) / chunks, cost.gpu_ms(counts[e]) * p.on_gpu(e) / chunks) for e in p.copy]
+    assert cm.simulate_items(cpu_end, order, busy)[0] == pytest.approx(p.critical_path_ms)
+    # near the optimum over every chunk allocation: one cut gets within about a chunk of it
+    best = brute_force_chunks(counts, cost, chunks, busy)
+    chunk_cost = max(max(cost.cpu_ms(n) for n in counts.values()), cost.copy_ms) / chunks
+    assert best - 1e-9 <= p.critical_path_ms <= best + chunk_cost + cost.copy_latency_ms + 1e-9
+
+
+def test_chunk_plan_rejects_bad_chunks():
+    with pytest.raises(ValueError, match="chunks"):
+        cm.plan_cold_chunks({0: 1}, cm.default_for_shape(), chunks=0)

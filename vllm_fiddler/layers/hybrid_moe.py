@@ -13,8 +13,19 @@ an expert id to a local slot in its own set and to -1 in the other.
 On vLLM's CPU platform both sets live in host memory but still run through
 the two code paths, so CPU CI exercises the split.
 
+Host-resident experts are stored in C chunks along the intermediate
+dimension (``expert_chunks``): chunk c of expert e holds gate rows
+[c*Ic, (c+1)*Ic), the matching up rows, and the matching columns of the down
+projection, each chunk contiguous. A chunk is itself a SwiGLU expert of
+intermediate size Ic, and an expert's output is the sum of its chunks', so
+the CPU kernel and the Triton kernel both take chunks as experts, and one
+expert can be cut between the CPU (its last chunks) and a copy to the GPU
+(its first chunks): at decode this keeps DRAM and PCIe busy together
+(cost_model.plan_cold_chunks). Device-resident experts keep the plain layout.
+
 Shape legend: T = tokens, H = hidden, I = expert intermediate, E = experts,
-Eg / Ec = device- / host-resident experts, K = top-k.
+Eg / Ec = device- / host-resident experts, K = top-k, C = chunks per host
+expert, Ic = I / C.
 """
 
 from __future__ import annotations
@@ -28,6 +39,22 @@ from vllm_fiddler.runtime.step_planner import get_step_planner
 
 # Checkpoint names of Mixtral's expert weights: w1 (gate) and w3 (up) fill w13, w2 is down.
 _W1, _W2, _W3 = "w1", "w2", "w3"
+
+
+def expert_chunks(intermediate_size: int, most: int = 8, min_rows: int = 32) -> int:
+    """Chunks per host-resident expert: the most (<= `most`, a power of two) that divide I into
+    parts of >= `min_rows` rows, a multiple of 16 (the CPU kernels' row blocks).
+
+    8 for Mixtral-8x7B (Ic = 1792: 44 MB per chunk, 1/8 of an expert is the
+    split's granularity); 1 when I cannot be cut (the whole-expert plan).
+    """
+    c = most
+    while c > 1:
+        ic = intermediate_size // c
+        if intermediate_size % c == 0 and ic >= min_rows and ic % 16 == 0:
+            return c
+        c //= 2
+    return 1
 
 
 class HybridMoE(nn.Module):
@@ -54,10 +81,15 @@ class HybridMoE(nn.Module):
         self.stager = None  # WeightStager on CUDA (set by the model), else no copy path
         self._last_cpu_pairs = 0
         Eg, Ec = len(self.gpu_experts), len(self.cpu_experts)
+        self.chunks = C = expert_chunks(I)
+        Ic = I // C
         self.w13_gpu = torch.empty(Eg, 2 * I, H, dtype=dtype, device=self.device)  # [Eg, 2I, H]
         self.w2_gpu = torch.empty(Eg, H, I, dtype=dtype, device=self.device)  # [Eg, H, I]
-        self.w13_cpu = torch.empty(Ec, 2 * I, H, dtype=dtype, device="cpu", pin_memory=pin_memory)
-        self.w2_cpu = torch.empty(Ec, H, I, dtype=dtype, device="cpu", pin_memory=pin_memory)
+        self.w13_cpu = torch.empty(Ec, C, 2 * Ic, H, dtype=dtype, device="cpu", pin_memory=pin_memory)
+        self.w2_cpu = torch.empty(Ec, C, H, Ic, dtype=dtype, device="cpu", pin_memory=pin_memory)
+        # the host experts' chunks as experts: slot s chunk c is chunk-expert s * C + c
+        self.w13_cpu_chunks = self.w13_cpu.view(Ec * C, 2 * Ic, H)  # [Ec*C, 2Ic, H]
+        self.w2_cpu_chunks = self.w2_cpu.view(Ec * C, H, Ic)  # [Ec*C, H, Ic]
         # Counters for metrics and tests: (token, k) pairs computed on each side.
         self.routed_to_gpu = 0
         self.routed_to_cpu = 0
@@ -67,25 +99,45 @@ class HybridMoE(nn.Module):
         self.expert_tokens = torch.zeros(E, dtype=torch.int64, device=self.device)
 
     # ---- weights -------------------------------------------------------
+    def store_cold(self, slot: int, w13: torch.Tensor, w2: torch.Tensor) -> None:
+        """Writes one host expert from the plain layout (w13 [2I, H], w2 [H, I]) into its chunks."""
+        C, H, I = self.chunks, self.hidden_size, self.intermediate_size
+        Ic = I // C
+        self.w13_cpu[slot].view(C, 2, Ic, H).copy_(w13.view(2, C, Ic, H).transpose(0, 1))
+        self.w2_cpu[slot].copy_(w2.view(H, C, Ic).transpose(0, 1))
+
+    def cold_expert_plain(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One host expert in the plain layout (copies): (w13 [2I, H], w2 [H, I])."""
+        C, H, I = self.chunks, self.hidden_size, self.intermediate_size
+        w13 = self.w13_cpu[slot].view(C, 2, I // C, H).transpose(0, 1).reshape(2 * I, H)
+        w2 = self.w2_cpu[slot].transpose(0, 1).reshape(H, I)
+        return w13, w2
+
     def expert_weights(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(w13 [2I, H], w2 [H, I]) of one expert, wherever it lives."""
-        slot = self.gpu_experts.index(expert) if expert in self.gpu_experts else None
-        if slot is not None:
+        """(w13 [2I, H], w2 [H, I]) of one expert in the plain layout: views of a device-resident
+        expert, copies of a host-resident one."""
+        if expert in self.gpu_experts:
+            slot = self.gpu_experts.index(expert)
             return self.w13_gpu[slot], self.w2_gpu[slot]
-        slot = self.cpu_experts.index(expert)
-        return self.w13_cpu[slot], self.w2_cpu[slot]
+        return self.cold_expert_plain(self.cpu_experts.index(expert))
 
     def load_expert(self, expert: int, name: str, weight: torch.Tensor) -> None:
-        w13, w2 = self.expert_weights(expert)
-        I = self.intermediate_size
-        if name == _W1:
-            w13[:I].copy_(weight)
-        elif name == _W3:
-            w13[I:].copy_(weight)
-        elif name == _W2:
-            w2.copy_(weight)
+        C, H, I = self.chunks, self.hidden_size, self.intermediate_size
+        Ic = I // C
+        if expert in self.gpu_experts:
+            slot = self.gpu_experts.index(expert)
+            w13, w2 = self.w13_gpu[slot], self.w2_gpu[slot]
+            targets = {_W1: (w13[:I], weight), _W3: (w13[I:], weight), _W2: (w2, weight)}
         else:
+            slot = self.cpu_experts.index(expert)
+            chunked = self.w13_cpu[slot]  # [C, 2Ic, H]
+            targets = {_W1: (chunked[:, :Ic], weight.view(C, Ic, H)),
+                       _W3: (chunked[:, Ic:], weight.view(C, Ic, H)),
+                       _W2: (self.w2_cpu[slot], weight.view(H, C, Ic).transpose(0, 1))}
+        if name not in targets:
             raise KeyError(f"unknown expert weight {name!r}")
+        dst, src = targets[name]
+        dst.copy_(src)
 
     def load_weights(self, weights) -> set[str]:
         """Takes vLLM's names relative to this module: ``"{expert}.w1.weight"``."""
@@ -109,8 +161,16 @@ class HybridMoE(nn.Module):
         dtype = self.w13_cpu.dtype
         pool = torch.empty(pool_size, dtype=torch.float32, device="cpu")
         pool = pool.uniform_(-scale, scale, generator=gen).to(dtype)
+        H, I = self.hidden_size, self.intermediate_size
+        plain = None  # host staging of one expert in the plain layout
         for e in range(self.num_experts):
-            for j, dst in enumerate(self.expert_weights(e)):
+            if e in self.gpu_experts:
+                dsts = self.expert_weights(e)
+            else:
+                if plain is None:
+                    plain = (torch.empty(2 * I, H, dtype=dtype), torch.empty(H, I, dtype=dtype))
+                dsts = plain
+            for j, dst in enumerate(dsts):
                 shift = (2 * e + j) * 104729 % pool_size
                 rolled = torch.cat([pool[shift:], pool[:shift]]).to(dst.device)
                 flat = dst.view(-1)
@@ -118,6 +178,27 @@ class HybridMoE(nn.Module):
                 if whole:
                     flat[:whole].view(-1, pool_size).copy_(rolled.expand(whole // pool_size, pool_size))
                 flat[whole:].copy_(rolled[:flat.numel() - whole])
+            if e not in self.gpu_experts:
+                self.store_cold(self.cpu_experts.index(e), *plain)
+
+    def cpu_chunk_ids(self, cpu_ids: torch.Tensor, topk_weights: torch.Tensor,
+                      first_cpu_chunk: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Host-side routing in chunk-experts: cpu_ids [T, K] (host slot or -1) ->
+        (ids [T, K*C] chunk-expert or -1, weights [T, K*C]).
+
+        first_cpu_chunk [Ec]: chunks below it run elsewhere (the GPU); None: all on the CPU.
+        """
+        C = self.chunks
+        T, K = cpu_ids.shape
+        if C == 1 and first_cpu_chunk is None:
+            return cpu_ids, topk_weights
+        c = torch.arange(C, dtype=cpu_ids.dtype, device=cpu_ids.device)  # [C]
+        slot = cpu_ids.unsqueeze(-1)  # [T, K, 1]
+        keep = slot >= 0
+        if first_cpu_chunk is not None:
+            keep = keep & (c >= first_cpu_chunk[slot.clamp(min=0)])
+        ids = torch.where(keep, slot * C + c, -1).view(T, K * C)
+        return ids, topk_weights.unsqueeze(-1).expand(T, K, C).reshape(T, K * C)
 
     # ---- compute -------------------------------------------------------
     def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
@@ -154,7 +235,8 @@ class HybridMoE(nn.Module):
         n_cpu = self._count(cpu_ids)
         cold = None
         if n_cpu:
-            cold = self.cpu_runtime.submit(x, self.w13_cpu, self.w2_cpu, cpu_ids, topk_weights)
+            cold = self.cpu_runtime.submit(x, self.w13_cpu_chunks, self.w2_cpu_chunks,
+                                           *self.cpu_chunk_ids(cpu_ids, topk_weights))
         acc = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # [T, H]
         if n_cpu < cpu_ids.numel():
             self._device_experts(x, gpu_ids, topk_weights, acc)
@@ -195,43 +277,59 @@ class HybridMoE(nn.Module):
         self._last_cpu_pairs = self._count(cpu_ids)
         if self._last_cpu_pairs == 0:
             return
-        # 3. Per cold expert: compute on the CPU, or copy its weights and compute here.
-        copy_slots = []
+        # 3. Per cold expert: compute on the CPU, copy its weights and compute
+        #    here, or both for one expert cut in two (chunks).
+        copies: list[tuple[int, int]] = []  # (host slot, chunks copied), in copy order
         if self.stager is not None:
             planner = get_step_planner(self)
-            copy_slots = planner.plan(cpu_ids, len(self.cpu_experts),
-                                      hot_tokens=cpu_ids.numel() - self._last_cpu_pairs)
+            copies = planner.plan(cpu_ids, len(self.cpu_experts), self.chunks,
+                                  hot_tokens=cpu_ids.numel() - self._last_cpu_pairs)
+        first_cpu_chunk = None
+        if copies:
+            first_cpu_chunk = torch.zeros(len(self.cpu_experts), dtype=cpu_ids.dtype)
+            for slot, n in copies:
+                first_cpu_chunk[slot] = n
+            cpu_work = bool((first_cpu_chunk[cpu_ids[cpu_ids >= 0]] < self.chunks).any())
+        else:
+            cpu_work = True
         cold = None
-        cpu_only_ids = cpu_ids
-        if copy_slots:
-            copied = torch.tensor(copy_slots, dtype=cpu_ids.dtype, device="cpu")
-            cpu_only_ids = cpu_ids.masked_fill(torch.isin(cpu_ids, copied), -1)
-        if bool((cpu_only_ids >= 0).any()):
-            cold = self.cpu_runtime.submit(host.x, self.w13_cpu, self.w2_cpu, cpu_only_ids, host.weights)
-        if copy_slots:
-            self._copied_experts(x, topk_weights, topk_ids, copy_slots, out)
+        if cpu_work:
+            cold = self.cpu_runtime.submit(host.x, self.w13_cpu_chunks, self.w2_cpu_chunks,
+                                           *self.cpu_chunk_ids(cpu_ids, host.weights, first_cpu_chunk))
+        if copies:
+            self._copied_experts(x, topk_weights, topk_ids, copies, out)
         # 4. The CPU's share comes back (pinned, async) and is added.
         if cold is not None:
             out.add_(self.cpu_runtime.to_device(cold.result(), x.device, x.dtype))
 
-    def _copied_experts(self, x, topk_weights, topk_ids, copy_slots, out) -> None:
+    def _copied_experts(self, x, topk_weights, topk_ids, copies, out) -> None:
+        """Copies the first n chunks of each (slot, n) through the stager and computes them here."""
         from vllm_fiddler.kernels.triton import fused_moe
 
-        stager = self.stager
-        staged = [(s, *stager.stage(self.w13_cpu[s], self.w2_cpu[s])) for s in copy_slots[:stager.num_slots]]
-        pending = list(copy_slots[stager.num_slots:])
+        stager, C = self.stager, self.chunks
+        T, K = topk_ids.shape
+
+        def stage(slot_n):
+            slot, n = slot_n
+            return (slot, n, *stager.stage(self.w13_cpu[slot, :n], self.w2_cpu[slot, :n]))
+
+        staged = [stage(c) for c in copies[:stager.num_slots]]
+        pending = list(copies[stager.num_slots:])
         partial = torch.empty_like(out)
+        weights = topk_weights.unsqueeze(-1)  # [T, K, 1]
         while staged:
-            cold_slot, staging_slot, ready = staged.pop(0)
+            cold_slot, n, staging_slot, ready = staged.pop(0)
             torch.cuda.current_stream().wait_event(ready)
             expert = self.cpu_experts[cold_slot]
-            ids = torch.where(topk_ids == expert, staging_slot, -1)  # [T, K] only this expert
-            fused_moe(x, stager.w13, stager.w2, topk_weights, ids, out=partial)
+            chunk = torch.arange(n, dtype=torch.int32, device=x.device) + staging_slot * C  # [n]
+            mine = (topk_ids == expert).unsqueeze(-1)  # [T, K, 1] only this expert
+            ids = torch.where(mine, chunk, -1).view(T, K * n)  # [T, K*n] staged chunk-experts
+            fused_moe(x, stager.w13_chunks, stager.w2_chunks, weights.expand(T, K, n).reshape(T, K * n),
+                      ids, out=partial)
             out.add_(partial)
             stager.release(staging_slot)
             if pending:
-                nxt = pending.pop(0)
-                staged.append((nxt, *stager.stage(self.w13_cpu[nxt], self.w2_cpu[nxt])))
+                staged.append(stage(pending.pop(0)))
 
 
 def num_actual_tokens(padded: int) -> int:

@@ -21,7 +21,7 @@ from vllm.model_executor.models.utils import extract_layer_index
 
 from vllm_fiddler.config import FiddlerConfig
 from vllm_fiddler.layers import custom_op
-from vllm_fiddler.layers.hybrid_moe import HybridMoE
+from vllm_fiddler.layers.hybrid_moe import HybridMoE, expert_chunks
 from vllm_fiddler.metrics import StatsWriter
 from vllm_fiddler.placement import MoEShape, Placement
 from vllm_fiddler.runtime.cpu_experts import CPUExpertRuntime, get_cpu_runtime
@@ -89,7 +89,7 @@ class FiddlerMixtralForCausalLM(vllm_mixtral.MixtralForCausalLM):
         stager = None
         if staging_slots:
             stager = WeightStager(staging_slots, hf.hidden_size, hf.intermediate_size,
-                                  vllm_config.model_config.dtype, device)
+                                  expert_chunks(hf.intermediate_size), vllm_config.model_config.dtype, device)
         cc = vllm_config.compilation_config
         if cc.splitting_ops is not None and custom_op.SPLITTING_OP not in cc.splitting_ops:
             cc.splitting_ops.append(custom_op.SPLITTING_OP)

@@ -41,24 +41,27 @@ def _time_ms(fn, reps: int, sync=None) -> float:
 
 
 def measure(layer, runtime, stager) -> dict:
-    """Raw measurements on a HybridMoE layer with at least one cold expert."""
+    """Raw measurements on a HybridMoE layer with at least one cold expert, through the
+    runtime's own paths: whole experts in the host's chunked layout (see HybridMoE)."""
     from vllm_fiddler.kernels.triton import fused_moe
     from vllm_fiddler.runtime.cpu_experts import cpu_moe_forward
 
-    H, I = layer.hidden_size, layer.intermediate_size
+    H, I, C = layer.hidden_size, layer.intermediate_size, layer.chunks
     dtype, device = layer.w13_cpu.dtype, layer.device
     n_cold = layer.w13_cpu.shape[0]
+    chunk = torch.arange(C, dtype=torch.int32)  # [C]
     cpu_points = []
     for t in CPU_TOKENS:
         x = torch.randn(t, H, device="cpu").to(dtype)
-        w = torch.ones(t, 1, device="cpu")
+        w = torch.ones(t, C, device="cpu")
         out = torch.zeros(t, H, device="cpu")
         # rotate through the cold experts so DRAM, not the L3, is measured
         it = iter(range(10**9))
 
         def one():
             e = next(it) % n_cold
-            cpu_moe_forward(x, layer.w13_cpu, layer.w2_cpu, torch.full((t, 1), e, dtype=torch.int32, device="cpu"), w, out)
+            ids = (chunk + e * C).expand(t, C).contiguous()  # [t, C] every chunk of expert e
+            cpu_moe_forward(x, layer.w13_cpu_chunks, layer.w2_cpu_chunks, ids, w, out)
 
         cpu_points.append((t, runtime.time_on_worker(one, reps=3)))
     copy_ms = _time_ms(lambda: stager.release(stager.stage(layer.w13_cpu[0], layer.w2_cpu[0])[0]), 3,
@@ -67,9 +70,9 @@ def measure(layer, runtime, stager) -> dict:
     gpu_points = []
     for t in GPU_TOKENS:
         x = torch.randn(t, H, device=device).to(dtype)
-        ids = torch.zeros(t, 1, dtype=torch.int32, device=device)
-        w = torch.ones(t, 1, device=device)
-        gpu_points.append((t, _time_ms(lambda: fused_moe(x, stager.w13[:1], stager.w2[:1], w, ids), 5,
+        ids = chunk.to(device).expand(t, C).contiguous()  # staging slot 0, every chunk
+        w = torch.ones(t, C, device=device)
+        gpu_points.append((t, _time_ms(lambda: fused_moe(x, stager.w13_chunks, stager.w2_chunks, w, ids), 5,
                                        torch.cuda.synchronize)))
     return {"cpu_points": cpu_points, "h2d_gb_s": expert_bytes / copy_ms / 1e6, "copy_latency_ms": 0.0,
             "gpu_points": gpu_points, "expert_bytes": expert_bytes}
@@ -78,7 +81,7 @@ def measure(layer, runtime, stager) -> dict:
 def load_or_measure(layer, runtime, stager, threads: int):
     from vllm_fiddler import cost_model
 
-    key = machine_key(layer.hidden_size, layer.intermediate_size, layer.w13_cpu.dtype, threads)
+    key = machine_key(layer.hidden_size, layer.intermediate_size, layer.w13_cpu.dtype, threads) + f"_C{layer.chunks}"
     cached = cost_model.load_cached(key)
     if cached is not None:
         logger.info("fiddler: cost model from cache (%s)", key)

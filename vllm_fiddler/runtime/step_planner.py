@@ -20,21 +20,23 @@ class StepPlanner:
     def __init__(self, cost: "CostModel", max_copies: int | None):
         self.cost = cost
         self.max_copies = max_copies
-        self.copies = 0  # experts copied so far (metrics)
+        self.copies = 0  # experts copied whole so far (metrics)
+        self.splits = 0  # experts cut between the CPU and a copy so far
 
-    def plan(self, cpu_ids: torch.Tensor, num_cold: int, hot_tokens: int = 0) -> list[int]:
-        """cpu_ids [T, K]: cold slot or -1. Returns the cold slots to copy, in copy order."""
-        from vllm_fiddler.cost_model import plan_cold_experts
+    def plan(self, cpu_ids: torch.Tensor, num_cold: int, chunks: int, hot_tokens: int = 0) -> list[tuple[int, int]]:
+        """cpu_ids [T, K]: cold slot or -1. Returns (cold slot, chunks to copy) in copy order:
+        all `chunks` of a copied expert, the first n of the one expert split with the CPU."""
+        from vllm_fiddler.cost_model import plan_cold_chunks
 
         if self.max_copies == 0:
             return []
         counts = torch.bincount(cpu_ids[cpu_ids >= 0].long(), minlength=num_cold).tolist()
         token_counts = {slot: n for slot, n in enumerate(counts) if n}
         hot_ms = self.cost.gpu_ms(hot_tokens) if hot_tokens else 0.0
-        plan = plan_cold_experts(token_counts, self.cost, gpu_busy_ms=hot_ms,
-                                    max_copies=self.max_copies)
-        self.copies += len(plan.copy)
-        return list(plan.copy)
+        plan = plan_cold_chunks(token_counts, self.cost, chunks, gpu_busy_ms=hot_ms, max_copies=self.max_copies)
+        self.copies += len(plan.whole.copy)
+        self.splits += plan.split is not None
+        return [(slot, plan.on_gpu(slot)) for slot in plan.copy]
 
 
 _planner: StepPlanner | None = None

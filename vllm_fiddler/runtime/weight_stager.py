@@ -12,6 +12,11 @@ Double buffering: a slot is overwritten only after the compute that read it
 while the GPU computes the previous one. Process-wide: every layer shares the
 slots, which are allocated at model construction so vLLM's memory profiling
 sees them.
+
+Slots hold an expert in the host's chunked layout (see HybridMoE): chunk c
+is a small expert of intermediate size I/C, so a slot can hold a whole
+expert (C chunks) or the first j chunks of one (an expert split between the
+CPU and the GPU), and the Triton kernel computes chunks as experts.
 """
 
 from __future__ import annotations
@@ -20,26 +25,32 @@ import torch
 
 
 class WeightStager:
-    def __init__(self, num_slots: int, hidden_size: int, intermediate_size: int, dtype: torch.dtype,
-                 device: torch.device):
-        H, I = hidden_size, intermediate_size
-        self.num_slots = num_slots
-        self.w13 = torch.empty(num_slots, 2 * I, H, dtype=dtype, device=device)  # [S, 2I, H]
-        self.w2 = torch.empty(num_slots, H, I, dtype=dtype, device=device)  # [S, H, I]
+    def __init__(self, num_slots: int, hidden_size: int, intermediate_size: int, chunks: int,
+                 dtype: torch.dtype, device: torch.device):
+        H, I, C = hidden_size, intermediate_size, chunks
+        Ic = I // C
+        self.num_slots, self.chunks = num_slots, C
+        self.w13 = torch.empty(num_slots, C, 2 * Ic, H, dtype=dtype, device=device)  # [S, C, 2Ic, H]
+        self.w2 = torch.empty(num_slots, C, H, Ic, dtype=dtype, device=device)  # [S, C, H, Ic]
+        # every chunk of every slot as an expert: slot s chunk c is expert s * C + c
+        self.w13_chunks = self.w13.view(num_slots * C, 2 * Ic, H)  # [S*C, 2Ic, H]
+        self.w2_chunks = self.w2.view(num_slots * C, H, Ic)  # [S*C, H, Ic]
         self.stream = torch.cuda.Stream(device=device)
         self._slot_free: list[torch.cuda.Event | None] = [None] * num_slots
         self._next = 0
         self.bytes_copied = 0
 
     def stage(self, w13: torch.Tensor, w2: torch.Tensor) -> tuple[int, torch.cuda.Event]:
-        """Starts copying one expert (pinned host tensors) into a slot; returns (slot, ready event)."""
+        """Starts copying the first j chunks of one expert (pinned host tensors w13 [j, 2Ic, H],
+        w2 [j, H, Ic]) into a slot's first j chunks; returns (slot, ready event)."""
+        j = w13.shape[0]
         slot = self._next
         self._next = (self._next + 1) % self.num_slots
         with torch.cuda.stream(self.stream):
             if self._slot_free[slot] is not None:
                 self.stream.wait_event(self._slot_free[slot])
-            self.w13[slot].copy_(w13, non_blocking=True)
-            self.w2[slot].copy_(w2, non_blocking=True)
+            self.w13[slot, :j].copy_(w13, non_blocking=True)
+            self.w2[slot, :j].copy_(w2, non_blocking=True)
             ready = torch.cuda.Event()
             ready.record(self.stream)
         self.bytes_copied += w13.numel() * w13.element_size() + w2.numel() * w2.element_size()
