@@ -78,6 +78,10 @@ def systems(layers: int, gpu_total_gib: float) -> dict[str, dict]:
         "fiddler": dict(model_impl="fiddler", additional_config={"fiddler": {
             "gpu_expert_budget_gb": round(resident, 2),
             "kv_cache_reserve_gb": KV_RESERVE_GIB}}),
+        # the same with torch.compile + piecewise CUDA graphs (the others run as --eager says)
+        "fiddler_compiled": dict(model_impl="fiddler", enforce_eager=False, additional_config={"fiddler": {
+            "gpu_expert_budget_gb": round(resident, 2),
+            "kv_cache_reserve_gb": KV_RESERVE_GIB}}),
         "stock_uva_all": dict(cpu_offload_gb=offload),
         "stock_uva_experts": dict(cpu_offload_gb=offload, cpu_offload_params={"w13_weight", "w2_weight"}),
         # prefetch: expert weights of 6 of every 8 layers live on the host and
@@ -116,7 +120,8 @@ def run_system(name: str, layers: int, decode_tokens: int, eager: bool, out_path
     import torch
 
     total = torch.cuda.mem_get_info()[1] / GIB
-    kwargs = systems(layers, total)[name]
+    kwargs = dict(systems(layers, total)[name])
+    eager = kwargs.pop("enforce_eager", eager)
     t0 = time.perf_counter()
     llm = LLM(model=model, load_format="dummy", gpu_memory_utilization=UTIL, enforce_eager=eager,
               **ENGINE, **kwargs)
@@ -124,7 +129,7 @@ def run_system(name: str, layers: int, decode_tokens: int, eager: bool, out_path
     rng = random.Random(0)
     short = [[rng.randrange(100, 32000) for _ in range(32)]]
     time_generate(llm, short, 4)  # warm-up
-    is_fiddler = name == "fiddler"
+    is_fiddler = name.startswith("fiddler")
     before = fiddler_stats(llm) if is_fiddler else {}
     t1 = time_generate(llm, [[rng.randrange(100, 32000) for _ in range(32)]], 1)
     tn = time_generate(llm, [[rng.randrange(100, 32000) for _ in range(32)]], 1 + decode_tokens)
@@ -148,6 +153,8 @@ def run_system(name: str, layers: int, decode_tokens: int, eager: bool, out_path
             "prefill_2048_experts_copied": p["experts_copied"] / 2,
             "prefill_2048_cpu_ms": 1e3 * p["cpu_busy_s"] / 2,
             "prefill_2048_pcie_weight_gb": p["h2d_weight_bytes"] / 1e9 / 2,
+            "decode_experts_split_per_step": d.get("experts_split", 0) / steps,
+            "decode_experts_copied_whole_per_step": d["experts_copied"] / steps,
         })
     with open(out_path, "w") as f:
         json.dump(result, f)
@@ -235,6 +242,8 @@ def main() -> None:
     p.add_argument("--skip-correctness", action="store_true")
     p.add_argument("--skip-performance", action="store_true")
     p.add_argument("--system-timeout", type=int, default=900)
+    p.add_argument("--merge", action="store_true",
+                   help="keep the systems (and correctness) already in --out; rerun only those named")
     p.add_argument("--run-system", help=argparse.SUPPRESS)
     p.add_argument("--system-out", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -254,11 +263,18 @@ def main() -> None:
                    f"GPU as a whole Mixtral-8x7B at this setting ({args.layers}/32 of the budget). Random "
                    "weights route nearly uniformly, so the hit rate is about the share of experts on the GPU. "
                    "Tokens/s scale ~32/layers for the whole model."}
+    previous = {}
+    if args.merge and os.path.exists(args.out):
+        with open(args.out) as f:
+            previous = json.load(f)
+        if "correctness" in previous:
+            out["correctness"] = previous["correctness"]
+        out["command"] = previous.get("command", "") + " ; " + out["command"]
     if not args.skip_correctness:
         correctness(out)
         print(json.dumps(out["correctness"], indent=1), flush=True)
     if not args.skip_performance:
-        results = {}
+        results = dict(previous.get("systems", {}))
         for name in args.systems.split(","):
             path = tempfile.mktemp(suffix=f"-{name}.json")
             cmd = [sys.executable, __file__, "--run-system", name, "--system-out", path,
@@ -281,7 +297,7 @@ def main() -> None:
         out["ttft_2048_s"] = {k: v["ttft_2048_s"] for k, v in ok.items()}
         if "fiddler" in ok:
             out["gpu_hit_rate"] = ok["fiddler"]["gpu_hit_rate"]
-            stock = [v for k, v in out["decode_tok_s"].items() if k != "fiddler"]
+            stock = [v for k, v in out["decode_tok_s"].items() if k.startswith("stock")]
             if stock:
                 out["decode_speedup_vs_best_stock"] = out["decode_tok_s"]["fiddler"] / max(stock)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -11,6 +11,8 @@
    it validates fiddler's options and the vLLM options fiddler cannot work
    with, and selects piecewise CUDA graphs (the hybrid MoE op does host work,
    so it must run outside graphs while the rest of the model keeps them).
+3. Benchmarks only, when ``FIDDLER_DUMMY_ROUTER_SKEW`` is set: the dummy
+   loader skews MoE gates after filling them (vllm_fiddler.synthetic).
 
 Porting to a new vLLM: check the two registry methods' signatures,
 ``MODELS_CONFIG_MAP`` and ``VerifyAndUpdateConfig``, the offload config
@@ -150,5 +152,8 @@ def _install_config_hook() -> None:
 
 
 def install() -> None:
+    from vllm_fiddler.synthetic import install_dummy_router_skew
+
     _install_registry()
     _install_config_hook()
+    install_dummy_router_skew()  # benchmarks only: FIDDLER_DUMMY_ROUTER_SKEW

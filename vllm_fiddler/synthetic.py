@@ -1,0 +1,92 @@
+"""A skewed synthetic router for benchmarks on random (``--load-format dummy``) weights.
+
+Random weights route almost uniformly, which hides what placement and
+adaptation can do; real MoE routers are skewed. With
+``FIDDLER_DUMMY_ROUTER_SKEW=<strength>`` in the environment, every process
+that registers the plugin scales each MoE gate's rows after vLLM's dummy
+loader has filled them, for fiddler and stock models alike (the hook is on
+the dummy loader, not on fiddler's model), so every system of a benchmark
+sees the same routing statistics.
+
+Row r of a layer's gate (r-th most popular expert, a per-layer permutation
+seeded by the layer index) is scaled by strength ** (-r / (E - 1)): logits
+of popular experts have a larger spread, so they win the top-k more often.
+Measured on Gaussian hidden states (200k tokens, E = 8, top-2), share of
+routed (token, expert) pairs by popularity rank:
+  strength  3: 17.3 16.1 14.7 13.3 11.7 10.3  8.8  7.7 %
+  strength 30: 22.3 20.5 17.4 13.8 10.0  7.0  5.0  3.9 %  (uniform: 12.5 each)
+Only weights change, never code paths, so compiled graphs see it too.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+
+SKEW_ENV = "FIDDLER_DUMMY_ROUTER_SKEW"
+_GATE = re.compile(r"(?:^|\.)layers\.(\d+)\.block_sparse_moe\.gate$")
+
+
+def skew_strength() -> float | None:
+    raw = os.environ.get(SKEW_ENV, "").strip()
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{SKEW_ENV} must be a number >= 1, got {raw!r}") from None
+    if not value >= 1.0:
+        raise ValueError(f"{SKEW_ENV} must be a number >= 1, got {raw!r}")
+    return value
+
+
+def gate_row_scales(num_experts: int, layer: int, strength: float) -> list[float]:
+    """[E] multipliers of one layer's gate rows: expert perm[r] gets strength ** (-r / (E - 1))."""
+    perm = list(range(num_experts))
+    random.Random(1000 + layer).shuffle(perm)
+    scales = [1.0] * num_experts
+    for rank, expert in enumerate(perm):
+        scales[expert] = strength ** (-rank / max(1, num_experts - 1))
+    return scales
+
+
+def skew_router(model, strength: float) -> int:
+    """Scales every MoE gate of `model` in place; returns how many gates it scaled."""
+    import torch
+
+    n = 0
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            m = _GATE.search(name)
+            weight = getattr(module, "weight", None)
+            if m is None or weight is None or weight.dim() != 2:
+                continue
+            scales = torch.tensor(gate_row_scales(weight.shape[0], int(m.group(1)), strength),
+                                  dtype=weight.dtype, device=weight.device)
+            weight.mul_(scales[:, None])
+            n += 1
+    return n
+
+
+def install_dummy_router_skew() -> None:
+    """Wraps vLLM's dummy loader when SKEW_ENV is set (idempotent)."""
+    strength = skew_strength()
+    if strength is None:
+        return
+    from vllm.model_executor.model_loader.dummy_loader import DummyModelLoader
+
+    if getattr(DummyModelLoader.load_weights, "_fiddler_skew", False):
+        return
+    original = DummyModelLoader.load_weights
+
+    def load_weights(self, model, model_config):
+        original(self, model, model_config)
+        from vllm_fiddler.logger import logger
+
+        n = skew_router(model, strength)
+        logger.warning("fiddler: %s=%g: %d MoE gates skewed (synthetic router, benchmarks only)",
+                       SKEW_ENV, strength, n)
+
+    load_weights._fiddler_skew = True
+    DummyModelLoader.load_weights = load_weights
