@@ -186,6 +186,10 @@ def correctness(out: dict) -> None:
         "stock_compiled": dict(model_impl="auto", enforce_eager=False),
     }
     tokens, speed, first_logprob = {}, {}, {}
+    # The fp32 reference: Hugging Face's Mixtral on the GPU, TF32 off (torch's default for
+    # matmuls). Stock vLLM's fused-MoE Triton kernel multiplies fp32 in TF32 (tl.dot's
+    # default), fiddler's in IEEE fp32, so agreement is judged against this, not only stock.
+    tokens["hf_fp32"], first_logprob["hf_fp32"] = hf_reference(model, prompts, 24)
     for name, kw in runs.items():
         llm = LLM(model=model, dtype="float32", gpu_memory_utilization=0.3, max_model_len=512,
                   attention_backend="TRITON_ATTN", seed=0, **kw)
@@ -201,33 +205,68 @@ def correctness(out: dict) -> None:
         import gc
 
         gc.collect()
-    # Exact equality over 24 greedy tokens does not hold on the GPU even for
-    # stock eager vs stock compiled (seen on the H100: kernel choice and TF32
-    # move late near-ties), so the check is: the first token of every prompt
-    # equal, its logprob within 0.01 nats, and how many leading tokens agree,
-    # which must be no worse than stock compiled's agreement with stock eager.
-    ref, ref_lp = tokens["stock_eager"], first_logprob["stock_eager"]
-
+    # Exact equality over 24 greedy tokens of a random model is fragile on the GPU
+    # (near-ties; stock's TF32 MoE vs fiddler's fp32 one), so the check, per system
+    # against the fp32 reference: the first token of every prompt equal, its logprob
+    # within 1e-3 nats, and as many leading tokens agreeing as the best stock run.
+    # Fiddler compiled must also give exactly fiddler eager's tokens.
     def leading(a, b):
         n = 0
         while n < min(len(a), len(b)) and a[n] == b[n]:
             n += 1
         return n
 
-    agree = {k: sum(leading(a, b) for a, b in zip(v, ref)) / len(ref) for k, v in tokens.items()}
-    first_equal = {k: all(a[0] == b[0] for a, b in zip(v, ref)) for k, v in tokens.items()}
-    lp_err = {k: max(abs(a - b) for a, b in zip(v, ref_lp)) for k, v in first_logprob.items()}
+    def compare(ref_name):
+        ref, ref_lp = tokens[ref_name], first_logprob[ref_name]
+        return ({k: sum(leading(a, b) for a, b in zip(v, ref)) / len(ref) for k, v in tokens.items()},
+                {k: all(a[0] == b[0] for a, b in zip(v, ref)) for k, v in tokens.items()},
+                {k: max(abs(a - b) for a, b in zip(v, ref_lp)) for k, v in first_logprob.items()})
+
+    agree, first_equal, lp_err = compare("hf_fp32")
+    agree_stock, _, lp_err_stock = compare("stock_eager")
+    fiddler = [k for k in tokens if k.startswith("fiddler")]
+    best_stock = max(agree["stock_eager"], agree["stock_compiled"])
+    compiled_same = tokens["fiddler_compiled_mixed"] == tokens["fiddler_eager_mixed"]
     out["correctness"] = {
-        "model": "tiny random Mixtral, fp32, 3 layers, 8 experts, top-2",
-        "first_token_equal_to_stock_eager": first_equal,
-        "first_token_logprob_max_abs_diff": lp_err,
-        "mean_leading_tokens_equal_of_24": agree,
+        "model": "tiny random Mixtral, fp32, 3 layers, 8 experts, top-2; reference: HF MixtralForCausalLM "
+                 "fp32 on the GPU (TF32 off)",
+        "first_token_equal_to_hf_fp32": first_equal,
+        "first_token_logprob_max_abs_diff_vs_hf_fp32": lp_err,
+        "mean_leading_tokens_equal_of_24_vs_hf_fp32": agree,
+        "mean_leading_tokens_equal_of_24_vs_stock_eager": agree_stock,
+        "first_token_logprob_max_abs_diff_vs_stock_eager": lp_err_stock,
+        "fiddler_compiled_tokens_equal_eager": compiled_same,
         "decode_tok_s_batch1": speed,
         "compiled_vs_eager_speedup": speed["fiddler_compiled_mixed"] / speed["fiddler_eager_mixed"],
     }
-    fiddler = [k for k in tokens if k.startswith("fiddler")]
-    out["correctness"]["passed"] = all(first_equal[k] and lp_err[k] < 1e-2 for k in fiddler) and all(
-        agree[k] >= min(agree["stock_compiled"], 24) - 1e-9 for k in fiddler)
+    out["correctness"]["passed"] = compiled_same and all(
+        first_equal[k] and lp_err[k] < 1e-3 and agree[k] >= best_stock - 1e-9 for k in fiddler)
+
+
+def hf_reference(model: str, prompts, max_tokens: int):
+    """Greedy tokens and first-token logprobs of Hugging Face's Mixtral, fp32, TF32 off."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).cuda().eval()
+    tokens, first = [], []
+    with torch.no_grad():
+        for p in prompts:  # plain greedy loop: like vLLM's ignore_eos, EOS is just a token
+            ids = torch.tensor([p], device="cuda")
+            new = []
+            for _ in range(max_tokens):
+                logprobs = torch.log_softmax(hf(ids).logits[0, -1].float(), dim=-1)
+                tok = int(logprobs.argmax())
+                if not new:
+                    first.append(float(logprobs[tok]))
+                new.append(tok)
+                ids = torch.cat([ids, ids.new_tensor([[tok]])], dim=1)
+            tokens.append(new)
+    del hf
+    torch.cuda.empty_cache()
+    return tokens, first
 
 
 # ------------------------------------------------------------------- main
