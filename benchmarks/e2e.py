@@ -1,0 +1,636 @@
+"""End-to-end scenarios of fiddler against stock vLLM offload (issue 5 item 3).
+
+Mixtral-8x7B shapes with `--layers` of its 32 layers, `--load-format dummy`,
+gpu_memory_utilization 0.30 (a 24 GB GPU on an 80 GB H100) and the GPU budgets
+of benchmarks/gpu_e2e.py, whose helpers this script imports. Every system runs
+in its own process (one engine start serves all its offline scenarios; the
+serve scenarios start `vllm serve` in a second one), so one system's pinned
+memory is gone before the next starts.
+
+On the H100 machine, from a directory other than the repository root (the
+repository's vllm_fiddler/ folder would shadow the installed package):
+
+    source .gpu/install.sh
+    R=$PWD; cd /tmp
+    python3 $R/benchmarks/e2e.py --out $OUT/e2e-h100.json --eager --skew 0 \
+        --systems fiddler --scenarios decode,prefill_2048
+
+A device command may run 10 minutes at most, so a full run (8 layers) is
+several commands, each adding to the same JSON with --merge: before each,
+copy the JSON so far to $OUT (`cp $R/benchmarks/results/e2e-h100.json $OUT/`
+once the previous one is back in the repository). The first measures the
+host's DRAM / PCIe bandwidth (~20 s); --merge keeps it. Estimates: an engine
+start ~75 s, fiddler decode of 512 tokens ~21 s, stock ~50 s, stock beam
+search (prefix caching off: every step re-prefills every beam) ~4 minutes.
+
+    S=decode,prefill_512,prefill_2048,prefill_8192,beam_4,beam_8,beam_16
+    E="python3 $R/benchmarks/e2e.py --out $OUT/e2e-h100.json --merge --eager"
+    $E --skew 0 --systems fiddler,fiddler_gpu0 --scenarios $S --system-timeout 280
+    $E --skew 0 --systems fiddler_gpu25,fiddler_gpu50 --scenarios $S --system-timeout 280
+    $E --skew 0 --systems stock_uva_experts --scenarios $S
+    $E --skew 0 --systems stock_uva_all --scenarios $S
+    $E --skew 0 --systems stock_prefetch --scenarios $S
+    $E --skew 30 --systems fiddler,fiddler_gpu25,stock_uva_experts,stock_uva_all \
+        --scenarios decode --system-timeout 140
+    $E --skew 0 --systems fiddler --scenarios serve_c1,serve_c8,serve_c32
+    $E --skew 0 --systems stock_uva_experts --scenarios serve_c1,serve_c8,serve_c32
+
+On a CPU machine (plumbing only, ~4 minutes on 2 cores):
+
+    .venv/bin/python benchmarks/e2e.py --tiny --scenarios decode,prefill_512,beam_4 \
+        --out /tmp/e2e-tiny.json
+
+Systems: fiddler (gpu_e2e's budget: the share of experts a whole
+Mixtral-8x7B keeps on a 24 GB GPU), fiddler_gpu0 / _gpu25 / _gpu50 (0, 25, 50 %
+of the experts' bytes on the GPU), stock_uva_all, stock_uva_experts,
+stock_prefetch (stock vLLM 0.26 offload at the same budget); `--tiny`: the tiny
+random Mixtral on vLLM's CPU platform, fiddler vs stock, to prove the plumbing.
+
+Figures (JSON `scenarios` / `scenarios_skewed`: scenario -> system -> figure):
+  decode        tokens/s at batch 1: N / (time(1 + N tokens) - time(1 token)),
+                N = --decode-tokens, 32-token prompt;
+  prefill_<n>   time to first token (s) of an n-token prompt, best of 2;
+  beam_<w>      LLM.beam_search width w, 32-token prompt, --beam-tokens
+                tokens: tokens of the best beam per second (max_tokens / s);
+  serve_c<c>    `vllm bench serve` output tokens/s, random dataset, at most c
+                requests in flight.
+`ratios_vs_best_stock`: fiddler / best stock system; for prefill (lower is
+better) best stock / fiddler, so > 1 means fiddler is faster everywhere.
+`roofline_decode_tok_s`: batch-1 decode bound of the `fiddler` row: each layer
+reads its cold experts once per token, cold bytes = layers * top_k *
+(1 - gpu_hit_rate) * expert bytes, moved at host DRAM read + PCIe H2D
+bandwidth (both measured in this run; the bytes can be split between CPU
+compute and DMA); `roofline_decode_tok_s_dram_bound`: the same at DRAM
+bandwidth alone (CPU compute and DMA both read host DRAM).
+`FIDDLER_DUMMY_ROUTER_SKEW=<strength>` (vllm_fiddler/synthetic.py) skews every
+MoE gate of the dummy weights, for stock and fiddler alike: `--skew`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import gpu_e2e
+import serve_load
+
+GIB = gpu_e2e.GIB
+PREFILL_LENS = (512, 2048, 8192)
+BEAM_WIDTHS = (4, 8, 16)
+CONCURRENCIES = (1, 8, 32)
+SCENARIOS = (["decode"] + [f"prefill_{n}" for n in PREFILL_LENS] + [f"beam_{w}" for w in BEAM_WIDTHS]
+             + [f"serve_c{c}" for c in CONCURRENCIES])
+LOWER_IS_BETTER = {f"prefill_{n}" for n in PREFILL_LENS}
+PROMPT_LEN = 32  # decode and beam prompts
+# the 8192-token prompt plus its generated tokens; chunked prefill splits it
+# into gpu_e2e's 2048-token batches
+MAX_MODEL_LEN = 8192 + 64
+# beam width 16 asks for 2 * 16 logprobs per step (vLLM's default cap is 20),
+# and 16 beams / 32 serve requests should be batched in one step
+ENGINE = {**gpu_e2e.ENGINE, "max_model_len": MAX_MODEL_LEN, "max_num_seqs": 32, "max_logprobs": 32}
+TINY_MAX_MODEL_LEN = 4096  # the tiny config's max_position_embeddings
+TINY_ENGINE = dict(max_model_len=TINY_MAX_MODEL_LEN, enable_prefix_caching=False, max_num_seqs=32,
+                   max_logprobs=32, seed=0, enforce_eager=True)
+TINY_EXPERT_BUDGET_GB = serve_load.TINY_EXPERT_BUDGET_GB  # some experts on each side
+GPU_SYSTEMS = ("fiddler", "fiddler_gpu0", "fiddler_gpu25", "fiddler_gpu50",
+               "stock_uva_all", "stock_uva_experts", "stock_prefetch")
+TINY_SYSTEMS = ("fiddler", "stock")
+
+
+# ---------------------------------------------------------------- systems
+def gpu_system_kwargs(name: str, layers: int, gpu_total_gib: float, eager: bool) -> dict:
+    """LLM kwargs (besides model) of one system on the GPU, at gpu_e2e's budget.
+
+    fiddler_gpu<p> keeps p % of the experts' bytes on the GPU; where that and
+    the rest do not fit at UTIL, gpu_memory_utilization is raised for that
+    system only (the JSON row records it).
+    """
+    util = gpu_e2e.UTIL
+    if name.startswith("fiddler_gpu"):
+        experts, other = gpu_e2e.mixtral_bytes(layers)
+        budget = round(experts * int(name[len("fiddler_gpu"):]) / 100, 2)
+        kw = dict(model_impl="fiddler", additional_config={"fiddler": {
+            "gpu_expert_budget_gb": budget, "kv_cache_reserve_gb": gpu_e2e.KV_RESERVE_GIB}})
+        need = (budget + other + gpu_e2e.KV_RESERVE_GIB + 1.0) / gpu_total_gib  # 1 GiB: CUDA context etc.
+        util = max(util, math.ceil(need * 20) / 20)
+    else:
+        kw = dict(gpu_e2e.systems(layers, gpu_total_gib)[name])
+    return {**ENGINE, "load_format": "dummy", "gpu_memory_utilization": util, "enforce_eager": eager, **kw}
+
+
+def tiny_system_kwargs(name: str) -> dict:
+    kw = {"stock": dict(model_impl="auto"),
+          "fiddler": dict(model_impl="fiddler",
+                          additional_config={"fiddler": {"gpu_expert_budget_gb": TINY_EXPERT_BUDGET_GB}})}[name]
+    # dummy weights, so that --skew's router hook applies here too
+    return {**TINY_ENGINE, "load_format": "dummy", **kw}
+
+
+def cli_flags(kwargs: dict) -> list[str]:
+    """LLM kwargs as `vllm serve` flags (sets: nargs='+', dicts: JSON, False: --no-)."""
+    flags = []
+    for key, value in kwargs.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            flags.append(flag)
+        elif value is False:
+            flags.append("--no-" + flag[2:])
+        elif isinstance(value, dict):
+            flags += [flag, json.dumps(value)]
+        elif isinstance(value, (set, list, tuple)):
+            flags += [flag, *sorted(value)]
+        else:
+            flags += [flag, str(value)]
+    return flags
+
+
+def jsonable(kwargs: dict) -> dict:
+    return {k: (sorted(v) if isinstance(v, set) else v) for k, v in kwargs.items()}
+
+
+# -------------------------------------------------------------- scenarios
+def random_prompt(rng: random.Random, n: int, vocab: int) -> list[int]:
+    return [rng.randrange(100 if vocab > 1000 else 6, vocab) for _ in range(n)]
+
+
+def decode_scenario(llm, rng, vocab: int, tokens: int, is_fiddler: bool) -> tuple[float, dict]:
+    """(tokens/s, fiddler counter deltas over the measurement) at batch 1."""
+    before = gpu_e2e.fiddler_stats(llm) if is_fiddler else {}
+    t1 = gpu_e2e.time_generate(llm, [random_prompt(rng, PROMPT_LEN, vocab)], 1)
+    tn = gpu_e2e.time_generate(llm, [random_prompt(rng, PROMPT_LEN, vocab)], 1 + tokens)
+    after = gpu_e2e.fiddler_stats(llm) if is_fiddler else {}
+    return tokens / max(tn - t1, 1e-9), (after, before)
+
+
+def fiddler_decode_stats(after: dict, before: dict) -> dict:
+    from vllm_fiddler.stats import delta
+
+    d = delta(after, before)
+    steps = max(1, d["layer0_steps"])
+    routed = d["routed_to_gpu"] + d["routed_to_cpu"]
+    return {
+        "gpu_experts": after["gpu_experts"], "cpu_experts": after["cpu_experts"],
+        "gpu_hit_rate": d["routed_to_gpu"] / max(1, routed),
+        "decode_steps_measured": steps,
+        "decode_cpu_ms_per_step": 1e3 * d["cpu_busy_s"] / steps,
+        "decode_pcie_weight_gb_per_step": d["h2d_weight_bytes"] / 1e9 / steps,
+        "decode_experts_split_per_step": d.get("experts_split", 0) / steps,
+        "decode_experts_copied_per_step": d.get("experts_copied", 0) / steps,
+    }
+
+
+def prefill_scenario(llm, rng, vocab: int, n: int) -> float:
+    return min(gpu_e2e.time_generate(llm, [random_prompt(rng, n, vocab)], 1) for _ in range(2))
+
+
+def beam_scenario(llm, rng, vocab: int, width: int, tokens: int) -> float:
+    from vllm.inputs import TokensPrompt
+    from vllm.sampling_params import BeamSearchParams
+
+    params = BeamSearchParams(beam_width=width, max_tokens=tokens, ignore_eos=True)
+    start = time.perf_counter()
+    llm.beam_search([TokensPrompt(prompt_token_ids=random_prompt(rng, PROMPT_LEN, vocab))], params)
+    return tokens / (time.perf_counter() - start)
+
+
+def serve_prompts(args, concurrency: int) -> int:
+    """--serve-prompts at the highest concurrency, 8 per slot below it (c1 at
+    256 x 64 tokens would take ~12 minutes at fiddler's batch-1 speed)."""
+    return min(args.serve_prompts, 8 * concurrency)
+
+
+def serve_scenarios(args, row: dict, model: str, kwargs: dict, scenarios: list[str], save) -> None:
+    from vllm_fiddler.serving import VllmServer
+
+    flags = [model, "--served-model-name", serve_load.SERVED_NAME, *cli_flags(kwargs)]
+    row["serve_args"] = shlex.join(["vllm", "serve", *flags])
+    work = tempfile.mkdtemp(prefix="e2e-serve-")
+    t0 = time.perf_counter()
+    with VllmServer(flags, timeout_s=args.system_timeout, env=serve_load.OFFLINE_ENV) as server:
+        row["serve_startup_s"] = time.perf_counter() - t0
+        for scenario in scenarios:
+            c = int(scenario[len("serve_c"):])
+            bench = argparse.Namespace(input_len=args.serve_input_len, output_len=args.serve_output_len,
+                                       num_prompts=serve_prompts(args, c), max_concurrency=c,
+                                       bench_timeout=args.system_timeout)
+            result_dir = os.path.join(work, scenario)
+            os.makedirs(result_dir)
+            _, result, tail = serve_load.bench_serve(bench, server, model, result_dir)
+            if result.get("completed") == bench.num_prompts and "output_throughput" in result:
+                row["scenarios"][scenario] = result["output_throughput"]
+                row.setdefault("serve", {})[scenario] = {"requests": bench.num_prompts,
+                                                         **serve_load.bench_summary(result)}
+            else:
+                row["errors"][scenario] = f"vllm bench serve: {result.get('failed', '?')} failed\n{tail[-1500:]}"
+            save()
+
+
+def offline_scenarios(args, row: dict, model: str, kwargs: dict, scenarios: list[str], save) -> None:
+    from vllm import LLM
+
+    vocab = 512 if args.tiny else 32000
+    t0 = time.perf_counter()
+    llm = LLM(model=model, **kwargs)
+    row["load_s"] = time.perf_counter() - t0
+    rng = random.Random(0)
+    gpu_e2e.time_generate(llm, [random_prompt(rng, PROMPT_LEN, vocab)], 4)  # warm-up
+    save()
+    for scenario in scenarios:
+        try:
+            kind, _, n = scenario.partition("_")
+            if kind == "decode":
+                row["scenarios"]["decode"], (after, before) = decode_scenario(
+                    llm, rng, vocab, args.decode_tokens, kwargs.get("model_impl") == "fiddler")
+                if after:
+                    row["fiddler"] = fiddler_decode_stats(after, before)
+            elif kind == "prefill":
+                row["scenarios"][scenario] = prefill_scenario(llm, rng, vocab, int(n))
+            else:
+                row["scenarios"][scenario] = beam_scenario(llm, rng, vocab, int(n), args.beam_tokens)
+        except Exception as e:  # noqa: BLE001 - one failed scenario must not lose the others
+            row["errors"][scenario] = f"{type(e).__name__}: {e}"[-1500:]
+        save()
+
+
+def run_system(args) -> None:
+    """Child process: one system, one group of scenarios (offline or serve); rewrites
+    --system-out after every scenario, so a timeout keeps what was measured."""
+    from vllm_fiddler.tiny import build_mixtral_8x7b_shapes, build_tiny_mixtral
+
+    if args.tiny:
+        model = build_tiny_mixtral(tempfile.mkdtemp(prefix="tiny-"))
+        kwargs = tiny_system_kwargs(args.run_system)
+    else:
+        import torch
+
+        model = build_mixtral_8x7b_shapes(tempfile.mkdtemp(prefix="m8x7b-"), args.layers)
+        kwargs = gpu_system_kwargs(args.run_system, args.layers, torch.cuda.mem_get_info()[1] / GIB, args.eager)
+    row = {"system": args.run_system, "kwargs": jsonable(kwargs), "scenarios": {}, "errors": {}}
+
+    def save():
+        write_json(args.system_out, row)
+
+    scenarios = args.scenarios.split(",")
+    if scenarios[0].startswith("serve_"):
+        serve_scenarios(args, row, model, kwargs, scenarios, save)
+    else:
+        offline_scenarios(args, row, model, kwargs, scenarios, save)
+    save()
+
+
+# -------------------------------------------------------------- bandwidth
+def measure_bandwidth(out_path: str) -> None:
+    """Child process (so the parent holds no CUDA context or pinned memory):
+    host DRAM read GB/s (torch.sum over 4 x 1 GiB bf16, all threads) and PCIe
+    H2D GB/s (1 GiB pinned -> GPU), each the best of 3."""
+    import torch
+
+    torch.set_num_threads(os.cpu_count())
+    bufs = [torch.ones(GIB // 2, dtype=torch.bfloat16) for _ in range(4)]
+    best = math.inf
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for b in bufs:
+            b.sum()
+        best = min(best, time.perf_counter() - t0)
+    dram = 4 * GIB / best / 1e9
+    del bufs
+    pinned = torch.ones(GIB, dtype=torch.uint8).pin_memory()
+    best = math.inf
+    for _ in range(3):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        pinned.to("cuda", non_blocking=True)
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    write_json(out_path, {"dram_read_gb_s": dram, "pcie_h2d_gb_s": GIB / best / 1e9,
+                          "gpu": torch.cuda.get_device_name()})
+
+
+def roofline(row: dict, layers: int, tiny: bool, dram: float | None, pcie: float | None) -> dict:
+    """Batch-1 decode bounds (tok/s) from the row's GPU hit rate."""
+    hit = row.get("fiddler", {}).get("gpu_hit_rate")
+    if hit is None or dram is None or pcie is None:
+        return {}
+    if tiny:
+        expert_bytes, n_layers, top_k = 3 * 128 * 192 * 2, 3, 2
+    else:
+        expert_bytes, n_layers, top_k = gpu_e2e.mixtral_bytes(layers)[0] * GIB / (layers * 8), layers, 2
+    cold = n_layers * top_k * (1 - hit) * expert_bytes
+    if cold <= 0:
+        return {}
+    return {"roofline_decode_tok_s": (dram + pcie) * 1e9 / cold,
+            "roofline_decode_tok_s_dram_bound": dram * 1e9 / cold}
+
+
+# ------------------------------------------------------------------ parent
+def write_json(path: str, data: dict) -> None:
+    """Atomic, so a kill mid-write leaves the previous version."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(f"{path}.tmp", "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(f"{path}.tmp", path)
+
+
+def run_child(cmd: list[str], env: dict, timeout: int) -> str | None:
+    """None on success, else why not. A new session, so that a timeout kills the
+    child's engine core and `vllm serve` too, not just the child."""
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    try:
+        rc = proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return f"timed out after {timeout} s"
+    return None if rc == 0 else f"exit {rc}"
+
+
+def run_key(skew: float) -> str:
+    return "uniform" if skew == 0 else f"skew{skew:g}"
+
+
+def system_rows(args, name: str, skew: float) -> dict:
+    """Runs one system's scenario groups (offline, serve) in child processes; its row."""
+    env = {**os.environ, **serve_load.OFFLINE_ENV, "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}
+    env.pop("FIDDLER_DUMMY_ROUTER_SKEW", None)
+    if skew:
+        env["FIDDLER_DUMMY_ROUTER_SKEW"] = f"{skew:g}"
+    if args.tiny:
+        env["VLLM_CPU_KVCACHE_SPACE"] = "1"
+    scenarios = args.scenarios.split(",")
+    groups = [g for g in ([s for s in scenarios if not s.startswith("serve_")],
+                          [s for s in scenarios if s.startswith("serve_")]) if g]
+    row = {"system": name, "scenarios": {}, "errors": {}}
+    for group in groups:
+        path = tempfile.mktemp(suffix=f"-{name}.json")
+        cmd = [sys.executable, os.path.abspath(__file__), "--run-system", name, "--system-out", path,
+               "--scenarios", ",".join(group)] + child_flags(args)
+        failure = run_child(cmd, env, args.system_timeout)
+        part = {"scenarios": {}, "errors": {}}
+        if os.path.exists(path):
+            with open(path) as f:
+                part = json.load(f)
+        for s in group:
+            if s not in part["scenarios"] and s not in part["errors"]:
+                part["errors"][s] = failure or "not measured"
+        row["scenarios"].update(part.pop("scenarios"))
+        row["errors"].update(part.pop("errors"))
+        row.update(part)
+    return row
+
+
+def child_flags(args) -> list[str]:
+    flags = ["--layers", str(args.layers), "--decode-tokens", str(args.decode_tokens),
+             "--beam-tokens", str(args.beam_tokens), "--serve-prompts", str(args.serve_prompts),
+             "--serve-input-len", str(args.serve_input_len), "--serve-output-len", str(args.serve_output_len),
+             "--system-timeout", str(args.system_timeout)]
+    return flags + (["--tiny"] if args.tiny else []) + (["--eager"] if args.eager else [])
+
+
+def merge_row(old: dict, new: dict) -> dict:
+    """The new row's figures over the old one's; old scenarios not rerun stay."""
+    rerun = set(new["scenarios"]) | set(new["errors"])
+    merged = {**old, **{k: v for k, v in new.items() if k not in ("scenarios", "errors")}}
+    merged["scenarios"] = {**old.get("scenarios", {}), **new["scenarios"]}
+    merged["errors"] = {**{k: v for k, v in old.get("errors", {}).items() if k not in rerun}, **new["errors"]}
+    return merged
+
+
+def summarize(out: dict) -> None:
+    """Top-level tables, ratios and rooflines from out['runs']."""
+    skewed = sorted(k for k in out["runs"] if k != "uniform")
+    for suffix, key in (("", "uniform"), ("_skewed", skewed[0] if skewed else None)):
+        rows = out["runs"].get(key, {})
+        table = {s: {name: r["scenarios"][s] for name, r in rows.items() if s in r.get("scenarios", {})}
+                 for s in SCENARIOS}
+        out["scenarios" + suffix] = table
+        out["ratios_vs_best_stock" + suffix] = ratios(table)
+        fiddler = rows.get("fiddler", {})
+        out["roofline_decode_tok_s" + suffix] = fiddler.get("roofline_decode_tok_s")
+        out["roofline_decode_tok_s_dram_bound" + suffix] = fiddler.get("roofline_decode_tok_s_dram_bound")
+    out["skew_of_scenarios_skewed"] = skewed[0] if skewed else None
+    present = {k: {name: sorted(r.get("scenarios", {})) for name, r in rows.items()}
+               for k, rows in out["runs"].items()}
+    out["note"] = (f"{out['model']}; decode {out['decode_tokens']} tokens, beam {out['beam_tokens']} tokens, "
+                   f"serve {out['serve_prompts']} requests at c32 (8 per concurrency slot below), input "
+                   f"{out['serve_input_len']} / output {out['serve_output_len']} tokens; engines: "
+                   f"{'enforce_eager' if out['eager'] else 'torch.compile + CUDA graphs'}, max_model_len "
+                   f"{out['max_model_len']}, max_num_seqs 32, max_logprobs 32 (each row's kwargs has all). "
+                   f"Measured (run -> system -> scenarios): {json.dumps(present)}. Figures: see the "
+                   "module docstring of benchmarks/e2e.py; beam figures are output tokens of the best beam "
+                   "per second (max_tokens / seconds).")
+
+
+def ratios(table: dict) -> dict:
+    out = {}
+    for scenario, figures in table.items():
+        stock = [v for k, v in figures.items() if k.startswith("stock")]
+        if "fiddler" not in figures or not stock:
+            continue
+        if scenario in LOWER_IS_BETTER:
+            out[scenario] = min(stock) / figures["fiddler"]
+        else:
+            out[scenario] = figures["fiddler"] / max(stock)
+    return out
+
+
+def header(args, previous: dict) -> dict:
+    from vllm_fiddler.cpuinfo import cpu_model_name
+
+    command = shlex.join(["python3", *sys.argv])
+    out = dict(previous)
+    out.update({
+        "command": previous["command"] + " ; " + command if previous.get("command") else command,
+        "vllm_version": serve_load.installed_vllm_version(), "layers": 3 if args.tiny else args.layers,
+        "model": ("tiny random Mixtral (3 layers, 8 experts, top-2, H=128, bf16, dummy weights) on vLLM's "
+                  "CPU platform" if args.tiny else
+                  f"Mixtral-8x7B shapes, {args.layers} of 32 layers, dummy (random) weights, "
+                  f"gpu_memory_utilization {gpu_e2e.UTIL} unless a row's kwargs say more; tokens/s scale "
+                  f"~32/layers for the whole model"),
+        "decode_tokens": args.decode_tokens, "beam_tokens": args.beam_tokens,
+        "serve_prompts": args.serve_prompts, "serve_input_len": args.serve_input_len,
+        "serve_output_len": args.serve_output_len, "eager": args.eager or args.tiny,
+        "max_model_len": TINY_MAX_MODEL_LEN if args.tiny else MAX_MODEL_LEN,
+        "cpu": f"{cpu_model_name()} ({os.cpu_count()} CPUs)",
+    })
+    out.setdefault("runs", {})
+    return out
+
+
+def bandwidth(args, out: dict) -> None:
+    """DRAM / PCIe bandwidth of this host, once per JSON (kept by --merge)."""
+    if args.tiny:
+        out.update(dram_read_gb_s=None, pcie_h2d_gb_s=None, device=f"cpu + {out['cpu']}")
+        return
+    if out.get("dram_read_gb_s") and out.get("pcie_h2d_gb_s"):
+        return
+    path = tempfile.mktemp(suffix="-bandwidth.json")
+    failure = run_child([sys.executable, os.path.abspath(__file__), "--measure-bandwidth", path],
+                        os.environ.copy(), 300)
+    if failure:
+        out.update(dram_read_gb_s=None, pcie_h2d_gb_s=None, bandwidth_error=failure)
+        return
+    with open(path) as f:
+        bw = json.load(f)
+    out.update(dram_read_gb_s=bw["dram_read_gb_s"], pcie_h2d_gb_s=bw["pcie_h2d_gb_s"],
+               device=f"{bw['gpu']} + {out['cpu']}")
+
+
+# ------------------------------------------------------------------- plots
+def plots(out: dict, plots_dir: str, stem: str) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        out["plots_note"] = "matplotlib not importable: no plots"
+        return []
+    os.makedirs(plots_dir, exist_ok=True)
+    written = []
+
+    def bars(path, groups: dict[str, dict[str, float]], ylabel, title, lines=()):
+        systems = sorted({s for g in groups.values() for s in g}, key=system_order)
+        if not systems:
+            return
+        fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(systems) * len(groups)), 4.5))
+        width = 0.8 / len(groups)
+        for i, (label, figures) in enumerate(groups.items()):
+            xs = [j + i * width for j, s in enumerate(systems) if s in figures]
+            ax.bar(xs, [figures[s] for s in systems if s in figures], width, label=label)
+        for value, label, style in lines:
+            ax.axhline(value, color="k", linestyle=style, label=label)
+        ax.set_xticks([j + width * (len(groups) - 1) / 2 for j in range(len(systems))], systems,
+                      rotation=20, ha="right")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+
+    skew = out.get("skew_of_scenarios_skewed")
+    decode = {"uniform router": out["scenarios"]["decode"]}
+    if skew and out["scenarios_skewed"]["decode"]:
+        decode[f"skewed router ({skew})"] = out["scenarios_skewed"]["decode"]
+    lines = [(v, label, style) for v, label, style in (
+        (out.get("roofline_decode_tok_s"), "fiddler roofline, uniform (DRAM + PCIe)", "--"),
+        (out.get("roofline_decode_tok_s_skewed"), "fiddler roofline, skewed (DRAM + PCIe)", ":")) if v]
+    bars(os.path.join(plots_dir, f"{stem}-decode.png"), {k: v for k, v in decode.items() if v},
+         "tokens/s", "decode, batch 1", lines)
+    bars(os.path.join(plots_dir, f"{stem}-beam.png"),
+         {f"width {w}": out["scenarios"][f"beam_{w}"] for w in BEAM_WIDTHS if out["scenarios"][f"beam_{w}"]},
+         "best-beam tokens/s", "beam search")
+
+    prefill = {n: out["scenarios"][f"prefill_{n}"] for n in PREFILL_LENS if out["scenarios"][f"prefill_{n}"]}
+    systems = sorted({s for f in prefill.values() for s in f}, key=system_order)
+    if systems:
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        for s in systems:
+            pts = [(n, f[s]) for n, f in prefill.items() if s in f]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=s)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("prompt tokens")
+        ax.set_ylabel("time to first token (s)")
+        ax.set_title("prefill")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = os.path.join(plots_dir, f"{stem}-prefill.png")
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def system_order(name: str):
+    order = GPU_SYSTEMS + TINY_SYSTEMS
+    return order.index(name) if name in order else len(order)
+
+
+# -------------------------------------------------------------------- main
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="benchmarks/results/e2e-h100.json")
+    p.add_argument("--plots-dir", help="default: beside --out")
+    p.add_argument("--layers", type=int, default=8, help="Mixtral-8x7B layers (32 = whole model)")
+    p.add_argument("--systems", help=f"default: {','.join(GPU_SYSTEMS)} (tiny: {','.join(TINY_SYSTEMS)})")
+    p.add_argument("--scenarios", default=",".join(s for s in SCENARIOS if not s.startswith("serve_")),
+                   help=f"comma list of {','.join(SCENARIOS)} (serve_* only when named)")
+    p.add_argument("--skew", default="0,30", help="router skew strengths, 0 = uniform (comma list)")
+    p.add_argument("--decode-tokens", type=int, help="default 512 (tiny 16)")
+    p.add_argument("--beam-tokens", type=int, help="default 64 (tiny 8)")
+    p.add_argument("--serve-prompts", type=int, default=256, help="requests at concurrency 32")
+    p.add_argument("--serve-input-len", type=int, default=128)
+    p.add_argument("--serve-output-len", type=int, default=64)
+    p.add_argument("--eager", action="store_true", help="enforce_eager for every system (tiny: always)")
+    p.add_argument("--system-timeout", type=int, default=540, help="seconds per system and scenario group")
+    p.add_argument("--merge", action="store_true", help="keep what --out holds; (re)run only what is named")
+    p.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny Mixtral, fiddler vs stock")
+    p.add_argument("--run-system", help=argparse.SUPPRESS)
+    p.add_argument("--system-out", help=argparse.SUPPRESS)
+    p.add_argument("--measure-bandwidth", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.decode_tokens is None:
+        args.decode_tokens = 16 if args.tiny else 512
+    if args.beam_tokens is None:
+        args.beam_tokens = 8 if args.tiny else 64
+    if args.systems is None:
+        args.systems = ",".join(TINY_SYSTEMS if args.tiny else GPU_SYSTEMS)
+    unknown = set(args.scenarios.split(",")) - set(SCENARIOS)
+    if unknown:
+        p.error(f"unknown scenarios {sorted(unknown)}")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.measure_bandwidth:
+        measure_bandwidth(args.measure_bandwidth)
+        return
+    if args.run_system:
+        run_system(args)
+        return
+    previous = {}
+    if args.merge and os.path.exists(args.out):
+        with open(args.out) as f:
+            previous = json.load(f)
+    out = header(args, previous)
+    bandwidth(args, out)
+    plots_dir = args.plots_dir or os.path.dirname(os.path.abspath(args.out))
+    stem = os.path.splitext(os.path.basename(args.out))[0]
+    for skew in (float(s) for s in args.skew.split(",")):
+        runs = out["runs"].setdefault(run_key(skew), {})
+        for name in args.systems.split(","):
+            t0 = time.perf_counter()
+            row = merge_row(runs.get(name, {}), system_rows(args, name, skew))
+            row["wall_s"] = time.perf_counter() - t0
+            if "fiddler" in row:
+                row.update(roofline(row, args.layers, args.tiny, out["dram_read_gb_s"], out["pcie_h2d_gb_s"]))
+            runs[name] = row
+            summarize(out)
+            write_json(args.out, out)
+            print(json.dumps({"run": run_key(skew), **{k: v for k, v in row.items() if k != "kwargs"}}),
+                  flush=True)
+    summarize(out)
+    out["plots"] = plots(out, plots_dir, stem)
+    write_json(args.out, out)
+    print(json.dumps({k: out[k] for k in ("scenarios", "scenarios_skewed", "ratios_vs_best_stock",
+                                          "roofline_decode_tok_s", "dram_read_gb_s", "pcie_h2d_gb_s")},
+                     indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
