@@ -228,14 +228,7 @@ def fiddler_metrics(server, client) -> dict:
     time.sleep(WRITE_INTERVAL_S + 0.5)
     client.completions.create(model=SERVED_NAME, prompt="hello", max_tokens=2, temperature=0)
     time.sleep(0.5)
-    with urllib.request.urlopen(f"{server.url}/metrics", timeout=30) as r:
-        text = r.read().decode()
-    values = {}
-    for line in text.splitlines():
-        if line.startswith("vllm:fiddler_"):
-            name, value = line.rsplit(" ", 1)
-            values[name] = float(value)
-    return values
+    return server.metrics()
 
 
 def gpu_hit_rate(metrics: dict) -> float | None:

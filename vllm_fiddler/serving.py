@@ -53,6 +53,17 @@ class VllmServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def metrics(self, prefix: str = "vllm:fiddler_") -> dict[str, float]:
+        """Scrapes /metrics: {'name{labels}': value} of the samples starting with `prefix`."""
+        with urllib.request.urlopen(f"{self.url}/metrics", timeout=30) as r:
+            text = r.read().decode()
+        values = {}
+        for line in text.splitlines():
+            if line.startswith(prefix):
+                name, value = line.rsplit(" ", 1)
+                values[name] = float(value)
+        return values
+
     def output(self) -> str:
         self.log.flush()
         with open(self.log_path) as f:

@@ -55,19 +55,12 @@ def test_streaming_matches_non_streaming(client):
 def test_metrics(server, client):
     """fiddler's counters on /metrics agree with the tokens the server computed."""
     import time
-    import urllib.request
 
     client.completions.create(model="tiny", prompt="one two three four", max_tokens=5, temperature=0)
     time.sleep(2.5)  # the worker rewrites its stats at most once a second
     client.completions.create(model="tiny", prompt="one", max_tokens=2, temperature=0)
     time.sleep(1.5)
-    with urllib.request.urlopen(f"{server.url}/metrics", timeout=10) as r:
-        text = r.read().decode()
-    values = {}
-    for line in text.splitlines():
-        if line.startswith("vllm:fiddler_"):
-            name, value = line.rsplit(" ", 1)
-            values[name] = float(value)
+    values = server.metrics()
     gpu = values['vllm:fiddler_routed_tokens_total{placement="gpu"}']
     cpu = values['vllm:fiddler_routed_tokens_total{placement="cpu"}']
     # every routed pair is counted once, on one side: a multiple of top-k (2) x layers (3)
