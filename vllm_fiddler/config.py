@@ -10,6 +10,13 @@ process before anything is allocated, and unit-tested in CPU CI.
 | placement             | str         | "even"  | "even", or a JSON file of GPU experts per layer |
 | cpu_threads           | int >= 1    | auto    | threads computing cold experts |
 | staging_slots         | int >= 0    | 2       | GPU slots for copying cold experts (CUDA); 0 = CPU only |
+| adaptation            | "auto", bool or object | "auto" | online re-placement of experts while serving (see below) |
+
+``adaptation``: ``true`` / ``false``; ``"auto"`` = on with a GPU when host
+memory can also hold a copy of every GPU-resident expert (which re-placement
+needs, see vllm_fiddler.runtime.replacer), off otherwise; or an object, which
+turns it on and overrides the policy's knobs (ADAPTATION_KNOBS, defaults in
+AdaptationSettings).
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ class FiddlerConfig:
     # Expert-sized GPU buffers for the weight-copy path, taken from the expert
     # budget; two let one copy run while the previous expert computes.
     staging_slots: int = 2
+    adaptation: "AdaptationSettings" = dataclasses.field(default_factory=lambda: AdaptationSettings())
 
     @classmethod
     def from_additional_config(cls, additional_config: Mapping[str, Any] | None) -> "FiddlerConfig":
@@ -69,12 +77,75 @@ class FiddlerConfig:
             placement=_placement(raw),
             cpu_threads=_positive_int(raw, "cpu_threads"),
             staging_slots=_non_negative_int(raw, "staging_slots", default=2),
+            adaptation=AdaptationSettings.parse(raw.get("adaptation", "auto")),
         )
 
     def resolved_cpu_threads(self) -> int:
         if self.cpu_threads is not None:
             return self.cpu_threads
         return default_cpu_threads()
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaptationSettings:
+    """Online re-placement (vllm_fiddler.runtime.replacer, policy in vllm_fiddler.adaptation).
+
+    Defaults, for decode at a few tokens per expert per step (Mixtral: top-2 of
+    8, so ~0.25 tokens per expert per step at batch 1): a 512-step half-life
+    makes a rate estimate worth ~1500 steps (stderr ~0.02 tokens/step), so a
+    2x popularity gap is told from noise within a few hundred steps, while
+    one long prompt (thousands of tokens in one step) moves the heat at once.
+    """
+
+    enabled: bool | None = None  # None = auto
+    interval_steps: int = 16  # steps between two reads of the routing counters
+    half_life_steps: float = 512.0  # of the decaying per-expert heat
+    horizon_steps: float = 256.0  # steps a swap is expected to pay over
+    min_gain_ratio: float = 2.0  # expected gain must beat the copy this many times
+    max_swaps_in_flight: int = 2  # concurrent expert copies (each ~6.5 ms of PCIe for Mixtral)
+    min_rate_margin: float = 0.25  # the admitted expert must be this much hotter
+    cooldown_steps: int = 128  # an expert that just moved stays put this long
+    noise_z: float = 4.0  # standard errors the rate gap must clear
+
+    @classmethod
+    def parse(cls, value: Any) -> "AdaptationSettings":
+        if value == "auto" or value is None:
+            return cls()
+        if isinstance(value, bool):
+            return cls(enabled=value)
+        if not isinstance(value, Mapping):
+            raise FiddlerConfigError(
+                f"fiddler option adaptation must be \"auto\", true, false or an object of "
+                f"{sorted(ADAPTATION_KNOBS)}, got {value!r}")
+        unknown = sorted(set(value) - set(ADAPTATION_KNOBS) - {"enabled"})
+        if unknown:
+            raise FiddlerConfigError(
+                f"unknown fiddler adaptation option(s) {unknown}; known: {sorted(ADAPTATION_KNOBS)}")
+        enabled = value.get("enabled", True)
+        if not isinstance(enabled, bool):
+            raise FiddlerConfigError(f"fiddler adaptation.enabled must be true or false, got {enabled!r}")
+        knobs = {}
+        for key, (kind, low) in ADAPTATION_KNOBS.items():
+            if key not in value:
+                continue
+            v = value[key]
+            ok = not isinstance(v, bool) and (isinstance(v, int) if kind is int else isinstance(v, (int, float)))
+            if not ok or not math.isfinite(v) or v < low or (key in _POSITIVE_KNOBS and v == 0):
+                bound = "> 0" if key in _POSITIVE_KNOBS else f">= {low}"
+                raise FiddlerConfigError(
+                    f"fiddler adaptation.{key} must be {'an integer' if kind is int else 'a number'} "
+                    f"{bound}, got {v!r}")
+            knobs[key] = kind(v)
+        return cls(enabled=enabled, **knobs)
+
+
+# adaptation knobs: key -> (type, lowest value)
+ADAPTATION_KNOBS = {
+    "interval_steps": (int, 1), "half_life_steps": (float, 0), "horizon_steps": (float, 0),
+    "min_gain_ratio": (float, 0), "max_swaps_in_flight": (int, 1), "min_rate_margin": (float, 0),
+    "cooldown_steps": (int, 0), "noise_z": (float, 0),
+}
+_POSITIVE_KNOBS = {"half_life_steps", "horizon_steps"}
 
 
 def default_cpu_threads() -> int:

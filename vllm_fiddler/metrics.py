@@ -16,6 +16,9 @@ Metrics (counters end in ``_total`` on the wire):
 - ``vllm:fiddler_experts_copied``: cold experts computed by copy-and-compute;
 - ``vllm:fiddler_experts_split``: cold experts cut between the CPU and a copy;
 - ``vllm:fiddler_cpu_expert_seconds``: time the CPU spent on cold experts;
+- ``vllm:fiddler_expert_replacements``: online re-placements (a host expert
+  swapped onto the GPU for a colder one) that have landed;
+- ``vllm:fiddler_replacement_copy_bytes``: weight bytes those swaps copied;
 - ``vllm:fiddler_experts{placement=...}`` (gauge): experts resident on each side.
 """
 
@@ -41,6 +44,10 @@ _COUNTERS = (
     ("vllm:fiddler_experts_split", "Cold experts computed partly on the CPU and partly copied to the GPU",
      "experts_split", {}),
     ("vllm:fiddler_cpu_expert_seconds", "Time the CPU spent computing cold experts", "cpu_busy_s", {}),
+    ("vllm:fiddler_expert_replacements", "Online re-placements: a host expert swapped onto the GPU for a "
+     "colder resident one", "replacements", {}),
+    ("vllm:fiddler_replacement_copy_bytes", "Expert weight bytes copied host to device by re-placements",
+     "replacement_bytes", {}),
 )
 
 

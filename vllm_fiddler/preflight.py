@@ -16,9 +16,12 @@ HOST_MARGIN_BYTES = 4 * GIB
 HOST_MARGIN_FRACTION = 0.05
 
 
-def host_bytes_needed(shape: MoEShape, placement: Placement, device_is_host: bool) -> int:
-    """Host memory the experts take: the cold set, or every expert on vLLM's CPU platform."""
-    n = placement.num_cpu + (placement.num_gpu if device_is_host else 0)
+def host_bytes_needed(shape: MoEShape, placement: Placement, device_is_host: bool,
+                      host_backing: bool = False) -> int:
+    """Host memory the experts take: the cold set, plus a host copy of every GPU-resident expert
+    with host backing (online re-placement), plus the device set itself on vLLM's CPU platform."""
+    n = placement.num_cpu + (placement.num_gpu if host_backing else 0) \
+        + (placement.num_gpu if device_is_host else 0)
     return n * shape.expert_bytes
 
 
@@ -46,8 +49,27 @@ def available_host_bytes() -> int:
     return int(psutil.virtual_memory().available)
 
 
-def run_preflight(shape: MoEShape, placement: Placement, device_is_host: bool) -> list[str]:
+def host_backing_fits(shape: MoEShape, placement: Placement, device_is_host: bool) -> bool:
+    """Whether host memory can also keep a copy of every GPU-resident expert."""
+    try:
+        check_host_memory(host_bytes_needed(shape, placement, device_is_host, host_backing=True),
+                          available_host_bytes())
+    except FiddlerConfigError:
+        return False
+    return True
+
+
+def run_preflight(shape: MoEShape, placement: Placement, device_is_host: bool,
+                  host_backing: bool = False) -> list[str]:
     """Raises FiddlerConfigError on an impossible setup; returns warnings to log."""
-    check_host_memory(host_bytes_needed(shape, placement, device_is_host), available_host_bytes())
+    try:
+        check_host_memory(host_bytes_needed(shape, placement, device_is_host, host_backing),
+                          available_host_bytes())
+    except FiddlerConfigError as e:
+        if host_backing:
+            raise FiddlerConfigError(
+                f"{e}; or turn online re-placement off (\"adaptation\": false), which keeps only "
+                f"the CPU-resident experts in host memory") from None
+        raise
     warning = cpu_isa_warning(cpu_flags())
     return [warning] if warning and placement.num_cpu else []

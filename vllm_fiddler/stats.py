@@ -15,6 +15,7 @@ def model_stats(model) -> dict:
     from vllm_fiddler.runtime import step_planner
 
     planner = step_planner._planner
+    replacer = getattr(model, "replacer", None)
     return {
         "routed_to_gpu": sum(m.routed_to_gpu for m in layers),
         "routed_to_cpu": sum(m.routed_to_cpu for m in layers),
@@ -26,6 +27,11 @@ def model_stats(model) -> dict:
         "experts_split": planner.splits if planner is not None else 0,
         "gpu_experts": sum(len(m.gpu_experts) for m in layers),
         "cpu_experts": sum(len(m.cpu_experts) for m in layers),
+        "moe_op_s": sum(m.op_s for m in layers),
+        "moe_sync_wait_s": sum(m.sync_wait_s for m in layers),
+        "moe_cpu_wait_s": sum(m.cpu_wait_s for m in layers),
+        "replacements": replacer.replacements if replacer is not None else 0,
+        "replacement_bytes": replacer.bytes_copied if replacer is not None else 0,
     }
 
 
@@ -36,3 +42,24 @@ def expert_tokens(model) -> list[list[int]]:
 
 def delta(after: dict, before: dict) -> dict:
     return {k: after[k] - before.get(k, 0) for k in after if isinstance(after[k], (int, float))}
+
+
+def step_breakdown(after: dict, before: dict, prefix: str = "decode_") -> dict:
+    """Per-step figures of the steps between two model_stats() readings (benchmarks).
+
+    A step is one forward of the first MoE layer. ``*_op_ms`` is the host time
+    inside the hybrid op (all layers); of it, ``*_sync_wait_ms`` was spent
+    waiting for the GPU work queued before each layer's routing copy, and
+    ``*_cpu_wait_ms`` waiting for the CPU experts after the GPU work was queued.
+    """
+    d = delta(after, before)
+    steps = max(1, d["layer0_steps"])
+    routed = d["routed_to_gpu"] + d["routed_to_cpu"]
+    per_step = {"cpu_ms": 1e3 * d["cpu_busy_s"], "pcie_weight_gb": d["h2d_weight_bytes"] / 1e9,
+                "experts_split": d.get("experts_split", 0), "experts_copied_whole": d.get("experts_copied", 0),
+                "op_ms": 1e3 * d.get("moe_op_s", 0), "sync_wait_ms": 1e3 * d.get("moe_sync_wait_s", 0),
+                "cpu_wait_ms": 1e3 * d.get("moe_cpu_wait_s", 0)}
+    return {"gpu_experts": after["gpu_experts"], "cpu_experts": after["cpu_experts"],
+            "gpu_hit_rate": d["routed_to_gpu"] / max(1, routed), f"{prefix}steps_measured": steps,
+            **{f"{prefix}{k}_per_step": v / steps for k, v in per_step.items()},
+            f"{prefix}replacements": d.get("replacements", 0)}

@@ -34,9 +34,20 @@ def prompts() -> list[list[int]]:
     return [[rng.randrange(6, 512) for _ in range(n)] for n in LENGTHS]
 
 
-def generate(model: str, model_impl: str, fiddler: dict | None = None, dtype: str = "float32"):
+# fiddler's counters (vllm_fiddler.stats.model_stats) after generate(..., stats_key=k)
+STATS: dict[str, dict] = {}
+
+
+def generate(model: str, model_impl: str, fiddler: dict | None = None, dtype: str = "float32",
+             stats_key: str | None = None):
+    import os
+
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
+
+    from vllm_fiddler.stats import model_stats
+
+    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # apply_model(model_stats)
 
     llm = LLM(model=model, model_impl=model_impl,
               additional_config={"fiddler": fiddler} if fiddler is not None else {}, dtype=dtype,
@@ -44,6 +55,8 @@ def generate(model: str, model_impl: str, fiddler: dict | None = None, dtype: st
     try:
         params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=5, ignore_eos=True)
         outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts()], params)
+        if stats_key is not None:
+            STATS[stats_key] = llm.apply_model(model_stats)[0]
         return [(list(o.outputs[0].token_ids), o.outputs[0].logprobs) for o in outs]
     finally:
         del llm
@@ -67,18 +80,40 @@ PLACEMENTS = {
     "all_gpu": lambda f: {"gpu_expert_budget_gb": 1},
     "even_default": lambda f: {},
     "uneven_file": lambda f: {"placement": placement_file(f)},
+    # online re-placement with every brake off: experts swap nearly every step
+    "even_adapting": lambda f: {"adaptation": {
+        "interval_steps": 1, "half_life_steps": 2, "cooldown_steps": 0, "noise_z": 0,
+        "min_gain_ratio": 0, "min_rate_margin": 0, "max_swaps_in_flight": 4}},
 }
 
 
 @pytest.fixture(scope="module", params=list(PLACEMENTS))
 def fiddler(request, tiny_mixtral, tmp_path_factory):
-    return request.param, generate(tiny_mixtral, "fiddler", PLACEMENTS[request.param](tmp_path_factory))
+    return request.param, generate(tiny_mixtral, "fiddler", PLACEMENTS[request.param](tmp_path_factory),
+                                   stats_key=request.param)
 
 
 def test_greedy_tokens_equal_stock_vllm(stock, fiddler):
     name, outs = fiddler
     for i, ((f_ids, _), (s_ids, _)) in enumerate(zip(outs, stock)):
         assert f_ids == s_ids, f"placement {name}, prompt {i} ({LENGTHS[i]} tokens)"
+
+
+def test_counters_match_the_placement(fiddler):
+    """Routed pairs add up, and only the adapting engine re-places (and then it really does)."""
+    name, _ = fiddler
+    stats = STATS[name]
+    routed = stats["routed_to_gpu"] + stats["routed_to_cpu"]
+    assert routed > 0
+    if name == "all_cpu":
+        assert stats["routed_to_gpu"] == 0
+    if name == "all_gpu":
+        assert stats["routed_to_cpu"] == 0
+    if name == "even_adapting":
+        assert stats["replacements"] >= 3, stats
+        assert stats["replacement_bytes"] > 0
+    else:
+        assert stats["replacements"] == 0
 
 
 def hf_first_token_logprobs(model: str) -> list[torch.Tensor]:

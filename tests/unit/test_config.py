@@ -62,3 +62,37 @@ def test_default_cpu_threads_leaves_one_core():
 
     n = len(os.sched_getaffinity(0))
     assert FiddlerConfig().resolved_cpu_threads() == max(1, n - 1)
+
+
+def test_adaptation_forms():
+    from vllm_fiddler.config import AdaptationSettings
+
+    assert parse({}).adaptation == AdaptationSettings() and AdaptationSettings().enabled is None
+    assert parse({"adaptation": "auto"}).adaptation.enabled is None
+    assert parse({"adaptation": True}).adaptation.enabled is True
+    assert parse({"adaptation": False}).adaptation.enabled is False
+    knobs = parse({"adaptation": {"interval_steps": 4, "half_life_steps": 64, "noise_z": 0,
+                                  "cooldown_steps": 0, "max_swaps_in_flight": 1}}).adaptation
+    assert knobs.enabled is True and (knobs.interval_steps, knobs.half_life_steps, knobs.noise_z) == (4, 64.0, 0.0)
+    assert (knobs.cooldown_steps, knobs.max_swaps_in_flight) == (0, 1)
+    assert parse({"adaptation": {"enabled": False}}).adaptation.enabled is False
+
+
+@pytest.mark.parametrize("value, words", [
+    ("sometimes", ["adaptation", "auto"]),
+    (1, ["adaptation"]),
+    ({"interval": 4}, ["unknown fiddler adaptation option", "interval", "interval_steps"]),
+    ({"interval_steps": 0}, ["adaptation.interval_steps", ">= 1"]),
+    ({"interval_steps": 2.5}, ["adaptation.interval_steps", "integer"]),
+    ({"half_life_steps": 0}, ["adaptation.half_life_steps", "> 0"]),
+    ({"horizon_steps": -1}, ["adaptation.horizon_steps"]),
+    ({"noise_z": float("inf")}, ["adaptation.noise_z"]),
+    ({"max_swaps_in_flight": 0}, ["adaptation.max_swaps_in_flight", ">= 1"]),
+    ({"cooldown_steps": True}, ["adaptation.cooldown_steps"]),
+    ({"enabled": "yes"}, ["adaptation.enabled"]),
+])
+def test_bad_adaptation_values(value, words):
+    with pytest.raises(FiddlerConfigError) as e:
+        parse({"adaptation": value})
+    for w in words:
+        assert w in str(e.value)

@@ -56,3 +56,42 @@ def test_auto_budget_and_cpu_platform_default():
     budget, how = expert_budget_bytes(FiddlerConfig(), MIXTRAL, device_total_bytes=None,
                                       gpu_memory_utilization=0.9, max_model_len=4096)
     assert budget == MIXTRAL.all_experts_bytes // 2 and "CPU platform" in how
+
+
+def test_host_backing_adds_the_gpu_experts():
+    placement = plan_even(32, 8, 56)
+    assert host_bytes_needed(MIXTRAL, placement, device_is_host=False, host_backing=True) \
+        == 256 * MIXTRAL.expert_bytes
+    assert host_bytes_needed(MIXTRAL, placement, device_is_host=True, host_backing=True) \
+        == (256 + 56) * MIXTRAL.expert_bytes
+
+
+@pytest.mark.parametrize("wanted, on_cuda, host_gib, num_gpu, expect", [
+    (None, True, 125, 56, (True, "auto")),  # the H100 box: 90 GB of experts fit beside the cold ones
+    (None, True, 80, 56, (False, "cannot also hold")),  # 70 GB cold fits, 90 GB does not
+    (None, False, 125, 56, (False, "no GPU")),
+    (True, False, 125, 56, (True, "adaptation on")),
+    (False, True, 125, 56, (False, "adaptation: false")),
+    (True, True, 125, 0, (False, "nothing to swap")),
+    (None, True, 125, 256, (False, "nothing to swap")),
+])
+def test_decide_adaptation(monkeypatch, wanted, on_cuda, host_gib, num_gpu, expect):
+    from vllm_fiddler import preflight
+    from vllm_fiddler.config import AdaptationSettings
+    from vllm_fiddler.runtime.setup import decide_adaptation
+
+    monkeypatch.setattr(preflight, "available_host_bytes", lambda: host_gib * GIB)
+    cfg = FiddlerConfig(adaptation=AdaptationSettings(enabled=wanted))
+    on, why = decide_adaptation(cfg, MIXTRAL, plan_even(32, 8, num_gpu), on_cuda)
+    assert on == expect[0] and expect[1] in why
+
+
+def test_host_backing_that_does_not_fit_names_the_switch(monkeypatch):
+    from vllm_fiddler import preflight
+
+    monkeypatch.setattr(preflight, "available_host_bytes", lambda: 80 * GIB)
+    monkeypatch.setattr(preflight, "cpu_flags", lambda: {"amx_bf16"})
+    placement = plan_even(32, 8, 56)
+    assert preflight.run_preflight(MIXTRAL, placement, device_is_host=False) == []
+    with pytest.raises(FiddlerConfigError, match='"adaptation": false'):
+        preflight.run_preflight(MIXTRAL, placement, device_is_host=False, host_backing=True)

@@ -30,6 +30,8 @@ expert, Ic = I / C.
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import nn
 
@@ -60,43 +62,82 @@ def expert_chunks(intermediate_size: int, most: int = 8, min_rows: int = 32) -> 
 class HybridMoE(nn.Module):
     def __init__(self, *, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int,
                  gpu_experts: tuple[int, ...], dtype: torch.dtype, device: torch.device,
-                 cpu_runtime: CPUExpertRuntime, pin_memory: bool):
+                 cpu_runtime: CPUExpertRuntime, pin_memory: bool, host_backing: bool = False):
+        """host_backing: host memory keeps every expert (host slot e = expert e), not only the
+        cold ones, so a device-resident expert can be evicted at no cost and any expert can be
+        copied in (online re-placement, vllm_fiddler.runtime.replacer); otherwise host slot s
+        holds the s-th cold expert."""
         super().__init__()
         E, H, I = num_experts, hidden_size, intermediate_size
         self.num_experts, self.top_k, self.hidden_size, self.intermediate_size = E, top_k, H, I
-        self.gpu_experts = tuple(sorted(gpu_experts))
-        self.cpu_experts = tuple(e for e in range(E) if e not in set(self.gpu_experts))
+        gpu_experts = tuple(sorted(gpu_experts))
+        cold = tuple(e for e in range(E) if e not in set(gpu_experts))
         self.device = torch.device(device)
         self.cpu_runtime = cpu_runtime
-        # Plain tensors, not Parameters: vLLM's loader neither moves nor
-        # re-initialises them, and this module places them itself.
+        self.host_backing = host_backing
+        # Which expert each host slot holds (fixed for the module's life).
+        self.host_experts = tuple(range(E)) if host_backing else cold
+        self.host_slot = [-1] * E  # [E] host slot of each expert, or -1 (device-only)
+        for s, e in enumerate(self.host_experts):
+            self.host_slot[e] = s
+        # Where each expert is SERVED from, which re-placement changes between
+        # steps: its device slot (>= 0) or -1, in which case it runs from its
+        # host slot. Mirrored in device tensors indexed by the routing.
+        self.device_slot = [-1] * E  # [E]
+        for s, e in enumerate(gpu_experts):
+            self.device_slot[e] = s
         # device="cpu" explicitly: vLLM builds the model under `with torch.device(cuda)`.
-        gpu_slot = torch.full((E,), -1, dtype=torch.int32, device="cpu")
-        gpu_slot[list(self.gpu_experts)] = torch.arange(len(self.gpu_experts), dtype=torch.int32, device="cpu")
-        cpu_slot = torch.full((E,), -1, dtype=torch.int32, device="cpu")
-        cpu_slot[list(self.cpu_experts)] = torch.arange(len(self.cpu_experts), dtype=torch.int32, device="cpu")
-        self.gpu_slot_of = gpu_slot.to(self.device)  # [E] slot in the device set, or -1
-        self.cpu_slot_of = cpu_slot.to(self.device)  # [E] slot in the host set, or -1
-        self.cpu_slot_of_host = cpu_slot  # [E], for host-side planning
+        self.cpu_slot_of_host = torch.tensor(self._cpu_slots(), dtype=torch.int32, device="cpu")  # [E]
+        self.gpu_slot_of = torch.tensor(self.device_slot, dtype=torch.int32, device="cpu").to(self.device)  # [E]
+        self.cpu_slot_of = self.cpu_slot_of_host.to(self.device)  # [E] host slot if served there, or -1
         self.stager = None  # WeightStager on CUDA (set by the model), else no copy path
         self._last_cpu_pairs = 0
-        Eg, Ec = len(self.gpu_experts), len(self.cpu_experts)
+        Eg, Eh = len(gpu_experts), len(self.host_experts)
         self.chunks = C = expert_chunks(I)
         Ic = I // C
         self.w13_gpu = torch.empty(Eg, 2 * I, H, dtype=dtype, device=self.device)  # [Eg, 2I, H]
         self.w2_gpu = torch.empty(Eg, H, I, dtype=dtype, device=self.device)  # [Eg, H, I]
-        self.w13_cpu = torch.empty(Ec, C, 2 * Ic, H, dtype=dtype, device="cpu", pin_memory=pin_memory)
-        self.w2_cpu = torch.empty(Ec, C, H, Ic, dtype=dtype, device="cpu", pin_memory=pin_memory)
+        self.w13_cpu = torch.empty(Eh, C, 2 * Ic, H, dtype=dtype, device="cpu", pin_memory=pin_memory)
+        self.w2_cpu = torch.empty(Eh, C, H, Ic, dtype=dtype, device="cpu", pin_memory=pin_memory)
         # the host experts' chunks as experts: slot s chunk c is chunk-expert s * C + c
-        self.w13_cpu_chunks = self.w13_cpu.view(Ec * C, 2 * Ic, H)  # [Ec*C, 2Ic, H]
-        self.w2_cpu_chunks = self.w2_cpu.view(Ec * C, H, Ic)  # [Ec*C, H, Ic]
+        self.w13_cpu_chunks = self.w13_cpu.view(Eh * C, 2 * Ic, H)  # [Eh*C, 2Ic, H]
+        self.w2_cpu_chunks = self.w2_cpu.view(Eh * C, H, Ic)  # [Eh*C, H, Ic]
         # Counters for metrics and tests: (token, k) pairs computed on each side.
         self.routed_to_gpu = 0
         self.routed_to_cpu = 0
         self.steps = 0  # forward calls with at least one token
+        # Where a CUDA step's time goes (host seconds, for benchmarks): in this op,
+        # blocked on the device->host copy of the routing (i.e. on the GPU work
+        # queued before it), and blocked on the CPU experts' result.
+        self.op_s = 0.0
+        self.sync_wait_s = 0.0
+        self.cpu_wait_s = 0.0
         # tokens routed to each expert so far ([E], on the device: no sync per step);
-        # read by profiling (vllm_fiddler.profile) and placement
+        # read by profiling (vllm_fiddler.profile), placement and re-placement
         self.expert_tokens = torch.zeros(E, dtype=torch.int64, device=self.device)
+
+    def _cpu_slots(self) -> list[int]:
+        """[E] host slot of each expert served from the host, -1 for device-served ones."""
+        return [self.host_slot[e] if self.device_slot[e] < 0 else -1 for e in range(self.num_experts)]
+
+    @property
+    def gpu_experts(self) -> tuple[int, ...]:
+        """Experts served from device memory now (sorted)."""
+        return tuple(e for e in range(self.num_experts) if self.device_slot[e] >= 0)
+
+    @property
+    def cpu_experts(self) -> tuple[int, ...]:
+        """Experts served from host memory now (sorted)."""
+        return tuple(e for e in range(self.num_experts) if self.device_slot[e] < 0)
+
+    @property
+    def expert_bytes(self) -> int:
+        """w13 + w2 of one expert."""
+        return 3 * self.hidden_size * self.intermediate_size * self.w13_cpu.element_size()
+
+    @property
+    def num_host_slots(self) -> int:
+        return len(self.host_experts)
 
     # ---- weights -------------------------------------------------------
     def store_cold(self, slot: int, w13: torch.Tensor, w2: torch.Tensor) -> None:
@@ -114,30 +155,31 @@ class HybridMoE(nn.Module):
         return w13, w2
 
     def expert_weights(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(w13 [2I, H], w2 [H, I]) of one expert in the plain layout: views of a device-resident
-        expert, copies of a host-resident one."""
-        if expert in self.gpu_experts:
-            slot = self.gpu_experts.index(expert)
+        """(w13 [2I, H], w2 [H, I]) of one expert in the plain layout: views of a device-served
+        expert, copies of a host-served one."""
+        slot = self.device_slot[expert]
+        if slot >= 0:
             return self.w13_gpu[slot], self.w2_gpu[slot]
-        return self.cold_expert_plain(self.cpu_experts.index(expert))
+        return self.cold_expert_plain(self.host_slot[expert])
 
     def load_expert(self, expert: int, name: str, weight: torch.Tensor) -> None:
+        """Writes one checkpoint tensor of `expert` into its device slot and/or its host slot."""
         C, H, I = self.chunks, self.hidden_size, self.intermediate_size
         Ic = I // C
-        if expert in self.gpu_experts:
-            slot = self.gpu_experts.index(expert)
-            w13, w2 = self.w13_gpu[slot], self.w2_gpu[slot]
-            targets = {_W1: (w13[:I], weight), _W3: (w13[I:], weight), _W2: (w2, weight)}
-        else:
-            slot = self.cpu_experts.index(expert)
-            chunked = self.w13_cpu[slot]  # [C, 2Ic, H]
-            targets = {_W1: (chunked[:, :Ic], weight.view(C, Ic, H)),
-                       _W3: (chunked[:, Ic:], weight.view(C, Ic, H)),
-                       _W2: (self.w2_cpu[slot], weight.view(H, C, Ic).transpose(0, 1))}
-        if name not in targets:
+        if name not in (_W1, _W2, _W3):
             raise KeyError(f"unknown expert weight {name!r}")
-        dst, src = targets[name]
-        dst.copy_(src)
+        slot = self.device_slot[expert]
+        if slot >= 0:
+            w13, w2 = self.w13_gpu[slot], self.w2_gpu[slot]
+            dst = {_W1: w13[:I], _W3: w13[I:], _W2: w2}[name]
+            dst.copy_(weight)
+        slot = self.host_slot[expert]
+        if slot >= 0:
+            chunked = self.w13_cpu[slot]  # [C, 2Ic, H]
+            dst, src = {_W1: (chunked[:, :Ic], weight.view(C, Ic, H)),
+                        _W3: (chunked[:, Ic:], weight.view(C, Ic, H)),
+                        _W2: (self.w2_cpu[slot], weight.view(H, C, Ic).transpose(0, 1))}[name]
+            dst.copy_(src)
 
     def load_weights(self, weights) -> set[str]:
         """Takes vLLM's names relative to this module: ``"{expert}.w1.weight"``."""
@@ -164,7 +206,7 @@ class HybridMoE(nn.Module):
         H, I = self.hidden_size, self.intermediate_size
         plain = None  # host staging of one expert in the plain layout
         for e in range(self.num_experts):
-            if e in self.gpu_experts:
+            if self.device_slot[e] >= 0:
                 dsts = self.expert_weights(e)
             else:
                 if plain is None:
@@ -178,15 +220,59 @@ class HybridMoE(nn.Module):
                 if whole:
                     flat[:whole].view(-1, pool_size).copy_(rolled.expand(whole // pool_size, pool_size))
                 flat[whole:].copy_(rolled[:flat.numel() - whole])
-            if e not in self.gpu_experts:
-                self.store_cold(self.cpu_experts.index(e), *plain)
+            if self.host_slot[e] >= 0:
+                if self.device_slot[e] >= 0:  # host backing of a device-resident expert
+                    self.store_cold(self.host_slot[e], *(d.cpu() for d in dsts))
+                else:
+                    self.store_cold(self.host_slot[e], *plain)
+
+    # ---- re-placement (vllm_fiddler.runtime.replacer) --------------------
+    def begin_swap(self, evict: int, admit: int, copier=None):
+        """Between steps: serve `evict` from its host copy from now on, and start copying
+        `admit` into the device slot `evict` leaves. Returns (slot, ready event or None);
+        call finish_swap(admit, slot) once the copy is done.
+
+        Needs host backing: evicting is then free (no device->host copy), and until
+        finish_swap both experts run from the host, so no step ever waits for the copy.
+        The slot is overwritten only after the work already queued on the compute stream
+        (which may still read the evicted expert) is done: ``copier`` orders that on CUDA;
+        without one (vLLM's CPU platform) the copy is synchronous.
+        """
+        if not self.host_backing:
+            raise RuntimeError("re-placement needs host backing (a host copy of every expert)")
+        slot = self.device_slot[evict]
+        if slot < 0 or self.device_slot[admit] >= 0:
+            raise ValueError(f"swap {evict} -> {admit}: expert {evict} must be device-served "
+                             f"and expert {admit} host-served")
+        self._serve(evict, -1)
+        host = self.host_slot[admit]
+        if copier is not None:
+            return slot, copier.copy_expert(self.w13_cpu[host], self.w2_cpu[host],
+                                            self.w13_gpu[slot], self.w2_gpu[slot])
+        w13, w2 = self.cold_expert_plain(host)
+        self.w13_gpu[slot].copy_(w13)
+        self.w2_gpu[slot].copy_(w2)
+        return slot, None
+
+    def finish_swap(self, admit: int, slot: int) -> None:
+        """Serve `admit` from device slot `slot` (its copy has landed)."""
+        self._serve(admit, slot)
+
+    def _serve(self, expert: int, device_slot: int) -> None:
+        """Points the routing maps at `device_slot` (>= 0) or the expert's host slot (-1).
+        The device tensors change in order on the current stream, after the work queued so far."""
+        self.device_slot[expert] = device_slot
+        cpu = self.host_slot[expert] if device_slot < 0 else -1
+        self.cpu_slot_of_host[expert] = cpu
+        self.gpu_slot_of[expert] = device_slot
+        self.cpu_slot_of[expert] = cpu
 
     def cpu_chunk_ids(self, cpu_ids: torch.Tensor, topk_weights: torch.Tensor,
                       first_cpu_chunk: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Host-side routing in chunk-experts: cpu_ids [T, K] (host slot or -1) ->
         (ids [T, K*C] chunk-expert or -1, weights [T, K*C]).
 
-        first_cpu_chunk [Ec]: chunks below it run elsewhere (the GPU); None: all on the CPU.
+        first_cpu_chunk [host slots]: chunks below it run elsewhere (the GPU); None: all on the CPU.
         """
         C = self.chunks
         T, K = cpu_ids.shape
@@ -218,7 +304,9 @@ class HybridMoE(nn.Module):
         topk_weights, topk_ids = route(router_logits, self.top_k)  # [T, K] fp32, [T, K] int64
         self.expert_tokens += torch.bincount(topk_ids.flatten(), minlength=self.num_experts)
         if self.device.type == "cuda":
+            start = time.perf_counter()
             self._forward_cuda(x, topk_weights, topk_ids, out)
+            self.op_s += time.perf_counter() - start
         else:
             self._forward_host(x, topk_weights, topk_ids, out)
 
@@ -272,7 +360,9 @@ class HybridMoE(nn.Module):
             fused_moe(x, self.w13_gpu, self.w2_gpu, topk_weights, self.gpu_slot_of[topk_ids], out=out)
         else:
             out.zero_()
+        start = time.perf_counter()
         d2h_done.synchronize()
+        self.sync_wait_s += time.perf_counter() - start
         cpu_ids = self.cpu_slot_of_host[host.ids.long()]  # [T, K] host-set slot or -1
         self._last_cpu_pairs = self._count(cpu_ids)
         if self._last_cpu_pairs == 0:
@@ -282,11 +372,11 @@ class HybridMoE(nn.Module):
         copies: list[tuple[int, int]] = []  # (host slot, chunks copied), in copy order
         if self.stager is not None:
             planner = get_step_planner(self)
-            copies = planner.plan(cpu_ids, len(self.cpu_experts), self.chunks,
+            copies = planner.plan(cpu_ids, self.num_host_slots, self.chunks,
                                   hot_tokens=cpu_ids.numel() - self._last_cpu_pairs)
         first_cpu_chunk = None
         if copies:
-            first_cpu_chunk = torch.zeros(len(self.cpu_experts), dtype=cpu_ids.dtype)
+            first_cpu_chunk = torch.zeros(self.num_host_slots, dtype=cpu_ids.dtype)
             for slot, n in copies:
                 first_cpu_chunk[slot] = n
             cpu_work = bool((first_cpu_chunk[cpu_ids[cpu_ids >= 0]] < self.chunks).any())
@@ -300,7 +390,10 @@ class HybridMoE(nn.Module):
             self._copied_experts(x, topk_weights, topk_ids, copies, out)
         # 4. The CPU's share comes back (pinned, async) and is added.
         if cold is not None:
-            out.add_(self.cpu_runtime.to_device(cold.result(), x.device, x.dtype))
+            start = time.perf_counter()
+            result = cold.result()
+            self.cpu_wait_s += time.perf_counter() - start
+            out.add_(self.cpu_runtime.to_device(result, x.device, x.dtype))
 
     def _copied_experts(self, x, topk_weights, topk_ids, copies, out) -> None:
         """Copies the first n chunks of each (slot, n) through the stager and computes them here."""
@@ -320,7 +413,7 @@ class HybridMoE(nn.Module):
         while staged:
             cold_slot, n, staging_slot, ready = staged.pop(0)
             torch.cuda.current_stream().wait_event(ready)
-            expert = self.cpu_experts[cold_slot]
+            expert = self.host_experts[cold_slot]
             chunk = torch.arange(n, dtype=torch.int32, device=x.device) + staging_slot * C  # [n]
             mine = (topk_ids == expert).unsqueeze(-1)  # [T, K, 1] only this expert
             ids = torch.where(mine, chunk, -1).view(T, K * n)  # [T, K*n] staged chunk-experts

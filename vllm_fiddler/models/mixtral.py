@@ -25,6 +25,7 @@ from vllm_fiddler.layers.hybrid_moe import HybridMoE, expert_chunks
 from vllm_fiddler.metrics import StatsWriter
 from vllm_fiddler.placement import MoEShape, Placement
 from vllm_fiddler.runtime.cpu_experts import CPUExpertRuntime, get_cpu_runtime
+from vllm_fiddler.runtime.replacer import ExpertCopier, ExpertReplacer, is_real_step
 from vllm_fiddler.runtime.setup import resolve_model_placement
 from vllm_fiddler.runtime.weight_stager import WeightStager
 
@@ -43,6 +44,7 @@ class FiddlerMixtralMoE(vllm_mixtral.MixtralMoE):
             raise ValueError("fiddler: quantised experts and EPLB are not supported")
         placement: Placement = _building.placement
         runtime: CPUExpertRuntime = _building.runtime
+        host_backing: bool = _building.host_backing
         vllm_config = get_current_vllm_config()
         self.hidden_size = hidden_size
         self.layer_name = prefix
@@ -58,7 +60,7 @@ class FiddlerMixtralMoE(vllm_mixtral.MixtralMoE):
             num_experts=num_experts, top_k=top_k, hidden_size=hidden_size,
             intermediate_size=intermediate_size, gpu_experts=placement.on_gpu(layer_index),
             dtype=vllm_config.model_config.dtype, device=device, cpu_runtime=runtime,
-            pin_memory=device.type == "cuda")
+            pin_memory=device.type == "cuda", host_backing=host_backing)
         if vllm_config.load_config.load_format == "dummy":
             # vLLM's dummy loader only fills Parameters; experts are plain tensors.
             self.experts.init_random(seed=1234 + layer_index)
@@ -82,7 +84,7 @@ class FiddlerMixtralForCausalLM(vllm_mixtral.MixtralForCausalLM):
         cfg = FiddlerConfig.from_additional_config(vllm_config.additional_config)
         hf = vllm_config.model_config.hf_config
         shape = MoEShape.from_hf_config(hf, dtype_bytes=vllm_config.model_config.dtype.itemsize)
-        placement, staging_slots = resolve_model_placement(cfg, shape, vllm_config)
+        placement, staging_slots, adapt = resolve_model_placement(cfg, shape, vllm_config)
         device = torch.get_default_device()
         on_cuda = device.type == "cuda"
         runtime = get_cpu_runtime(cfg.resolved_cpu_threads(), inline=not on_cuda, pin_memory=on_cuda)
@@ -93,22 +95,31 @@ class FiddlerMixtralForCausalLM(vllm_mixtral.MixtralForCausalLM):
         cc = vllm_config.compilation_config
         if cc.splitting_ops is not None and custom_op.SPLITTING_OP not in cc.splitting_ops:
             cc.splitting_ops.append(custom_op.SPLITTING_OP)
-        _building.placement, _building.runtime = placement, runtime
+        _building.placement, _building.runtime, _building.host_backing = placement, runtime, adapt
         original, vllm_mixtral.MixtralMoE = vllm_mixtral.MixtralMoE, FiddlerMixtralMoE
         try:
             super().__init__(vllm_config=vllm_config, prefix=prefix)
         finally:
             vllm_mixtral.MixtralMoE = original
-            del _building.placement, _building.runtime
+            del _building.placement, _building.runtime, _building.host_backing
         self.placement = placement
         self.fiddler_shape = shape
         self._stats_writer = StatsWriter()
         for experts in self.moe_layers:
             experts.stager = stager
+        self.replacer = None
+        if adapt:
+            copier = None
+            if on_cuda:
+                copier = ExpertCopier(hf.hidden_size, hf.intermediate_size, expert_chunks(hf.intermediate_size),
+                                      vllm_config.model_config.dtype, device)
+            self.replacer = ExpertReplacer(self.moe_layers, cfg.adaptation, copier)
 
     def forward(self, *args, **kwargs):
         # vLLM compiles self.model, not this method: the stats file is written
         # in plain Python, at most once a second (vllm_fiddler.metrics).
         hidden_states = super().forward(*args, **kwargs)
+        if self.replacer is not None and is_real_step():
+            self.replacer.on_step()  # between steps: re-placement (runtime/replacer.py)
         self._stats_writer.maybe_write(self)
         return hidden_states

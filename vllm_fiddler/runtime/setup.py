@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from vllm_fiddler.config import FiddlerConfig, FiddlerConfigError
-from vllm_fiddler.preflight import run_preflight
+from vllm_fiddler.preflight import host_backing_fits, run_preflight
 from vllm_fiddler.placement import (
     GIB,
     MoEShape,
@@ -62,8 +62,9 @@ def expert_budget_bytes(cfg: FiddlerConfig, shape: MoEShape, *, device_total_byt
     return available, "auto"
 
 
-def resolve_model_placement(cfg: FiddlerConfig, shape: MoEShape, vllm_config) -> tuple[Placement, int]:
-    """(placement, staging slots). Staging slots come out of the expert budget."""
+def resolve_model_placement(cfg: FiddlerConfig, shape: MoEShape, vllm_config) -> tuple[Placement, int, bool]:
+    """(placement, staging slots, online re-placement on). Staging slots come out of the expert
+    budget; re-placement needs a host copy of every expert (host backing)."""
     on_cuda = torch.get_default_device().type == "cuda"
     total = torch.cuda.mem_get_info()[1] if on_cuda else None
     budget, how = expert_budget_bytes(
@@ -76,8 +77,27 @@ def resolve_model_placement(cfg: FiddlerConfig, shape: MoEShape, vllm_config) ->
     placement, source = resolve_placement(cfg, shape, budget - staging * shape.expert_bytes)
     if placement.num_cpu == 0:
         staging = 0  # nothing to copy
+    adapt, why = decide_adaptation(cfg, shape, placement, on_cuda)
     logger.info("%s", placement.report(
-        shape.expert_bytes, f"{source}; budget {how}; {staging} staging slots for copied experts"))
-    for warning in run_preflight(shape, placement, device_is_host=not on_cuda):
+        shape.expert_bytes, f"{source}; budget {how}; {staging} staging slots for copied experts; "
+                            f"online re-placement {'on' if adapt else 'off'} ({why})"))
+    for warning in run_preflight(shape, placement, device_is_host=not on_cuda, host_backing=adapt):
         logger.warning("%s", warning)
-    return placement, staging
+    return placement, staging, adapt
+
+
+def decide_adaptation(cfg: FiddlerConfig, shape: MoEShape, placement: Placement, on_cuda: bool) -> tuple[bool, str]:
+    """Whether online re-placement runs, and why (for the placement log line)."""
+    wanted = cfg.adaptation.enabled
+    if wanted is False:
+        return False, "adaptation: false"
+    if placement.num_gpu == 0 or placement.num_cpu == 0:
+        return False, "every expert on one side: nothing to swap"
+    if wanted:
+        return True, "adaptation on"
+    if not on_cuda:
+        return False, "auto: no GPU"
+    if not host_backing_fits(shape, placement, device_is_host=False):
+        return False, ("auto: host memory cannot also hold a copy of the GPU-resident experts "
+                       f"({placement.num_gpu * shape.expert_bytes / GIB:.1f} GiB)")
+    return True, "auto"

@@ -1,0 +1,218 @@
+"""Online re-placement: swaps GPU-resident experts for hotter host ones while serving.
+
+The policy is pure (vllm_fiddler.adaptation: decaying heat, expected gain
+against the copy, hysteresis, noise test, cooldown); this module runs it
+between engine steps and executes its swaps. Timeline of one swap
+(evict x from device slot s, admit y):
+
+  step k (after the forward):  x is served from its host copy from now on;
+                               copy stream: wait for step k's kernels, then
+                               y's host chunks -> slot s (async)
+  steps k+1 .. :               x and y both run from the host (no wait)
+  first step boundary after the copy's event completed:
+                               y is served from slot s; counted, logged
+
+So a step never waits for a copy: the cost is the copy's PCIe traffic and,
+for the steps it takes, x's and y's tokens on the CPU. At most
+``max_swaps_in_flight`` copies run at once. Every expert keeps a host copy
+(``HybridMoE.host_backing``), so evicting costs nothing.
+
+What feeds the policy: each layer's routed-token counter (``expert_tokens``,
+on the device, bumped by every forward). Every ``interval_steps`` engine
+steps the counters are snapshotted into pinned memory with an async copy;
+the snapshot is read at the next interval (its event long done), so reading
+never syncs the device. Steps without attention metadata (vLLM's dummy runs:
+memory profiling, warm-up, CUDA graph capture) are not steps here, and the
+counts they add before the first real step are dropped.
+
+The policy's prices, from the step planner's cost model (calibrated on the
+machine on CUDA; the built-in prior on vLLM's CPU platform):
+  copy_ms = one expert host -> device;
+  saved_ms_per_token = CPU expert at 1 token - GPU expert at 1 token (decode:
+  a host-served expert costs its weight read on the CPU per step it is hit).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from vllm_fiddler.adaptation import AdaptationPolicy, ExpertHeat, plan_swaps
+from vllm_fiddler.config import AdaptationSettings
+from vllm_fiddler.logger import logger
+
+
+class ExpertCopier:
+    """Copies one host expert (chunked layout) into a device slot (plain layout) on its own stream.
+
+    The gate/up rows of a chunk are contiguous in both layouts (2C plain
+    copies); the down projection's chunk is a column block of the plain
+    [H, I], so it goes through a small contiguous bounce buffer ([H, I/C],
+    15 MB for Mixtral, allocated once) and a device-side copy, never through
+    a temporary the caching allocator would keep.
+    """
+
+    def __init__(self, hidden_size: int, intermediate_size: int, chunks: int, dtype: torch.dtype,
+                 device: torch.device):
+        self.chunks = chunks
+        self.stream = torch.cuda.Stream(device=device)
+        self.bounce = torch.empty(hidden_size, intermediate_size // chunks, dtype=dtype, device=device)  # [H, Ic]
+        self.bytes_copied = 0
+
+    def copy_expert(self, w13_host: torch.Tensor, w2_host: torch.Tensor, w13_dst: torch.Tensor,
+                    w2_dst: torch.Tensor) -> torch.cuda.Event:
+        """w13_host [C, 2Ic, H], w2_host [C, H, Ic] (pinned) -> w13_dst [2I, H], w2_dst [H, I].
+        Starts after the work queued so far on the current stream; returns the done event."""
+        C = self.chunks
+        Ic = w2_host.shape[-1]
+        H = w13_host.shape[-1]
+        queued = torch.cuda.Event()
+        queued.record(torch.cuda.current_stream())
+        gate_up = w13_dst.view(2, C, Ic, H)  # [2, C, Ic, H]: plain rows by (gate/up, chunk)
+        with torch.cuda.stream(self.stream):
+            self.stream.wait_event(queued)
+            for c in range(C):
+                gate_up[0, c].copy_(w13_host[c, :Ic], non_blocking=True)
+                gate_up[1, c].copy_(w13_host[c, Ic:], non_blocking=True)
+                self.bounce.copy_(w2_host[c], non_blocking=True)
+                w2_dst[:, c * Ic:(c + 1) * Ic].copy_(self.bounce)  # in order on this stream
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        self.bytes_copied += w13_host.numel() * w13_host.element_size() + w2_host.numel() * w2_host.element_size()
+        return done
+
+
+@dataclasses.dataclass
+class _InFlight:
+    layer: int
+    evict: int
+    admit: int
+    slot: int
+    ready: "torch.cuda.Event | None"
+    started_step: int
+    text: str
+
+
+class ExpertReplacer:
+    """Runs the adaptation policy between steps over a model's HybridMoE layers."""
+
+    def __init__(self, layers, settings: AdaptationSettings, copier: ExpertCopier | None = None):
+        self.layers = list(layers)
+        if not self.layers:
+            raise ValueError("no MoE layers to re-place")
+        self.settings = settings
+        self.copier = copier
+        self.num_experts = self.layers[0].num_experts
+        self.heat = ExpertHeat(len(self.layers), self.num_experts, settings.half_life_steps)
+        self.policy: AdaptationPolicy | None = None  # priced at the first plan (the cost model calibrates first)
+        self.step = 0  # real engine steps seen
+        self.in_flight: list[_InFlight] = []
+        self.last_moved: dict[tuple[int, int], int] = {}
+        self.replacements = 0  # swaps landed (metrics)
+        self.bytes_copied = 0
+        self._baseline: list[list[int]] | None = None  # [L][E] counters at _baseline_step
+        self._baseline_step = 0
+        self._snapshot: torch.Tensor | None = None  # [L, E] int64 (pinned on CUDA), taken at _snapshot_step
+        self._snapshot_ready: "torch.cuda.Event | None" = None
+        self._snapshot_step = 0
+
+    # ---- the per-step hook --------------------------------------------------
+    def on_step(self) -> None:
+        """Call after each real engine step's forward (not during dummy runs or capture)."""
+        self.step += 1
+        self._land()
+        if self._snapshot is None:  # first real step: the counters so far (warm-up) are not evidence
+            self._take_snapshot()
+        elif self.step - self._snapshot_step >= self.settings.interval_steps:
+            self._observe_and_plan()
+
+    # ---- counters -------------------------------------------------------------
+    def _take_snapshot(self) -> None:
+        counts = torch.stack([m.expert_tokens for m in self.layers])  # [L, E]
+        if counts.device.type == "cuda":
+            if self._snapshot is None:
+                self._snapshot = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True)
+            self._snapshot.copy_(counts, non_blocking=True)
+            self._snapshot_ready = torch.cuda.Event()
+            self._snapshot_ready.record()
+        else:
+            self._snapshot = counts.clone()
+        self._snapshot_step = self.step
+
+    def _observe_and_plan(self) -> None:
+        if self._snapshot_ready is not None and not self._snapshot_ready.query():
+            return  # the device is far behind: try again at the next step
+        counts = self._snapshot.tolist()
+        if self._baseline is not None:
+            delta = [[n - b for n, b in zip(row, base)] for row, base in zip(counts, self._baseline)]
+            self.heat.observe_all(delta, steps=max(1, self._snapshot_step - self._baseline_step))
+            self._plan()
+        self._baseline, self._baseline_step = counts, self._snapshot_step
+        self._take_snapshot()
+
+    # ---- planning and swaps ------------------------------------------------------
+    def _price(self) -> AdaptationPolicy:
+        from vllm_fiddler.runtime import step_planner
+
+        planner = step_planner._planner
+        if planner is not None:
+            cost = planner.cost
+        else:  # vLLM's CPU platform (no copy path): the machine-independent prior
+            from vllm_fiddler.cost_model import default_for_shape
+
+            layer = self.layers[0]
+            cost = default_for_shape(layer.hidden_size, layer.intermediate_size, layer.w13_cpu.element_size())
+        s = self.settings
+        return AdaptationPolicy(
+            copy_ms=cost.copy_ms, saved_ms_per_token=max(1e-3, cost.cpu_ms(1) - cost.gpu_ms(1)),
+            horizon_steps=s.horizon_steps, min_gain_ratio=s.min_gain_ratio,
+            max_swaps_per_round=s.max_swaps_in_flight, min_rate_margin=s.min_rate_margin,
+            cooldown_steps=s.cooldown_steps, noise_z=s.noise_z)
+
+    def resident(self) -> list[tuple[int, ...]]:
+        """[L] GPU experts per layer once the copies in flight have landed."""
+        out = [set(m.gpu_experts) for m in self.layers]
+        for f in self.in_flight:
+            out[f.layer].add(f.admit)
+        return [tuple(sorted(r)) for r in out]
+
+    def _plan(self) -> None:
+        if self.policy is None:
+            self.policy = self._price()
+            logger.info("fiddler: online re-placement on: copy %.2f ms per expert, %.2f ms saved per "
+                        "token served on the GPU, %s", self.policy.copy_ms, self.policy.saved_ms_per_token,
+                        self.settings)
+        plan = plan_swaps(self.heat.rates(), self.resident(), self.policy, step=self.step,
+                          last_moved=self.last_moved, effective_steps=self.heat.effective_steps(),
+                          in_flight=len(self.in_flight))
+        for swap in plan.swaps:
+            layer = self.layers[swap.layer]
+            slot, ready = layer.begin_swap(swap.evict, swap.admit, self.copier)
+            self.last_moved[(swap.layer, swap.evict)] = self.step
+            self.last_moved[(swap.layer, swap.admit)] = self.step
+            self.in_flight.append(_InFlight(swap.layer, swap.evict, swap.admit, slot, ready, self.step, swap.text()))
+
+    def _land(self) -> None:
+        still = []
+        for f in self.in_flight:
+            if f.ready is not None and not f.ready.query():
+                still.append(f)
+                continue
+            self.layers[f.layer].finish_swap(f.admit, f.slot)
+            self.replacements += 1
+            self.bytes_copied += self.layers[f.layer].expert_bytes
+            logger.info("fiddler re-placement (step %d, started %d): %s", self.step, f.started_step, f.text)
+        self.in_flight = still
+
+
+def is_real_step() -> bool:
+    """A step of real requests: vLLM's dummy runs (profiling, warm-up, graph capture) carry
+    no attention metadata, and nothing may change while a CUDA graph is being captured."""
+    try:
+        from vllm.forward_context import get_forward_context, is_forward_context_available
+    except ImportError:
+        return False
+    if not is_forward_context_available() or get_forward_context().attn_metadata is None:
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
