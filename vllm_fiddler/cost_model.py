@@ -22,12 +22,26 @@ and the GPU compute stream. The step's timeline, as modelled here:
   copied expert's compute then starts once both its copy and the previous
   GPU work are done.
 
+- **Host DRAM contention.** The CPU kernel and the copies read the same host
+  DRAM, so while both are busy each runs slower than alone: the CPU queue
+  progresses at 1 / `cpu_contended_slowdown` of its solo rate and the copy
+  in flight at 1 / `h2d_contended_slowdown` of its own; whenever only one of
+  them is busy (the other done, or the PCIe queue idle, waiting for a
+  staging slot), it runs at full speed. Both factors are 1.0 by default (no
+  contention: the timeline above, exactly); calibration measures them. The
+  overlap is computed exactly for this two-resource timeline (`HostDram`).
+
 Simplifications, on purpose: the tokens' activations (KBs) moving over PCIe
-are not counted; the CPU pool is not slowed by the copies' memory traffic;
-the GPU runs one thing at a time (the hot work first, then the copied
-experts in copy order); staging slots are reused round-robin, a copy into a
-slot waiting for the GPU to finish the expert that slot held (`staging_slots`,
-2 = double buffering); `max_copies` is a hard cap per step.
+are not counted; contention is one constant factor per side, whatever the
+token count or the share of bandwidth the CPU kernel actually uses (it is
+measured with decode-sized, DRAM-bound CPU work, the worst case: at hundreds
+of tokens the kernel is compute-bound and slows less), it applies to a
+copy's fixed latency as well as to its bytes, and the GPU's own memory
+traffic does not count; the GPU runs one thing at a time (the hot work
+first, then the copied experts in copy order); staging slots are reused
+round-robin, a copy into a slot waiting for the GPU to finish the expert
+that slot held (`staging_slots`, 2 = double buffering); `max_copies` is a
+hard cap per step.
 
 The step's critical path is the max of the three queues' end times, and that
 is what `plan_cold_experts` minimises, NOT the sum of per-expert costs: with
@@ -41,6 +55,16 @@ at 512; H2D copy of one expert 6.47 ms (55 GB/s, pinned); GPU expert 0.17 ms
 (decode) to 0.32 ms. So in decode (a few tokens per expert) a copy costs about
 one CPU expert, and splitting halves the critical path once two or more cold
 experts are hit; in prefill the CPU is 10-100x slower and copies win.
+
+Contention, measured on the same box (benchmarks/results/host-bandwidth-h100.json,
+16 threads reading 4 GiB of host DRAM, pinned 1 GiB H2D copies): DRAM read
+alone 115.6 GB/s, H2D alone 50.7 GB/s; both at once 92.7 + 40.1 GB/s, i.e.
+the CPU reads 1.25x slower and the copies run 1.27x slower while they
+overlap (MEASURED_CPU_CONTENDED_SLOWDOWN, MEASURED_H2D_CONTENDED_SLOWDOWN:
+what calibration should find there; the prior `default_for_shape` leaves
+contention off unless asked). Ignoring it, the planner gives the CPU a share
+that then runs slower than planned (prefill) and balances decode splits on
+rates that do not hold while both sides run.
 """
 
 from __future__ import annotations
@@ -72,6 +96,13 @@ MEASURED_COPY_LATENCY_MS = MEASURED_COPY_MS - MIXTRAL_EXPERT_BYTES / (MEASURED_H
 # assumptions. Beyond 512 the prior follows the FLOPs: 2*3*H*I flops/token at
 # ~500 TFLOP/s, i.e. ~0.7 us per token for Mixtral.
 GPU_FLOPS_PER_MS = 500e9  # 500 TFLOP/s effective, bf16 grouped GEMM on an H100 (assumption)
+# Host DRAM shared by the CPU kernel and the copies (benchmarks/results/host-bandwidth-h100.json).
+MEASURED_DRAM_READ_GB_S = 115.55  # 16 threads reading host DRAM, alone
+MEASURED_PINNED_H2D_GB_S = 50.70  # pinned host -> H100 (1 GiB copies), alone
+MEASURED_DRAM_READ_CONTENDED_GB_S = 92.74  # ... while the copies run
+MEASURED_PINNED_H2D_CONTENDED_GB_S = 40.06  # ... while the CPU reads
+MEASURED_CPU_CONTENDED_SLOWDOWN = MEASURED_DRAM_READ_GB_S / MEASURED_DRAM_READ_CONTENDED_GB_S  # 1.246
+MEASURED_H2D_CONTENDED_SLOWDOWN = MEASURED_PINNED_H2D_GB_S / MEASURED_PINNED_H2D_CONTENDED_GB_S  # 1.266
 
 _EPS = 1e-9
 
@@ -130,6 +161,10 @@ class CostModel:
     h2d_gb_s, copy_latency_ms: a copy takes copy_latency_ms + expert_bytes / bandwidth.
     expert_bytes: w13 + w2 of one expert.
     gpu_points: (tokens, ms) of one expert on the GPU (weights already there).
+    cpu_contended_slowdown, h2d_contended_slowdown (>= 1): how much slower the
+        CPU queue and the copy in flight run while both are busy (they read the
+        same host DRAM); 1.0 = no contention, the model before these existed
+        (and what a cache file without them loads as). See `HostDram`.
     The descriptive fields (machine, shape, source) only name and document it.
     Frozen and hashable, so plans are memoised per (routing, cost model).
     """
@@ -142,6 +177,8 @@ class CostModel:
     machine: str = ""  # e.g. "H100-80GB-HBM3|Xeon-8480+|t52"
     shape: str = ""  # e.g. "H4096-I14336-bf16"
     source: str = ""  # where the numbers come from
+    cpu_contended_slowdown: float = 1.0  # CPU queue, while a copy runs
+    h2d_contended_slowdown: float = 1.0  # a copy, while the CPU queue runs
 
     def __post_init__(self):
         object.__setattr__(self, "cpu_points", _clean_points(self.cpu_points, "cpu_points"))
@@ -153,6 +190,16 @@ class CostModel:
         if not self.expert_bytes > 0:
             raise ValueError(f"expert_bytes must be > 0, got {self.expert_bytes}")
         object.__setattr__(self, "expert_bytes", int(self.expert_bytes))
+        for name in ("cpu_contended_slowdown", "h2d_contended_slowdown"):
+            v = float(getattr(self, name))
+            if not (v >= 1.0 and math.isfinite(v)):
+                raise ValueError(f"{name} must be a finite number >= 1, got {getattr(self, name)}")
+            object.__setattr__(self, name, v)
+
+    @property
+    def contended(self) -> bool:
+        """Whether overlapping CPU work and copies slow each other down."""
+        return self.cpu_contended_slowdown != 1.0 or self.h2d_contended_slowdown != 1.0
 
     # -- costs ---------------------------------------------------------------
 
@@ -193,7 +240,7 @@ class CostModel:
         d = dataclasses.asdict(self)
         d["cpu_points"] = [list(p) for p in self.cpu_points]
         d["gpu_points"] = [list(p) for p in self.gpu_points]
-        d["version"] = 1
+        d["version"] = 2  # 2: the contention factors (a version-1 file loads with 1.0)
         return d
 
     def to_json(self) -> str:
@@ -217,7 +264,8 @@ class CostModel:
         be = self.breakeven_tokens()
         return (f"CostModel[{self.key}] expert {self.expert_bytes / 1e6:.0f} MB; copy {self.copy_ms:.2f} ms "
                 f"({self.h2d_gb_s:g} GB/s + {self.copy_latency_ms:.3f} ms); CPU ms by tokens {{{pts}}}; "
-                f"GPU ms {{{gpts}}}; lone-expert break-even {be} tokens"
+                f"GPU ms {{{gpts}}}; lone-expert break-even {be} tokens; overlapping, CPU "
+                f"{self.cpu_contended_slowdown:.3g}x and copies {self.h2d_contended_slowdown:.3g}x slower"
                 + (f"; source: {self.source}" if self.source else ""))
 
 
@@ -244,17 +292,22 @@ def shape_tag(hidden_size: int, intermediate_size: int, dtype_bytes: int = 2) ->
 
 def fit_from_measurements(cpu_points: Iterable[Sequence[float]], h2d_gb_s: float, copy_latency_ms: float,
                           gpu_points: Iterable[Sequence[float]], expert_bytes: int, *,
-                          machine: str = "", shape: str = "", source: str = "measured") -> CostModel:
+                          machine: str = "", shape: str = "", source: str = "measured",
+                          cpu_contended_slowdown: float = 1.0, h2d_contended_slowdown: float = 1.0
+                          ) -> CostModel:
     """A CostModel from raw measurements (what runtime/calibrate.py times on the device).
 
     cpu_points / gpu_points: (tokens, ms) pairs, any order; repeated token
     counts are averaged and the times made non-decreasing in tokens (noise).
     h2d_gb_s and copy_latency_ms: see fit_copy() to derive them from timed copies.
+    cpu/h2d_contended_slowdown: contended time / solo time of CPU expert work
+    and of copies run at the same time (>= 1; 1.0 when not measured).
     """
     return CostModel(cpu_points=tuple(tuple(p) for p in cpu_points), h2d_gb_s=float(h2d_gb_s),
                      copy_latency_ms=float(copy_latency_ms), expert_bytes=int(expert_bytes),
                      gpu_points=tuple(tuple(p) for p in gpu_points), machine=machine, shape=shape,
-                     source=source)
+                     source=source, cpu_contended_slowdown=float(cpu_contended_slowdown),
+                     h2d_contended_slowdown=float(h2d_contended_slowdown))
 
 
 def fit_copy(samples: Iterable[Sequence[float]]) -> tuple[float, float]:
@@ -282,7 +335,8 @@ def fit_copy(samples: Iterable[Sequence[float]]) -> tuple[float, float]:
 
 def default_for_shape(hidden_size: int = MIXTRAL_H, intermediate_size: int = MIXTRAL_I,
                       dtype_bytes: int = MIXTRAL_DTYPE_BYTES, *, h2d_gb_s: float = MEASURED_H2D_GB_S,
-                      machine: str = "prior-H100-box") -> CostModel:
+                      machine: str = "prior-H100-box", cpu_contended_slowdown: float = 1.0,
+                      h2d_contended_slowdown: float = 1.0) -> CostModel:
     """A ROUGH PRIOR, used until calibration has run on the machine.
 
     Built from the Mixtral-8x7B figures measured on the H100 box (module
@@ -291,7 +345,9 @@ def default_for_shape(hidden_size: int = MIXTRAL_H, intermediate_size: int = MIX
     at every token count: weight reads at few tokens, FLOPs at many). The
     H2D bandwidth and per-copy latency are the measured ones; a different
     PCIe link makes this prior wrong by that ratio, which is why calibration
-    (runtime/calibrate.py -> fit_from_measurements) replaces it.
+    (runtime/calibrate.py -> fit_from_measurements) replaces it. Contention is
+    off (1.0) unless given: pass MEASURED_CPU_CONTENDED_SLOWDOWN and
+    MEASURED_H2D_CONTENDED_SLOWDOWN for the H100 box's.
     """
     expert_bytes = 3 * hidden_size * intermediate_size * dtype_bytes
     scale = expert_bytes / MIXTRAL_EXPERT_BYTES
@@ -303,7 +359,8 @@ def default_for_shape(hidden_size: int = MIXTRAL_H, intermediate_size: int = MIX
     return CostModel(cpu_points=cpu, h2d_gb_s=h2d_gb_s, copy_latency_ms=MEASURED_COPY_LATENCY_MS,
                      expert_bytes=expert_bytes, gpu_points=tuple(gpu), machine=machine,
                      shape=shape_tag(hidden_size, intermediate_size, dtype_bytes),
-                     source="prior: Mixtral-8x7B figures measured on the H100 box, scaled by expert bytes")
+                     source="prior: Mixtral-8x7B figures measured on the H100 box, scaled by expert bytes",
+                     cpu_contended_slowdown=cpu_contended_slowdown, h2d_contended_slowdown=h2d_contended_slowdown)
 
 
 # ----------------------------------------------------------------------------
@@ -412,17 +469,79 @@ def copy_order(experts: Sequence[int], copy_ms: float, gpu_ms: Mapping[int, floa
     return first + rest
 
 
+class HostDram:
+    """The CPU queue and the PCIe copies sharing host DRAM: exact contended end times.
+
+    The CPU queue holds `cpu_work` ms of solo work from t = 0, back to back.
+    Copies are placed one at a time, in order, each from a start time no
+    earlier than the previous copy's end (`copy(start, work)` returns its
+    end). While the CPU queue and a copy are both running, the CPU progresses
+    at 1 / cpu_slowdown and the copy at 1 / h2d_slowdown of their solo rates;
+    whichever runs alone runs at full speed. So with one copy of `w` ms from
+    t = 0 against `c` ms of CPU work, both slowed while overlapping:
+    if c * s_cpu <= w * s_h2d the CPU ends at c * s_cpu and the copy at
+    c * s_cpu + (w - c * s_cpu / s_h2d); otherwise the copy ends at w * s_h2d
+    and the CPU at w * s_h2d + (c - w * s_h2d / s_cpu).
+    With both factors 1.0 it is the uncontended timeline, bit for bit
+    (copy ends at start + work, the CPU at cpu_work).
+    """
+
+    __slots__ = ("end", "left", "plain", "s_cpu", "s_h2d", "t")
+
+    def __init__(self, cpu_work: float, cpu_slowdown: float = 1.0, h2d_slowdown: float = 1.0):
+        self.s_cpu, self.s_h2d = cpu_slowdown, h2d_slowdown
+        self.plain = cpu_slowdown == 1.0 and h2d_slowdown == 1.0
+        self.t = 0.0  # the CPU's progress is accounted up to here
+        self.left = cpu_work  # CPU solo work left at self.t
+        self.end: float | None = cpu_work if (self.plain or cpu_work <= 0) else None  # CPU end, once known
+
+    def copy(self, start: float, work: float) -> float:
+        """A copy of `work` solo ms starting at `start` (>= the previous copy's end); returns its end."""
+        if self.end is None and start > self.t:  # the CPU alone until the copy starts
+            if start - self.t >= self.left:
+                self.end = self.t + self.left
+            else:
+                self.left -= start - self.t
+                self.t = start
+        if self.end is not None:  # the CPU is done (or nothing contends): full speed
+            return start + work
+        s_cpu, s_h2d = self.s_cpu, self.s_h2d
+        if self.left * s_cpu > work * s_h2d:  # the copy ends first, the CPU still busy
+            end = start + work * s_h2d
+            self.left -= work * s_h2d / s_cpu
+            self.t = end
+            return end
+        cpu_end = start + self.left * s_cpu  # the CPU ends first (or together)
+        self.end = cpu_end
+        return cpu_end + max(0.0, work - self.left * s_cpu / s_h2d)  # the rest of the copy alone
+
+    @property
+    def cpu_end(self) -> float:
+        """The CPU queue's end (after the last copy placed)."""
+        return self.end if self.end is not None else self.t + self.left
+
+
+def overlap(cpu_work: float, copy_work: float, cpu_slowdown: float, h2d_slowdown: float
+            ) -> tuple[float, float]:
+    """(CPU end, PCIe end) of `cpu_work` and `copy_work` solo ms, both busy from t = 0 (see HostDram)."""
+    dram = HostDram(cpu_work, cpu_slowdown, h2d_slowdown)
+    pcie = dram.copy(0.0, copy_work) if copy_work > 0 else 0.0
+    return dram.cpu_end, pcie
+
+
 def simulate(cpu: Iterable[int], copy: Sequence[int], cpu_ms: Mapping[int, float],
              gpu_ms: Mapping[int, float], copy_ms: float, gpu_busy_ms: float = 0.0,
-             staging_slots: int | None = None) -> tuple[float, float, float, float]:
+             staging_slots: int | None = None, cpu_slowdown: float = 1.0, h2d_slowdown: float = 1.0
+             ) -> tuple[float, float, float, float]:
     """The timeline of one plan: (critical path, CPU end, PCIe end, GPU end), in ms.
 
     `copy` is in copy order. Staging slots (when given) are used round-robin:
     copy i goes to slot i % S and cannot start before the GPU finished the
     expert of copy i - S (double buffering when S = 2); without a bound,
-    every copy has its own slot.
+    every copy has its own slot. cpu_slowdown / h2d_slowdown: host DRAM
+    contention while the CPU queue and a copy overlap (HostDram; 1.0: none).
     """
-    cpu_end = sum(cpu_ms[e] for e in cpu)
+    dram = HostDram(sum(cpu_ms[e] for e in cpu), cpu_slowdown, h2d_slowdown)
     pcie = 0.0
     gpu = gpu_busy_ms
     done: list[float] = []  # GPU end of each copied expert
@@ -430,16 +549,18 @@ def simulate(cpu: Iterable[int], copy: Sequence[int], cpu_ms: Mapping[int, float
         start = pcie
         if staging_slots is not None and i >= staging_slots:
             start = max(start, done[i - staging_slots])
-        pcie = start + copy_ms
+        pcie = dram.copy(start, copy_ms)
         gpu = max(gpu, pcie) + gpu_ms[e]
         done.append(gpu)
+    cpu_end = dram.cpu_end
     return max(cpu_end, gpu), cpu_end, pcie, gpu
 
 
 def plan_cold_experts(token_counts: Mapping[int, int], cost: CostModel, gpu_busy_ms: float = 0.0,
                       max_copies: int | None = None, staging_slots: int | None = None,
                       exact_limit: int = 12) -> ColdPlan:
-    """Splits the hit cold experts between the CPU and copies, minimising the critical path.
+    """Splits the hit cold experts between the CPU and copies, minimising the critical path
+    (simulate, with the cost model's host DRAM contention factors).
 
     token_counts: cold expert id -> tokens routed to it this step (experts with
         0 tokens are ignored).
@@ -475,6 +596,7 @@ def _plan_cached(items: tuple[tuple[int, int], ...], cost: CostModel, gpu_busy_m
     cpu_ms = {e: cost.cpu_ms(n) for e, n in items}
     gpu_ms = {e: cost.gpu_ms(n) for e, n in items}
     copy_ms = cost.copy_ms
+    s_cpu, s_h2d = cost.cpu_contended_slowdown, cost.h2d_contended_slowdown
     limit = len(experts) if max_copies is None else max(0, min(max_copies, len(experts)))
 
     def evaluate(copy_set: Iterable[int]):
@@ -482,7 +604,7 @@ def _plan_cached(items: tuple[tuple[int, int], ...], cost: CostModel, gpu_busy_m
         order = copy_order(sorted(copy_set), copy_ms, gpu_ms)
         cpu = [e for e in experts if e not in copy_set]
         crit, cpu_end, pcie_end, gpu_end = simulate(cpu, order, cpu_ms, gpu_ms, copy_ms, gpu_busy_ms,
-                                                    staging_slots)
+                                                    staging_slots, s_cpu, s_h2d)
         busy = cpu_end + len(order) * copy_ms + sum(gpu_ms[e] for e in order)
         key = (round(crit / _EPS), len(order), round(busy / _EPS), tuple(sorted(copy_set)))
         return key, (tuple(cpu), tuple(order), crit, cpu_end, pcie_end, gpu_end)
@@ -519,8 +641,9 @@ def _exact(experts, cpu_ms, gpu_ms, copy_ms, gpu_busy_ms, limit, evaluate, best)
     Experts with the same CPU and GPU times are interchangeable, so it
     enumerates how many of each such group to copy (the lowest ids of a group
     are the ones copied). A candidate is simulated only if two lower bounds leave it a
-    chance to beat (or tie) `best`: its CPU queue (exact, cheap), and its
-    GPU end >= max(m copies + the smallest GPU time, hot work + the m
+    chance to beat (or tie) `best`: its CPU queue's solo work (its end exactly
+    without contention; contention only delays it), and its GPU end >=
+    max(m copies at solo speed + the smallest GPU time, hot work + the m
     smallest GPU times). Pruning only drops strictly worse plans, so the
     result is the exhaustive search's, tie-breaks included.
     """
@@ -600,9 +723,12 @@ def _descend(experts, limit, evaluate, best, max_passes: int = 64):
 # step: with 2 cold experts of 1 token each on the H100 box (CPU 3.4 ms, copy
 # 6.5 ms per expert), "copy one, CPU the other" ends at ~6.7 ms, while copying
 # 5/8 of one expert and computing the rest on the CPU ends at ~4.7 ms, close
-# to the bandwidth bound 704 MB / (DRAM + PCIe GB/s). As in a fractional
-# knapsack, an optimal split needs at most one expert cut in two; the
-# whole-expert plan stays the starting point.
+# to the bandwidth bound 704 MB / (DRAM + PCIe GB/s). (Those are solo rates.
+# With the measured contention, 1.25x / 1.27x while both run, the same cut
+# ends at ~5.7 ms against 6.8 ms for whole experts, all on the CPU: the sum of
+# the two bandwidths measured together, 132.8 GB/s, bounds it at ~5.3 ms.)
+# As in a fractional knapsack, an optimal split needs at most one expert cut
+# in two; the whole-expert plan stays the starting point.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -612,6 +738,7 @@ class ChunkPlan:
 
     copy: experts with at least one chunk copied, in copy order (a split expert last).
     split: the one expert cut between the sides, or None.
+    cpu_ms, gpu_end_ms: the CPU queue's and the GPU's end (with host DRAM contention).
     """
 
     chunks: int
@@ -634,16 +761,29 @@ class ChunkPlan:
                 f"{self.gpu_end_ms:.2f} ms")
 
 
-def simulate_items(cpu_end: float, copies: Sequence[tuple[float, float]], gpu_busy_ms: float = 0.0
-                   ) -> tuple[float, float]:
-    """(critical path, GPU end) of copies [(copy ms, GPU ms)] in order, after `gpu_busy_ms` of hot
-    work, with the CPU queue ending at `cpu_end` (unbounded staging slots, as the runtime plans)."""
+def timeline_items(cpu_work: float, copies: Sequence[tuple[float, float]], gpu_busy_ms: float = 0.0,
+                   cpu_slowdown: float = 1.0, h2d_slowdown: float = 1.0) -> tuple[float, float, float, float]:
+    """(critical path, CPU end, PCIe end, GPU end) of copies [(copy ms, GPU ms)] in order, after
+    `gpu_busy_ms` of hot work, with `cpu_work` ms of CPU work (solo) from t = 0 (unbounded staging
+    slots, as the runtime plans), host DRAM contention as in HostDram."""
+    dram = HostDram(cpu_work, cpu_slowdown, h2d_slowdown)
     pcie = 0.0
     gpu = gpu_busy_ms
     for c_ms, g_ms in copies:
-        pcie += c_ms
+        pcie = dram.copy(pcie, c_ms)
         gpu = max(gpu, pcie) + g_ms
-    return max(cpu_end, gpu), gpu
+    cpu_end = dram.cpu_end
+    return max(cpu_end, gpu), cpu_end, pcie, gpu
+
+
+def simulate_items(cpu_end: float, copies: Sequence[tuple[float, float]], gpu_busy_ms: float = 0.0,
+                   cpu_slowdown: float = 1.0, h2d_slowdown: float = 1.0) -> tuple[float, float]:
+    """(critical path, GPU end) of copies [(copy ms, GPU ms)] in order, after `gpu_busy_ms` of hot
+    work, with the CPU queue ending at `cpu_end` (unbounded staging slots, as the runtime plans).
+    With contention factors (HostDram), `cpu_end` is the CPU queue's solo work, which the copies
+    then delay: see timeline_items for the contended CPU end."""
+    crit, _, _, gpu = timeline_items(cpu_end, copies, gpu_busy_ms, cpu_slowdown, h2d_slowdown)
+    return crit, gpu
 
 
 def plan_cold_chunks(token_counts: Mapping[int, int], cost: CostModel, chunks: int, gpu_busy_ms: float = 0.0,
@@ -655,8 +795,10 @@ def plan_cold_chunks(token_counts: Mapping[int, int], cost: CostModel, chunks: i
     latency) and f/chunks of its GPU time. Candidates: a CPU expert sends its
     first j chunks to the GPU (its part copied after the whole copies), or a
     copied expert keeps only its first j chunks on the GPU (it moves to the end
-    of the copy order). The best candidate is kept only if it shortens the
-    critical path by more than 1e-6 ms: ties keep whole experts.
+    of the copy order). Every candidate is timed with the cost model's host
+    DRAM contention (timeline_items), so the split point balances the CPU and
+    the copies at their contended rates. The best candidate is kept only if
+    it shortens the critical path by more than 1e-6 ms: ties keep whole experts.
     """
     if chunks < 1:
         raise ValueError(f"chunks must be >= 1, got {chunks}")
@@ -672,6 +814,9 @@ def _chunk_cached(whole: ColdPlan, cost: CostModel, chunks: int, gpu_busy_ms: fl
     gpu_chunks = {e: chunks for e in whole.copy}
     best = (whole.critical_path_ms, None, None, whole.cpu_ms, whole.gpu_end_ms)
     if chunks > 1 and n:
+        s_cpu, s_h2d = cost.cpu_contended_slowdown, cost.h2d_contended_slowdown
+        # the whole plan's CPU queue, solo (= whole.cpu_ms, bit for bit, without contention)
+        cpu_work = sum(cost.cpu_ms(n[e]) for e in whole.cpu)
         lat = cost.copy_latency_ms
         bw_ms = cost.copy_ms - lat  # the whole expert's bytes over PCIe
 
@@ -683,16 +828,17 @@ def _chunk_cached(whole: ColdPlan, cost: CostModel, chunks: int, gpu_busy_ms: fl
         if max_copies is None or len(whole.copy) < max_copies:
             for e in whole.cpu:
                 for j in range(1, chunks):
-                    cpu_end = whole.cpu_ms - cost.cpu_ms(n[e]) * j / chunks
-                    crit, gpu_end = simulate_items(cpu_end, whole_copies + [part(e, j)], gpu_busy_ms)
+                    crit, cpu_end, _, gpu_end = timeline_items(cpu_work - cost.cpu_ms(n[e]) * j / chunks,
+                                                               whole_copies + [part(e, j)], gpu_busy_ms,
+                                                               s_cpu, s_h2d)
                     if crit < best[0] - 1e-6:
                         best = (crit, e, j, cpu_end, gpu_end)
         # a copied expert keeps its first j chunks on the GPU, the rest go to the CPU
         for i, e in enumerate(whole.copy):
             others = whole_copies[:i] + whole_copies[i + 1:]
             for j in range(1, chunks):
-                cpu_end = whole.cpu_ms + cost.cpu_ms(n[e]) * (chunks - j) / chunks
-                crit, gpu_end = simulate_items(cpu_end, others + [part(e, j)], gpu_busy_ms)
+                crit, cpu_end, _, gpu_end = timeline_items(cpu_work + cost.cpu_ms(n[e]) * (chunks - j) / chunks,
+                                                           others + [part(e, j)], gpu_busy_ms, s_cpu, s_h2d)
                 if crit < best[0] - 1e-6:
                     best = (crit, e, j, cpu_end, gpu_end)
     crit, split, j, cpu_end, gpu_end = best

@@ -3,14 +3,21 @@
 What is timed, on the model's real shapes and the runtime's real code paths:
 - CPU: one cold expert through the CPU kernel at several token counts;
 - PCIe: one expert's weights host->device into a staging slot;
-- GPU: one expert through the Triton kernel at several token counts.
+- GPU: one expert through the Triton kernel at several token counts;
+- host DRAM contention: the CPU expert (1 and 64 tokens) while staging
+  copies stream on the copy stream, and the copies while the CPU expert
+  (1 token, DRAM-bound) runs; each slowdown is contended / solo time, timed
+  back to back, clamped to [1, 3] (the CPU's: the larger of its two).
 The result is saved under ~/.cache/vllm_fiddler keyed by CPU, GPU, shape,
-dtype and threads, so later starts skip the ~1 s of measurement.
+dtype, threads, chunks and CACHE_VERSION, so later starts skip the ~1.3 s of
+measurement.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import threading
 import time
 
 import torch
@@ -20,6 +27,13 @@ from vllm_fiddler.logger import logger
 
 CPU_TOKENS = (1, 4, 16, 64, 256)
 GPU_TOKENS = (1, 16, 64, 256, 1024)
+CONTENTION_CPU_TOKENS = (1, 64)  # CPU expert timed against a stream of copies at these token counts
+CONTENTION_REPS = 5  # CPU expert calls per timing (1 token ~3 ms, 64 ~9 ms on the H100 box)
+CONTENTION_COPY_REPS = 4  # expert copies per timing (~7 ms each at 50 GB/s)
+SLOWDOWN_RANGE = (1.0, 3.0)  # a measured slowdown is clamped to this
+# Part of the cache key: bump it when what is measured changes, so that older
+# cache files (under another name) are re-measured. "v2": contention factors.
+CACHE_VERSION = "v2"
 
 
 def machine_key(hidden: int, inter: int, dtype: torch.dtype, threads: int) -> str:
@@ -40,32 +54,153 @@ def _time_ms(fn, reps: int, sync=None) -> float:
     return (time.perf_counter() - start) * 1e3 / reps
 
 
+def _cpu_expert_fn(layer, tokens: int):
+    """A callable computing one whole cold expert on `tokens` tokens through the CPU kernel,
+    a different cold expert each call (so DRAM, not the L3, is measured)."""
+    from vllm_fiddler.runtime.cpu_experts import cpu_moe_forward
+
+    H, C = layer.hidden_size, layer.chunks
+    dtype = layer.w13_cpu.dtype
+    n_cold = layer.w13_cpu.shape[0]
+    chunk = torch.arange(C, dtype=torch.int32)  # [C]
+    x = torch.randn(tokens, H, device="cpu").to(dtype)
+    w = torch.ones(tokens, C, device="cpu")
+    out = torch.zeros(tokens, H, device="cpu")
+    it = iter(range(10**9))
+
+    def one():
+        e = next(it) % n_cold
+        ids = (chunk + e * C).expand(tokens, C).contiguous()  # [t, C] every chunk of expert e
+        cpu_moe_forward(x, layer.w13_cpu_chunks, layer.w2_cpu_chunks, ids, w, out)
+
+    return one
+
+
+def _copy_fn(layer, stager):
+    """A callable staging one whole cold expert (expert 0) into a slot, on the stager's copy stream."""
+    return lambda: stager.release(stager.stage(layer.w13_cpu[0], layer.w2_cpu[0])[0])
+
+
+def slowdown(contended_ms: float, solo_ms: float) -> float:
+    """contended / solo, clamped to SLOWDOWN_RANGE; 1.0 if either is unusable."""
+    if not (solo_ms > 0 and contended_ms > 0 and math.isfinite(solo_ms) and math.isfinite(contended_ms)):
+        return 1.0
+    lo, hi = SLOWDOWN_RANGE
+    return min(max(contended_ms / solo_ms, lo), hi)
+
+
+def _copies_until(stop: threading.Event, started: threading.Event, layer, stager, errors: list) -> None:
+    """Thread body: whole-expert copies back to back through the stager (two in flight, so the
+    copy engine never waits for this thread) until `stop`, then waits for the last ones."""
+    n_cold = layer.w13_cpu.shape[0]
+    pending: list = []
+    try:
+        with torch.cuda.device(stager.stream.device):
+            k = 0
+            while not stop.is_set():
+                e = (n_cold - 1 - k) % n_cold  # rotate, from the other end than the CPU
+                slot, ready = stager.stage(layer.w13_cpu[e], layer.w2_cpu[e])
+                stager.release(slot)
+                pending.append(ready)
+                k += 1
+                started.set()
+                if len(pending) >= 2:
+                    first = pending.pop(0)
+                    while not first.query() and not stop.is_set():
+                        time.sleep(2e-4)  # poll: a blocking sync would spin on a core the CPU pool needs
+            for ev in pending:
+                ev.synchronize()
+    except BaseException as e:  # noqa: BLE001 - re-raised by the caller
+        errors.append(e)
+        started.set()
+
+
+def measure_contention(layer, runtime, stager) -> dict:
+    """Host DRAM contention between the CPU expert kernel and the staging copies.
+
+    CPU: the CPU expert at CONTENTION_CPU_TOKENS, timed alone and then while
+    a thread keeps whole-expert copies streaming through the stager; the
+    slowdown is the larger of the two ratios. PCIe: whole-expert copies, timed
+    alone and then while the worker computes 1-token CPU experts back to
+    back (DRAM-bound: the most traffic). About 0.3 s in all on the H100 box.
+    Returns {"cpu_contended_slowdown", "h2d_contended_slowdown"} and the raw
+    times under "detail"; raises if a helper thread failed.
+    """
+    cpu_fns = {t: _cpu_expert_fn(layer, t) for t in CONTENTION_CPU_TOKENS}
+    copy = _copy_fn(layer, stager)
+    errors: list = []
+    # 1. The CPU expert, alone, then against a stream of copies.
+    cpu_solo = {t: runtime.time_on_worker(fn, reps=CONTENTION_REPS) for t, fn in cpu_fns.items()}
+    stop, started = threading.Event(), threading.Event()
+    copier = threading.Thread(target=_copies_until, args=(stop, started, layer, stager, errors),
+                              name="fiddler-calibrate-copies", daemon=True)
+    copier.start()
+    try:
+        if not started.wait(timeout=10.0):
+            raise RuntimeError("calibration: the copy thread did not start")
+        if errors:
+            raise errors[0]
+        cpu_busy = {t: runtime.time_on_worker(fn, reps=CONTENTION_REPS) for t, fn in cpu_fns.items()}
+    finally:
+        stop.set()
+        copier.join(timeout=10.0)
+    if errors:
+        raise errors[0]
+    if copier.is_alive():
+        raise RuntimeError("calibration: the copy thread did not stop")
+    # 2. The copies, alone, then while the worker computes 1-token experts back to back.
+    copy_solo = _time_ms(copy, CONTENTION_COPY_REPS, torch.cuda.synchronize)
+    stop, started = threading.Event(), threading.Event()
+    one = cpu_fns[min(CONTENTION_CPU_TOKENS)]
+
+    def cpu_until_stop():  # time_on_worker calls it twice (warm-up + 1 rep): the 1st runs until stop
+        started.set()
+        while not stop.is_set():
+            one()
+
+    def cpu_thread():
+        try:
+            runtime.time_on_worker(cpu_until_stop, reps=1)
+        except BaseException as e:  # noqa: BLE001 - re-raised below
+            errors.append(e)
+            started.set()
+
+    worker = threading.Thread(target=cpu_thread, name="fiddler-calibrate-cpu", daemon=True)
+    worker.start()
+    try:
+        if not started.wait(timeout=10.0):
+            raise RuntimeError("calibration: the CPU expert loop did not start")
+        if errors:
+            raise errors[0]
+        copy_busy = _time_ms(copy, CONTENTION_COPY_REPS, torch.cuda.synchronize)
+    finally:
+        stop.set()
+        worker.join(timeout=10.0)
+    if errors:
+        raise errors[0]
+    if worker.is_alive():
+        raise RuntimeError("calibration: the CPU expert loop did not stop")
+    cpu_by_tokens = {t: slowdown(cpu_busy[t], cpu_solo[t]) for t in cpu_fns}
+    detail = {"cpu_ms": {t: (cpu_solo[t], cpu_busy[t]) for t in cpu_fns}, "copy_ms": (copy_solo, copy_busy)}
+    return {"cpu_contended_slowdown": max(cpu_by_tokens.values()),
+            "h2d_contended_slowdown": slowdown(copy_busy, copy_solo), "detail": detail}
+
+
 def measure(layer, runtime, stager) -> dict:
     """Raw measurements on a HybridMoE layer with at least one cold expert, through the
-    runtime's own paths: whole experts in the host's chunked layout (see HybridMoE)."""
+    runtime's own paths: whole experts in the host's chunked layout (see HybridMoE).
+
+    The dict holds fit_from_measurements' arguments, and "contention_detail"
+    (the raw contention timings, or the error that left the factors at 1.0)."""
     from vllm_fiddler.kernels.triton import fused_moe
-    from vllm_fiddler.runtime.cpu_experts import cpu_moe_forward
 
     H, I, C = layer.hidden_size, layer.intermediate_size, layer.chunks
     dtype, device = layer.w13_cpu.dtype, layer.device
-    n_cold = layer.w13_cpu.shape[0]
     chunk = torch.arange(C, dtype=torch.int32)  # [C]
     cpu_points = []
     for t in CPU_TOKENS:
-        x = torch.randn(t, H, device="cpu").to(dtype)
-        w = torch.ones(t, C, device="cpu")
-        out = torch.zeros(t, H, device="cpu")
-        # rotate through the cold experts so DRAM, not the L3, is measured
-        it = iter(range(10**9))
-
-        def one():
-            e = next(it) % n_cold
-            ids = (chunk + e * C).expand(t, C).contiguous()  # [t, C] every chunk of expert e
-            cpu_moe_forward(x, layer.w13_cpu_chunks, layer.w2_cpu_chunks, ids, w, out)
-
-        cpu_points.append((t, runtime.time_on_worker(one, reps=3)))
-    copy_ms = _time_ms(lambda: stager.release(stager.stage(layer.w13_cpu[0], layer.w2_cpu[0])[0]), 3,
-                       torch.cuda.synchronize)
+        cpu_points.append((t, runtime.time_on_worker(_cpu_expert_fn(layer, t), reps=3)))
+    copy_ms = _time_ms(_copy_fn(layer, stager), 3, torch.cuda.synchronize)
     expert_bytes = 3 * H * I * layer.w13_cpu.element_size()
     gpu_points = []
     for t in GPU_TOKENS:
@@ -74,22 +209,50 @@ def measure(layer, runtime, stager) -> dict:
         w = torch.ones(t, C, device=device)
         gpu_points.append((t, _time_ms(lambda: fused_moe(x, stager.w13_chunks, stager.w2_chunks, w, ids), 5,
                                        torch.cuda.synchronize)))
+    try:
+        contention = measure_contention(layer, runtime, stager)
+        detail = contention.pop("detail")
+    except Exception as e:  # noqa: BLE001 - no contention model beats no engine; not cached (see below)
+        logger.warning("fiddler: measuring host DRAM contention failed (%r); planning without it", e)
+        contention = {"cpu_contended_slowdown": 1.0, "h2d_contended_slowdown": 1.0}
+        detail = {"error": repr(e)}
     return {"cpu_points": cpu_points, "h2d_gb_s": expert_bytes / copy_ms / 1e6, "copy_latency_ms": 0.0,
-            "gpu_points": gpu_points, "expert_bytes": expert_bytes}
+            "gpu_points": gpu_points, "expert_bytes": expert_bytes, **contention, "contention_detail": detail}
+
+
+def cache_key(layer, threads: int) -> str:
+    """The cache file's key: machine, shape, dtype, threads, chunks and CACHE_VERSION."""
+    return (machine_key(layer.hidden_size, layer.intermediate_size, layer.w13_cpu.dtype, threads)
+            + f"_C{layer.chunks}_{CACHE_VERSION}")
 
 
 def load_or_measure(layer, runtime, stager, threads: int):
     from vllm_fiddler import cost_model
 
-    key = machine_key(layer.hidden_size, layer.intermediate_size, layer.w13_cpu.dtype, threads) + f"_C{layer.chunks}"
+    key = cache_key(layer, threads)
     cached = cost_model.load_cached(key)
     if cached is not None:
         logger.info("fiddler: cost model from cache (%s)", key)
         return cached
+    start = time.perf_counter()
     m = measure(layer, runtime, stager)
+    detail = m.pop("contention_detail")
     model = cost_model.fit_from_measurements(**m)
-    cost_model.save_cached(key, model)
-    logger.info("fiddler: cost model measured: CPU expert %s ms by tokens, H2D %.1f GB/s, GPU expert %s ms",
-                [(t, round(ms, 2)) for t, ms in m["cpu_points"]], m["h2d_gb_s"],
-                [(t, round(ms, 3)) for t, ms in m["gpu_points"]])
+    if "error" in detail:  # contention left at 1.0: measure again at the next start
+        logger.warning("fiddler: cost model not cached (contention not measured)")
+    else:
+        cost_model.save_cached(key, model)
+    logger.info("fiddler: cost model measured in %.2f s: CPU expert %s ms by tokens, H2D %.1f GB/s, GPU expert "
+                "%s ms; host DRAM contention: CPU %.2fx, copies %.2fx slower while both run (%s)",
+                time.perf_counter() - start, [(t, round(ms, 2)) for t, ms in m["cpu_points"]], m["h2d_gb_s"],
+                [(t, round(ms, 3)) for t, ms in m["gpu_points"]], model.cpu_contended_slowdown,
+                model.h2d_contended_slowdown, _fmt_detail(detail))
     return model
+
+
+def _fmt_detail(detail: dict) -> str:
+    if "error" in detail:
+        return f"not measured: {detail['error']}"
+    cpu = ", ".join(f"{t} tok {a:.2f}->{b:.2f} ms" for t, (a, b) in detail["cpu_ms"].items())
+    a, b = detail["copy_ms"]
+    return f"CPU expert {cpu}; expert copy {a:.2f}->{b:.2f} ms"
