@@ -15,7 +15,7 @@
 
 namespace fiddler_cpu {
 
-enum { kApiVersion = 1 };
+enum { kApiVersion = 2 };
 
 // AMX packed ("VNNI") activation layout, used for x before the gate/up
 // projection and for the SwiGLU activation before the down projection of every
@@ -63,6 +63,10 @@ struct KernelTable {
   void (*gate_up)(const MoeProblem* p, int32_t e, int64_t n0, int64_t n1);
   // out[tok, h0:h1] += wt * (act w2[h0:h1]^T), fp32.
   void (*down)(const MoeProblem* p, int32_t e, int64_t h0, int64_t h1);
+  // Output rows per down item this kernel would like (a multiple of 32; 0: the
+  // dispatcher's default split). The dispatcher takes it, or fewer rows when
+  // that balances the items over the threads better, for calls with AMX experts.
+  int32_t down_rows;
 };
 
 }  // namespace fiddler_cpu

@@ -167,12 +167,15 @@ void down(const MoeProblem* p, int32_t e, int64_t h0, int64_t h1) {
 }
 
 const KernelTable kTable = {
-    fiddler_cpu::kApiVersion, "avx512_bf16", nullptr, nullptr, nullptr, gate_up, down,
+    fiddler_cpu::kApiVersion, "avx512_bf16", nullptr, nullptr, nullptr, gate_up, down, /*down_rows=*/0,
 };
 
 }  // namespace
 
 extern "C" __attribute__((visibility("default"))) const fiddler_cpu::KernelTable* fiddler_cpu_kernel_table(void) {
-  if (const char* v = getenv("FIDDLER_CPU_PREFETCH")) g_prefetch = atol(v) > 0 ? (atol(v) + 31) / 32 * 32 : 0;
+  // Read at every registration (unset: the default again).
+  const char* v = getenv("FIDDLER_CPU_PREFETCH");
+  const long pf = v && *v ? atol(v) : 512;
+  g_prefetch = pf > 0 ? (pf + 31) / 32 * 32 : 0;
   return &kTable;
 }

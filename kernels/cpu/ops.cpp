@@ -355,6 +355,26 @@ struct Scratch {
 
 int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
+// Output rows per down item: the default split (multiples of 32 rows, about 8
+// items per thread) or, when the AMX kernel asks for larger items (`want`: it
+// reuses each chunk of the packed activation for all the rows of an item), the
+// largest multiple of 32 up to `want` whose items spread over the threads
+// nearly as evenly as the best choice (15 threads, H = 4096: 96, not 128 rows).
+int64_t down_item_rows(int64_t H, int nthreads, int64_t want) {
+  const int64_t base = std::clamp<int64_t>(round_up(H / (int64_t(nthreads) * 8), 32), 32, 1024);
+  want = std::min<int64_t>(want / 32 * 32, 1024);
+  if (want <= base) return base;
+  auto balance = [&](int64_t r) {  // ideal rows per thread / rows of the busiest thread
+    const int64_t items = (H + r - 1) / r, rounds = (items + nthreads - 1) / nthreads;
+    return double(H) / double(nthreads) / double(rounds * r);
+  };
+  double best = 0;
+  for (int64_t r = base; r <= want; r += 32) best = std::max(best, balance(r));
+  for (int64_t r = want; r > base; r -= 32)
+    if (balance(r) >= best - 0.03) return r;
+  return base;
+}
+
 // mode: 1 = AVX512-BF16 for every expert; 2 = AMX for every expert (where the
 // shape allows, H >= 32 and I >= 32); 3 = AMX for experts with at least
 // amx_min_tokens tokens, AVX512-BF16 for the others.
@@ -474,8 +494,8 @@ void moe_forward(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w
   for (int32_t e : active)
     for (int64_t n0 = 0; n0 < I; n0 += rows1) items1.push_back(Item1{e, n0, std::min(n0 + rows1, I)});
   // Down items: output row ranges (each over all experts), multiples of 32 rows,
-  // about 8 per thread.
-  const int64_t rows2 = std::clamp<int64_t>(round_up(H / (int64_t(nthreads) * 8), 32), 32, 1024);
+  // about 8 per thread, or what the AMX kernel asks for (down_item_rows).
+  const int64_t rows2 = down_item_rows(H, nthreads, amx_experts.empty() ? 0 : g_tables[1]->down_rows);
 
   Ctx ctx;
   ctx.prob.x = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());

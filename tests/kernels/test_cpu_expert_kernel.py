@@ -250,6 +250,88 @@ def test_num_threads_changes_nothing_but_speed():
         cpu.set_num_threads(0)
 
 
+# AMX tuning knobs (read when the kernels are loaded; cpu._reload_tuning_knobs()
+# re-reads them in this process). Every setting computes the same fp32 sums in
+# the same order (k-chunks only move the C tiles through memory between
+# chunks), so each must reproduce the v1 kernels (FIDDLER_CPU_AMX_PIPE=0) bit for
+# bit, on real AMX and under FIDDLER_CPU_AMX_EMULATE=1 alike.
+_V2 = {"FIDDLER_CPU_AMX_PIPE": "1"}  # the pipelined kernels (opt-in)
+AMX_KNOBS = [
+    {},  # the defaults (v1)
+    {"FIDDLER_CPU_AMX_PIPE": "0", "FIDDLER_CPU_AMX_PF_NEXT_KB": "4096"},  # v1 + its next-panel prefetch
+    {**_V2},
+    {**_V2, "FIDDLER_CPU_AMX_KC": "1"},
+    {**_V2, "FIDDLER_CPU_AMX_KC": "3", "FIDDLER_CPU_AMX_GROUPS": "3"},
+    {**_V2, "FIDDLER_CPU_AMX_KC": "2", "FIDDLER_CPU_AMX_GROUPS": "1", "FIDDLER_CPU_AMX_PF_AHEAD": "0"},
+    {**_V2, "FIDDLER_CPU_AMX_KC": "5", "FIDDLER_CPU_AMX_PF_AHEAD": "3", "FIDDLER_CPU_PREFETCH": "0"},
+    {**_V2, "FIDDLER_CPU_AMX_DIRECT": "1"},
+    {**_V2, "FIDDLER_CPU_AMX_DIRECT": "1", "FIDDLER_CPU_AMX_KC": "3", "FIDDLER_CPU_AMX_GROUPS": "2",
+     "FIDDLER_CPU_AMX_PF_AHEAD": "2"},
+    {**_V2, "FIDDLER_CPU_AMX_DIRECT": "1", "FIDDLER_CPU_AMX_KC": "1", "FIDDLER_CPU_AMX_PF_AHEAD": "0"},
+    {**_V2, "FIDDLER_CPU_AMX_ILV": "1", "FIDDLER_CPU_AMX_KC": "3"},
+    {**_V2, "FIDDLER_CPU_AMX_ILV": "3", "FIDDLER_CPU_AMX_KC": "2", "FIDDLER_CPU_AMX_PF_AHEAD": "2"},
+    {**_V2, "FIDDLER_CPU_AMX_ILV": "32", "FIDDLER_CPU_AMX_GROUPS": "2"},
+]
+# (H, I, T): K and N tails on both projections, one and several row groups per
+# item, odd token blocks (a single-block pass), 1..9 token blocks.
+AMX_KNOB_CASES = [(200, 344, 1), (200, 344, 16), (200, 344, 33), (96, 160, 7), (512, 344, 64), (256, 512, 130)]
+
+
+def _with_knobs(knobs: dict, fn):
+    saved = {k: os.environ.get(k) for k in cpu._TUNING_ENV}
+    try:
+        for k in cpu._TUNING_ENV:
+            os.environ.pop(k, None)
+        os.environ.update(knobs)
+        assert cpu._reload_tuning_knobs() == knobs
+        return fn()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        cpu._reload_tuning_knobs()
+
+
+def _amx_knob_outputs():
+    outs = []
+    for H, I, T in AMX_KNOB_CASES:
+        w13, w2 = _weights(H, I, seed=H + I)
+        outs.append(cpu.expert_ffn(_x(T, H, seed=T), w13, w2, isa="amx"))
+    H, I, E, K, T = 200, 344, 5, 2, 70
+    w13, w2 = _weights(H, I, E)
+    ids, wts = _routing(T, K, E)
+    out = torch.zeros(T, H)
+    cpu.moe_forward(_x(T, H), w13, w2, ids, wts, out, isa="amx")
+    outs.append(out)
+    return outs
+
+
+_AMX_V1: list = []
+
+
+@pytest.mark.parametrize("knobs", AMX_KNOBS, ids=lambda k: ",".join(f"{a.split('CPU_')[1]}={b}" for a, b in k.items()) or "default")
+def test_amx_knobs_bit_identical(knobs):
+    if "amx" not in cpu.available_isas():
+        pytest.skip(f"no AMX path on {_cpu_name()} (FIDDLER_CPU_AMX_EMULATE=1 tests it emulated)")
+    before = cpu._get_num_threads()
+    cpu.set_num_threads(3)  # uneven splits of the items
+    try:
+        if not _AMX_V1:
+            _AMX_V1.extend(_with_knobs({"FIDDLER_CPU_AMX_PIPE": "0"}, _amx_knob_outputs))
+        got = _with_knobs(knobs, _amx_knob_outputs)
+    finally:
+        cpu.set_num_threads(before)
+    assert len(got) == len(_AMX_V1) == len(AMX_KNOB_CASES) + 1
+    for case, y, ref in zip(AMX_KNOB_CASES + ["moe_forward"], got, _AMX_V1):
+        assert torch.equal(y, ref), (knobs, case, (y - ref).abs().max().item())
+    # and right, not just the same: the oracle on the first cases
+    for (H, I, T), y in zip(AMX_KNOB_CASES[:3], got):
+        w13, w2 = _weights(H, I, seed=H + I)
+        _check(y, _x(T, H, seed=T), w13, w2, "amx")
+
+
 def test_concurrent_callers_are_serialized():
     native = [i for i in cpu.available_isas() if i != "torch"]
     if not native:
