@@ -102,7 +102,7 @@ TINY_MAX_MODEL_LEN = 4096  # the tiny config's max_position_embeddings
 TINY_ENGINE = dict(max_model_len=TINY_MAX_MODEL_LEN, enable_prefix_caching=False, max_num_seqs=32,
                    max_logprobs=32, seed=0, enforce_eager=True)
 TINY_EXPERT_BUDGET_GB = serve_load.TINY_EXPERT_BUDGET_GB  # some experts on each side
-GPU_SYSTEMS = ("fiddler", "fiddler_gpu0", "fiddler_gpu25", "fiddler_gpu50",
+GPU_SYSTEMS = ("fiddler", "fiddler_static", "fiddler_gpu0", "fiddler_gpu25", "fiddler_gpu50",
                "stock_uva_all", "stock_uva_experts", "stock_prefetch")
 TINY_SYSTEMS = ("fiddler", "stock")
 
@@ -173,20 +173,9 @@ def decode_scenario(llm, rng, vocab: int, tokens: int, is_fiddler: bool) -> tupl
 
 
 def fiddler_decode_stats(after: dict, before: dict) -> dict:
-    from vllm_fiddler.stats import delta
+    from vllm_fiddler.stats import step_breakdown
 
-    d = delta(after, before)
-    steps = max(1, d["layer0_steps"])
-    routed = d["routed_to_gpu"] + d["routed_to_cpu"]
-    return {
-        "gpu_experts": after["gpu_experts"], "cpu_experts": after["cpu_experts"],
-        "gpu_hit_rate": d["routed_to_gpu"] / max(1, routed),
-        "decode_steps_measured": steps,
-        "decode_cpu_ms_per_step": 1e3 * d["cpu_busy_s"] / steps,
-        "decode_pcie_weight_gb_per_step": d["h2d_weight_bytes"] / 1e9 / steps,
-        "decode_experts_split_per_step": d.get("experts_split", 0) / steps,
-        "decode_experts_copied_per_step": d.get("experts_copied", 0) / steps,
-    }
+    return step_breakdown(after, before)
 
 
 def prefill_scenario(llm, rng, vocab: int, n: int) -> float:
@@ -243,7 +232,11 @@ def offline_scenarios(args, row: dict, model: str, kwargs: dict, scenarios: list
     llm = LLM(model=model, **kwargs)
     row["load_s"] = time.perf_counter() - t0
     rng = random.Random(0)
-    gpu_e2e.time_generate(llm, [random_prompt(rng, PROMPT_LEN, vocab)], 4)  # warm-up
+    # warm-up; a long one (--warmup-tokens) stands for a server that has been
+    # running, so that online re-placement has seen the routing
+    t0 = time.perf_counter()
+    gpu_e2e.time_generate(llm, [random_prompt(rng, PROMPT_LEN, vocab)], args.warmup_tokens)
+    row["warmup_s"], row["warmup_tokens"] = time.perf_counter() - t0, args.warmup_tokens
     save()
     for scenario in scenarios:
         try:
@@ -391,6 +384,7 @@ def system_rows(args, name: str, skew: float) -> dict:
 
 def child_flags(args) -> list[str]:
     flags = ["--layers", str(args.layers), "--decode-tokens", str(args.decode_tokens),
+             "--warmup-tokens", str(args.warmup_tokens),
              "--beam-tokens", str(args.beam_tokens), "--serve-prompts", str(args.serve_prompts),
              "--serve-input-len", str(args.serve_input_len), "--serve-output-len", str(args.serve_output_len),
              "--system-timeout", str(args.system_timeout)]
@@ -458,6 +452,7 @@ def header(args, previous: dict) -> dict:
                   f"gpu_memory_utilization {gpu_e2e.UTIL} unless a row's kwargs say more; tokens/s scale "
                   f"~32/layers for the whole model"),
         "decode_tokens": args.decode_tokens, "beam_tokens": args.beam_tokens,
+        "warmup_tokens": args.warmup_tokens,
         "serve_prompts": args.serve_prompts, "serve_input_len": args.serve_input_len,
         "serve_output_len": args.serve_output_len, "eager": args.eager or args.tiny,
         "max_model_len": TINY_MAX_MODEL_LEN if args.tiny else MAX_MODEL_LEN,
@@ -571,6 +566,8 @@ def parse_args(argv=None):
     p.add_argument("--skew", default="0,30", help="router skew strengths, 0 = uniform (comma list)")
     p.add_argument("--decode-tokens", type=int, help="default 512 (tiny 16)")
     p.add_argument("--beam-tokens", type=int, help="default 64 (tiny 8)")
+    p.add_argument("--warmup-tokens", type=int, default=4,
+                   help="tokens decoded at batch 1 before any scenario (each system alike)")
     p.add_argument("--serve-prompts", type=int, default=256, help="requests at concurrency 32")
     p.add_argument("--serve-input-len", type=int, default=128)
     p.add_argument("--serve-output-len", type=int, default=64)

@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -74,10 +75,12 @@ def systems(layers: int, gpu_total_gib: float) -> dict[str, dict]:
     experts, _ = mixtral_bytes(layers)
     resident = resident_expert_fraction(gpu_total_gib) * experts
     offload = round(experts - resident, 2)
+    fiddler = {"gpu_expert_budget_gb": round(resident, 2), "kv_cache_reserve_gb": KV_RESERVE_GIB}
     return {
-        "fiddler": dict(model_impl="fiddler", additional_config={"fiddler": {
-            "gpu_expert_budget_gb": round(resident, 2),
-            "kv_cache_reserve_gb": KV_RESERVE_GIB}}),
+        # online re-placement is on by default (host memory allows it here)
+        "fiddler": dict(model_impl="fiddler", additional_config={"fiddler": fiddler}),
+        # the even placement, never re-placed
+        "fiddler_static": dict(model_impl="fiddler", additional_config={"fiddler": {**fiddler, "adaptation": False}}),
         # the same with torch.compile + piecewise CUDA graphs (the others run as --eager says)
         "fiddler_compiled": dict(model_impl="fiddler", enforce_eager=False, additional_config={"fiddler": {
             "gpu_expert_budget_gb": round(resident, 2),
@@ -113,7 +116,7 @@ def run_system(name: str, layers: int, decode_tokens: int, eager: bool, out_path
 
     from vllm import LLM
 
-    from vllm_fiddler.stats import delta
+    from vllm_fiddler.stats import delta, step_breakdown
     from vllm_fiddler.tiny import build_mixtral_8x7b_shapes
 
     model = build_mixtral_8x7b_shapes(tempfile.mkdtemp(prefix="m8x7b-"), layers)
@@ -140,21 +143,12 @@ def run_system(name: str, layers: int, decode_tokens: int, eager: bool, out_path
     result = {"system": name, "kwargs": {k: (sorted(v) if isinstance(v, set) else v) for k, v in kwargs.items()},
               "load_s": load_s, "decode_tok_s": decode_tok_s, "ttft_2048_s": min(ttfts), "eager": eager}
     if is_fiddler:
-        d = delta(after_decode, before)
-        steps = max(1, d["layer0_steps"])
-        routed = d["routed_to_gpu"] + d["routed_to_cpu"]
         p = delta(after_prefill, after_decode)
+        result.update(step_breakdown(after_decode, before))
         result.update({
-            "gpu_experts": after_decode["gpu_experts"], "cpu_experts": after_decode["cpu_experts"],
-            "gpu_hit_rate": d["routed_to_gpu"] / max(1, routed),
-            "decode_steps_measured": steps,
-            "decode_cpu_ms_per_step": 1e3 * d["cpu_busy_s"] / steps,
-            "decode_pcie_weight_gb_per_step": d["h2d_weight_bytes"] / 1e9 / steps,
             "prefill_2048_experts_copied": p["experts_copied"] / 2,
             "prefill_2048_cpu_ms": 1e3 * p["cpu_busy_s"] / 2,
             "prefill_2048_pcie_weight_gb": p["h2d_weight_bytes"] / 1e9 / 2,
-            "decode_experts_split_per_step": d.get("experts_split", 0) / steps,
-            "decode_experts_copied_whole_per_step": d["experts_copied"] / steps,
         })
     with open(out_path, "w") as f:
         json.dump(result, f)
@@ -325,10 +319,14 @@ def main() -> None:
                    "--layers", str(args.layers), "--decode-tokens", str(args.decode_tokens)]
             if args.eager:
                 cmd.append("--eager")
+            # a session of its own, so a timeout kills the engine core it started too
+            proc = subprocess.Popen(cmd, start_new_session=True)
             try:
-                rc = subprocess.run(cmd, timeout=args.system_timeout).returncode
+                rc = proc.wait(args.system_timeout)
             except subprocess.TimeoutExpired:
-                rc = "timeout"
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                rc = f"timeout after {args.system_timeout} s"
             if rc == 0 and os.path.exists(path):
                 with open(path) as f:
                     results[name] = json.load(f)
