@@ -354,7 +354,10 @@ def run_key(skew: float) -> str:
 
 def system_rows(args, name: str, skew: float) -> dict:
     """Runs one system's scenario groups (offline, serve) in child processes; its row."""
-    env = {**os.environ, **serve_load.OFFLINE_ENV, "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}
+    # FIDDLER_FAST_DUMMY_INIT: host-resident dummy weights (stock prefetch offload) filled at
+    # copy speed, not by vLLM's serial host generator (vllm_fiddler/synthetic.py)
+    env = {**os.environ, **serve_load.OFFLINE_ENV, "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",
+           "FIDDLER_FAST_DUMMY_INIT": "1"}
     env.pop("FIDDLER_DUMMY_ROUTER_SKEW", None)
     if skew:
         env["FIDDLER_DUMMY_ROUTER_SKEW"] = f"{skew:g}"

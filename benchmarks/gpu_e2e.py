@@ -286,6 +286,8 @@ def main() -> None:
     p.add_argument("--system-out", help=argparse.SUPPRESS)
     args = p.parse_args()
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # apply_model(model_stats)
+    # host-resident dummy weights (stock prefetch offload) filled at copy speed: vllm_fiddler/synthetic.py
+    os.environ.setdefault("FIDDLER_FAST_DUMMY_INIT", "1")
     if args.run_system:
         run_system(args.run_system, args.layers, args.decode_tokens, args.eager, args.system_out)
         return

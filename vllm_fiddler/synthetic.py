@@ -16,6 +16,16 @@ routed (token, expert) pairs by popularity rank:
   strength  3: 17.3 16.1 14.7 13.3 11.7 10.3  8.8  7.7 %
   strength 30: 22.3 20.5 17.4 13.8 10.0  7.0  5.0  3.9 %  (uniform: 12.5 each)
 Only weights change, never code paths, so compiled graphs see it too.
+
+Also here, for the same benchmarks: ``FIDDLER_FAST_DUMMY_INIT=1`` fills
+host-resident parameters of a dummy model at copy speed. vLLM's dummy loader
+draws each parameter with a generator on the parameter's device; on the host
+that generator is serial (~35 MB/s for bf16 on the H100 box), so stock vLLM's
+prefetch offloader, whose offloaded weights live in host memory, took 489 s
+to fill 8 Mixtral layers. The fast fill tiles one pool of uniform values (the
+loader's own range) per parameter, rotated by a seed from its size, as
+fiddler's own dummy experts do (HybridMoE.init_random). Device parameters and
+UVA ones (host memory behind a CUDA pointer) keep vLLM's fill.
 """
 
 from __future__ import annotations
@@ -25,6 +35,10 @@ import random
 import re
 
 SKEW_ENV = "FIDDLER_DUMMY_ROUTER_SKEW"
+FAST_INIT_ENV = "FIDDLER_FAST_DUMMY_INIT"
+# host parameters at least this big are tiled from a pool (smaller ones keep vLLM's draw)
+FAST_INIT_MIN_NUMEL = 1 << 22
+FAST_INIT_POOL = 1 << 22
 _GATE = re.compile(r"(?:^|\.)layers\.(\d+)\.block_sparse_moe\.gate$")
 
 
@@ -90,3 +104,42 @@ def install_dummy_router_skew() -> None:
 
     load_weights._fiddler_skew = True
     DummyModelLoader.load_weights = load_weights
+
+
+def fill_tiled_uniform(param, low: float, high: float, seed: int, pool_size: int = FAST_INIT_POOL) -> None:
+    """param <- uniform(low, high) values, one drawn pool of `pool_size` tiled (rotated by seed)."""
+    import torch
+
+    flat = param.data.view(-1)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    pool = torch.empty(pool_size, dtype=torch.float32).uniform_(low, high, generator=gen).to(param.dtype)
+    shift = (seed * 104729 + flat.numel()) % pool_size
+    pool = torch.cat([pool[shift:], pool[:shift]])
+    whole = flat.numel() // pool_size * pool_size
+    if whole:
+        flat[:whole].view(-1, pool_size).copy_(pool.expand(whole // pool_size, pool_size))
+    flat[whole:].copy_(pool[:flat.numel() - whole])
+
+
+def install_fast_host_dummy_init() -> None:
+    """Wraps vLLM's per-parameter dummy fill when FAST_INIT_ENV=1 (idempotent)."""
+    if os.environ.get(FAST_INIT_ENV, "") not in ("1", "true", "yes"):
+        return
+    from vllm.model_executor.model_loader import weight_utils
+
+    original = weight_utils.initialize_single_dummy_weight
+    if getattr(original, "_fiddler_fast", False):
+        return
+
+    def initialize_single_dummy_weight(param, low: float = -1e-3, high: float = 1e-3, seed: int = 1234):
+        import torch
+
+        if (param.device.type == "cpu" and torch.is_floating_point(param) and param.is_contiguous()
+                and param.numel() >= FAST_INIT_MIN_NUMEL and torch.finfo(param.dtype).bits >= 16):
+            with torch.no_grad():
+                fill_tiled_uniform(param, low, high, seed)
+            return
+        original(param, low, high, seed)
+
+    initialize_single_dummy_weight._fiddler_fast = True
+    weight_utils.initialize_single_dummy_weight = initialize_single_dummy_weight

@@ -12,7 +12,8 @@
    with, and selects piecewise CUDA graphs (the hybrid MoE op does host work,
    so it must run outside graphs while the rest of the model keeps them).
 3. Benchmarks only, when ``FIDDLER_DUMMY_ROUTER_SKEW`` is set: the dummy
-   loader skews MoE gates after filling them (vllm_fiddler.synthetic).
+   loader skews MoE gates after filling them; with ``FIDDLER_FAST_DUMMY_INIT=1``
+   it fills large host-resident parameters at copy speed (vllm_fiddler.synthetic).
 
 Porting to a new vLLM: check the two registry methods' signatures,
 ``MODELS_CONFIG_MAP`` and ``VerifyAndUpdateConfig``, the offload config
@@ -152,8 +153,9 @@ def _install_config_hook() -> None:
 
 
 def install() -> None:
-    from vllm_fiddler.synthetic import install_dummy_router_skew
+    from vllm_fiddler.synthetic import install_dummy_router_skew, install_fast_host_dummy_init
 
     _install_registry()
     _install_config_hook()
     install_dummy_router_skew()  # benchmarks only: FIDDLER_DUMMY_ROUTER_SKEW
+    install_fast_host_dummy_init()  # benchmarks only: FIDDLER_FAST_DUMMY_INIT

@@ -54,3 +54,39 @@ def test_bad_strength_is_an_error(monkeypatch, raw):
     monkeypatch.setenv(synthetic.SKEW_ENV, raw)
     with pytest.raises(ValueError, match=synthetic.SKEW_ENV):
         synthetic.skew_strength()
+
+
+def test_fill_tiled_uniform_range_and_determinism():
+    a = torch.empty(3 * 1000 + 17, dtype=torch.bfloat16)
+    synthetic.fill_tiled_uniform(a, -1e-3, 1e-3, seed=5, pool_size=1000)
+    b = torch.empty_like(a)
+    synthetic.fill_tiled_uniform(b, -1e-3, 1e-3, seed=5, pool_size=1000)
+    assert torch.equal(a, b)
+    assert a.float().abs().max() <= 1e-3 * 1.01 and a.float().std() > 3e-4  # uniform(-1e-3, 1e-3): std 5.8e-4
+    c = torch.empty_like(a)
+    synthetic.fill_tiled_uniform(c, -1e-3, 1e-3, seed=6, pool_size=1000)
+    assert not torch.equal(a, c)
+
+
+def test_fast_host_dummy_init_hook(monkeypatch):
+    from vllm.model_executor.model_loader import weight_utils
+
+    monkeypatch.setattr(weight_utils, "initialize_single_dummy_weight", weight_utils.initialize_single_dummy_weight)
+    original = weight_utils.initialize_single_dummy_weight
+    monkeypatch.delenv(synthetic.FAST_INIT_ENV, raising=False)
+    synthetic.install_fast_host_dummy_init()
+    assert weight_utils.initialize_single_dummy_weight is original  # off unless asked
+    monkeypatch.setenv(synthetic.FAST_INIT_ENV, "1")
+    synthetic.install_fast_host_dummy_init()
+    synthetic.install_fast_host_dummy_init()  # idempotent
+    hooked = weight_utils.initialize_single_dummy_weight
+    assert hooked is not original and hooked._fiddler_fast
+    calls = []
+    monkeypatch.setattr(synthetic, "fill_tiled_uniform", lambda p, lo, hi, seed: calls.append(p.numel()))
+    big = torch.zeros(synthetic.FAST_INIT_MIN_NUMEL, dtype=torch.bfloat16)
+    small = torch.zeros(64, 64, dtype=torch.bfloat16)
+    model = nn.Module()
+    model.big, model.small = nn.Parameter(big, requires_grad=False), nn.Parameter(small, requires_grad=False)
+    weight_utils.initialize_dummy_weights(model, model_config=None)
+    assert calls == [synthetic.FAST_INIT_MIN_NUMEL]  # the big host parameter: tiled
+    assert model.small.abs().max() > 0 and model.small.abs().max() <= 1e-3  # the small one: vLLM's draw
