@@ -224,11 +224,7 @@ def main() -> int:
         args.tokens = "1,4,16,64" if args.tokens == ap.get_default("tokens") else args.tokens
         args.dram_gib = min(args.dram_gib, 1.0)
         args.min_time = min(args.min_time, 0.2)
-    out_json = args.out_json or os.path.join(args.out_dir or RESULTS_DIR, f"cpu-expert-kernel-{host}.json")
-    out_png = args.out_png or os.path.splitext(out_json)[0] + ".png"
-    threads = args.threads or len(os.sched_getaffinity(0))
-    tokens = [int(t) for t in args.tokens.split(",") if t]
-    shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",") if s]
+    out_json, out_png, threads, tokens, shapes = run_plan(args, f"cpu-expert-kernel-{host}")
     impls = [s.strip() for s in args.impls.split(",") if s.strip()]
     l3 = l3_bytes()
 
@@ -323,12 +319,7 @@ def main() -> int:
                             f"{args.dram_gib:g} GiB in total, {threads} threads",
         "rows": rows,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(out_json)), exist_ok=True)
-    with open(out_json, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"# wrote {out_json}")
-    plot(result, out_png)
-    return 0
+    return write_result(result, out_json, out_png)
 
 
 # ----------------------------------------------------------------------------- A/B mode
@@ -396,11 +387,7 @@ def run_ab(ap, args, host: str) -> int:
     if args.quick:
         args.dram_gib = min(args.dram_gib, 1.0)
         args.min_time = min(args.min_time, 0.1)
-    out_json = args.out_json or os.path.join(args.out_dir or RESULTS_DIR, f"cpu-expert-kernel-ab-{host}.json")
-    out_png = args.out_png or os.path.splitext(out_json)[0] + ".png"
-    threads = args.threads or len(os.sched_getaffinity(0))
-    tokens = [int(t) for t in args.tokens.split(",") if t]
-    shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",") if s]
+    out_json, out_png, threads, tokens, shapes = run_plan(args, f"cpu-expert-kernel-ab-{host}")
     settings = parse_ab_settings(args.ab_settings)
     l3 = l3_bytes()
     notes = []
@@ -539,10 +526,24 @@ def run_ab(ap, args, host: str) -> int:
         "summary": summary,
         "rows": rows,
     }
+    return write_result(result, out_json, out_png, f" ({result['seconds']} s of measurements)")
+
+
+def run_plan(args, stem: str):
+    """(out_json, out_png, threads, tokens, shapes) from the command line."""
+    out_json = args.out_json or os.path.join(args.out_dir or RESULTS_DIR, f"{stem}.json")
+    out_png = args.out_png or os.path.splitext(out_json)[0] + ".png"
+    threads = args.threads or len(os.sched_getaffinity(0))
+    tokens = [int(t) for t in args.tokens.split(",") if t]
+    shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",") if s]
+    return out_json, out_png, threads, tokens, shapes
+
+
+def write_result(result: dict, out_json: str, out_png: str, note: str = "") -> int:
     os.makedirs(os.path.dirname(os.path.abspath(out_json)), exist_ok=True)
     with open(out_json, "w") as f:
         json.dump(result, f, indent=1)
-    print(f"# wrote {out_json} ({result['seconds']} s of measurements)")
+    print(f"# wrote {out_json}{note}")
     plot(result, out_png)
     return 0
 

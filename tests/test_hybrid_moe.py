@@ -30,17 +30,26 @@ PLACEMENTS = {
 }
 
 
-def make_layer(gpu_experts, dtype, runtime=None, seed=0):
-    layer = HybridMoE(num_experts=E, top_k=K, hidden_size=H, intermediate_size=I,
-                      gpu_experts=gpu_experts, dtype=dtype, device=torch.device("cpu"),
-                      cpu_runtime=runtime or CPUExpertRuntime(num_threads=1, inline=True),
-                      pin_memory=False)
-    gen = torch.Generator().manual_seed(seed)
+def random_experts(gen: torch.Generator):
+    """(w1 [E, I, H], w3 [E, I, H], w2 [E, H, I]) fp32, scaled to keep activations O(1)."""
     w1 = torch.randn(E, I, H, generator=gen) * H**-0.5
     w3 = torch.randn(E, I, H, generator=gen) * H**-0.5
     w2 = torch.randn(E, H, I, generator=gen) * I**-0.5
+    return w1, w3, w2
+
+
+def load_experts(layer, w1, w3, w2) -> None:
     layer.load_weights((f"{e}.{name}.weight", w[e]) for e in range(E)
                        for name, w in (("w1", w1), ("w2", w2), ("w3", w3)))
+
+
+def make_layer(gpu_experts, dtype, runtime=None, seed=0, host_backing=False):
+    layer = HybridMoE(num_experts=E, top_k=K, hidden_size=H, intermediate_size=I,
+                      gpu_experts=gpu_experts, dtype=dtype, device=torch.device("cpu"),
+                      cpu_runtime=runtime or CPUExpertRuntime(num_threads=1, inline=True),
+                      pin_memory=False, host_backing=host_backing)
+    w1, w3, w2 = random_experts(torch.Generator().manual_seed(seed))
+    load_experts(layer, w1, w3, w2)
     w13 = torch.cat([w1, w3], dim=1).to(dtype)  # the weights as the layer stores them
     return layer, w13, w2.to(dtype)
 
@@ -214,14 +223,11 @@ def test_cuda_copy_and_split_paths_match_oracle(monkeypatch, plan, tokens):
 
     dtype = torch.bfloat16
     gen = torch.Generator().manual_seed(tokens)
-    w1 = torch.randn(E, I, H, generator=gen) * H**-0.5
-    w3 = torch.randn(E, I, H, generator=gen) * H**-0.5
-    w2 = torch.randn(E, H, I, generator=gen) * I**-0.5
+    w1, w3, w2 = random_experts(gen)
     runtime = CPUExpertRuntime(num_threads=2, inline=False, pin_memory=True)
     layer = HybridMoE(num_experts=E, top_k=K, hidden_size=H, intermediate_size=I, gpu_experts=(0, 3),
                       dtype=dtype, device=torch.device("cuda"), cpu_runtime=runtime, pin_memory=True)
-    layer.load_weights((f"{e}.{name}.weight", w[e]) for e in range(E)
-                       for name, w in (("w1", w1), ("w2", w2), ("w3", w3)))
+    load_experts(layer, w1, w3, w2)
     layer.stager = WeightStager(2, H, I, layer.chunks, dtype, torch.device("cuda"))
     C = layer.chunks
 
@@ -246,3 +252,42 @@ def test_cuda_copy_and_split_paths_match_oracle(monkeypatch, plan, tokens):
         torch.testing.assert_close(out.float(), ref, atol=TOLERANCE[dtype] * scale, rtol=TOLERANCE[dtype])
     finally:
         runtime.shutdown()
+
+
+@pytest.mark.parametrize("beams", [4, 8, 16])
+def test_beams_batch_into_one_call_per_cold_expert(monkeypatch, beams):
+    """Beam search: the beams of one request mostly pick the same experts. Their tokens reach
+    the CPU in one call per layer-step (each cold expert's weights read once for all beams),
+    and the copy planner sees each cold expert's summed token count, so a cold expert that
+    all beams hit is priced as one expert with `beams` tokens (where a copy can pay), not
+    `beams` experts with one token each."""
+    from vllm_fiddler.cost_model import default_for_shape, plan_cold_chunks
+    from vllm_fiddler.runtime.step_planner import StepPlanner
+
+    layer, w13, w2 = make_layer(PLACEMENTS["mixed"], torch.float32)  # 0, 3, 5 on the "GPU"
+    calls = []
+    original_submit = layer.cpu_runtime.submit
+
+    def spy_submit(x, w13_, w2_, ids, weights):
+        calls.append(ids.clone())
+        return original_submit(x, w13_, w2_, ids, weights)
+
+    monkeypatch.setattr(layer.cpu_runtime, "submit", spy_submit)
+    x = torch.randn(beams, H)
+    logits = torch.full((beams, E), -5.0)
+    logits[:, 6] = 4.0  # every beam: cold expert 6 ...
+    logits[:, 1] = 3.0  # ... and cold expert 1
+    logits[0, 7] = 9.0  # one beam strays to 7 instead of 1
+    check(layer, w13, w2, x, logits, torch.float32)
+    assert len(calls) == 1  # one CPU call for the layer-step, all beams in it
+    C = layer.chunks
+    slot6 = layer.cpu_experts.index(6)
+    assert int((calls[0] // C == slot6).sum()) == beams * C  # expert 6's chunks once per beam, one call
+
+    cost = default_for_shape(H, I, 4)
+    planner = StepPlanner(cost, max_copies=None)
+    cpu_ids = layer.cpu_slot_of_host[reference.route(logits, K)[1]]
+    got = planner.plan(cpu_ids, layer.num_host_slots, C)
+    slot1, slot7 = layer.cpu_experts.index(1), layer.cpu_experts.index(7)
+    want = plan_cold_chunks({slot6: beams, slot1: beams - 1, slot7: 1}, cost, C, gpu_busy_ms=0.0, max_copies=None)
+    assert got == [(s, want.on_gpu(s)) for s in want.copy]

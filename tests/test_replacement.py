@@ -16,7 +16,7 @@ import dataclasses
 import pytest
 import torch
 
-from test_hybrid_moe import E, H, I, K, check
+from test_hybrid_moe import E, H, I, K, check, load_experts, make_layer, random_experts
 from vllm_fiddler.config import AdaptationSettings
 from vllm_fiddler.layers.hybrid_moe import HybridMoE
 from vllm_fiddler.runtime.cpu_experts import CPUExpertRuntime
@@ -24,17 +24,7 @@ from vllm_fiddler.runtime.replacer import ExpertReplacer
 
 
 def make_backed_layer(gpu_experts, dtype=torch.float32, seed=0, host_backing=True):
-    layer = HybridMoE(num_experts=E, top_k=K, hidden_size=H, intermediate_size=I, gpu_experts=gpu_experts,
-                      dtype=dtype, device=torch.device("cpu"),
-                      cpu_runtime=CPUExpertRuntime(num_threads=1, inline=True), pin_memory=False,
-                      host_backing=host_backing)
-    gen = torch.Generator().manual_seed(seed)
-    w1 = torch.randn(E, I, H, generator=gen) * H**-0.5
-    w3 = torch.randn(E, I, H, generator=gen) * H**-0.5
-    w2 = torch.randn(E, H, I, generator=gen) * I**-0.5
-    layer.load_weights((f"{e}.{name}.weight", w[e]) for e in range(E)
-                       for name, w in (("w1", w1), ("w2", w2), ("w3", w3)))
-    return layer, torch.cat([w1, w3], dim=1).to(dtype), w2.to(dtype)
+    return make_layer(gpu_experts, dtype, seed=seed, host_backing=host_backing)
 
 
 def biased_logits(tokens: int, hot: tuple[int, ...], gen: torch.Generator, bias: float = 3.0) -> torch.Tensor:
@@ -201,14 +191,11 @@ def test_cuda_swap_with_copier_and_copy_path(monkeypatch, tokens):
 
     dtype, cuda = torch.bfloat16, torch.device("cuda")
     gen = torch.Generator().manual_seed(tokens)
-    w1 = torch.randn(E, I, H, generator=gen) * H**-0.5
-    w3 = torch.randn(E, I, H, generator=gen) * H**-0.5
-    w2 = torch.randn(E, H, I, generator=gen) * I**-0.5
+    w1, w3, w2 = random_experts(gen)
     runtime = CPUExpertRuntime(num_threads=2, inline=False, pin_memory=True)
     layer = HybridMoE(num_experts=E, top_k=K, hidden_size=H, intermediate_size=I, gpu_experts=(0, 3),
                       dtype=dtype, device=cuda, cpu_runtime=runtime, pin_memory=True, host_backing=True)
-    layer.load_weights((f"{e}.{name}.weight", w[e]) for e in range(E)
-                       for name, w in (("w1", w1), ("w2", w2), ("w3", w3)))
+    load_experts(layer, w1, w3, w2)
     layer.stager = WeightStager(2, H, I, layer.chunks, dtype, cuda)
     C = layer.chunks
 
