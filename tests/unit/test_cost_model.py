@@ -944,3 +944,16 @@ def test_prefill_gives_the_cpu_less_under_contention(counts):
     assert pc.critical_path_ms < t_solo_plan - 1.0
     assert ps.critical_path_ms < 0.85 * t_solo_plan
     assert pc.critical_path_ms == pytest.approx(chunk_plan_time(pc, cont, counts, hot_ms), abs=1e-9)
+
+
+def test_contention_switch_for_benchmarks(monkeypatch):
+    """FIDDLER_COST_CONTENTION=0 plans with factors 1.0 whatever was measured (an A/B switch)."""
+    from vllm_fiddler.runtime import calibrate
+
+    measured = dataclasses.replace(cm.default_for_shape(), cpu_contended_slowdown=1.25, h2d_contended_slowdown=1.27)
+    monkeypatch.setattr(calibrate, "_load_or_measure", lambda *a: measured)
+    monkeypatch.delenv(calibrate.CONTENTION_ENV, raising=False)
+    assert calibrate.load_or_measure(None, None, None, 1) is measured
+    monkeypatch.setenv(calibrate.CONTENTION_ENV, "0")
+    off = calibrate.load_or_measure(None, None, None, 1)
+    assert not off.contended and off.cpu_points == measured.cpu_points and off.h2d_gb_s == measured.h2d_gb_s
