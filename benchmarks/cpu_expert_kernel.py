@@ -264,11 +264,7 @@ def main() -> int:
 
     for H, I in shapes:
         wbytes = 3 * H * I * 2
-        # enough distinct experts that their weights are >= 4x the L3 (at least 8; memory-capped)
-        n_exp = max(8, math.ceil(4 * l3 / wbytes))
-        n_exp = min(n_exp, args.max_experts, max(2, int((16 << 30) // wbytes)))
-        if args.quick:
-            n_exp = max(2, min(n_exp, math.ceil(3 * l3 / wbytes)))
+        n_exp = rotation_experts(wbytes, l3, args)
         print(f"# shape {H}x{I}: {wbytes / 1e6:.1f} MB per expert, rotating over {n_exp} experts "
               f"({n_exp * wbytes / 1e9:.2f} GB)")
         w13 = torch.empty(n_exp, 2 * I, H, dtype=torch.bfloat16).uniform_(-0.05, 0.05)
@@ -438,10 +434,7 @@ def run_ab(ap, args, host: str) -> int:
     t_start = time.perf_counter()
     for H, I in shapes:
         wbytes = 3 * H * I * 2
-        n_exp = max(8, math.ceil(4 * l3 / wbytes))
-        n_exp = min(n_exp, args.max_experts, max(2, int((16 << 30) // wbytes)))
-        if args.quick:
-            n_exp = max(2, min(n_exp, math.ceil(3 * l3 / wbytes)))
+        n_exp = rotation_experts(wbytes, l3, args)
         C = 8 if I % 8 == 0 and I // 8 >= 32 else 1  # the runtime's host layout (HybridMoE.expert_chunks)
         Cc = cache_chunks(H, I, l3)
         Ic, Icc = I // C, I // Cc
@@ -527,6 +520,15 @@ def run_ab(ap, args, host: str) -> int:
         "rows": rows,
     }
     return write_result(result, out_json, out_png, f" ({result['seconds']} s of measurements)")
+
+
+def rotation_experts(wbytes: int, l3: int, args) -> int:
+    """Distinct experts to rotate over, so their weights are >= 4x the L3 (at least 8; memory-capped)."""
+    n_exp = max(8, math.ceil(4 * l3 / wbytes))
+    n_exp = min(n_exp, args.max_experts, max(2, int((16 << 30) // wbytes)))
+    if args.quick:
+        n_exp = max(2, min(n_exp, math.ceil(3 * l3 / wbytes)))
+    return n_exp
 
 
 def run_plan(args, stem: str):

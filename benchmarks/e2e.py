@@ -172,12 +172,6 @@ def decode_scenario(llm, rng, vocab: int, tokens: int, is_fiddler: bool) -> tupl
     return tokens / max(tn - t1, 1e-9), (after, before)
 
 
-def fiddler_decode_stats(after: dict, before: dict) -> dict:
-    from vllm_fiddler.stats import step_breakdown
-
-    return step_breakdown(after, before)
-
-
 def prefill_scenario(llm, rng, vocab: int, n: int) -> float:
     return min(gpu_e2e.time_generate(llm, [random_prompt(rng, n, vocab)], 1) for _ in range(2))
 
@@ -245,7 +239,9 @@ def offline_scenarios(args, row: dict, model: str, kwargs: dict, scenarios: list
                 row["scenarios"]["decode"], (after, before) = decode_scenario(
                     llm, rng, vocab, args.decode_tokens, kwargs.get("model_impl") == "fiddler")
                 if after:
-                    row["fiddler"] = fiddler_decode_stats(after, before)
+                    from vllm_fiddler.stats import step_breakdown
+
+                    row["fiddler"] = step_breakdown(after, before)
             elif kind == "prefill":
                 row["scenarios"][scenario] = prefill_scenario(llm, rng, vocab, int(n))
             else:
@@ -455,7 +451,6 @@ def header(args, previous: dict) -> dict:
                   f"gpu_memory_utilization {gpu_e2e.UTIL} unless a row's kwargs say more; tokens/s scale "
                   f"~32/layers for the whole model"),
         "decode_tokens": args.decode_tokens, "beam_tokens": args.beam_tokens,
-        "warmup_tokens": args.warmup_tokens,
         "serve_prompts": args.serve_prompts, "serve_input_len": args.serve_input_len,
         "serve_output_len": args.serve_output_len, "eager": args.eager or args.tiny,
         "max_model_len": TINY_MAX_MODEL_LEN if args.tiny else MAX_MODEL_LEN,

@@ -115,6 +115,28 @@ def _copies_until(stop: threading.Event, started: threading.Event, layer, stager
         started.set()
 
 
+def _while_running(background, name: str, what: str, measure):
+    """measure(), taken while `background(stop, started, errors)` runs in a thread: started once it
+    has set `started`; the thread is stopped and joined after, and its error re-raised."""
+    stop, started, errors = threading.Event(), threading.Event(), []
+    thread = threading.Thread(target=background, args=(stop, started, errors), name=name, daemon=True)
+    thread.start()
+    try:
+        if not started.wait(timeout=10.0):
+            raise RuntimeError(f"calibration: {what} did not start")
+        if errors:
+            raise errors[0]
+        result = measure()
+    finally:
+        stop.set()
+        thread.join(timeout=10.0)
+    if errors:
+        raise errors[0]
+    if thread.is_alive():
+        raise RuntimeError(f"calibration: {what} did not stop")
+    return result
+
+
 def measure_contention(layer, runtime, stager) -> dict:
     """Host DRAM contention between the CPU expert kernel and the staging copies.
 
@@ -128,58 +150,30 @@ def measure_contention(layer, runtime, stager) -> dict:
     """
     cpu_fns = {t: _cpu_expert_fn(layer, t) for t in CONTENTION_CPU_TOKENS}
     copy = _copy_fn(layer, stager)
-    errors: list = []
     # 1. The CPU expert, alone, then against a stream of copies.
     cpu_solo = {t: runtime.time_on_worker(fn, reps=CONTENTION_REPS) for t, fn in cpu_fns.items()}
-    stop, started = threading.Event(), threading.Event()
-    copier = threading.Thread(target=_copies_until, args=(stop, started, layer, stager, errors),
-                              name="fiddler-calibrate-copies", daemon=True)
-    copier.start()
-    try:
-        if not started.wait(timeout=10.0):
-            raise RuntimeError("calibration: the copy thread did not start")
-        if errors:
-            raise errors[0]
-        cpu_busy = {t: runtime.time_on_worker(fn, reps=CONTENTION_REPS) for t, fn in cpu_fns.items()}
-    finally:
-        stop.set()
-        copier.join(timeout=10.0)
-    if errors:
-        raise errors[0]
-    if copier.is_alive():
-        raise RuntimeError("calibration: the copy thread did not stop")
+    cpu_busy = _while_running(
+        lambda stop, started, errors: _copies_until(stop, started, layer, stager, errors),
+        "fiddler-calibrate-copies", "the copy thread",
+        lambda: {t: runtime.time_on_worker(fn, reps=CONTENTION_REPS) for t, fn in cpu_fns.items()})
     # 2. The copies, alone, then while the worker computes 1-token experts back to back.
     copy_solo = _time_ms(copy, CONTENTION_COPY_REPS, torch.cuda.synchronize)
-    stop, started = threading.Event(), threading.Event()
     one = cpu_fns[min(CONTENTION_CPU_TOKENS)]
 
-    def cpu_until_stop():  # time_on_worker calls it twice (warm-up + 1 rep): the 1st runs until stop
-        started.set()
-        while not stop.is_set():
-            one()
+    def cpu_until_stop(stop, started, errors):
+        def loop():  # time_on_worker calls it twice (warm-up + 1 rep): the 1st runs until stop
+            started.set()
+            while not stop.is_set():
+                one()
 
-    def cpu_thread():
         try:
-            runtime.time_on_worker(cpu_until_stop, reps=1)
-        except BaseException as e:  # noqa: BLE001 - re-raised below
+            runtime.time_on_worker(loop, reps=1)
+        except BaseException as e:  # noqa: BLE001 - re-raised by _while_running
             errors.append(e)
             started.set()
 
-    worker = threading.Thread(target=cpu_thread, name="fiddler-calibrate-cpu", daemon=True)
-    worker.start()
-    try:
-        if not started.wait(timeout=10.0):
-            raise RuntimeError("calibration: the CPU expert loop did not start")
-        if errors:
-            raise errors[0]
-        copy_busy = _time_ms(copy, CONTENTION_COPY_REPS, torch.cuda.synchronize)
-    finally:
-        stop.set()
-        worker.join(timeout=10.0)
-    if errors:
-        raise errors[0]
-    if worker.is_alive():
-        raise RuntimeError("calibration: the CPU expert loop did not stop")
+    copy_busy = _while_running(cpu_until_stop, "fiddler-calibrate-cpu", "the CPU expert loop",
+                               lambda: _time_ms(copy, CONTENTION_COPY_REPS, torch.cuda.synchronize))
     cpu_by_tokens = {t: slowdown(cpu_busy[t], cpu_solo[t]) for t in cpu_fns}
     detail = {"cpu_ms": {t: (cpu_solo[t], cpu_busy[t]) for t in cpu_fns}, "copy_ms": (copy_solo, copy_busy)}
     return {"cpu_contended_slowdown": max(cpu_by_tokens.values()),
