@@ -20,8 +20,10 @@ several commands, each adding to the same JSON with --merge: before each,
 copy the JSON so far to $OUT (`cp $R/benchmarks/results/e2e-h100.json $OUT/`
 once the previous one is back in the repository). The first measures the
 host's DRAM / PCIe bandwidth (~20 s); --merge keeps it. Estimates: an engine
-start ~75 s, fiddler decode of 512 tokens ~21 s, stock ~50 s, stock beam
-search (prefix caching off: every step re-prefills every beam) ~4 minutes.
+start ~45-110 s, fiddler decode of 512 tokens ~21 s, stock ~50 s; beam search
+widths 4-16 of 32 tokens ~20-25 s each (prefix caching on; with it off, every
+step re-prefilled every beam and stock took > 135 s); serving at c32 ~110 s
+(fiddler) and ~230 s (stock UVA experts).
 
     S=decode,prefill_512,prefill_2048,prefill_8192,beam_4,beam_8,beam_16
     E="python3 $R/benchmarks/e2e.py --out $OUT/e2e-h100.json --merge --eager"
@@ -42,8 +44,11 @@ On a CPU machine (plumbing only, ~4 minutes on 2 cores):
 
 Systems: fiddler (gpu_e2e's budget: the share of experts a whole
 Mixtral-8x7B keeps on a 24 GB GPU), fiddler_gpu0 / _gpu25 / _gpu50 (0, 25, 50 %
-of the experts' bytes on the GPU), stock_uva_all, stock_uva_experts,
-stock_prefetch (stock vLLM 0.26 offload at the same budget); `--tiny`: the tiny
+of the experts' bytes on the GPU), fiddler_prefetch_memory (fiddler with the
+expert memory stock_prefetch holds: it cannot run at the shared budget, since
+its resident layers plus its prefetch buffers are 3/8 of the experts),
+stock_uva_all, stock_uva_experts, stock_prefetch (stock vLLM 0.26 offload at
+the same gpu_memory_utilization); `--tiny`: the tiny
 random Mixtral on vLLM's CPU platform, fiddler vs stock, to prove the plumbing.
 
 Figures (JSON `scenarios` / `scenarios_skewed`: scenario -> system -> figure):
@@ -96,14 +101,19 @@ PROMPT_LEN = 32  # decode and beam prompts
 # into gpu_e2e's 2048-token batches
 MAX_MODEL_LEN = 8192 + 64
 # beam width 16 asks for 2 * 16 logprobs per step (vLLM's default cap is 20),
-# and 16 beams / 32 serve requests should be batched in one step
-ENGINE = {**gpu_e2e.ENGINE, "max_model_len": MAX_MODEL_LEN, "max_num_seqs": 32, "max_logprobs": 32}
+# and 16 beams / 32 serve requests should be batched in one step. Prefix
+# caching on (vLLM's default): LLM.beam_search submits every beam's whole
+# sequence at each step, and without the cache each step re-prefills them all
+# (stock beam search then ran > 135 s for 32 tokens). Every prompt here is
+# fresh random tokens, so no TTFT run hits the cache.
+ENGINE = {**gpu_e2e.ENGINE, "max_model_len": MAX_MODEL_LEN, "max_num_seqs": 32, "max_logprobs": 32,
+          "enable_prefix_caching": True}
 TINY_MAX_MODEL_LEN = 4096  # the tiny config's max_position_embeddings
 TINY_ENGINE = dict(max_model_len=TINY_MAX_MODEL_LEN, enable_prefix_caching=False, max_num_seqs=32,
                    max_logprobs=32, seed=0, enforce_eager=True)
 TINY_EXPERT_BUDGET_GB = serve_load.TINY_EXPERT_BUDGET_GB  # some experts on each side
 GPU_SYSTEMS = ("fiddler", "fiddler_static", "fiddler_gpu0", "fiddler_gpu25", "fiddler_gpu50",
-               "stock_uva_all", "stock_uva_experts", "stock_prefetch")
+               "fiddler_prefetch_memory", "stock_uva_all", "stock_uva_experts", "stock_prefetch")
 TINY_SYSTEMS = ("fiddler", "stock")
 
 
@@ -116,9 +126,11 @@ def gpu_system_kwargs(name: str, layers: int, gpu_total_gib: float, eager: bool)
     system only (the JSON row records it).
     """
     util = gpu_e2e.UTIL
-    if name.startswith("fiddler_gpu"):
+    if name.startswith("fiddler_gpu") or name == "fiddler_prefetch_memory":
         experts, other = gpu_e2e.mixtral_bytes(layers)
-        budget = round(experts * int(name[len("fiddler_gpu"):]) / 100, 2)
+        share = (prefetch_expert_share() if name == "fiddler_prefetch_memory"
+                 else int(name[len("fiddler_gpu"):]) / 100)
+        budget = round(experts * share, 2)
         kw = dict(model_impl="fiddler", additional_config={"fiddler": {
             "gpu_expert_budget_gb": budget, "kv_cache_reserve_gb": gpu_e2e.KV_RESERVE_GIB}})
         need = (budget + other + gpu_e2e.KV_RESERVE_GIB + 1.0) / gpu_total_gib  # 1 GiB: CUDA context etc.
@@ -126,6 +138,14 @@ def gpu_system_kwargs(name: str, layers: int, gpu_total_gib: float, eager: bool)
     else:
         kw = dict(gpu_e2e.systems(layers, gpu_total_gib)[name])
     return {**ENGINE, "load_format": "dummy", "gpu_memory_utilization": util, "enforce_eager": eager, **kw}
+
+
+def prefetch_expert_share() -> float:
+    """Share of the experts' bytes stock_prefetch holds on the GPU: its resident
+    layers plus the buffers its prefetch copies into (one layer per prefetch step)."""
+    kw = gpu_e2e.systems(8, 80.0)["stock_prefetch"]
+    group, offloaded, ahead = kw["offload_group_size"], kw["offload_num_in_group"], kw["offload_prefetch_step"]
+    return (group - offloaded + ahead) / group
 
 
 def tiny_system_kwargs(name: str) -> dict:
@@ -172,8 +192,9 @@ def decode_scenario(llm, rng, vocab: int, tokens: int, is_fiddler: bool) -> tupl
     return tokens / max(tn - t1, 1e-9), (after, before)
 
 
-def prefill_scenario(llm, rng, vocab: int, n: int) -> float:
-    return min(gpu_e2e.time_generate(llm, [random_prompt(rng, n, vocab)], 1) for _ in range(2))
+def prefill_scenario(llm, rng, vocab: int, n: int) -> list[float]:
+    """Seconds to the first token of two fresh n-token prompts (the figure is the min)."""
+    return [gpu_e2e.time_generate(llm, [random_prompt(rng, n, vocab)], 1) for _ in range(2)]
 
 
 def beam_scenario(llm, rng, vocab: int, width: int, tokens: int) -> float:
@@ -236,6 +257,7 @@ def offline_scenarios(args, row: dict, model: str, kwargs: dict, scenarios: list
         try:
             kind, _, n = scenario.partition("_")
             if kind == "decode":
+                row["decode_tokens"] = args.decode_tokens
                 row["scenarios"]["decode"], (after, before) = decode_scenario(
                     llm, rng, vocab, args.decode_tokens, kwargs.get("model_impl") == "fiddler")
                 if after:
@@ -243,8 +265,11 @@ def offline_scenarios(args, row: dict, model: str, kwargs: dict, scenarios: list
 
                     row["fiddler"] = step_breakdown(after, before)
             elif kind == "prefill":
-                row["scenarios"][scenario] = prefill_scenario(llm, rng, vocab, int(n))
+                reps = prefill_scenario(llm, rng, vocab, int(n))
+                row["scenarios"][scenario] = min(reps)
+                row.setdefault("prefill_reps_s", {})[scenario] = reps
             else:
+                row["beam_tokens"] = args.beam_tokens
                 row["scenarios"][scenario] = beam_scenario(llm, rng, vocab, int(n), args.beam_tokens)
         except Exception as e:  # noqa: BLE001 - one failed scenario must not lose the others
             row["errors"][scenario] = f"{type(e).__name__}: {e}"[-1500:]
@@ -394,6 +419,9 @@ def merge_row(old: dict, new: dict) -> dict:
     """The new row's figures over the old one's; old scenarios not rerun stay."""
     rerun = set(new["scenarios"]) | set(new["errors"])
     merged = {**old, **{k: v for k, v in new.items() if k not in ("scenarios", "errors")}}
+    for key in ("serve", "prefill_reps_s"):  # per-scenario details: the old ones not rerun stay
+        if isinstance(old.get(key), dict) and isinstance(new.get(key), dict):
+            merged[key] = {**old[key], **new[key]}
     merged["scenarios"] = {**old.get("scenarios", {}), **new["scenarios"]}
     merged["errors"] = {**{k: v for k, v in old.get("errors", {}).items() if k not in rerun}, **new["errors"]}
     return merged
@@ -450,12 +478,18 @@ def header(args, previous: dict) -> dict:
                   f"Mixtral-8x7B shapes, {args.layers} of 32 layers, dummy (random) weights, "
                   f"gpu_memory_utilization {gpu_e2e.UTIL} unless a row's kwargs say more; tokens/s scale "
                   f"~32/layers for the whole model"),
-        "decode_tokens": args.decode_tokens, "beam_tokens": args.beam_tokens,
         "serve_prompts": args.serve_prompts, "serve_input_len": args.serve_input_len,
         "serve_output_len": args.serve_output_len, "eager": args.eager or args.tiny,
         "max_model_len": TINY_MAX_MODEL_LEN if args.tiny else MAX_MODEL_LEN,
         "cpu": f"{cpu_model_name()} ({os.cpu_count()} CPUs)",
     })
+    # per-command settings: only a command that measures with them changes them (rows
+    # record their own too)
+    scenarios = args.scenarios.split(",")
+    if "decode" in scenarios or "decode_tokens" not in out:
+        out["decode_tokens"] = args.decode_tokens
+    if any(s.startswith("beam_") for s in scenarios) or "beam_tokens" not in out:
+        out["beam_tokens"] = args.beam_tokens
     out.setdefault("runs", {})
     return out
 

@@ -233,7 +233,10 @@ def test_cuda_copy_and_split_paths_match_oracle(monkeypatch, plan, tokens):
 
     class ForcedPlanner:
         def plan(self, cpu_ids, num_cold, chunks, hot_tokens=0):
-            hit = sorted(set(cpu_ids[cpu_ids >= 0].tolist()))
+            return self.plan_counts(dict.fromkeys(cpu_ids[cpu_ids >= 0].tolist(), 1), chunks)
+
+        def plan_counts(self, token_counts, chunks, hot_tokens=0):
+            hit = sorted(token_counts)
             forced = {"none": [], "whole": [(s, C) for s in hit[:1]], "split": [(s, 1) for s in hit[:1]],
                       "whole+split": [(s, C) for s in hit[:1]] + [(s, 1) for s in hit[1:2]],
                       "more_than_slots": [(s, C) for s in hit[:3]] + [(s, 1) for s in hit[3:4]]}[plan]
@@ -291,3 +294,53 @@ def test_beams_batch_into_one_call_per_cold_expert(monkeypatch, beams):
     slot1, slot7 = layer.cpu_experts.index(1), layer.cpu_experts.index(7)
     want = plan_cold_chunks({slot6: beams, slot1: beams - 1, slot7: 1}, cost, C, gpu_busy_ms=0.0, max_copies=None)
     assert got == [(s, want.on_gpu(s)) for s in want.copy]
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 5, 16])
+@pytest.mark.parametrize("copy_gb_s", [1e-3, 0.05, 1e3])  # never copy / some / copy all
+def test_small_step_host_plan_matches_tensor_path(monkeypatch, tokens, copy_gb_s):
+    """Decode-sized steps plan their cold work in plain Python (SMALL_STEP_PAIRS); it must give
+    the tensor path's pair count, copies and CPU chunk ids exactly, whole and split plans alike."""
+    import dataclasses
+
+    from vllm_fiddler.cost_model import default_for_shape
+    from vllm_fiddler.layers import hybrid_moe
+    from vllm_fiddler.runtime.cpu_experts import HostBuffers
+    from vllm_fiddler.runtime.step_planner import StepPlanner
+
+    layer, _, _ = make_layer(PLACEMENTS["mixed"], torch.float32)
+    cost = dataclasses.replace(default_for_shape(H, I, 4), h2d_gb_s=copy_gb_s)
+    monkeypatch.setattr(hybrid_moe, "get_step_planner", lambda layer: StepPlanner(cost, max_copies=None))
+    layer.stager = object()  # only its presence matters to the planning
+    gen = torch.Generator().manual_seed(tokens)
+    for trial in range(20):
+        ids = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(tokens)]).to(torch.int32)
+        host = HostBuffers(x=torch.empty(tokens, H), ids=ids, weights=torch.rand(tokens, K, generator=gen))
+        assert tokens * K <= hybrid_moe.SMALL_STEP_PAIRS
+        small = layer._plan_cold(host)
+        monkeypatch.setattr(hybrid_moe, "SMALL_STEP_PAIRS", 0)
+        tensor = layer._plan_cold(host)
+        monkeypatch.undo()
+        monkeypatch.setattr(hybrid_moe, "get_step_planner", lambda layer: StepPlanner(cost, max_copies=None))
+        assert small[:2] == tensor[:2]
+        assert (small[2] is None) == (tensor[2] is None)
+        if small[2] is not None:
+            assert torch.equal(small[2][0], tensor[2][0].long())
+            assert torch.equal(small[2][1], tensor[2][1])
+    assert layer.routed_to_cpu + layer.routed_to_gpu == 2 * 20 * tokens * K  # both paths counted
+
+
+def test_small_chunk_ids_matches_tensor_version():
+    from vllm_fiddler.layers.hybrid_moe import small_chunk_ids
+
+    layer, _, _ = make_layer(PLACEMENTS["mixed"], torch.float32)
+    C = layer.chunks
+    cpu_ids = torch.tensor([[0, -1], [2, 4], [-1, -1], [4, 0]])
+    weights = torch.rand(4, K)
+    for first in ({}, {0: 3}, {4: C, 2: 1}, {0: C, 2: C, 4: C}):
+        table = torch.zeros(layer.num_host_slots, dtype=cpu_ids.dtype)
+        for slot, n in first.items():
+            table[slot] = n
+        ids, w = layer.cpu_chunk_ids(cpu_ids, weights, table)
+        got_ids, got_w = small_chunk_ids(cpu_ids.tolist(), weights.tolist(), C, first)
+        assert torch.equal(got_ids, ids) and torch.equal(got_w, w)

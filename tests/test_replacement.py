@@ -202,7 +202,11 @@ def test_cuda_swap_with_copier_and_copy_path(monkeypatch, tokens):
     class ForcedPlanner:  # first hit host slot copied whole, the second split
         def plan(self, cpu_ids, num_cold, chunks, hot_tokens=0):
             assert num_cold == E  # host backing: one host slot per expert
-            hit = sorted(set(cpu_ids[cpu_ids >= 0].tolist()))
+            return self.plan_counts(dict.fromkeys(cpu_ids[cpu_ids >= 0].tolist(), 1), chunks)
+
+        def plan_counts(self, token_counts, chunks, hot_tokens=0):
+            assert max(token_counts) < E  # host backing: host slot = expert id
+            hit = sorted(token_counts)
             return [(s, C) for s in hit[:1]] + [(s, 1) for s in hit[1:2]]
 
     monkeypatch.setattr(hybrid_moe, "get_step_planner", lambda layer: ForcedPlanner())

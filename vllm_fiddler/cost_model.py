@@ -113,7 +113,14 @@ _EPS = 1e-9
 
 
 def _clean_points(points: Iterable[Sequence[float]], what: str) -> tuple[Point, ...]:
-    """Sorted by tokens, duplicates averaged, ms made non-decreasing (measurement noise)."""
+    """Sorted by tokens, duplicates averaged, ms made non-decreasing (measurement noise).
+
+    Noise only ever adds time (a cold thread pool, page faults, a neighbour on
+    the memory bus), so where fewer tokens measured slower than more tokens,
+    the fewer-token point is the inflated one: it is lowered to the later
+    minimum, never the later points raised. (On the H100 box a fresh worker's
+    first point read 7.2 ms at 1 token against 4.6 ms at 16; raising the later
+    points would have priced every CPU expert ~50% too high.)"""
     by_tokens: dict[float, list[float]] = {}
     for p in points:
         tokens, ms = float(p[0]), float(p[1])
@@ -123,12 +130,12 @@ def _clean_points(points: Iterable[Sequence[float]], what: str) -> tuple[Point, 
     if not by_tokens:
         raise ValueError(f"{what}: no points")
     out: list[Point] = []
-    for tokens in sorted(by_tokens):
+    for tokens in sorted(by_tokens, reverse=True):
         ms = sum(by_tokens[tokens]) / len(by_tokens[tokens])
-        if out and ms < out[-1][1]:
-            ms = out[-1][1]  # more tokens never take less time
+        if out and ms > out[-1][1]:
+            ms = out[-1][1]  # fewer tokens never take more time
         out.append((tokens, ms))
-    return tuple(out)
+    return tuple(reversed(out))
 
 
 def interpolate(points: Sequence[Point], tokens: float) -> float:

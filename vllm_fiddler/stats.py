@@ -30,6 +30,9 @@ def model_stats(model) -> dict:
         "moe_op_s": sum(m.op_s for m in layers),
         "moe_sync_wait_s": sum(m.sync_wait_s for m in layers),
         "moe_cpu_wait_s": sum(m.cpu_wait_s for m in layers),
+        "moe_to_cpu_submit_s": sum(m.to_cpu_submit_s for m in layers),
+        "cpu_queue_s": runtime.queue_s,
+        "cpu_result_wait_s": runtime.result_wait_s,
         "replacements": replacer.replacements if replacer is not None else 0,
         "replacement_bytes": replacer.bytes_copied if replacer is not None else 0,
     }
@@ -50,7 +53,10 @@ def step_breakdown(after: dict, before: dict, prefix: str = "decode_") -> dict:
     A step is one forward of the first MoE layer. ``*_op_ms`` is the host time
     inside the hybrid op (all layers); of it, ``*_sync_wait_ms`` was spent
     waiting for the GPU work queued before each layer's routing copy, and
-    ``*_cpu_wait_ms`` waiting for the CPU experts after the GPU work was queued.
+    ``*_cpu_wait_ms`` waiting for the CPU experts after the GPU work was queued;
+    ``*_to_cpu_submit_ms`` passed from each op's start until the CPU got its work.
+    On the CPU worker: ``*_cpu_queue_ms`` from submit until it started, and, of
+    ``*_cpu_ms``, ``*_cpu_result_wait_ms`` waiting for the previous result's H2D.
     """
     d = delta(after, before)
     steps = max(1, d["layer0_steps"])
@@ -58,7 +64,10 @@ def step_breakdown(after: dict, before: dict, prefix: str = "decode_") -> dict:
     per_step = {"cpu_ms": 1e3 * d["cpu_busy_s"], "pcie_weight_gb": d["h2d_weight_bytes"] / 1e9,
                 "experts_split": d.get("experts_split", 0), "experts_copied_whole": d.get("experts_copied", 0),
                 "op_ms": 1e3 * d.get("moe_op_s", 0), "sync_wait_ms": 1e3 * d.get("moe_sync_wait_s", 0),
-                "cpu_wait_ms": 1e3 * d.get("moe_cpu_wait_s", 0)}
+                "cpu_wait_ms": 1e3 * d.get("moe_cpu_wait_s", 0),
+                "to_cpu_submit_ms": 1e3 * d.get("moe_to_cpu_submit_s", 0),
+                "cpu_queue_ms": 1e3 * d.get("cpu_queue_s", 0),
+                "cpu_result_wait_ms": 1e3 * d.get("cpu_result_wait_s", 0)}
     return {"gpu_experts": after["gpu_experts"], "cpu_experts": after["cpu_experts"],
             "gpu_hit_rate": d["routed_to_gpu"] / max(1, routed), f"{prefix}steps_measured": steps,
             **{f"{prefix}{k}_per_step": v / steps for k, v in per_step.items()},

@@ -90,8 +90,13 @@ def test_interpolation():
 def test_points_are_cleaned_and_validated():
     c = CostModel(cpu_points=((64, 10.0), (1, 6.0), (16, 7.0), (16, 5.0), (128, 9.0)), h2d_gb_s=10,
                   copy_latency_ms=0.1, expert_bytes=1, gpu_points=((1, 1),))
-    # sorted, duplicates averaged (16 -> 6.0), made non-decreasing (128: 9.0 -> 10.0)
-    assert c.cpu_points == ((1, 6.0), (16, 6.0), (64, 10.0), (128, 10.0))
+    # sorted, duplicates averaged (16 -> 6.0), made non-decreasing by lowering the inflated
+    # fewer-token point (64: 10.0 -> 9.0), not by raising the later ones
+    assert c.cpu_points == ((1, 6.0), (16, 6.0), (64, 9.0), (128, 9.0))
+    # a fresh worker's slow first point (the H100 box: 7.23 ms at 1 token, 4.61 at 16)
+    warm = CostModel(cpu_points=((1, 7.23), (4, 5.46), (16, 4.61), (64, 8.44)), h2d_gb_s=10,
+                     copy_latency_ms=0.0, expert_bytes=1, gpu_points=((1, 1),))
+    assert warm.cpu_points == ((1, 4.61), (4, 4.61), (16, 4.61), (64, 8.44))
     for bad in (dict(h2d_gb_s=0), dict(h2d_gb_s=float("nan")), dict(copy_latency_ms=-1), dict(expert_bytes=0),
                 dict(cpu_points=()), dict(cpu_points=((1, -2.0),))):
         kw = dict(cpu_points=((1, 1.0),), h2d_gb_s=1.0, copy_latency_ms=0.0, expert_bytes=1,

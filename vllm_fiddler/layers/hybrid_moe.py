@@ -108,10 +108,12 @@ class HybridMoE(nn.Module):
         self.steps = 0  # forward calls with at least one token
         # Where a CUDA step's time goes (host seconds, for benchmarks): in this op,
         # blocked on the device->host copy of the routing (i.e. on the GPU work
-        # queued before it), and blocked on the CPU experts' result.
+        # queued before it), and blocked on the CPU experts' result; and from the
+        # op's start to handing the CPU its work (the CPU idles until then).
         self.op_s = 0.0
         self.sync_wait_s = 0.0
         self.cpu_wait_s = 0.0
+        self.to_cpu_submit_s = 0.0
         # tokens routed to each expert so far ([E], on the device: no sync per step);
         # read by profiling (vllm_fiddler.profile), placement and re-placement
         self.expert_tokens = torch.zeros(E, dtype=torch.int64, device=self.device)
@@ -304,16 +306,18 @@ class HybridMoE(nn.Module):
         topk_weights, topk_ids = route(router_logits, self.top_k)  # [T, K] fp32, [T, K] int64
         self.expert_tokens += torch.bincount(topk_ids.flatten(), minlength=self.num_experts)
         if self.device.type == "cuda":
-            start = time.perf_counter()
+            start = self._op_start = time.perf_counter()
             self._forward_cuda(x, topk_weights, topk_ids, out)
             self.op_s += time.perf_counter() - start
         else:
             self._forward_host(x, topk_weights, topk_ids, out)
 
     def _count(self, cpu_ids: torch.Tensor) -> int:
-        n_cpu = int((cpu_ids >= 0).sum())
+        return self._count_pairs(int((cpu_ids >= 0).sum()), cpu_ids.numel())
+
+    def _count_pairs(self, n_cpu: int, n_pairs: int) -> int:
         self.routed_to_cpu += n_cpu
-        self.routed_to_gpu += cpu_ids.numel() - n_cpu
+        self.routed_to_gpu += n_pairs - n_cpu
         return n_cpu
 
     # -- vLLM's CPU platform: both sets in host memory, same two paths ------
@@ -355,37 +359,25 @@ class HybridMoE(nn.Module):
         host.x.copy_(x, non_blocking=True)
         d2h_done = torch.cuda.Event()
         d2h_done.record()
-        # 2. Hot experts: queued now, run while the host works.
+        start = time.perf_counter()
+        d2h_done.synchronize()
+        self.sync_wait_s += time.perf_counter() - start
+        # 2. Per cold expert: compute on the CPU, copy its weights and compute
+        #    here, or both for one expert cut in two (chunks). The CPU gets its
+        #    work first: its queue is the step's critical path at decode, and
+        #    the GPU, idle since the routing copy, loses only the host's planning
+        #    time (launching the hot experts first delayed the CPU by ~0.25 ms a
+        #    layer of Triton launch overhead).
+        self._last_cpu_pairs, copies, cpu_args = self._plan_cold(host)
+        cold = None
+        if cpu_args is not None:
+            cold = self.cpu_runtime.submit(host.x, self.w13_cpu_chunks, self.w2_cpu_chunks, *cpu_args)
+            self.to_cpu_submit_s += time.perf_counter() - self._op_start
+        # 3. Hot experts, then the copied ones, on the GPU while the CPU works.
         if self.gpu_experts:
             fused_moe(x, self.w13_gpu, self.w2_gpu, topk_weights, self.gpu_slot_of[topk_ids], out=out)
         else:
             out.zero_()
-        start = time.perf_counter()
-        d2h_done.synchronize()
-        self.sync_wait_s += time.perf_counter() - start
-        cpu_ids = self.cpu_slot_of_host[host.ids.long()]  # [T, K] host-set slot or -1
-        self._last_cpu_pairs = self._count(cpu_ids)
-        if self._last_cpu_pairs == 0:
-            return
-        # 3. Per cold expert: compute on the CPU, copy its weights and compute
-        #    here, or both for one expert cut in two (chunks).
-        copies: list[tuple[int, int]] = []  # (host slot, chunks copied), in copy order
-        if self.stager is not None:
-            planner = get_step_planner(self)
-            copies = planner.plan(cpu_ids, self.num_host_slots, self.chunks,
-                                  hot_tokens=cpu_ids.numel() - self._last_cpu_pairs)
-        first_cpu_chunk = None
-        if copies:
-            first_cpu_chunk = torch.zeros(self.num_host_slots, dtype=cpu_ids.dtype)
-            for slot, n in copies:
-                first_cpu_chunk[slot] = n
-            cpu_work = bool((first_cpu_chunk[cpu_ids[cpu_ids >= 0]] < self.chunks).any())
-        else:
-            cpu_work = True
-        cold = None
-        if cpu_work:
-            cold = self.cpu_runtime.submit(host.x, self.w13_cpu_chunks, self.w2_cpu_chunks,
-                                           *self.cpu_chunk_ids(cpu_ids, host.weights, first_cpu_chunk))
         if copies:
             self._copied_experts(x, topk_weights, topk_ids, copies, out)
         # 4. The CPU's share comes back (pinned, async) and is added.
@@ -394,6 +386,42 @@ class HybridMoE(nn.Module):
             result = cold.result()
             self.cpu_wait_s += time.perf_counter() - start
             out.add_(self.cpu_runtime.to_device(result, x.device, x.dtype))
+
+    def _plan_cold(self, host) -> tuple[int, list[tuple[int, int]], tuple[torch.Tensor, torch.Tensor] | None]:
+        """From the step's routing on the host: (cold (token, k) pairs, copies [(host slot,
+        chunks copied)] in copy order, the CPU's (chunk ids, weights) or None if it has nothing)."""
+        T, K = host.ids.shape
+        C = self.chunks
+        planner = get_step_planner(self) if self.stager is not None else None
+        if T * K <= SMALL_STEP_PAIRS:  # decode: plain Python beats ~20 tiny torch ops
+            slot_of = self.cpu_slot_of_host.tolist()
+            rows = [[slot_of[e] for e in row] for row in host.ids.tolist()]  # [T][K] host slot or -1
+            counts: dict[int, int] = {}
+            for row in rows:
+                for slot in row:
+                    if slot >= 0:
+                        counts[slot] = counts.get(slot, 0) + 1
+            n_cpu = self._count_pairs(sum(counts.values()), T * K)
+            if n_cpu == 0:
+                return 0, [], None
+            copies = planner.plan_counts(counts, C, hot_tokens=T * K - n_cpu) if planner else []
+            first = dict(copies)
+            if not any(first.get(slot, 0) < C for slot in counts):
+                return n_cpu, copies, None
+            return n_cpu, copies, small_chunk_ids(rows, host.weights.tolist(), C, first)
+        cpu_ids = self.cpu_slot_of_host[host.ids.long()]  # [T, K] host-set slot or -1
+        n_cpu = self._count(cpu_ids)
+        if n_cpu == 0:
+            return 0, [], None
+        copies = planner.plan(cpu_ids, self.num_host_slots, C, hot_tokens=T * K - n_cpu) if planner else []
+        first_cpu_chunk = None
+        if copies:
+            first_cpu_chunk = torch.zeros(self.num_host_slots, dtype=cpu_ids.dtype)
+            for slot, n in copies:
+                first_cpu_chunk[slot] = n
+            if not bool((first_cpu_chunk[cpu_ids[cpu_ids >= 0]] < C).any()):
+                return n_cpu, copies, None
+        return n_cpu, copies, self.cpu_chunk_ids(cpu_ids, host.weights, first_cpu_chunk)
 
     def _copied_experts(self, x, topk_weights, topk_ids, copies, out) -> None:
         """Copies the first n chunks of each (slot, n) through the stager and computes them here."""
@@ -423,6 +451,32 @@ class HybridMoE(nn.Module):
             stager.release(staging_slot)
             if pending:
                 staged.append(stage(pending.pop(0)))
+
+
+# Steps with at most this many (token, k) pairs plan their cold work in plain
+# Python lists (small_chunk_ids): ~20 torch ops on tiny host tensors took
+# ~90 us a layer on the dev box, before the CPU could start.
+SMALL_STEP_PAIRS = 32
+
+
+def small_chunk_ids(cpu_ids: list[list[int]], weights: list[list[float]], chunks: int,
+                    first_cpu_chunk: dict[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """HybridMoE.cpu_chunk_ids on Python lists: cpu_ids [T][K] host slot or -1, weights [T][K],
+    first_cpu_chunk {host slot: chunks computed elsewhere} -> (ids [T, K*C] int64 chunk-expert
+    or -1, weights [T, K*C] fp32)."""
+    C = chunks
+    ids: list[list[int]] = []
+    ws: list[list[float]] = []
+    for slots, row_w in zip(cpu_ids, weights):
+        row_ids: list[int] = []
+        row_ws: list[float] = []
+        for slot, w in zip(slots, row_w):
+            first = first_cpu_chunk.get(slot, 0) if slot >= 0 else C
+            row_ids += [slot * C + c if c >= first else -1 for c in range(C)]
+            row_ws += [w] * C
+        ids.append(row_ids)
+        ws.append(row_ws)
+    return torch.tensor(ids, dtype=torch.int64), torch.tensor(ws, dtype=torch.float32)
 
 
 def num_actual_tokens(padded: int) -> int:

@@ -58,6 +58,10 @@ class CPUExpertRuntime:
         self._result_in_flight: torch.cuda.Event | None = None  # H2D still reading the result buffer
         self.busy_s = 0.0  # CPU expert time, for metrics and benchmarks
         self.calls = 0
+        # of busy_s: waiting for the previous result's H2D; and, before it, the
+        # time a submitted call queued for the worker thread (benchmarks)
+        self.result_wait_s = 0.0
+        self.queue_s = 0.0
 
     def _init_worker(self) -> None:
         # OpenMP thread teams are per calling thread: size this thread's team.
@@ -86,11 +90,15 @@ class CPUExpertRuntime:
                topk_weights: torch.Tensor) -> concurrent.futures.Future:
         """Starts the cold experts on the worker; the future yields fp32 [T, H] on the host."""
 
+        submitted = time.perf_counter()
+
         @torch.inference_mode()  # thread-local: the engine thread's mode does not carry over
         def run() -> torch.Tensor:
             start = time.perf_counter()
+            self.queue_s += start - submitted
             if self._result_in_flight is not None:  # the last result's H2D must be done reading
                 self._result_in_flight.synchronize()
+                self.result_wait_s += time.perf_counter() - start
             out = self._buffer("result", tuple(x.shape), torch.float32) if self.pin_memory \
                 else torch.empty(x.shape, dtype=torch.float32, device="cpu")
             out.zero_()

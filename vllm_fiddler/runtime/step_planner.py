@@ -26,14 +26,20 @@ class StepPlanner:
     def plan(self, cpu_ids: torch.Tensor, num_cold: int, chunks: int, hot_tokens: int = 0) -> list[tuple[int, int]]:
         """cpu_ids [T, K]: cold slot or -1. Returns (cold slot, chunks to copy) in copy order:
         all `chunks` of a copied expert, the first n of the one expert split with the CPU."""
-        from vllm_fiddler.cost_model import plan_cold_chunks
-
         if self.max_copies == 0:
             return []
         counts = torch.bincount(cpu_ids[cpu_ids >= 0].long(), minlength=num_cold).tolist()
-        token_counts = {slot: n for slot, n in enumerate(counts) if n}
+        return self.plan_counts({slot: n for slot, n in enumerate(counts) if n}, chunks, hot_tokens)
+
+    def plan_counts(self, token_counts: dict[int, int], chunks: int, hot_tokens: int = 0) -> list[tuple[int, int]]:
+        """`plan` from {cold slot: tokens routed to it} (slots with no token left out)."""
+        from vllm_fiddler.cost_model import plan_cold_chunks
+
+        if self.max_copies == 0 or not token_counts:
+            return []
         hot_ms = self.cost.gpu_ms(hot_tokens) if hot_tokens else 0.0
-        plan = plan_cold_chunks(token_counts, self.cost, chunks, gpu_busy_ms=hot_ms, max_copies=self.max_copies)
+        plan = plan_cold_chunks(dict(sorted(token_counts.items())), self.cost, chunks, gpu_busy_ms=hot_ms,
+                                max_copies=self.max_copies)
         self.copies += len(plan.whole.copy)
         self.splits += plan.split is not None
         return [(slot, plan.on_gpu(slot)) for slot in plan.copy]
