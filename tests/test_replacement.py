@@ -111,10 +111,11 @@ FAST = AdaptationSettings(enabled=True, interval_steps=2, half_life_steps=16, ho
                           cooldown_steps=8, noise_z=4.0)
 
 
-def run_steps(replacer, layers, oracle, steps, tokens, hot_by_layer, gen, warm=None):
+def run_steps(replacer, layers, oracle, steps, tokens, hot_by_layer, gen, warm=None, bias=3.0):
     for _ in range(steps):
         for l, layer in enumerate(layers):
-            logits = biased_logits(tokens, hot_by_layer[l], gen) if hot_by_layer[l] else torch.randn(tokens, E, generator=gen)
+            logits = (biased_logits(tokens, hot_by_layer[l], gen, bias) if hot_by_layer[l]
+                      else torch.randn(tokens, E, generator=gen))
             x = torch.randn(tokens, H, generator=gen)
             check(layer, *oracle[l], x, logits, torch.float32)
         replacer.on_step()
@@ -149,11 +150,41 @@ def test_uniform_routing_does_not_thrash():
 def test_warm_up_routing_is_not_evidence():
     """Counts added before the first real step (vLLM's dummy runs) must not move anything."""
     layer, w13, w2 = make_backed_layer((0, 1, 2, 3))
-    layer.expert_tokens[7] += 10**6  # a profile run that hammered expert 7
+    layer.expert_tokens[7] += 10**6  # a profile run that hammered expert 7 ...
+    layer.expert_heat[7] += 10**6  # ... (and the counter re-placement reads)
     replacer = ExpertReplacer([layer], FAST)
     gen = torch.Generator().manual_seed(4)
     run_steps(replacer, [layer], [(w13, w2)], steps=60, tokens=4, hot_by_layer=[()], gen=gen)
     assert 7 not in layer.gpu_experts and replacer.replacements <= 1
+
+
+@pytest.mark.parametrize("count", ["step_value", "raw_tokens"])
+def test_long_prompts_do_not_outweigh_decode(monkeypatch, count):
+    """Expert 7 (resident) gets nearly every token of a 512-token prompt every 32 steps; host
+    expert 6 gets every decode token in between. Raw tokens rate 7 at ~16 a step against 6's
+    ~1, but residency saves far more on 6: each decode hit of a cold expert costs a CPU read
+    of its weights, while the prompt's hundreds of tokens on 7 would cost at most one copy.
+    Counting steps by adaptation.step_value_table swaps 7 for 6; raw tokens (the control)
+    keep 7."""
+    from vllm_fiddler import adaptation
+
+    if count == "raw_tokens":
+        monkeypatch.setattr(adaptation, "step_value_table",
+                            lambda cpu_ms, gpu_ms, copy_ms, n: tuple(float(i) for i in range(n + 1)))
+    layer, w13, w2 = make_backed_layer((7,))
+    settings = AdaptationSettings(enabled=True, interval_steps=2, half_life_steps=64, horizon_steps=256,
+                                  cooldown_steps=8, noise_z=4.0)
+    replacer = ExpertReplacer([layer], settings)
+    gen = torch.Generator().manual_seed(5)
+    # the first real step's counts are the baseline, not evidence: start with a decode step
+    run_steps(replacer, [layer], [(w13, w2)], steps=1, tokens=1, hot_by_layer=[(6,)], gen=gen, bias=12.0)
+    for _ in range(8):
+        run_steps(replacer, [layer], [(w13, w2)], steps=1, tokens=512, hot_by_layer=[(7,)], gen=gen, bias=12.0)
+        run_steps(replacer, [layer], [(w13, w2)], steps=31, tokens=1, hot_by_layer=[(6,)], gen=gen, bias=12.0)
+    if count == "step_value":
+        assert layer.gpu_experts == (6,) and replacer.replacements == 1
+    else:  # the prompts keep (or bring back) 7
+        assert layer.gpu_experts == (7,)
 
 
 def test_copies_in_flight_are_bounded_and_land_only_when_done():
@@ -236,3 +267,37 @@ def test_cuda_swap_with_copier_and_copy_path(monkeypatch, tokens):
         forward_matches()
     finally:
         runtime.shutdown()
+
+
+def test_heat_counts_each_step_through_the_table():
+    """expert_heat adds table[min(n, last)] per expert and step once a table is set (nothing before);
+    expert_tokens keeps raw tokens for profiling either way."""
+    layer, w13, w2 = make_backed_layer((0, 1))
+    x = torch.randn(6, H)
+    logits = torch.full((6, E), -9.0)
+    logits[:, 2] = 5.0  # all 6 tokens: experts 2 and 3
+    logits[:, 3] = 4.0
+    logits[0, 4] = 6.0  # token 0: experts 4 and 2 instead
+    check(layer, w13, w2, x, logits, torch.float32)
+    assert layer.expert_heat.tolist() == [0.0] * E
+    layer.set_heat_table([0.0, 1.0, 1.5, 2.0])  # 3 or more tokens in a step: 2.0
+    check(layer, w13, w2, x, logits, torch.float32)
+    check(layer, w13, w2, x[:1], logits[:1], torch.float32)
+    # step 1: 2 -> 6 tokens, 3 -> 5, 4 -> 1; step 2: 2 and 4 -> 1 token each
+    assert layer.expert_heat.tolist() == [0.0, 0.0, 3.0, 2.0, 2.0, 0.0, 0.0, 0.0]
+    assert layer.expert_tokens.tolist() == [0, 0, 13, 10, 3, 0, 0, 0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_heat_counts_on_cuda():
+    """The per-step heat update on device tensors (the engine's path), all experts on the GPU."""
+    w1, w3, w2 = random_experts(torch.Generator().manual_seed(9))
+    layer = HybridMoE(num_experts=E, top_k=K, hidden_size=H, intermediate_size=I, gpu_experts=tuple(range(E)),
+                      dtype=torch.float32, device=torch.device("cuda"),
+                      cpu_runtime=CPUExpertRuntime(num_threads=1, inline=True), pin_memory=False)
+    load_experts(layer, w1, w3, w2)
+    layer.set_heat_table([0.0, 1.0, 1.5, 2.0])
+    logits = torch.full((6, E), -9.0)
+    logits[:, 2], logits[:, 3], logits[0, 4] = 5.0, 4.0, 6.0
+    layer(torch.randn(6, H).cuda(), logits.cuda())
+    assert layer.expert_heat.cpu().tolist() == [0.0, 0.0, 2.0, 2.0, 1.0, 0.0, 0.0, 0.0]

@@ -2,7 +2,8 @@
 
 Pure planning code (standard library only: no torch, no CUDA, no vLLM), so it
 runs in CPU CI and can be reasoned about on its own. The runtime feeds it the
-routed-token counters it reads off the device every few steps and executes
+per-expert heat counters (routed tokens, each step's count valued by
+``step_value_table``) it reads off the device every few steps and executes
 the swaps it returns as async host->device copies.
 
 The pieces:
@@ -38,7 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 
 class AdaptationError(ValueError):
@@ -204,6 +205,46 @@ class ExpertHeat:
         weighed by age.
         """
         return tuple(s * s / sq if sq > 0 else 0.0 for s, sq in zip(self._steps, self._steps_sq))
+
+
+def step_value_table(cpu_ms: Callable[[float], float], gpu_ms: Callable[[float], float], copy_ms: float,
+                     max_tokens: int) -> tuple[float, ...]:
+    """[max_tokens + 1] what one step's n tokens of an expert are worth as evidence for keeping it
+    on the GPU, in 1-token steps: v(n) = S(n) / S(1), where
+
+        S(n) = min(cpu_ms(n), copy_ms + gpu_ms(n)) - gpu_ms(n)
+
+    is what serving the n tokens from the GPU saves over serving them cold (on the CPU, or
+    by copying the expert in). v is made non-decreasing and at most n; v(0) = 0. Steps with
+    more tokens than max_tokens take v(max_tokens) (by then the copy caps S).
+
+    Why not raw tokens: the policy prices a routed token at the decode saving (saved_ms_per_token
+    = S(1)), but a cold expert's cost grows far slower than its tokens (the CPU reads its
+    weights once per step, whatever the count) and is capped by one copy (a long prefill copies
+    it anyway). Counted raw, one 2048-token prompt weighs as much as ~500 decode steps of its
+    experts, and placement chases whatever the last long prompt touched. (Mixtral on the H100
+    box: S(1) = 2.3 ms, S saturates at the 6.5 ms copy, so any step's hit is worth 1 to ~2.8.)
+    If the GPU does not beat the CPU at 1 token (S(1) <= 0), there is no decode saving to
+    compare with, and the table is raw tokens (v(n) = n).
+    """
+    if not _is_int(max_tokens) or max_tokens < 1:
+        raise AdaptationError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
+    if not _is_number(copy_ms) or copy_ms < 0:
+        raise AdaptationError(f"copy_ms must be a finite number >= 0, got {copy_ms!r}")
+
+    def saving(n: int) -> float:
+        g = gpu_ms(n)
+        return min(cpu_ms(n), copy_ms + g) - g
+
+    unit = saving(1)
+    if not (_is_number(unit) and unit > 0):
+        return tuple(float(n) for n in range(max_tokens + 1))
+    table = [0.0]
+    best = 0.0
+    for n in range(1, max_tokens + 1):
+        best = max(best, saving(n) / unit)  # non-decreasing: more tokens never prove less
+        table.append(min(float(n), best))
+    return tuple(table)
 
 
 # ---------------------------------------------------------------- policy

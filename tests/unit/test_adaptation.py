@@ -556,3 +556,57 @@ def test_simulation_is_deterministic():
     two = simulate(trace, [[0, 1], [2, 3]], POLICY, half_life_steps=8, replan_every=3, copy_latency_steps=2)
     assert one == two and one.num_swaps > 0
     assert "swap(s)" in one.text()
+
+
+# ------------------------------------------------ step values (heat units)
+
+
+def _interp(points):
+    def f(n):
+        xs = [p[0] for p in points]
+        if n <= xs[0]:
+            return points[0][1]
+        for (x0, y0), (x1, y1) in zip(points, points[1:]):
+            if n <= x1:
+                return y0 + (y1 - y0) * (n - x0) / (x1 - x0)
+        (x0, y0), (x1, y1) = points[-2], points[-1]
+        return y1 + (y1 - y0) / (x1 - x0) * (n - x1)
+    return f
+
+
+# The H100 box's calibration this session (ms): CPU expert by tokens, GPU expert, one copy.
+H100_CPU = _interp([(1, 2.65), (4, 3.24), (16, 3.60), (64, 6.28), (256, 19.37)])
+H100_GPU = _interp([(1, 0.349), (16, 0.276), (64, 0.32), (256, 0.307), (1024, 0.738)])
+H100_COPY = 6.43
+
+
+def test_step_value_table_shape_and_bounds():
+    table = adaptation.step_value_table(H100_CPU, H100_GPU, H100_COPY, 2048)
+    assert len(table) == 2049 and table[0] == 0.0 and table[1] == pytest.approx(1.0)
+    assert all(b >= a for a, b in zip(table, table[1:]))  # non-decreasing
+    assert all(v <= n for n, v in enumerate(table))  # never more than n one-token steps
+    # a CPU expert costs little more at 16 tokens than at 1 (weights read once per step)
+    s1 = H100_CPU(1) - H100_GPU(1)
+    assert table[16] == pytest.approx((H100_CPU(16) - H100_GPU(16)) / s1)
+    assert table[16] < 1.5
+    # a long prompt's expert is copied: its step is worth at most one copy over the 1-token saving
+    assert table[2048] == pytest.approx(H100_COPY / s1, rel=1e-6)
+    assert table[2048] < 3
+
+
+def test_step_value_table_without_a_decode_saving_is_raw_tokens():
+    # the GPU no faster than the CPU at 1 token: nothing to price steps against
+    table = adaptation.step_value_table(lambda n: 1.0, lambda n: 1.0, 5.0, 8)
+    assert table == tuple(float(n) for n in range(9))
+
+
+def test_step_value_table_repairs_a_dip_and_rejects_bad_input():
+    # a GPU curve whose interpolation makes S dip at 3 tokens: the table stays non-decreasing
+    gpu = {1: 0.1, 2: 0.1, 3: 0.9, 4: 0.1}
+    table = adaptation.step_value_table(lambda n: 1.0 + 0.01 * n, lambda n: gpu.get(n, 0.1), 10.0, 4)
+    assert table[3] == table[2] and table[4] >= table[3]
+    for bad in (dict(max_tokens=0), dict(max_tokens=2.5), dict(copy_ms=-1.0), dict(copy_ms=math.nan)):
+        kw = dict(cpu_ms=H100_CPU, gpu_ms=H100_GPU, copy_ms=1.0, max_tokens=4)
+        kw.update(bad)
+        with pytest.raises(adaptation.AdaptationError):
+            adaptation.step_value_table(**kw)

@@ -117,6 +117,11 @@ class HybridMoE(nn.Module):
         # tokens routed to each expert so far ([E], on the device: no sync per step);
         # read by profiling (vllm_fiddler.profile), placement and re-placement
         self.expert_tokens = torch.zeros(E, dtype=torch.int64, device=self.device)
+        # what re-placement reads instead (vllm_fiddler.runtime.replacer): each step's
+        # count per expert through heat_table (adaptation.step_value_table), once the
+        # replacer has set one; float64, so a long-running server's sums stay exact
+        self.expert_heat = torch.zeros(E, dtype=torch.float64, device=self.device)
+        self.heat_table: torch.Tensor | None = None  # [N + 1] value of n tokens in a step
 
     def _cpu_slots(self) -> list[int]:
         """[E] host slot of each expert served from the host, -1 for device-served ones."""
@@ -229,6 +234,10 @@ class HybridMoE(nn.Module):
                     self.store_cold(self.host_slot[e], *plain)
 
     # ---- re-placement (vllm_fiddler.runtime.replacer) --------------------
+    def set_heat_table(self, values) -> None:
+        """Starts counting expert_heat: each step adds values[min(n, len - 1)] for an expert's n tokens."""
+        self.heat_table = torch.tensor(values, dtype=torch.float64, device=self.device)
+
     def begin_swap(self, evict: int, admit: int, copier=None):
         """Between steps: serve `evict` from its host copy from now on, and start copying
         `admit` into the device slot `evict` leaves. Returns (slot, ready event or None);
@@ -304,7 +313,10 @@ class HybridMoE(nn.Module):
             return
         self.steps += 1
         topk_weights, topk_ids = route(router_logits, self.top_k)  # [T, K] fp32, [T, K] int64
-        self.expert_tokens += torch.bincount(topk_ids.flatten(), minlength=self.num_experts)
+        counts = torch.bincount(topk_ids.flatten(), minlength=self.num_experts)  # [E]
+        self.expert_tokens += counts
+        if self.heat_table is not None:
+            self.expert_heat += self.heat_table[counts.clamp(max=self.heat_table.numel() - 1)]
         if self.device.type == "cuda":
             start = self._op_start = time.perf_counter()
             self._forward_cuda(x, topk_weights, topk_ids, out)

@@ -17,8 +17,12 @@ for the steps it takes, x's and y's tokens on the CPU. At most
 ``max_swaps_in_flight`` copies run at once. Every expert keeps a host copy
 (``HybridMoE.host_backing``), so evicting costs nothing.
 
-What feeds the policy: each layer's routed-token counter (``expert_tokens``,
-on the device, bumped by every forward). Every ``interval_steps`` engine
+What feeds the policy: each layer's heat counter (``expert_heat``, on the
+device, bumped by every forward): an expert's n tokens in a step count as
+``adaptation.step_value_table``'s v(n), what serving them from the GPU saves
+in units of the 1-token (decode) saving, from the cost model below. So a long
+prompt's hundreds of tokens count for about one copy's worth, not for
+hundreds of decode steps. Every ``interval_steps`` engine
 steps the counters are snapshotted into pinned memory with an async copy;
 the snapshot is read at the next interval (its event long done), so reading
 never syncs the device. Steps without attention metadata (vLLM's dummy runs:
@@ -83,6 +87,11 @@ class ExpertCopier:
         return done
 
 
+# Step values are tabulated up to this many tokens per expert; a step with more takes the
+# last value (by then one copy caps what residency can save).
+HEAT_TABLE_TOKENS = 4096
+
+
 @dataclasses.dataclass
 class _InFlight:
     layer: int
@@ -123,13 +132,23 @@ class ExpertReplacer:
         self.step += 1
         self._land()
         if self._snapshot is None:  # first real step: the counters so far (warm-up) are not evidence
+            self._install_heat_tables()
             self._take_snapshot()
         elif self.step - self._snapshot_step >= self.settings.interval_steps:
             self._observe_and_plan()
 
     # ---- counters -------------------------------------------------------------
+    def _install_heat_tables(self) -> None:
+        """Every layer counts expert_heat through the cost model's step values from now on."""
+        from vllm_fiddler.adaptation import step_value_table
+
+        cost = self._cost()
+        table = step_value_table(cost.cpu_ms, cost.gpu_ms, cost.copy_ms, HEAT_TABLE_TOKENS)
+        for m in self.layers:
+            m.set_heat_table(table)
+
     def _take_snapshot(self) -> None:
-        counts = torch.stack([m.expert_tokens for m in self.layers])  # [L, E]
+        counts = torch.stack([m.expert_heat for m in self.layers])  # [L, E]
         if counts.device.type == "cuda":
             if self._snapshot is None:
                 self._snapshot = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True)
@@ -145,27 +164,33 @@ class ExpertReplacer:
             return  # the device is far behind: try again at the next step
         counts = self._snapshot.tolist()
         if self._baseline is not None:
-            delta = [[n - b for n, b in zip(row, base)] for row, base in zip(counts, self._baseline)]
+            delta = [[max(0.0, n - b) for n, b in zip(row, base)] for row, base in zip(counts, self._baseline)]
             self.heat.observe_all(delta, steps=max(1, self._snapshot_step - self._baseline_step))
             self._plan()
         self._baseline, self._baseline_step = counts, self._snapshot_step
         self._take_snapshot()
 
     # ---- planning and swaps ------------------------------------------------------
-    def _price(self) -> AdaptationPolicy:
+    def _cost(self):
+        """The step planner's cost model (calibrated on CUDA); the machine-independent prior
+        on vLLM's CPU platform, which has no copy path."""
         from vllm_fiddler.runtime import step_planner
 
         planner = step_planner._planner
         if planner is not None:
-            cost = planner.cost
-        else:  # vLLM's CPU platform (no copy path): the machine-independent prior
-            from vllm_fiddler.cost_model import default_for_shape
+            return planner.cost
+        from vllm_fiddler.cost_model import default_for_shape
 
-            layer = self.layers[0]
-            cost = default_for_shape(layer.hidden_size, layer.intermediate_size, layer.w13_cpu.element_size())
+        layer = self.layers[0]
+        return default_for_shape(layer.hidden_size, layer.intermediate_size, layer.w13_cpu.element_size())
+
+    def _price(self) -> AdaptationPolicy:
+        cost = self._cost()
         s = self.settings
         return AdaptationPolicy(
-            copy_ms=cost.copy_ms, saved_ms_per_token=max(1e-3, cost.cpu_ms(1) - cost.gpu_ms(1)),
+            # the 1-token saving, the unit of the heat counters (adaptation.step_value_table)
+            copy_ms=cost.copy_ms,
+            saved_ms_per_token=max(1e-3, min(cost.cpu_ms(1), cost.copy_ms + cost.gpu_ms(1)) - cost.gpu_ms(1)),
             horizon_steps=s.horizon_steps, min_gain_ratio=s.min_gain_ratio,
             max_swaps_per_round=s.max_swaps_in_flight, min_rate_margin=s.min_rate_margin,
             cooldown_steps=s.cooldown_steps, noise_z=s.noise_z)
