@@ -27,15 +27,19 @@ step re-prefilled every beam and stock took > 135 s); serving at c32 ~110 s
 
     S=decode,prefill_512,prefill_2048,prefill_8192,beam_4,beam_8,beam_16
     E="python3 $R/benchmarks/e2e.py --out $OUT/e2e-h100.json --merge --eager"
-    $E --skew 0 --systems fiddler,fiddler_gpu0 --scenarios $S --system-timeout 280
-    $E --skew 0 --systems fiddler_gpu25,fiddler_gpu50 --scenarios $S --system-timeout 280
-    $E --skew 0 --systems stock_uva_experts --scenarios $S
-    $E --skew 0 --systems stock_uva_all --scenarios $S
-    $E --skew 0 --systems stock_prefetch --scenarios $S
-    $E --skew 30 --systems fiddler,fiddler_gpu25,stock_uva_experts,stock_uva_all \
-        --scenarios decode --system-timeout 140
-    $E --skew 0 --systems fiddler --scenarios serve_c1,serve_c8,serve_c32
-    $E --skew 0 --systems stock_uva_experts --scenarios serve_c1,serve_c8,serve_c32
+    P=decode,prefill_512,prefill_2048,prefill_8192
+    $E --skew 0 --systems fiddler --scenarios $S --decode-tokens 128 --beam-tokens 32 --system-timeout 280
+    $E --skew 0 --systems fiddler_prefetch_memory,fiddler_gpu25,fiddler_gpu0,fiddler_gpu50 \
+        --scenarios $P --decode-tokens 128 --system-timeout 165
+    $E --skew 0 --systems stock_uva_all --scenarios $S --decode-tokens 128 --beam-tokens 32
+    $E --skew 0 --systems stock_prefetch,stock_uva_experts --scenarios $S --decode-tokens 128 \
+        --beam-tokens 32 --system-timeout 275
+    $E --skew 30 --systems fiddler,fiddler_static,stock_uva_experts --scenarios decode,prefill_2048 \
+        --decode-tokens 128 --warmup-tokens 1024 --system-timeout 260
+    # serving: one command per system, each under 10 minutes (stock c32 alone ~230 s)
+    $E --skew 0 --systems fiddler --scenarios serve_c32,serve_c8,serve_c1 --system-timeout 500
+    $E --skew 0 --systems stock_uva_experts --scenarios serve_c32 --system-timeout 380
+    $E --skew 0 --systems stock_uva_experts --scenarios serve_c8,serve_c1 --system-timeout 560
 
 On a CPU machine (plumbing only, ~4 minutes on 2 cores):
 
