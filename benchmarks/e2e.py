@@ -147,7 +147,7 @@ def gpu_system_kwargs(name: str, layers: int, gpu_total_gib: float, eager: bool)
 def prefetch_expert_share() -> float:
     """Share of the experts' bytes stock_prefetch holds on the GPU: its resident
     layers plus the buffers its prefetch copies into (one layer per prefetch step)."""
-    kw = gpu_e2e.systems(8, 80.0)["stock_prefetch"]
+    kw = gpu_e2e.STOCK_PREFETCH
     group, offloaded, ahead = kw["offload_group_size"], kw["offload_num_in_group"], kw["offload_prefetch_step"]
     return (group - offloaded + ahead) / group
 

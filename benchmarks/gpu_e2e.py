@@ -65,6 +65,13 @@ def resident_expert_fraction(gpu_total_gib: float) -> float:
     return max(0.0, min(1.0, (gpu_total_gib * UTIL - other - KV_RESERVE_GIB) / experts))
 
 
+# prefetch: expert weights of 6 of every 8 layers live on the host and are
+# copied in one layer ahead of use (25% resident; its GPU buffers hold a whole
+# layer's experts on top)
+STOCK_PREFETCH = dict(offload_group_size=8, offload_num_in_group=6, offload_prefetch_step=1,
+                      offload_params={"w13_weight", "w2_weight"})
+
+
 def systems(layers: int, gpu_total_gib: float) -> dict[str, dict]:
     """Each system at the same GPU budget for expert weights.
 
@@ -87,11 +94,7 @@ def systems(layers: int, gpu_total_gib: float) -> dict[str, dict]:
             "kv_cache_reserve_gb": KV_RESERVE_GIB}}),
         "stock_uva_all": dict(cpu_offload_gb=offload),
         "stock_uva_experts": dict(cpu_offload_gb=offload, cpu_offload_params={"w13_weight", "w2_weight"}),
-        # prefetch: expert weights of 6 of every 8 layers live on the host and
-        # are copied in one layer ahead of use (25% resident; its GPU buffers
-        # hold a whole layer's experts on top)
-        "stock_prefetch": dict(offload_group_size=8, offload_num_in_group=6, offload_prefetch_step=1,
-                               offload_params={"w13_weight", "w2_weight"}),
+        "stock_prefetch": dict(STOCK_PREFETCH),
     }
 
 

@@ -207,15 +207,18 @@ class ExpertHeat:
         return tuple(s * s / sq if sq > 0 else 0.0 for s, sq in zip(self._steps, self._steps_sq))
 
 
+def step_saving_ms(cpu_ms: Callable[[float], float], gpu_ms: Callable[[float], float], copy_ms: float,
+                   tokens: float) -> float:
+    """S(n): what serving an expert's n tokens of one step from the GPU saves over serving them
+    cold, on the CPU or by copying the expert in, whichever is cheaper."""
+    g = gpu_ms(tokens)
+    return min(cpu_ms(tokens), copy_ms + g) - g
+
+
 def step_value_table(cpu_ms: Callable[[float], float], gpu_ms: Callable[[float], float], copy_ms: float,
                      max_tokens: int) -> tuple[float, ...]:
     """[max_tokens + 1] what one step's n tokens of an expert are worth as evidence for keeping it
-    on the GPU, in 1-token steps: v(n) = S(n) / S(1), where
-
-        S(n) = min(cpu_ms(n), copy_ms + gpu_ms(n)) - gpu_ms(n)
-
-    is what serving the n tokens from the GPU saves over serving them cold (on the CPU, or
-    by copying the expert in). v is made non-decreasing and at most n; v(0) = 0. Steps with
+    on the GPU, in 1-token steps: v(n) = S(n) / S(1), S = step_saving_ms. v is made non-decreasing and at most n; v(0) = 0. Steps with
     more tokens than max_tokens take v(max_tokens) (by then the copy caps S).
 
     Why not raw tokens: the policy prices a routed token at the decode saving (saved_ms_per_token
@@ -233,8 +236,7 @@ def step_value_table(cpu_ms: Callable[[float], float], gpu_ms: Callable[[float],
         raise AdaptationError(f"copy_ms must be a finite number >= 0, got {copy_ms!r}")
 
     def saving(n: int) -> float:
-        g = gpu_ms(n)
-        return min(cpu_ms(n), copy_ms + g) - g
+        return step_saving_ms(cpu_ms, gpu_ms, copy_ms, n)
 
     unit = saving(1)
     if not (_is_number(unit) and unit > 0):

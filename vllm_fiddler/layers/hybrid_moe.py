@@ -318,8 +318,8 @@ class HybridMoE(nn.Module):
         if self.heat_table is not None:
             self.expert_heat += self.heat_table[counts.clamp(max=self.heat_table.numel() - 1)]
         if self.device.type == "cuda":
-            start = self._op_start = time.perf_counter()
-            self._forward_cuda(x, topk_weights, topk_ids, out)
+            start = time.perf_counter()
+            self._forward_cuda(x, topk_weights, topk_ids, out, start)
             self.op_s += time.perf_counter() - start
         else:
             self._forward_host(x, topk_weights, topk_ids, out)
@@ -355,7 +355,7 @@ class HybridMoE(nn.Module):
         moe_forward(x, self.w13_gpu, self.w2_gpu, gpu_ids, topk_weights, acc)
 
     # -- CUDA: hot experts on the GPU || cold experts on the CPU || copies --
-    def _forward_cuda(self, x, topk_weights, topk_ids, out) -> None:
+    def _forward_cuda(self, x, topk_weights, topk_ids, out, op_start: float) -> None:
         from vllm_fiddler.kernels.triton import fused_moe
 
         T, K = topk_ids.shape
@@ -384,7 +384,7 @@ class HybridMoE(nn.Module):
         cold = None
         if cpu_args is not None:
             cold = self.cpu_runtime.submit(host.x, self.w13_cpu_chunks, self.w2_cpu_chunks, *cpu_args)
-            self.to_cpu_submit_s += time.perf_counter() - self._op_start
+            self.to_cpu_submit_s += time.perf_counter() - op_start
         # 3. Hot experts, then the copied ones, on the GPU while the CPU works.
         if self.gpu_experts:
             fused_moe(x, self.w13_gpu, self.w2_gpu, topk_weights, self.gpu_slot_of[topk_ids], out=out)

@@ -42,7 +42,7 @@ import dataclasses
 
 import torch
 
-from vllm_fiddler.adaptation import AdaptationPolicy, ExpertHeat, plan_swaps
+from vllm_fiddler.adaptation import AdaptationPolicy, ExpertHeat, plan_swaps, step_saving_ms
 from vllm_fiddler.config import AdaptationSettings
 from vllm_fiddler.logger import logger
 
@@ -190,7 +190,7 @@ class ExpertReplacer:
         return AdaptationPolicy(
             # the 1-token saving, the unit of the heat counters (adaptation.step_value_table)
             copy_ms=cost.copy_ms,
-            saved_ms_per_token=max(1e-3, min(cost.cpu_ms(1), cost.copy_ms + cost.gpu_ms(1)) - cost.gpu_ms(1)),
+            saved_ms_per_token=max(1e-3, step_saving_ms(cost.cpu_ms, cost.gpu_ms, cost.copy_ms, 1)),
             horizon_steps=s.horizon_steps, min_gain_ratio=s.min_gain_ratio,
             max_swaps_per_round=s.max_swaps_in_flight, min_rate_margin=s.min_rate_margin,
             cooldown_steps=s.cooldown_steps, noise_z=s.noise_z)
