@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import signal
@@ -72,6 +73,16 @@ STOCK_PREFETCH = dict(offload_group_size=8, offload_num_in_group=6, offload_pref
                       offload_params={"w13_weight", "w2_weight"})
 
 
+def prefetch_within_budget(layers: int, resident_fraction: float) -> dict:
+    """Stock prefetch offload that fits the expert budget: the most resident layers r whose
+    experts, plus the one layer of buffers prefetch copies into, stay within resident_fraction
+    of the experts (r + 1 <= layers * fraction; r = 0 with 8 layers at a 24 GB GPU's share,
+    every layer copied in each step through one layer of buffers)."""
+    resident_layers = max(0, math.floor(layers * resident_fraction + 1e-9) - 1)
+    return dict(offload_group_size=layers, offload_num_in_group=layers - resident_layers,
+                offload_prefetch_step=1, offload_params={"w13_weight", "w2_weight"})
+
+
 def systems(layers: int, gpu_total_gib: float) -> dict[str, dict]:
     """Each system at the same GPU budget for expert weights.
 
@@ -95,6 +106,8 @@ def systems(layers: int, gpu_total_gib: float) -> dict[str, dict]:
         "stock_uva_all": dict(cpu_offload_gb=offload),
         "stock_uva_experts": dict(cpu_offload_gb=offload, cpu_offload_params={"w13_weight", "w2_weight"}),
         "stock_prefetch": dict(STOCK_PREFETCH),
+        # prefetch at the budget (STOCK_PREFETCH holds more: 3/8 of the experts with 8 layers)
+        "stock_prefetch_budget": prefetch_within_budget(layers, resident_expert_fraction(gpu_total_gib)),
     }
 
 

@@ -257,6 +257,53 @@ def test_cuda_copy_and_split_paths_match_oracle(monkeypatch, plan, tokens):
         runtime.shutdown()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the copy path)")
+def test_cuda_split_sizes_share_compiled_kernels(monkeypatch):
+    """Every split size n (the first n of C chunks copied) launches the same kernel variants,
+    which warm_up_kernels compiles at load: no step compiles, and each n matches the oracle."""
+    from vllm_fiddler.kernels.triton import compiled_variants
+    from vllm_fiddler.layers import hybrid_moe
+    from vllm_fiddler.runtime.kernel_warmup import warm_up_kernels
+    from vllm_fiddler.runtime.weight_stager import WeightStager
+
+    dtype, inter, tokens = torch.bfloat16, 256, 24  # 8 chunks of 32 rows
+    gen = torch.Generator().manual_seed(5)
+    w1 = torch.randn(E, inter, H, generator=gen) * H**-0.5
+    w3 = torch.randn(E, inter, H, generator=gen) * H**-0.5
+    w2 = torch.randn(E, H, inter, generator=gen) * inter**-0.5
+    runtime = CPUExpertRuntime(num_threads=2, inline=False, pin_memory=True)
+    layer = HybridMoE(num_experts=E, top_k=K, hidden_size=H, intermediate_size=inter, gpu_experts=(0, 3),
+                      dtype=dtype, device=torch.device("cuda"), cpu_runtime=runtime, pin_memory=True)
+    load_experts(layer, w1, w3, w2)
+    C = layer.chunks
+    assert C == 8
+    layer.stager = WeightStager(2, H, inter, C, dtype, torch.device("cuda"))
+    split = {"n": 1}
+
+    class ForcedPlanner:
+        def plan(self, cpu_ids, num_cold, chunks, hot_tokens=0):
+            return [(int(cpu_ids[cpu_ids >= 0].min()), split["n"])]
+
+    monkeypatch.setattr(hybrid_moe, "get_step_planner", lambda layer: ForcedPlanner())
+    try:
+        warm_up_kernels([layer], layer.stager, max_tokens=tokens)
+        before = compiled_variants()
+        w13 = torch.cat([w1, w3], dim=1).to(dtype)
+        for n in range(1, C + 1):
+            split["n"] = n
+            x = torch.randn(tokens, H, generator=gen).to(dtype)
+            logits = torch.randn(tokens, E, generator=gen)
+            out = layer(x.cuda(), logits.cuda()).cpu()
+            weights, ids = reference.route(logits, K)
+            ref = reference.moe(x, w13, w2.to(dtype), weights, ids)
+            scale = ref.abs().max().item()
+            torch.testing.assert_close(out.float(), ref, atol=TOLERANCE[dtype] * scale, rtol=TOLERANCE[dtype])
+        torch.cuda.synchronize()
+        assert compiled_variants() == before, "a split size compiled a kernel variant of its own"
+    finally:
+        runtime.shutdown()
+
+
 @pytest.mark.parametrize("beams", [4, 8, 16])
 def test_beams_batch_into_one_call_per_cold_expert(monkeypatch, beams):
     """Beam search: the beams of one request mostly pick the same experts. Their tokens reach

@@ -35,6 +35,8 @@ def model_stats(model) -> dict:
         "cpu_result_wait_s": runtime.result_wait_s,
         "replacements": replacer.replacements if replacer is not None else 0,
         "replacement_bytes": replacer.bytes_copied if replacer is not None else 0,
+        "kernel_warmup_s": getattr(model, "kernel_warmup", {}).get("seconds", 0.0),
+        "kernel_warmup_configs": getattr(model, "kernel_warmup", {}).get("configs", 0),
     }
 
 

@@ -506,6 +506,53 @@ def get_config(T: int, Eg: int, H: int, I: int, K: int, dtype: torch.dtype | str
     return cfg
 
 
+def tile_configs(max_tokens: int, Eg: int, H: int, I: int, K: int, dtype: torch.dtype | str,
+                 device_name: str | None) -> list[tuple[int, dict[str, int]]]:
+    """Every distinct config get_config picks for 1..max_tokens tokens, each with the fewest
+    tokens that pick it: [(T, config)] in T order.
+
+    A config is a set of constexprs, so each one is a separate compilation of
+    the kernels (~1 s each); the token count itself is not specialised on
+    (EM and S are do_not_specialize), so one launch per config compiles all
+    the variants a workload of up to max_tokens tokens per step can hit.
+    """
+    seen: dict[tuple, tuple[int, dict[str, int]]] = {}
+    for T in range(1, max(1, min(max_tokens, CHUNK_TOKENS)) + 1):
+        cfg = get_config(T, Eg, H, I, K, dtype, device_name)
+        seen.setdefault(tuple(sorted(cfg.items())), (T, cfg))
+    return list(seen.values())
+
+
+def compiled_variants() -> int:
+    """Kernel variants this process holds so far, over this module's kernels and devices
+    (Triton's in-memory caches: compiled here or loaded from its disk cache)."""
+    kernels = (_grouped_gemm_kernel, _align_kernel, _topk_sum_kernel)
+    return sum(len(cache[0]) for kernel in kernels for cache in kernel.device_caches.values())
+
+
+def warm_up(w13: torch.Tensor, w2: torch.Tensor, top_k: int, max_tokens: int) -> int:
+    """Compiles, before serving, each kernel variant fused_moe can launch on these weights
+    (int32 ids, top_k slots per token) for steps of 1..max_tokens tokens; returns how many
+    configs were launched.
+
+    Without it, the first step of each new size class compiles mid-serving:
+    a beam-search or serving step stalls for seconds the first time its token
+    count falls in a new tile config. One token per config suffices (see
+    tile_configs); the weights' values do not matter.
+    """
+    Eg, two_i, H = w13.shape
+    if Eg == 0 or top_k == 0:
+        return 0
+    dev_name = device_name_for_config(w13.device) if w13.is_cuda else None
+    configs = tile_configs(max_tokens, Eg, H, two_i // 2, top_k, w13.dtype, dev_name)
+    x = torch.zeros((1, H), dtype=w13.dtype, device=w13.device)  # [1, H]
+    ids = (torch.arange(top_k, device=w13.device) % Eg).to(torch.int32).view(1, top_k)  # [1, K]
+    weights = torch.full((1, top_k), 1.0 / top_k, dtype=torch.float32, device=w13.device)  # [1, K]
+    for _, cfg in configs:
+        fused_moe(x, w13, w2, weights, ids, config=cfg)
+    return len(configs)
+
+
 # ----------------------------------------------------------------------------
 # Launcher
 # ----------------------------------------------------------------------------

@@ -354,6 +354,34 @@ def test_shipped_config_files_parse():
             assert cfg["num_warps"] in (1, 2, 4, 8, 16) and 1 <= cfg["num_stages"] <= 8
 
 
+@pytest.mark.parametrize("Eg,I,K,device_name", [
+    (8, 14336, 2, "NVIDIA_H100_80GB_HBM3"),  # the shipped Mixtral table
+    (3, 14336, 2, "NVIDIA_H100_80GB_HBM3"),  # another E: the nearest table (E=4)
+    (16, 1792, 16, "NVIDIA_H100_80GB_HBM3"),  # staging slots' chunk-experts: no table, defaults
+    (8, 14336, 2, None),  # no device: defaults only
+])
+def test_tile_configs_cover_every_token_count(Eg, I, K, device_name):
+    """warm_up launches tile_configs' list: every token count must pick one of its configs,
+    each listed T must be the first to pick its config, and no config may be listed twice."""
+    pytest.importorskip("triton")
+    import importlib
+
+    fm = importlib.import_module("vllm_fiddler.kernels.triton.fused_moe")
+    max_tokens = 3000
+    listed = fm.tile_configs(max_tokens, Eg, 4096, I, K, torch.bfloat16, device_name)
+    keys = [tuple(sorted(cfg.items())) for _, cfg in listed]
+    assert len(set(keys)) == len(keys) and [t for t, _ in listed] == sorted(t for t, _ in listed)
+    first = {}
+    for T in range(1, max_tokens + 1):
+        key = tuple(sorted(fm.get_config(T, Eg, 4096, I, K, torch.bfloat16, device_name).items()))
+        assert key in keys, f"T={T} picks a config warm_up never launches"
+        first.setdefault(key, T)
+    assert [first[k] for k in keys] == [t for t, _ in listed]
+    if device_name is None:  # default_config's four buckets of slots per expert
+        assert len(listed) == 4
+    assert fm.tile_configs(1, Eg, 4096, I, K, torch.bfloat16, device_name)[0][0] == 1
+
+
 # ----------------------------------------------------------------------------
 # CUDA
 # ----------------------------------------------------------------------------
@@ -391,6 +419,25 @@ def test_cuda_no_host_sync_and_out_none():
     ref = reference.moe(x, w13, w2, tw, ti)
     assert out.dtype == torch.bfloat16 and out.shape == (40, 128)
     assert torch.linalg.vector_norm(out.float() - ref) / torch.linalg.vector_norm(ref) < TOL["bf16"][1]
+
+
+@cuda
+@pytest.mark.parametrize("Eg,I,K", [(3, 1024, 2), (16, 256, 16)])
+def test_cuda_warm_up_compiles_every_variant(Eg, I, K):
+    """After warm_up(max_tokens), steps of any 1..max_tokens tokens compile nothing new."""
+    from vllm_fiddler.kernels.triton import compiled_variants, fused_moe, warm_up
+
+    H, max_tokens = 256, 200
+    w13 = torch.randn(Eg, 2 * I, H, device="cuda", dtype=torch.bfloat16) * 0.05
+    w2 = torch.randn(Eg, H, I, device="cuda", dtype=torch.bfloat16) * 0.05
+    assert warm_up(w13, w2, K, max_tokens) >= 1
+    compiled = compiled_variants()
+    for T in list(range(1, 70)) + [97, 128, 129, 160, max_tokens]:
+        x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+        ids = torch.randint(-1, Eg, (T, K), device="cuda", dtype=torch.int32)
+        fused_moe(x, w13, w2, torch.rand(T, K, device="cuda"), ids)
+    torch.cuda.synchronize()
+    assert compiled_variants() == compiled
 
 
 if __name__ == "__main__" and "--interpret-worker" in sys.argv:

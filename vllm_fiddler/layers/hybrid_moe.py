@@ -449,16 +449,17 @@ class HybridMoE(nn.Module):
         staged = [stage(c) for c in copies[:stager.num_slots]]
         pending = list(copies[stager.num_slots:])
         partial = torch.empty_like(out)
-        weights = topk_weights.unsqueeze(-1)  # [T, K, 1]
+        # Every launch has K*C slots per token, -1 beyond the n chunks copied: the
+        # slot count per token is a constexpr of the kernels, so K*n would compile
+        # a variant per split size (kernel_warmup compiles the one width ahead).
+        weights = topk_weights.unsqueeze(-1).expand(T, K, C).reshape(T, K * C)  # [T, K*C]
         while staged:
             cold_slot, n, staging_slot, ready = staged.pop(0)
             torch.cuda.current_stream().wait_event(ready)
             expert = self.host_experts[cold_slot]
-            chunk = torch.arange(n, dtype=torch.int32, device=x.device) + staging_slot * C  # [n]
             mine = (topk_ids == expert).unsqueeze(-1)  # [T, K, 1] only this expert
-            ids = torch.where(mine, chunk, -1).view(T, K * n)  # [T, K*n] staged chunk-experts
-            fused_moe(x, stager.w13_chunks, stager.w2_chunks, weights.expand(T, K, n).reshape(T, K * n),
-                      ids, out=partial)
+            ids = torch.where(mine, stager.chunk_ids(staging_slot, n), -1).view(T, K * C)  # [T, K*C]
+            fused_moe(x, stager.w13_chunks, stager.w2_chunks, weights, ids, out=partial)
             out.add_(partial)
             stager.release(staging_slot)
             if pending:

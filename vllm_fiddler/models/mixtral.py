@@ -25,6 +25,7 @@ from vllm_fiddler.layers.hybrid_moe import HybridMoE, expert_chunks
 from vllm_fiddler.metrics import StatsWriter
 from vllm_fiddler.placement import MoEShape, Placement
 from vllm_fiddler.runtime.cpu_experts import CPUExpertRuntime, get_cpu_runtime
+from vllm_fiddler.runtime.kernel_warmup import warm_up_kernels
 from vllm_fiddler.runtime.replacer import ExpertCopier, ExpertReplacer, is_real_step
 from vllm_fiddler.runtime.setup import resolve_model_placement
 from vllm_fiddler.runtime.weight_stager import WeightStager
@@ -107,6 +108,10 @@ class FiddlerMixtralForCausalLM(vllm_mixtral.MixtralForCausalLM):
         self._stats_writer = StatsWriter()
         for experts in self.moe_layers:
             experts.stager = stager
+        self.kernel_warmup = {}
+        if on_cuda:
+            self.kernel_warmup = warm_up_kernels(self.moe_layers, stager,
+                                                 vllm_config.scheduler_config.max_num_batched_tokens)
         self.replacer = None
         if adapt:
             copier = None

@@ -205,10 +205,14 @@ def measure(layer, runtime, stager) -> dict:
     copy_ms = _time_ms(_copy_fn(layer, stager), 3, torch.cuda.synchronize)
     expert_bytes = 3 * H * I * layer.w13_cpu.element_size()
     gpu_points = []
+    # the layout of HybridMoE._copied_experts: K*C slots per token, here the
+    # first k-slot on staging slot 0's chunks and the other K-1 on other experts (-1)
+    K = layer.top_k
+    row = torch.cat([chunk, torch.full(((K - 1) * C,), -1, dtype=torch.int32)])  # [K*C]
     for t in GPU_TOKENS:
         x = torch.randn(t, H, device=device).to(dtype)
-        ids = chunk.to(device).expand(t, C).contiguous()  # staging slot 0, every chunk
-        w = torch.ones(t, C, device=device)
+        ids = row.to(device).expand(t, K * C).contiguous()  # [t, K*C]
+        w = torch.ones(t, K * C, device=device)
         gpu_points.append((t, _time_ms(lambda: fused_moe(x, stager.w13_chunks, stager.w2_chunks, w, ids), 5,
                                        torch.cuda.synchronize)))
     try:

@@ -39,6 +39,16 @@ class WeightStager:
         self._slot_free: list[torch.cuda.Event | None] = [None] * num_slots
         self._next = 0
         self.bytes_copied = 0
+        # [S, C + 1, C] int32: row (s, n) holds the chunk-experts of slot s's first n
+        # chunks (s * C + c) and -1 past them; built here, so a step never copies it in
+        chunk = torch.arange(C, dtype=torch.int32)  # [C]
+        first = torch.arange(C + 1, dtype=torch.int32).view(1, C + 1, 1)  # [1, C+1, 1]
+        base = (torch.arange(num_slots, dtype=torch.int32) * C).view(num_slots, 1, 1)  # [S, 1, 1]
+        self._chunk_ids = torch.where(chunk < first, base + chunk, -1).to(device)  # [S, C+1, C]
+
+    def chunk_ids(self, slot: int, n: int) -> torch.Tensor:
+        """[C] int32 on the device: the chunk-experts of the first n chunks of `slot`, -1 past them."""
+        return self._chunk_ids[slot, n]
 
     def stage(self, w13: torch.Tensor, w2: torch.Tensor) -> tuple[int, torch.cuda.Event]:
         """Starts copying the first j chunks of one expert (pinned host tensors w13 [j, 2Ic, H],
