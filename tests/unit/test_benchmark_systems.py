@@ -45,3 +45,25 @@ def test_the_e2e_budget_rows(gpu_e2e):
     assert 0.15 < fraction < 0.25
     assert prefetch_share(gpu_e2e.prefetch_within_budget(8, fraction), 8) == 1 / 8
     assert prefetch_share(gpu_e2e.STOCK_PREFETCH, 8) == 3 / 8 > fraction
+
+
+@pytest.fixture(scope="module")
+def e2e():
+    spec = importlib.util.spec_from_file_location("e2e", os.path.join(REPO, "benchmarks", "e2e.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ratios_same_budget_leave_out_the_over_budget_system(e2e):
+    """TTFT (lower is better) and throughput: the conservative set counts every stock system,
+    the same-budget set leaves out those holding more than the budget."""
+    assert e2e.OVER_BUDGET_SYSTEMS == {"stock_prefetch"}
+    table = {"prefill_2048": {"fiddler": 0.36, "stock_prefetch": 0.33, "stock_prefetch_budget": 0.44,
+                              "stock_uva_experts": 1.7, "fiddler_gpu50": 0.2},
+             "serve_c32": {"fiddler": 150.0, "stock_prefetch": 90.0, "stock_uva_experts": 75.0},
+             "beam_4": {"stock_uva_experts": 2.0}}  # no fiddler figure: no ratio
+    conservative = e2e.ratios(table)
+    same_budget = e2e.ratios(table, e2e.OVER_BUDGET_SYSTEMS)
+    assert conservative == pytest.approx({"prefill_2048": 0.33 / 0.36, "serve_c32": 150 / 90})
+    assert same_budget == pytest.approx({"prefill_2048": 0.44 / 0.36, "serve_c32": 150 / 75})
