@@ -310,8 +310,11 @@ def offline_scenarios(args, row: dict, model: str, kwargs: dict, scenarios: list
                 if is_fiddler:
                     from vllm_fiddler.stats import step_breakdown
 
-                    row.setdefault("fiddler_beam", {})[scenario] = step_breakdown(
-                        gpu_e2e.fiddler_stats(llm), before, prefix="")
+                    breakdown = step_breakdown(gpu_e2e.fiddler_stats(llm), before, prefix="")
+                    # > 1: the engine core started a step before every beam had arrived
+                    breakdown["engine_steps_per_beam_step"] = breakdown["steps_measured"] / (
+                        len(reps) * args.beam_tokens)
+                    row.setdefault("fiddler_beam", {})[scenario] = breakdown
         except Exception as e:  # noqa: BLE001 - one failed scenario must not lose the others
             row["errors"][scenario] = f"{type(e).__name__}: {e}"[-1500:]
         save()
