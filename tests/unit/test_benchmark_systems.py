@@ -10,12 +10,17 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-@pytest.fixture(scope="module")
-def gpu_e2e():
-    spec = importlib.util.spec_from_file_location("gpu_e2e", os.path.join(REPO, "benchmarks", "gpu_e2e.py"))
+def load_benchmark(name: str):
+    """benchmarks/<name>.py as a module (the folder is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "benchmarks", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def gpu_e2e():
+    return load_benchmark("gpu_e2e")
 
 
 def prefetch_share(kw: dict, layers: int) -> float:
@@ -49,10 +54,7 @@ def test_the_e2e_budget_rows(gpu_e2e):
 
 @pytest.fixture(scope="module")
 def e2e():
-    spec = importlib.util.spec_from_file_location("e2e", os.path.join(REPO, "benchmarks", "e2e.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("e2e")
 
 
 def test_ratios_same_budget_leave_out_the_over_budget_system(e2e):
