@@ -513,9 +513,9 @@ def tile_configs(max_tokens: int, Eg: int, H: int, I: int, K: int, dtype: torch.
 
     A config is a set of constexprs, so each one is a separate compilation of
     the kernels (0.2-1.3 s each on the H100, kernel-warmup-h100.json); the token
-    count itself is not specialised on
-    (EM and S are do_not_specialize), so one launch per config compiles all
-    the variants a workload of up to max_tokens tokens per step can hit.
+    count itself is not specialised on (EM and S are do_not_specialize), so one
+    launch per config compiles all the variants a workload of up to max_tokens
+    tokens per step can hit.
     """
     seen: dict[tuple, tuple[int, dict[str, int]]] = {}
     for T in range(1, max(1, min(max_tokens, CHUNK_TOKENS)) + 1):
