@@ -19,7 +19,7 @@ A device command may run 10 minutes at most, so a full run (8 layers) is
 several commands, each adding to the same JSON with --merge: before each,
 copy the JSON so far to $OUT (`cp $R/benchmarks/results/e2e-h100.json $OUT/`
 once the previous one is back in the repository). The first measures the
-host's DRAM / PCIe bandwidth (~20 s); --merge keeps it. Measured wall times
+host's DRAM / PCIe bandwidth, alone and at once (~40 s); --merge keeps it. Measured wall times
 (8 layers): an engine start 45-120 s (fiddler's includes compiling its MoE
 kernels, 5-15 s); fiddler's offline scenarios ~165 s in all, stock UVA
 experts' ~265 s; beam search, two searches per width of 32 tokens, 5-20 s
@@ -45,6 +45,11 @@ each; serving: fiddler c8 + c1 ~240 s, c32 ~110 s; stock UVA experts c1 + c8
     $E --skew 0 --systems stock_prefetch --scenarios serve_c32 --system-timeout 565
     $E --skew 0 --systems stock_prefetch --scenarios serve_c8,serve_c1 --system-timeout 570
     $E --skew 0 --systems stock_uva_all --scenarios serve_c32 --system-timeout 570
+    # beams with the engine core in the LLM's process (run uniform_in_process): ~4 min each
+    B="$E --skew 0 --engine-in-process --scenarios beam_4,beam_8,beam_16 --beam-tokens 32"
+    $B --systems fiddler --system-timeout 240
+    $B --systems stock_uva_experts --system-timeout 310
+    $B --systems stock_uva_all --system-timeout 290
 
 On a CPU machine (plumbing only, ~4 minutes on 2 cores):
 
@@ -75,10 +80,11 @@ Figures (JSON `scenarios` / `scenarios_skewed`: scenario -> system -> figure):
 better) best stock / fiddler, so > 1 means fiddler is faster everywhere.
 `roofline_decode_tok_s`: batch-1 decode bound of the `fiddler` row: each layer
 reads its cold experts once per token, cold bytes = layers * top_k *
-(1 - gpu_hit_rate) * expert bytes, moved at host DRAM read + PCIe H2D
-bandwidth (both measured in this run; the bytes can be split between CPU
-compute and DMA); `roofline_decode_tok_s_dram_bound`: the same at DRAM
-bandwidth alone (CPU compute and DMA both read host DRAM).
+(1 - gpu_hit_rate) * expert bytes, split between CPU compute and DMA, both
+reading host DRAM; moved at the most host DRAM delivered with the CPU and
+the PCIe DMA reading at once (`host_read_together_gb_s`, measured in this
+run by host_bandwidth.measure); `_independent`: at CPU read + PCIe H2D as if
+they did not share DRAM; `_dram_bound`: at the CPU's read alone (see roofline()).
 `FIDDLER_DUMMY_ROUTER_SKEW=<strength>` (vllm_fiddler/synthetic.py) skews every
 MoE gate of the dummy weights, for stock and fiddler alike: `--skew`.
 """
@@ -132,6 +138,8 @@ GPU_SYSTEMS = ("fiddler", "fiddler_static", "fiddler_gpu0", "fiddler_gpu25", "fi
 # the experts with 8 layers, 1.9x the budget): in `ratios_vs_best_stock`, which is the
 # conservative figure, but not in `ratios_vs_best_stock_same_budget`, the issue's comparison
 OVER_BUDGET_SYSTEMS = {"stock_prefetch"}
+BANDWIDTH_KEYS = ("dram_read_gb_s", "pcie_h2d_gb_s", "host_read_together_gb_s")
+ROOFLINE_KEYS = ("roofline_decode_tok_s", "roofline_decode_tok_s_independent", "roofline_decode_tok_s_dram_bound")
 TINY_SYSTEMS = ("fiddler", "stock")
 
 
@@ -333,6 +341,9 @@ def run_system(args) -> None:
 
         model = build_mixtral_8x7b_shapes(tempfile.mkdtemp(prefix="m8x7b-"), args.layers)
         kwargs = gpu_system_kwargs(args.run_system, args.layers, torch.cuda.mem_get_info()[1] / GIB, args.eager)
+    if args.fiddler_options and kwargs.get("model_impl") == "fiddler":
+        options = kwargs["additional_config"] = dict(kwargs.get("additional_config", {}))
+        options["fiddler"] = {**options.get("fiddler", {}), **json.loads(args.fiddler_options)}
     row = {"system": args.run_system, "kwargs": jsonable(kwargs), "scenarios": {}, "errors": {}}
 
     def save():
@@ -349,46 +360,40 @@ def run_system(args) -> None:
 # -------------------------------------------------------------- bandwidth
 def measure_bandwidth(out_path: str) -> None:
     """Child process (so the parent holds no CUDA context or pinned memory):
-    host DRAM read GB/s (torch.sum over 4 x 1 GiB bf16, all threads) and PCIe
-    H2D GB/s (1 GiB pinned -> GPU), each the best of 3."""
-    import torch
+    host_bandwidth.measure(): the CPU's DRAM read (fiddler's stream-read kernel
+    when built, else torch.sum), pinned H2D, each alone and both at once."""
+    import host_bandwidth
 
-    torch.set_num_threads(os.cpu_count())
-    bufs = [torch.ones(GIB // 2, dtype=torch.bfloat16) for _ in range(4)]
-    best = math.inf
-    for _ in range(3):
-        t0 = time.perf_counter()
-        for b in bufs:
-            b.sum()
-        best = min(best, time.perf_counter() - t0)
-    dram = 4 * GIB / best / 1e9
-    del bufs
-    pinned = torch.ones(GIB, dtype=torch.uint8).pin_memory()
-    best = math.inf
-    for _ in range(3):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        pinned.to("cuda", non_blocking=True)
-        torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    write_json(out_path, {"dram_read_gb_s": dram, "pcie_h2d_gb_s": GIB / best / 1e9,
-                          "gpu": torch.cuda.get_device_name()})
+    write_json(out_path, host_bandwidth.measure(seconds=2.0, cpu_gib=4.0, rounds=3))
 
 
-def roofline(row: dict, layers: int, tiny: bool, dram: float | None, pcie: float | None) -> dict:
-    """Batch-1 decode bounds (tok/s) from the row's GPU hit rate."""
+def roofline(row: dict, out: dict) -> dict:
+    """Batch-1 decode bounds (tok/s) of a fiddler row, from its GPU hit rate.
+
+    A token reads each layer's cold experts once, cold bytes = layers * top_k *
+    (1 - hit rate) * expert bytes, by CPU compute or DMA, both from host DRAM.
+    `roofline_decode_tok_s` moves them at the most host DRAM delivered in this
+    run's measurement: the CPU and the DMA reading at once, or either alone if
+    that was more. `_independent` adds the two links' solo figures, as if they
+    did not share DRAM (not reachable here: `host_read_together_gb_s` is far
+    below that sum); `_dram_bound` is the CPU's read alone."""
     hit = row.get("fiddler", {}).get("gpu_hit_rate")
-    if hit is None or dram is None or pcie is None:
+    dram, pcie, together = (out.get(k) for k in BANDWIDTH_KEYS)
+    if hit is None or not dram or not pcie:
         return {}
-    if tiny:
+    if out.get("tiny"):
         expert_bytes, n_layers, top_k = 3 * 128 * 192 * 2, 3, 2
     else:
+        layers = out["layers"]
         expert_bytes, n_layers, top_k = gpu_e2e.mixtral_bytes(layers)[0] * GIB / (layers * 8), layers, 2
     cold = n_layers * top_k * (1 - hit) * expert_bytes
     if cold <= 0:
         return {}
-    return {"roofline_decode_tok_s": (dram + pcie) * 1e9 / cold,
-            "roofline_decode_tok_s_dram_bound": dram * 1e9 / cold}
+    bounds = {"roofline_decode_tok_s_independent": (dram + pcie) * 1e9 / cold,
+              "roofline_decode_tok_s_dram_bound": dram * 1e9 / cold}
+    if together:
+        bounds["roofline_decode_tok_s"] = max(together, dram, pcie) * 1e9 / cold
+    return bounds
 
 
 # ------------------------------------------------------------------ parent
@@ -413,8 +418,11 @@ def run_child(cmd: list[str], env: dict, timeout: int) -> str | None:
     return None if rc == 0 else f"exit {rc}"
 
 
-def run_key(skew: float) -> str:
-    return "uniform" if skew == 0 else f"skew{skew:g}"
+IN_PROCESS_SUFFIX = "_in_process"
+
+
+def run_key(skew: float, in_process: bool = False) -> str:
+    return ("uniform" if skew == 0 else f"skew{skew:g}") + (IN_PROCESS_SUFFIX if in_process else "")
 
 
 def system_rows(args, name: str, skew: float) -> dict:
@@ -426,6 +434,8 @@ def system_rows(args, name: str, skew: float) -> dict:
     env.pop("FIDDLER_DUMMY_ROUTER_SKEW", None)
     if skew:
         env["FIDDLER_DUMMY_ROUTER_SKEW"] = f"{skew:g}"
+    if args.engine_in_process:  # the LLM's engine core in its own process (offline scenarios)
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     if args.tiny:
         env["VLLM_CPU_KVCACHE_SPACE"] = "1"
     scenarios = args.scenarios.split(",")
@@ -436,7 +446,9 @@ def system_rows(args, name: str, skew: float) -> dict:
         path = tempfile.mktemp(suffix=f"-{name}.json")
         cmd = [sys.executable, os.path.abspath(__file__), "--run-system", name, "--system-out", path,
                "--scenarios", ",".join(group)] + child_flags(args)
-        failure = run_child(cmd, env, args.system_timeout)
+        serve = group[0].startswith("serve_")  # `vllm serve` keeps its own engine process
+        failure = run_child(cmd, {k: v for k, v in env.items()
+                                  if not (serve and k == "VLLM_ENABLE_V1_MULTIPROCESSING")}, args.system_timeout)
         part = {"scenarios": {}, "errors": {}}
         if os.path.exists(path):
             with open(path) as f:
@@ -456,7 +468,8 @@ def child_flags(args) -> list[str]:
              "--beam-tokens", str(args.beam_tokens), "--serve-prompts", str(args.serve_prompts),
              "--serve-input-len", str(args.serve_input_len), "--serve-output-len", str(args.serve_output_len),
              "--system-timeout", str(args.system_timeout)]
-    return flags + (["--tiny"] if args.tiny else []) + (["--eager"] if args.eager else [])
+    return (flags + (["--tiny"] if args.tiny else []) + (["--eager"] if args.eager else [])
+            + (["--fiddler-options", args.fiddler_options] if args.fiddler_options else []))
 
 
 def merge_row(old: dict, new: dict) -> dict:
@@ -473,17 +486,26 @@ def merge_row(old: dict, new: dict) -> dict:
 
 def summarize(out: dict) -> None:
     """Top-level tables, ratios and rooflines from out['runs']."""
-    skewed = sorted(k for k in out["runs"] if k != "uniform")
-    for suffix, key in (("", "uniform"), ("_skewed", skewed[0] if skewed else None)):
+    skewed = sorted(k for k in out["runs"] if k.startswith("skew") and not k.endswith(IN_PROCESS_SUFFIX))
+    for suffix, key in (("", "uniform"), ("_skewed", skewed[0] if skewed else None),
+                        (IN_PROCESS_SUFFIX, "uniform" + IN_PROCESS_SUFFIX)):
         rows = out["runs"].get(key, {})
+        if suffix == IN_PROCESS_SUFFIX and not rows:
+            continue
         table = {s: {name: r["scenarios"][s] for name, r in rows.items() if s in r.get("scenarios", {})}
                  for s in SCENARIOS}
+        if suffix == IN_PROCESS_SUFFIX:
+            table = {s: figures for s, figures in table.items() if figures}
         out["scenarios" + suffix] = table
         out["ratios_vs_best_stock" + suffix] = ratios(table)
         out["ratios_vs_best_stock_same_budget" + suffix] = ratios(table, OVER_BUDGET_SYSTEMS)
+        for row in rows.values():
+            for k in ROOFLINE_KEYS:
+                row.pop(k, None)
+            row.update(roofline(row, out))
         fiddler = rows.get("fiddler", {})
-        out["roofline_decode_tok_s" + suffix] = fiddler.get("roofline_decode_tok_s")
-        out["roofline_decode_tok_s_dram_bound" + suffix] = fiddler.get("roofline_decode_tok_s_dram_bound")
+        for k in ROOFLINE_KEYS:
+            out[k + suffix] = fiddler.get(k)
     out["skew_of_scenarios_skewed"] = skewed[0] if skewed else None
     present = {k: {name: sorted(r.get("scenarios", {})) for name, r in rows.items()}
                for k, rows in out["runs"].items()}
@@ -519,6 +541,7 @@ def header(args, previous: dict) -> dict:
     out.update({
         "command": previous["command"] + " ; " + command if previous.get("command") else command,
         "vllm_version": serve_load.installed_vllm_version(), "layers": 3 if args.tiny else args.layers,
+        "tiny": args.tiny,
         "model": ("tiny random Mixtral (3 layers, 8 experts, top-2, H=128, bf16, dummy weights) on vLLM's "
                   "CPU platform" if args.tiny else
                   f"Mixtral-8x7B shapes, {args.layers} of 32 layers, dummy (random) weights, "
@@ -543,20 +566,21 @@ def header(args, previous: dict) -> dict:
 def bandwidth(args, out: dict) -> None:
     """DRAM / PCIe bandwidth of this host, once per JSON (kept by --merge)."""
     if args.tiny:
-        out.update(dram_read_gb_s=None, pcie_h2d_gb_s=None, device=f"cpu + {out['cpu']}")
+        out.update(dict.fromkeys(BANDWIDTH_KEYS), device=f"cpu + {out['cpu']}")
         return
-    if out.get("dram_read_gb_s") and out.get("pcie_h2d_gb_s"):
+    if all(out.get(k) for k in BANDWIDTH_KEYS):
         return
     path = tempfile.mktemp(suffix="-bandwidth.json")
     failure = run_child([sys.executable, os.path.abspath(__file__), "--measure-bandwidth", path],
                         os.environ.copy(), 300)
     if failure:
-        out.update(dram_read_gb_s=None, pcie_h2d_gb_s=None, bandwidth_error=failure)
+        out.update(dict.fromkeys(BANDWIDTH_KEYS), bandwidth_error=failure)
         return
     with open(path) as f:
         bw = json.load(f)
-    out.update(dram_read_gb_s=bw["dram_read_gb_s"], pcie_h2d_gb_s=bw["pcie_h2d_gb_s"],
-               device=f"{bw['gpu']} + {out['cpu']}")
+    out.update(dram_read_gb_s=bw["cpu_read_gb_s"], pcie_h2d_gb_s=bw["pcie_h2d_gb_s"],
+               host_read_together_gb_s=bw["together"]["sum_gb_s"], host_bandwidth=bw,
+               device=f"{bw['device'].split(' + ')[0]} + {out['cpu']}")
 
 
 # ------------------------------------------------------------------- plots
@@ -598,13 +622,14 @@ def plots(out: dict, plots_dir: str, stem: str) -> list[str]:
     if skew and out["scenarios_skewed"]["decode"]:
         decode[f"skewed router ({skew})"] = out["scenarios_skewed"]["decode"]
     lines = [(v, label, style) for v, label, style in (
-        (out.get("roofline_decode_tok_s"), "fiddler roofline, uniform (DRAM + PCIe)", "--"),
-        (out.get("roofline_decode_tok_s_skewed"), "fiddler roofline, skewed (DRAM + PCIe)", ":")) if v]
+        (out.get("roofline_decode_tok_s"), "fiddler roofline, uniform (host DRAM, CPU + DMA)", "--"),
+        (out.get("roofline_decode_tok_s_skewed"), "fiddler roofline, skewed (host DRAM, CPU + DMA)", ":")) if v]
     bars(os.path.join(plots_dir, f"{stem}-decode.png"), {k: v for k, v in decode.items() if v},
          "tokens/s", "decode, batch 1", lines)
-    bars(os.path.join(plots_dir, f"{stem}-beam.png"),
-         {f"width {w}": out["scenarios"][f"beam_{w}"] for w in BEAM_WIDTHS if out["scenarios"][f"beam_{w}"]},
-         "best-beam tokens/s", "beam search")
+    beams = {f"width {w}": out["scenarios"][f"beam_{w}"] for w in BEAM_WIDTHS if out["scenarios"][f"beam_{w}"]}
+    beams.update({f"width {w}, engine in-process": figures for w in BEAM_WIDTHS
+                  if (figures := out.get("scenarios" + IN_PROCESS_SUFFIX, {}).get(f"beam_{w}"))})
+    bars(os.path.join(plots_dir, f"{stem}-beam.png"), beams, "best-beam tokens/s", "beam search")
 
     prefill = {n: out["scenarios"][f"prefill_{n}"] for n in PREFILL_LENS if out["scenarios"][f"prefill_{n}"]}
     systems = sorted({s for f in prefill.values() for s in f}, key=system_order)
@@ -650,6 +675,11 @@ def parse_args(argv=None):
     p.add_argument("--serve-input-len", type=int, default=128)
     p.add_argument("--serve-output-len", type=int, default=64)
     p.add_argument("--eager", action="store_true", help="enforce_eager for every system (tiny: always)")
+    p.add_argument("--fiddler-options", help="JSON of fiddler options (README) over every fiddler row's own, "
+                   "e.g. '{\"cpu_threads\": 14}'; the rows' kwargs record them")
+    p.add_argument("--engine-in-process", action="store_true",
+                   help="VLLM_ENABLE_V1_MULTIPROCESSING=0 for every system: generate() then adds all of "
+                        "a beam step's requests before the engine steps; rows go to run '<run>_in_process'")
     p.add_argument("--system-timeout", type=int, default=540, help="seconds per system and scenario group")
     p.add_argument("--merge", action="store_true", help="keep what --out holds; (re)run only what is named")
     p.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny Mixtral, fiddler vs stock")
@@ -686,23 +716,22 @@ def main(argv=None) -> None:
     plots_dir = args.plots_dir or os.path.dirname(os.path.abspath(args.out))
     stem = os.path.splitext(os.path.basename(args.out))[0]
     for skew in (float(s) for s in args.skew.split(",")):
-        runs = out["runs"].setdefault(run_key(skew), {})
+        key = run_key(skew, args.engine_in_process)
+        runs = out["runs"].setdefault(key, {})
         for name in args.systems.split(","):
             t0 = time.perf_counter()
             row = merge_row(runs.get(name, {}), system_rows(args, name, skew))
             row["wall_s"] = time.perf_counter() - t0
-            if "fiddler" in row:
-                row.update(roofline(row, args.layers, args.tiny, out["dram_read_gb_s"], out["pcie_h2d_gb_s"]))
             runs[name] = row
             summarize(out)
             write_json(args.out, out)
-            print(json.dumps({"run": run_key(skew), **{k: v for k, v in row.items() if k != "kwargs"}}),
+            print(json.dumps({"run": key, **{k: v for k, v in row.items() if k != "kwargs"}}),
                   flush=True)
     summarize(out)
     out["plots"] = plots(out, plots_dir, stem)
     write_json(args.out, out)
     print(json.dumps({k: out[k] for k in ("scenarios", "scenarios_skewed", "ratios_vs_best_stock",
-                                          "roofline_decode_tok_s", "dram_read_gb_s", "pcie_h2d_gb_s")},
+                                          *ROOFLINE_KEYS, *BANDWIDTH_KEYS)},
                      indent=1))
     print(f"wrote {args.out}")
 

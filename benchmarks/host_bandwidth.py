@@ -51,33 +51,46 @@ def h2d(src, dst, seconds: float) -> float:
     return done / (time.perf_counter() - start) / 1e9
 
 
+def measure(seconds: float = 3.0, cpu_gib: float = 4.0, rounds: int = 3) -> dict:
+    """CPU read and pinned H2D GB/s, each alone and both at once (all threads), each
+    figure the best of `rounds`: the VM's figures move by 10-15% from one round to the
+    next (H100 box: the CPU read alone 132-161 GB/s within one lease), and a roofline
+    takes the most the host can deliver."""
+    threads = os.cpu_count()
+    torch.set_num_threads(threads)
+    buffers = [torch.ones(int(cpu_gib * GIB / 4 / 2), dtype=torch.bfloat16) for _ in range(4)]
+    src = torch.ones(GIB // 2, dtype=torch.bfloat16).pin_memory()
+    dst = torch.empty_like(src, device="cuda")
+    cpu_alone = pcie_alone = 0.0
+    together = {"cpu_read_gb_s": 0.0, "pcie_h2d_gb_s": 0.0, "sum_gb_s": 0.0}
+    for _ in range(rounds):
+        cpu_alone = max(cpu_alone, cpu_read(buffers, seconds))
+        pcie_alone = max(pcie_alone, h2d(src, dst, seconds))
+        got = {}
+        t = threading.Thread(target=lambda: got.setdefault("pcie", h2d(src, dst, seconds)))
+        t.start()
+        got["cpu"] = cpu_read(buffers, seconds)
+        t.join()
+        if got["cpu"] + got["pcie"] > together["sum_gb_s"]:
+            together = {"cpu_read_gb_s": got["cpu"], "pcie_h2d_gb_s": got["pcie"],
+                        "sum_gb_s": got["cpu"] + got["pcie"]}
+    return {
+        "device": f"{torch.cuda.get_device_name()} + {threads} CPUs", "threads": threads, "rounds": rounds,
+        "cpu_read_gb_s": cpu_alone, "pcie_h2d_gb_s": pcie_alone, "together": together,
+        "sum_alone_gb_s": cpu_alone + pcie_alone,
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="benchmarks/results/host-bandwidth-h100.json")
     p.add_argument("--seconds", type=float, default=3.0)
     p.add_argument("--cpu-gib", type=float, default=4.0)
+    p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
-    threads = os.cpu_count()
-    torch.set_num_threads(threads)
-    buffers = [torch.ones(int(args.cpu_gib * GIB / 4 / 2), dtype=torch.bfloat16) for _ in range(4)]
-    src = torch.ones(GIB // 2, dtype=torch.bfloat16).pin_memory()
-    dst = torch.empty_like(src, device="cuda")
-    cpu_alone = cpu_read(buffers, args.seconds)
-    pcie_alone = h2d(src, dst, args.seconds)
-    got = {}
-    t = threading.Thread(target=lambda: got.setdefault("pcie", h2d(src, dst, args.seconds)))
-    t.start()
-    got["cpu"] = cpu_read(buffers, args.seconds)
-    t.join()
-    out = {
-        "device": f"{torch.cuda.get_device_name()} + {os.cpu_count()} CPUs",
-        "command": "python benchmarks/host_bandwidth.py " + f"--seconds {args.seconds} --cpu-gib {args.cpu_gib}",
-        "threads": threads,
-        "cpu_read_gb_s": cpu_alone, "pcie_h2d_gb_s": pcie_alone,
-        "together": {"cpu_read_gb_s": got["cpu"], "pcie_h2d_gb_s": got["pcie"],
-                     "sum_gb_s": got["cpu"] + got["pcie"]},
-        "sum_alone_gb_s": cpu_alone + pcie_alone,
-    }
+    out = {"command": "python benchmarks/host_bandwidth.py "
+                      f"--seconds {args.seconds} --cpu-gib {args.cpu_gib} --rounds {args.rounds}",
+           **measure(args.seconds, args.cpu_gib, args.rounds)}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(out, f, indent=1)

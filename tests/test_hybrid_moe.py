@@ -391,3 +391,37 @@ def test_small_chunk_ids_matches_tensor_version():
         ids, w = layer.cpu_chunk_ids(cpu_ids, weights, table)
         got_ids, got_w = small_chunk_ids(cpu_ids.tolist(), weights.tolist(), C, first)
         assert torch.equal(got_ids, ids) and torch.equal(got_w, w)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the host-time counters)")
+def test_cuda_gap_counters_time_the_work_between_ops(monkeypatch):
+    """gap_before_s: host time from the previous MoE op's end (any layer's) to this op's start,
+    so the first layer's counts the step's edge and the others' their attention; a gap longer
+    than IDLE_GAP_S is idle time and is not counted."""
+    import time
+
+    from vllm_fiddler.layers import hybrid_moe
+
+    monkeypatch.setattr(hybrid_moe, "IDLE_GAP_S", 0.2)
+    monkeypatch.setattr(HybridMoE, "_last_op_end", None)
+    runtime = CPUExpertRuntime(num_threads=2, inline=False, pin_memory=True)
+    try:
+        first, second = (HybridMoE(num_experts=E, top_k=K, hidden_size=H, intermediate_size=I,
+                                   gpu_experts=(0, 3), dtype=torch.bfloat16, device=torch.device("cuda"),
+                                   cpu_runtime=runtime, pin_memory=True) for _ in range(2))
+        x = torch.randn(3, H, device="cuda", dtype=torch.bfloat16)
+        logits = torch.randn(3, E, device="cuda")
+        first(x, logits)  # nothing before it: no gap
+        time.sleep(0.05)  # "attention"
+        second(x, logits)
+        assert first.gap_before_s == 0.0
+        assert 0.05 <= second.gap_before_s < 0.2
+        time.sleep(0.25)  # idle: longer than IDLE_GAP_S
+        first(x, logits)
+        assert first.gap_before_s == 0.0
+        time.sleep(0.02)  # the next step's edge
+        first(x, logits)
+        assert 0.02 <= first.gap_before_s < 0.2
+        assert first.op_s > 0 and second.op_s > 0
+    finally:
+        runtime.shutdown()

@@ -31,6 +31,8 @@ def model_stats(model) -> dict:
         "moe_sync_wait_s": sum(m.sync_wait_s for m in layers),
         "moe_cpu_wait_s": sum(m.cpu_wait_s for m in layers),
         "moe_to_cpu_submit_s": sum(m.to_cpu_submit_s for m in layers),
+        "gap_first_layer_s": layers[0].gap_before_s,
+        "gap_other_layers_s": sum(m.gap_before_s for m in layers[1:]),
         "cpu_queue_s": runtime.queue_s,
         "cpu_result_wait_s": runtime.result_wait_s,
         "replacements": replacer.replacements if replacer is not None else 0,
@@ -57,6 +59,9 @@ def step_breakdown(after: dict, before: dict, prefix: str = "decode_") -> dict:
     waiting for the GPU work queued before each layer's routing copy, and
     ``*_cpu_wait_ms`` waiting for the CPU experts after the GPU work was queued;
     ``*_to_cpu_submit_ms`` passed from each op's start until the CPU got its work.
+    Outside the op: ``*_gap_first_layer_ms`` from the previous step's last MoE op
+    to this step's first (sampler, scheduler, IPC, embedding, the first
+    attention), ``*_gap_other_layers_ms`` the other layers' attention blocks.
     On the CPU worker: ``*_cpu_queue_ms`` from submit until it started, and, of
     ``*_cpu_ms``, ``*_cpu_result_wait_ms`` waiting for the previous result's H2D.
     """
@@ -68,6 +73,8 @@ def step_breakdown(after: dict, before: dict, prefix: str = "decode_") -> dict:
                 "op_ms": 1e3 * d.get("moe_op_s", 0), "sync_wait_ms": 1e3 * d.get("moe_sync_wait_s", 0),
                 "cpu_wait_ms": 1e3 * d.get("moe_cpu_wait_s", 0),
                 "to_cpu_submit_ms": 1e3 * d.get("moe_to_cpu_submit_s", 0),
+                "gap_first_layer_ms": 1e3 * d.get("gap_first_layer_s", 0),
+                "gap_other_layers_ms": 1e3 * d.get("gap_other_layers_s", 0),
                 "cpu_queue_ms": 1e3 * d.get("cpu_queue_s", 0),
                 "cpu_result_wait_ms": 1e3 * d.get("cpu_result_wait_s", 0)}
     return {"gpu_experts": after["gpu_experts"], "cpu_experts": after["cpu_experts"],

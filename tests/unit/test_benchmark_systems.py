@@ -69,3 +69,46 @@ def test_ratios_same_budget_leave_out_the_over_budget_system(e2e):
     same_budget = e2e.ratios(table, e2e.OVER_BUDGET_SYSTEMS)
     assert conservative == pytest.approx({"prefill_2048": 0.33 / 0.36, "serve_c32": 150 / 90})
     assert same_budget == pytest.approx({"prefill_2048": 0.44 / 0.36, "serve_c32": 150 / 75})
+
+
+def test_roofline_uses_the_host_dram_both_links_share(e2e):
+    """The decode bound moves the cold bytes at the host DRAM measured with CPU and DMA reading
+    at once (the H100 box: 92.7 + 40.1 GB/s together against 115.6 + 50.7 alone), not at the
+    sum of the solo figures; the row's hit rate sets the cold bytes."""
+    out = {"layers": 8, "tiny": False, "dram_read_gb_s": 115.6, "pcie_h2d_gb_s": 50.7,
+           "host_read_together_gb_s": 132.8}
+    expert_bytes = 3 * 4096 * 14336 * 2
+    cold = 8 * 2 * (1 - 0.25) * expert_bytes
+    bounds = e2e.roofline({"fiddler": {"gpu_hit_rate": 0.25}}, out)
+    assert bounds["roofline_decode_tok_s"] == pytest.approx(132.8e9 / cold)
+    assert bounds["roofline_decode_tok_s_independent"] == pytest.approx(166.3e9 / cold)
+    assert bounds["roofline_decode_tok_s_dram_bound"] == pytest.approx(115.6e9 / cold)
+    # a host where one link alone beats both together: the bound is the best measured
+    assert e2e.roofline({"fiddler": {"gpu_hit_rate": 0.25}}, {**out, "host_read_together_gb_s": 100.0})[
+        "roofline_decode_tok_s"] == pytest.approx(115.6e9 / cold)
+    # no measurement together (an old JSON): no headline bound; stock rows have none
+    assert "roofline_decode_tok_s" not in e2e.roofline({"fiddler": {"gpu_hit_rate": 0.25}},
+                                                       {**out, "host_read_together_gb_s": None})
+    assert e2e.roofline({"scenarios": {}}, out) == {}
+
+
+def test_in_process_engine_rows_get_their_own_tables(e2e):
+    """--engine-in-process rows (run '<run>_in_process') are summarized apart: they never enter
+    the default protocol's tables, nor count as the skewed run."""
+    assert e2e.run_key(0) == "uniform" and e2e.run_key(30, in_process=True) == "skew30_in_process"
+
+    def row(**scenarios):
+        return {"scenarios": scenarios}
+
+    header = dict(model="m", decode_tokens=128, beam_tokens=32, serve_prompts=256, serve_input_len=128,
+                  serve_output_len=64, eager=True, max_model_len=8256)
+    out = {**header, "layers": 8, "tiny": False, "runs": {
+        "uniform": {"fiddler": row(beam_8=3.6), "stock_uva_all": row(beam_8=1.9)},
+        "uniform_in_process": {"fiddler": row(beam_8=6.6), "stock_uva_all": row(beam_8=2.9)},
+        "skew30": {"fiddler": row(decode=21.7), "stock_uva_experts": row(decode=10.4)}}}
+    e2e.summarize(out)
+    assert out["scenarios"]["beam_8"] == {"fiddler": 3.6, "stock_uva_all": 1.9}
+    assert out["scenarios_in_process"] == {"beam_8": {"fiddler": 6.6, "stock_uva_all": 2.9}}
+    assert out["ratios_vs_best_stock_same_budget_in_process"] == pytest.approx({"beam_8": 6.6 / 2.9})
+    assert out["skew_of_scenarios_skewed"] == "skew30"
+    assert out["scenarios_skewed"]["decode"] == {"fiddler": 21.7, "stock_uva_experts": 10.4}
