@@ -600,7 +600,7 @@ def plots(out: dict, plots_dir: str, stem: str) -> list[str]:
         systems = sorted({s for g in groups.values() for s in g}, key=system_order)
         if not systems:
             return
-        fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(systems) * len(groups)), 4.5))
+        fig, ax = plt.subplots(figsize=(min(14, max(6, 1.2 * len(systems) * len(groups))), 4.5))
         width = 0.8 / len(groups)
         for i, (label, figures) in enumerate(groups.items()):
             xs = [j + i * width for j, s in enumerate(systems) if s in figures]
