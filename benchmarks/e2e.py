@@ -434,8 +434,6 @@ def system_rows(args, name: str, skew: float) -> dict:
     env.pop("FIDDLER_DUMMY_ROUTER_SKEW", None)
     if skew:
         env["FIDDLER_DUMMY_ROUTER_SKEW"] = f"{skew:g}"
-    if args.engine_in_process:  # the LLM's engine core in its own process (offline scenarios)
-        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     if args.tiny:
         env["VLLM_CPU_KVCACHE_SPACE"] = "1"
     scenarios = args.scenarios.split(",")
@@ -446,9 +444,10 @@ def system_rows(args, name: str, skew: float) -> dict:
         path = tempfile.mktemp(suffix=f"-{name}.json")
         cmd = [sys.executable, os.path.abspath(__file__), "--run-system", name, "--system-out", path,
                "--scenarios", ",".join(group)] + child_flags(args)
-        serve = group[0].startswith("serve_")  # `vllm serve` keeps its own engine process
-        failure = run_child(cmd, {k: v for k, v in env.items()
-                                  if not (serve and k == "VLLM_ENABLE_V1_MULTIPROCESSING")}, args.system_timeout)
+        # the LLM's engine core in the LLM's process (offline groups; `vllm serve` keeps its own)
+        in_process = args.engine_in_process and not group[0].startswith("serve_")
+        failure = run_child(cmd, {**env, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"} if in_process else env,
+                            args.system_timeout)
         part = {"scenarios": {}, "errors": {}}
         if os.path.exists(path):
             with open(path) as f:

@@ -61,7 +61,8 @@ def step_breakdown(after: dict, before: dict, prefix: str = "decode_") -> dict:
     ``*_to_cpu_submit_ms`` passed from each op's start until the CPU got its work.
     Outside the op: ``*_gap_first_layer_ms`` from the previous step's last MoE op
     to this step's first (sampler, scheduler, IPC, embedding, the first
-    attention), ``*_gap_other_layers_ms`` the other layers' attention blocks.
+    attention), ``*_gap_other_layers_ms`` the other layers' attention blocks;
+    each gap includes its layer's routing (before the op's clock starts).
     On the CPU worker: ``*_cpu_queue_ms`` from submit until it started, and, of
     ``*_cpu_ms``, ``*_cpu_result_wait_ms`` waiting for the previous result's H2D.
     """

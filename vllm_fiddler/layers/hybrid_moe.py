@@ -123,7 +123,8 @@ class HybridMoE(nn.Module):
         self.to_cpu_submit_s = 0.0
         # host time from the previous MoE op's end (any layer's) to this one's start:
         # for the first layer the step's edge (sampler, scheduler, IPC, embedding,
-        # its attention), for the others their attention block
+        # its attention), for the others their attention block; both include this
+        # layer's routing and counting below (~0.12 ms on the H100 box)
         self.gap_before_s = 0.0
         # tokens routed to each expert so far ([E], on the device: no sync per step);
         # read by profiling (vllm_fiddler.profile), placement and re-placement
