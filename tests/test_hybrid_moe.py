@@ -19,6 +19,12 @@ from vllm_fiddler.kernels import reference
 from vllm_fiddler.layers.hybrid_moe import HybridMoE
 from vllm_fiddler.runtime.cpu_experts import CPUExpertRuntime
 
+
+def cpu_kernel_isas() -> list[str]:
+    from vllm_fiddler.kernels import cpu as cpu_kernels
+
+    return [i for i in cpu_kernels.available_isas() if i != "torch"]
+
 E, K, H, I = 8, 2, 96, 160  # odd-ish sizes on purpose (not powers of two)
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 PLACEMENTS = {
@@ -146,6 +152,97 @@ def test_cpu_fault_fails_the_step():
         layer.w2_cpu_chunks = layer.w2_cpu_chunks[:, :, :5]  # wrong shape: the worker's matmul raises
         with pytest.raises(RuntimeError):
             layer(torch.randn(4, H), torch.randn(4, E))
+    finally:
+        pool.shutdown()
+
+
+class RecordingSignal:
+    """device_wait.DeviceSignal's host half, without CUDA: hands out numbers, records the
+    Python worker's sets; the native job thread stores into `word` directly."""
+
+    def __init__(self):
+        self.last_seq, self.sets = 0, []
+        self.word = torch.zeros(1, dtype=torch.int32)
+
+    def next_seq(self):
+        self.last_seq += 1
+        return self.last_seq
+
+    def set(self, seq):
+        self.sets.append(seq)
+        self.word.fill_(seq)
+
+    def release_all(self):
+        self.set(self.last_seq)
+
+
+def test_device_waited_job_signals_even_when_it_fails(monkeypatch):
+    """A job the device waits for sets its signal whatever happens (else the stream would hang),
+    and its failure, which nobody reads on the host, fails the next submit instead."""
+    pool = CPUExpertRuntime(num_threads=1, inline=False, wait_on_device=True)
+    signal = RecordingSignal()
+    monkeypatch.setattr(pool, "_device_signal", lambda: signal)
+    try:
+        layer, w13, w2 = make_layer(PLACEMENTS["all_cpu"], torch.float32, runtime=pool)
+        x = torch.randn(4, H)
+        ids = torch.zeros(4, 1, dtype=torch.int32)
+        wts = torch.ones(4, 1)
+        ok = pool.submit(x, layer.w13_cpu_chunks, layer.w2_cpu_chunks, ids, wts, device_wait=True)
+        assert ok.seq == 1
+        ok.result()
+        bad = pool.submit(x, layer.w13_cpu_chunks, layer.w2_cpu_chunks[:, :, :5], ids, wts, device_wait=True)
+        assert bad.seq == 2
+        with pytest.raises(RuntimeError):
+            bad.result()
+        assert signal.sets == [1, 2]
+        with pytest.raises(RuntimeError):  # the unread failure surfaces at the next submit
+            pool.submit(x, layer.w13_cpu_chunks, layer.w2_cpu_chunks, ids, wts, device_wait=True)
+        again = pool.submit(x, layer.w13_cpu_chunks, layer.w2_cpu_chunks, ids, wts)  # reported once
+        assert again.seq is None and again.result().shape == (4, H)
+        host_only = CPUExpertRuntime(num_threads=1, inline=False, wait_on_device=False)
+        try:
+            assert host_only.submit(x, layer.w13_cpu_chunks, layer.w2_cpu_chunks, ids, wts,
+                                    device_wait=True).seq is None
+        finally:
+            host_only.shutdown()
+        pool.shutdown()
+        assert signal.sets[-1] == signal.last_seq  # shutdown releases whatever still waits
+    finally:
+        pool.shutdown()
+
+
+@pytest.mark.skipif(not cpu_kernel_isas(), reason="no native CPU kernel on this machine")
+def test_native_device_waited_jobs_run_in_order_and_signal(monkeypatch):
+    """bf16 device-waited jobs go to the native job thread (no GIL): each matches the
+    synchronous kernel, the word ends at the last job's number, and a failed job still
+    stores its number (its stream goes on) and fails the next submit."""
+    from vllm_fiddler.kernels import cpu as cpu_kernels
+
+    pool = CPUExpertRuntime(num_threads=2, inline=False, wait_on_device=True)
+    signal = RecordingSignal()
+    monkeypatch.setattr(pool, "_device_signal", lambda: signal)
+    try:
+        layer, _, _ = make_layer(PLACEMENTS["all_cpu"], torch.bfloat16, runtime=pool)
+        w13, w2 = layer.w13_cpu_chunks, layer.w2_cpu_chunks
+        gen = torch.Generator().manual_seed(3)
+        for tokens in (1, 3, 17):
+            x = torch.randn(tokens, H, generator=gen).to(torch.bfloat16)
+            ids = torch.randint(-1, w13.shape[0], (tokens, 4), generator=gen, dtype=torch.int32)
+            wts = torch.rand(tokens, 4, generator=gen)
+            job = pool.submit(x, w13, w2, ids, wts, device_wait=True)
+            assert job.future is None, "a bf16 job should run on the native job thread"
+            got = job.result().clone()
+            want = torch.zeros(tokens, H)
+            cpu_kernels.moe_forward(x, w13, w2, ids, wts, want)
+            assert torch.equal(got, want)  # same kernel, same order: same bits
+            assert int(signal.word) == job.seq
+        bad = pool.submit(x, w13, w2[:, :, :5], ids, wts, device_wait=True)
+        cpu_kernels.async_wait_idle()
+        assert int(signal.word) == bad.seq and signal.sets == []  # stored by the native thread
+        with pytest.raises(RuntimeError, match="fiddler CPU experts failed"):
+            pool.submit(x, w13, w2, ids, wts, device_wait=True)
+        assert pool.submit(x, w13, w2, ids, wts, device_wait=True).result().shape == (tokens, H)
+        assert pool.calls >= 5 and pool.busy_s > 0
     finally:
         pool.shutdown()
 

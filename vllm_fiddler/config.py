@@ -11,6 +11,7 @@ process before anything is allocated, and unit-tested in CPU CI.
 | cpu_threads           | int >= 1    | auto    | threads computing cold experts |
 | staging_slots         | int >= 0    | 2       | GPU slots for copying cold experts (CUDA); 0 = CPU only |
 | adaptation            | "auto", bool or object | "auto" | online re-placement of experts while serving (see below) |
+| wait_on_device        | bool        | true    | the GPU waits for the CPU experts' results (CUDA), so the engine thread launches ahead; false: the engine thread waits |
 
 ``adaptation``: ``true`` / ``false``; ``"auto"`` = on with a GPU when host
 memory can also hold a copy of every GPU-resident expert (which re-placement
@@ -51,6 +52,12 @@ class FiddlerConfig:
     # budget; two let one copy run while the previous expert computes.
     staging_slots: int = 2
     adaptation: "AdaptationSettings" = dataclasses.field(default_factory=lambda: AdaptationSettings())
+    # The compute stream waits for each layer's CPU experts (a driver wait on a
+    # host-set flag, vllm_fiddler.runtime.device_wait) instead of the engine
+    # thread, which launches the next attention block meanwhile; false keeps
+    # the host wait (for comparison, or a driver without stream memory ops,
+    # which falls back by itself).
+    wait_on_device: bool = True
 
     @classmethod
     def from_additional_config(cls, additional_config: Mapping[str, Any] | None) -> "FiddlerConfig":
@@ -78,6 +85,7 @@ class FiddlerConfig:
             cpu_threads=_positive_int(raw, "cpu_threads"),
             staging_slots=_non_negative_int(raw, "staging_slots", default=2),
             adaptation=AdaptationSettings.parse(raw.get("adaptation", "auto")),
+            wait_on_device=_bool(raw, "wait_on_device", default=True),
         )
 
     def resolved_cpu_threads(self) -> int:
@@ -181,6 +189,13 @@ def _non_negative_int(raw: Mapping[str, Any], key: str, default: int) -> int:
     value = raw.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise FiddlerConfigError(f"fiddler option {key} must be an integer >= 0, got {value!r}")
+    return value
+
+
+def _bool(raw: Mapping[str, Any], key: str, default: bool) -> bool:
+    value = raw.get(key, default)
+    if not isinstance(value, bool):
+        raise FiddlerConfigError(f"fiddler option {key} must be true or false, got {value!r}")
     return value
 
 

@@ -57,7 +57,9 @@ def step_breakdown(after: dict, before: dict, prefix: str = "decode_") -> dict:
     A step is one forward of the first MoE layer. ``*_op_ms`` is the host time
     inside the hybrid op (all layers); of it, ``*_sync_wait_ms`` was spent
     waiting for the GPU work queued before each layer's routing copy, and
-    ``*_cpu_wait_ms`` waiting for the CPU experts after the GPU work was queued;
+    ``*_cpu_wait_ms`` waiting for the CPU experts after the GPU work was queued
+    (with ``wait_on_device``, the default, the device waits instead: that time
+    moves into the next layer's ``*_sync_wait_ms``);
     ``*_to_cpu_submit_ms`` passed from each op's start until the CPU got its work.
     Outside the op: ``*_gap_first_layer_ms`` from the previous step's last MoE op
     to this step's first (sampler, scheduler, IPC, embedding, the first

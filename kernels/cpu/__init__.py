@@ -267,26 +267,72 @@ def moe_forward(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: 
     [T,K] fp32; out [T,H] fp32, accumulated into. Experts without tokens are not read.
     The native paths release the GIL while they compute.
     """
-    path, forced = _resolve(isa)
     if x.shape[0] == 0:
         return
-    if topk_ids.dtype != torch.int32:
-        topk_ids = topk_ids.to(torch.int32)
-    if topk_weights.dtype != torch.float32:
-        topk_weights = topk_weights.float()
+    topk_ids, topk_weights = topk_ids.to(torch.int32), topk_weights.float()  # no-ops when they are
+    native = _native_args(x, w13, w2, topk_ids, topk_weights, isa)
+    if native is None:
+        _torch_moe_forward(x, w13, w2, topk_ids, topk_weights, out)
+        return
+    x, topk_ids, topk_weights, mode = native
+    torch.ops.fiddler_cpu.moe_forward(x, w13, w2, topk_ids, topk_weights, out, mode, _amx_min_tokens())
+
+
+def moe_forward_async(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: torch.Tensor,
+                      topk_weights: torch.Tensor, out: torch.Tensor, done_word: torch.Tensor, seq: int,
+                      *, isa: str | None = None) -> bool:
+    """``out = moe_forward(...)`` (zeroed first) on the native job thread, in submission order;
+    when the job is done (or failed: see async_take_error) its thread stores `seq` (mod 2^32)
+    into `done_word` (one int32, pinned for a CUDA stream to wait on). Returns at once, True; or
+    False without doing anything when no native kernel takes these inputs (the caller runs
+    moe_forward itself). The inputs must stay unchanged until the job is done."""
+    native = _native_args(x, w13, w2, topk_ids, topk_weights, isa)
+    if native is None or not out.is_contiguous():
+        return False
+    x, topk_ids, topk_weights, mode = native
+    torch.ops.fiddler_cpu.moe_forward_async(x, w13, w2, topk_ids, topk_weights, out, mode, _amx_min_tokens(),
+                                            done_word, seq)
+    return True
+
+
+def async_wait_idle() -> None:
+    """Blocks until every moe_forward_async job submitted so far is done."""
+    if _native:
+        torch.ops.fiddler_cpu.async_wait_idle()
+
+
+def async_take_error() -> str:
+    """The first failure of a moe_forward_async job since the last call ('' if none); clears it."""
+    return str(torch.ops.fiddler_cpu.async_take_error()) if _native else ""
+
+
+def async_stats() -> tuple[int, float, float]:
+    """moe_forward_async jobs so far: (count, seconds computing, seconds queued before starting)."""
+    if not _native:
+        return 0, 0.0, 0.0
+    jobs, busy_ns, queue_ns = torch.ops.fiddler_cpu.async_stats()
+    return int(jobs), busy_ns * 1e-9, queue_ns * 1e-9
+
+
+def _native_args(x, w13, w2, topk_ids, topk_weights, isa):
+    """(x, topk_ids, topk_weights, mode) as the native op takes them, or None for the torch path."""
+    path, forced = _resolve(isa)
     if path != "torch" and (w13.dtype != torch.bfloat16 or w2.dtype != torch.bfloat16):
         _log_once(logging.WARNING, f"dtype:{w13.dtype}",
                   "vllm_fiddler CPU kernel: native kernels need bf16 weights, got %s; using torch", w13.dtype)
         path = "torch"
     if path == "torch":
-        _torch_moe_forward(x, w13, w2, topk_ids, topk_weights, out)
-        return
+        return None
+    if topk_ids.dtype != torch.int32:
+        topk_ids = topk_ids.to(torch.int32)
+    if topk_weights.dtype != torch.float32:
+        topk_weights = topk_weights.float()
     if x.dtype != torch.bfloat16:
         x = x.to(torch.bfloat16)
     if x.stride(-1) != 1:
         x = x.contiguous()
     mode = _MODE["avx512_bf16"] if path == "avx512_bf16" else _MODE["amx_all" if forced else "amx_auto"]
-    torch.ops.fiddler_cpu.moe_forward(x, w13, w2, topk_ids, topk_weights, out, mode, _amx_min_tokens())
+    return x, topk_ids, topk_weights, mode
 
 
 def _torch_moe_forward(x, w13, w2, topk_ids, topk_weights, out) -> None:

@@ -24,6 +24,7 @@ def test_valid_options(tmp_path):
     assert cfg.resolved_cpu_threads() == 7
     assert parse({"gpu_expert_budget_gb": 0}).gpu_expert_budget_gb == 0.0
     assert parse({}).staging_slots == 2 and parse({"staging_slots": 0}).staging_slots == 0
+    assert parse({}).wait_on_device is True and parse({"wait_on_device": False}).wait_on_device is False
 
 
 def test_json_string_is_accepted():
@@ -41,6 +42,7 @@ def test_json_string_is_accepted():
     ({"cpu_threads": 2.5}, ["cpu_threads"]),
     ({"staging_slots": -1}, ["staging_slots", ">= 0"]),
     ({"placement": ""}, ["placement"]),
+    ({"wait_on_device": 1}, ["wait_on_device", "true or false"]),
     ({"placement": "/no/such/file.json"}, ["placement file", "/no/such/file.json", "does not exist"]),
 ])
 def test_bad_options_name_the_problem(options, words):

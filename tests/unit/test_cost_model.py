@@ -962,3 +962,29 @@ def test_contention_switch_for_benchmarks(monkeypatch):
     monkeypatch.setenv(calibrate.CONTENTION_ENV, "0")
     off = calibrate.load_or_measure(None, None, None, 1)
     assert not off.contended and off.cpu_points == measured.cpu_points and off.h2d_gb_s == measured.h2d_gb_s
+
+
+def test_calibration_passes_run_until_they_agree():
+    """A pass disturbed by a busy host (every point ~2x) is outvoted: passes go on until one
+    agrees with the best so far, and each point keeps its best time."""
+    from vllm_fiddler.runtime.calibrate import settled_points
+
+    def scripted(*passes):
+        it = iter(passes)
+        calls = []
+
+        def one_pass():
+            calls.append(1)
+            return dict(next(it))
+
+        return one_pass, calls
+
+    quiet = {1: 2.8, 16: 3.9, 256: 22.0}
+    busy = {1: 5.5, 16: 5.5, 256: 26.6}
+    one_pass, calls = scripted(busy, quiet, {1: 2.9, 16: 3.8, 256: 22.5})
+    assert settled_points(one_pass) == [(1, 2.8), (16, 3.8), (256, 22.0)] and len(calls) == 3
+    one_pass, calls = scripted(quiet, {1: 2.85, 16: 4.0, 256: 21.8})
+    assert settled_points(one_pass) == [(1, 2.8), (16, 3.9), (256, 21.8)] and len(calls) == 2
+    # never settling: stops at max_passes with the best of each point
+    one_pass, calls = scripted(busy, quiet, busy, {1: 9.0, 16: 2.0, 256: 50.0})
+    assert settled_points(one_pass, max_passes=4) == [(1, 2.8), (16, 2.0), (256, 22.0)] and len(calls) == 4

@@ -6,7 +6,10 @@ Architecture (per step, inside one opaque custom op):
        expert runtime (submit; runs while the GPU works)
     -> hot part: device-resident experts on the device (Triton on CUDA,
        torch elsewhere)
-    -> wait for the cold part, add it, cast once to the model dtype.
+    -> wait for the cold part, add it, cast once to the model dtype (on CUDA
+       the stream waits for it on the device, so the engine thread goes on
+       to the next layer's attention while the CPU computes:
+       vllm_fiddler.runtime.device_wait).
 Every (token, k) pair is computed on exactly one side: the slot maps send
 an expert id to a local slot in its own set and to -1 in the other.
 
@@ -115,7 +118,9 @@ class HybridMoE(nn.Module):
         self.steps = 0  # forward calls with at least one token
         # Where a CUDA step's time goes (host seconds, for benchmarks): in this op,
         # blocked on the device->host copy of the routing (i.e. on the GPU work
-        # queued before it), and blocked on the CPU experts' result; and from the
+        # queued before it, which includes the stream's wait for the previous
+        # layer's CPU experts when the device waits for them), and blocked on the
+        # CPU experts' result (only when the host waits for it); and from the
         # op's start to handing the CPU its work (the CPU idles until then).
         self.op_s = 0.0
         self.sync_wait_s = 0.0
@@ -390,7 +395,10 @@ class HybridMoE(nn.Module):
         host.ids.copy_(topk_ids.to(torch.int32), non_blocking=True)
         host.weights.copy_(topk_weights, non_blocking=True)
         host.x.copy_(x, non_blocking=True)
-        d2h_done = torch.cuda.Event()
+        # When the device waits for the CPU experts, this wait covers the previous layer's
+        # CPU work (ms): a blocking event sleeps through it, where the default one spins
+        # a core the CPU experts use (H100 box: their time rose 31.5 -> 39.2 ms a step).
+        d2h_done = torch.cuda.Event(blocking=self.cpu_runtime.wait_on_device)
         d2h_done.record()
         start = time.perf_counter()
         d2h_done.synchronize()
@@ -404,7 +412,8 @@ class HybridMoE(nn.Module):
         self._last_cpu_pairs, copies, cpu_args = self._plan_cold(host)
         cold = None
         if cpu_args is not None:
-            cold = self.cpu_runtime.submit(host.x, self.w13_cpu_chunks, self.w2_cpu_chunks, *cpu_args)
+            cold = self.cpu_runtime.submit(host.x, self.w13_cpu_chunks, self.w2_cpu_chunks, *cpu_args,
+                                           device_wait=True)
             self.to_cpu_submit_s += time.perf_counter() - op_start
         # 3. Hot experts, then the copied ones, on the GPU while the CPU works.
         if self.gpu_experts:
@@ -413,12 +422,14 @@ class HybridMoE(nn.Module):
             out.zero_()
         if copies:
             self._copied_experts(x, topk_weights, topk_ids, copies, out)
-        # 4. The CPU's share comes back (pinned, async) and is added.
+        # 4. The CPU's share comes back (pinned, async) and is added. By default the
+        #    stream waits for it on the device and this thread returns at once, to
+        #    launch the next attention block while the CPU computes (device_wait).
         if cold is not None:
             start = time.perf_counter()
-            result = cold.result()
+            result = self.cpu_runtime.result_on_device(cold, x.device, x.dtype)
             self.cpu_wait_s += time.perf_counter() - start
-            out.add_(self.cpu_runtime.to_device(result, x.device, x.dtype))
+            out.add_(result)
 
     def _plan_cold(self, host) -> tuple[int, list[tuple[int, int]], tuple[torch.Tensor, torch.Tensor] | None]:
         """From the step's routing on the host: (cold (token, k) pairs, copies [(host slot,

@@ -88,7 +88,8 @@ class FiddlerMixtralForCausalLM(vllm_mixtral.MixtralForCausalLM):
         placement, staging_slots, adapt = resolve_model_placement(cfg, shape, vllm_config)
         device = torch.get_default_device()
         on_cuda = device.type == "cuda"
-        runtime = get_cpu_runtime(cfg.resolved_cpu_threads(), inline=not on_cuda, pin_memory=on_cuda)
+        runtime = get_cpu_runtime(cfg.resolved_cpu_threads(), inline=not on_cuda, pin_memory=on_cuda,
+                                  wait_on_device=cfg.wait_on_device)
         stager = None
         if staging_slots:
             stager = WeightStager(staging_slots, hf.hidden_size, hf.intermediate_size,

@@ -8,7 +8,13 @@ which release the GIL, so the engine thread keeps going.
 
 On CUDA the runtime also owns the pinned staging buffers a step needs: the
 activations, ids and weights come down in one D2H copy, and the fp32 result
-goes back up with an async H2D copy from pinned memory.
+goes back up with an async H2D copy from pinned memory. By default the
+compute stream, not the engine thread, waits for that result
+(``result_on_device``, vllm_fiddler.runtime.device_wait): the engine thread
+returns from the MoE op at once and launches the next attention block while
+the CPU computes. An exception in such a job then fails the next ``submit``
+(the step's next layer, or the next step), and the job still releases the
+stream.
 
 Constraints: compute threads = the process's cores less one
 (FiddlerConfig.cpu_threads). On vLLM's CPU platform the engine thread's own
@@ -41,6 +47,23 @@ def cpu_moe_forward(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_i
 
 
 @dataclasses.dataclass
+class CPUJob:
+    """A submitted cold-expert job: its fp32 [T, H] result buffer, the sequence number
+    signalled when it is done (None: nobody waits on the device), and its future (None:
+    a native job, see CPUExpertRuntime.submit)."""
+    out: torch.Tensor
+    seq: int | None
+    future: concurrent.futures.Future | None
+    runtime: "CPUExpertRuntime"
+
+    def result(self) -> torch.Tensor:
+        if self.future is not None:
+            return self.future.result()
+        self.runtime._finish_native()
+        return self.out
+
+
+@dataclasses.dataclass
 class HostBuffers:
     x: torch.Tensor  # [T, H] model dtype
     ids: torch.Tensor  # [T, K] int32
@@ -48,20 +71,48 @@ class HostBuffers:
 
 
 class CPUExpertRuntime:
-    def __init__(self, num_threads: int, inline: bool = False, pin_memory: bool = False):
+    def __init__(self, num_threads: int, inline: bool = False, pin_memory: bool = False,
+                 wait_on_device: bool = False):
+        """wait_on_device: CUDA jobs submitted with ``device_wait=True`` are waited for by the
+        compute stream (if the driver allows, see device_wait.available)."""
         self.num_threads = num_threads
         self.inline = inline
         self.pin_memory = pin_memory
+        self.wait_on_device = wait_on_device and not inline
+        self._signal = None  # device_wait.DeviceSignal, made at the first job that uses it
+        self._unchecked: concurrent.futures.Future | None = None  # the last device-waited job
         self._pool = None if inline else concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="fiddler-cpu-experts", initializer=self._init_worker)
         self._buffers: dict[str, torch.Tensor] = {}
         self._result_in_flight: torch.cuda.Event | None = None  # H2D still reading the result buffer
-        self.busy_s = 0.0  # CPU expert time, for metrics and benchmarks
-        self.calls = 0
-        # of busy_s: waiting for the previous result's H2D; and, before it, the
-        # time a submitted call queued for the worker thread (benchmarks)
+        self._native_jobs = 0  # submitted to the native job thread (see submit)
+        # Python-worker jobs (native jobs add theirs in the properties below)
+        self._busy_s = 0.0
+        self._calls = 0
+        self._queue_s = 0.0
+        # waiting for the previous result's H2D (benchmarks)
         self.result_wait_s = 0.0
-        self.queue_s = 0.0
+
+    # CPU expert time and calls, for metrics and benchmarks; queue_s: from submit
+    # until the job started (benchmarks)
+    @property
+    def busy_s(self) -> float:
+        return self._busy_s + self._native_stats()[1]
+
+    @property
+    def calls(self) -> int:
+        return self._calls + self._native_stats()[0]
+
+    @property
+    def queue_s(self) -> float:
+        return self._queue_s + self._native_stats()[2]
+
+    def _native_stats(self) -> tuple[int, float, float]:
+        if not self._native_jobs:
+            return 0, 0.0, 0.0
+        from vllm_fiddler.kernels import cpu as cpu_kernels
+
+        return cpu_kernels.async_stats()
 
     def _init_worker(self) -> None:
         # OpenMP thread teams are per calling thread: size this thread's team.
@@ -86,38 +137,123 @@ class CPUExpertRuntime:
                            ids=self._buffer("ids", (tokens, top_k), torch.int32),
                            weights=self._buffer("weights", (tokens, top_k), torch.float32))
 
-    def submit(self, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: torch.Tensor,
-               topk_weights: torch.Tensor) -> concurrent.futures.Future:
-        """Starts the cold experts on the worker; the future yields fp32 [T, H] on the host."""
+    def _device_signal(self):
+        """The signal jobs set for the device to wait on, or None (host waits)."""
+        if self._signal is None and self.wait_on_device and not torch.cuda.is_current_stream_capturing():
+            from vllm_fiddler.runtime import device_wait
 
+            if device_wait.available():
+                self._signal = device_wait.DeviceSignal()
+            else:
+                self.wait_on_device = False
+        return self._signal if self.wait_on_device else None
+
+    def submit(self, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: torch.Tensor,
+               topk_weights: torch.Tensor, device_wait: bool = False) -> CPUJob:
+        """Starts the cold experts; the job's result is fp32 [T, H] on the host.
+
+        device_wait: the result will go to the device through ``result_on_device``, whose
+        stream waits for it there (when this runtime waits on the device). Such a job runs
+        on the native kernels' own job thread when they take it (bf16): it needs no GIL, so
+        it starts and signals while the engine thread runs Python; otherwise on the Python
+        worker thread."""
+        self._raise_unchecked()
+        signal = self._device_signal() if device_wait else None
+        seq = signal.next_seq() if signal is not None else None
+        # allocated here, on the engine thread, which owns the buffers (the worker only writes them)
+        out = self._buffer("result", tuple(x.shape), torch.float32) if self.pin_memory \
+            else torch.empty(x.shape, dtype=torch.float32, device="cpu")
+        # the previous result's H2D, taken now: the one to_device records after this submit
+        # is this job's own, which (device-waited) runs only after this job signals
+        in_flight = self._result_in_flight
+        if seq is not None:
+            native = self._submit_native(x, w13, w2, topk_ids, topk_weights, out, in_flight, signal, seq)
+            if native is not None:
+                return native
+        self._finish_native()  # Python jobs run after the native ones: they share `out`
         submitted = time.perf_counter()
 
         @torch.inference_mode()  # thread-local: the engine thread's mode does not carry over
         def run() -> torch.Tensor:
-            start = time.perf_counter()
-            self.queue_s += start - submitted
-            if self._result_in_flight is not None:  # the last result's H2D must be done reading
-                self._result_in_flight.synchronize()
-                self.result_wait_s += time.perf_counter() - start
-            out = self._buffer("result", tuple(x.shape), torch.float32) if self.pin_memory \
-                else torch.empty(x.shape, dtype=torch.float32, device="cpu")
-            out.zero_()
-            cpu_moe_forward(x, w13, w2, topk_ids, topk_weights, out)
-            self.busy_s += time.perf_counter() - start
-            self.calls += 1
-            return out
+            try:
+                start = time.perf_counter()
+                self._queue_s += start - submitted
+                if in_flight is not None:  # the last result's H2D must be done reading
+                    in_flight.synchronize()
+                    self.result_wait_s += time.perf_counter() - start
+                out.zero_()
+                cpu_moe_forward(x, w13, w2, topk_ids, topk_weights, out)
+                self._busy_s += time.perf_counter() - start
+                self._calls += 1
+                return out
+            finally:  # also on failure: a stream waiting for this job must not hang
+                if seq is not None:
+                    signal.set(seq)
 
         if self._pool is not None:
-            return self._pool.submit(run)
-        done: concurrent.futures.Future = concurrent.futures.Future()
-        try:
-            done.set_result(run())
-        except BaseException as e:  # surfaced by .result(), like the threaded path
-            done.set_exception(e)
-        return done
+            future = self._pool.submit(run)
+        else:
+            future = concurrent.futures.Future()
+            try:
+                future.set_result(run())
+            except BaseException as e:  # surfaced by .result(), like the threaded path
+                future.set_exception(e)
+        if seq is not None:
+            self._unchecked = future
+        return CPUJob(out, seq, future, self)
+
+    def _submit_native(self, x, w13, w2, topk_ids, topk_weights, out, in_flight, signal, seq) -> CPUJob | None:
+        """The job on the native job thread, which stores seq into the signal's word when done;
+        None if the native kernels do not take it."""
+        from vllm_fiddler.kernels import cpu as cpu_kernels
+
+        if in_flight is not None:  # done already when a layer submits (its routing copy came after it)
+            start = time.perf_counter()
+            in_flight.synchronize()
+            self.result_wait_s += time.perf_counter() - start
+        if not cpu_kernels.moe_forward_async(x, w13, w2, topk_ids, topk_weights, out, signal.word, seq):
+            return None
+        self._native_jobs += 1
+        return CPUJob(out, seq, None, self)
+
+    def _finish_native(self) -> None:
+        """Waits for the native jobs submitted so far; raises the first failure among them."""
+        if self._native_jobs:
+            from vllm_fiddler.kernels import cpu as cpu_kernels
+
+            cpu_kernels.async_wait_idle()
+            self._raise_native_error()
+
+    def _raise_native_error(self) -> None:
+        if self._native_jobs:
+            from vllm_fiddler.kernels import cpu as cpu_kernels
+
+            error = cpu_kernels.async_take_error()
+            if error:
+                raise RuntimeError(f"fiddler CPU experts failed: {error}")
+
+    def _raise_unchecked(self) -> None:
+        """Re-raises the failure of an earlier device-waited job, whose result nobody read on the host."""
+        self._raise_native_error()  # a native job that failed has signalled: its stream went on
+        future, self._unchecked = self._unchecked, None
+        if future is not None:
+            future.result()  # done or nearly: its layer's stream wait has passed
+
+    def result_on_device(self, job: CPUJob, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The job's result on the device in `dtype`, ordered on the current stream. With a
+        device-waited job this returns at once (the stream waits for the worker's signal);
+        otherwise the calling thread waits for the job here."""
+        if job.seq is not None:
+            self._signal.wait(job.seq)
+            result = job.out
+        else:
+            result = job.result()
+        return self.to_device(result, device, dtype)
 
     def time_on_worker(self, fn, reps: int) -> float:
         """ms per call of fn() on the worker thread (after one warm-up call)."""
+
+        self._finish_native()
 
         @torch.inference_mode()
         def run() -> float:
@@ -137,20 +273,29 @@ class CPUExpertRuntime:
         return on_device.to(dtype)
 
     def shutdown(self) -> None:
+        if self._native_jobs:  # queued native jobs read this runtime's buffers
+            from vllm_fiddler.kernels import cpu as cpu_kernels
+
+            cpu_kernels.async_wait_idle()
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._signal is not None:  # cancelled jobs never signal: release their streams
+            self._signal.release_all()
 
 
 _runtime: CPUExpertRuntime | None = None
 _runtime_lock = threading.Lock()
 
 
-def get_cpu_runtime(num_threads: int, inline: bool, pin_memory: bool = False) -> CPUExpertRuntime:
+def get_cpu_runtime(num_threads: int, inline: bool, pin_memory: bool = False,
+                    wait_on_device: bool = False) -> CPUExpertRuntime:
     """The process's one runtime (all layers share the CPU's cores)."""
     global _runtime
     with _runtime_lock:
         if _runtime is None:
-            _runtime = CPUExpertRuntime(num_threads, inline=inline, pin_memory=pin_memory)
-            logger.info("fiddler: CPU expert runtime, %d compute threads%s", num_threads,
-                        " (inline on the CPU platform)" if inline else " on a dedicated thread")
+            _runtime = CPUExpertRuntime(num_threads, inline=inline, pin_memory=pin_memory,
+                                        wait_on_device=wait_on_device)
+            logger.info("fiddler: CPU expert runtime, %d compute threads%s%s", num_threads,
+                        " (inline on the CPU platform)" if inline else " on a dedicated thread",
+                        "; the GPU waits for their results on the device" if _runtime.wait_on_device else "")
         return _runtime

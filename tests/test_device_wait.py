@@ -1,0 +1,161 @@
+"""The GPU waits for the CPU experts on the device (vllm_fiddler.runtime.device_wait), CUDA only.
+
+Checked here: a stream holds its later work until the host signal, across the
+32-bit counter's wrap; shutdown releases waiting streams; chained hybrid layers
+whose host side returns before the CPU is done give the fp32 oracle's result
+and the same bits as the host-waiting path; a failed CPU job releases the
+stream and fails the next op.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from test_hybrid_moe import E, H, I, K, TOLERANCE, load_experts, random_experts
+from vllm_fiddler.kernels import reference
+from vllm_fiddler.layers.hybrid_moe import HybridMoE
+from vllm_fiddler.runtime import cpu_experts, device_wait
+from vllm_fiddler.runtime.cpu_experts import CPUExpertRuntime
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+HELD_S = 0.2  # how long a test holds the signal back: far above a kernel's microseconds
+
+
+def queued_after_wait(signal: device_wait.DeviceSignal, seq: int) -> tuple[torch.Tensor, torch.cuda.Event]:
+    """Enqueues the wait for seq, then work that marks a device tensor; returns (tensor, done event).
+
+    The marking kernel runs once before the wait: CUDA loads a kernel's module at its first
+    launch (lazy loading), which waits for the whole context, so a first launch behind an
+    unset wait would block until the signal, which this thread then could never set. In
+    the engine another thread (the CPU worker) sets it, so a first launch only waits."""
+    mark = torch.zeros(1, device="cuda")
+    mark.add_(1)
+    mark.zero_()
+    signal.wait(seq)
+    mark.add_(1)
+    done = torch.cuda.Event()
+    done.record()
+    return mark, done
+
+
+def test_stream_holds_its_work_until_the_host_signal():
+    assert device_wait.available()
+    signal = device_wait.DeviceSignal()
+    seq = signal.next_seq()
+    mark, done = queued_after_wait(signal, seq)
+    time.sleep(HELD_S)
+    assert not done.query(), "the stream ran past an unset signal"
+    signal.set(seq)
+    done.synchronize()
+    assert mark.item() == 1
+
+
+def test_counter_wraps_around():
+    signal = device_wait.DeviceSignal()
+    signal.last_seq = 0xFFFFFFFE
+    signal.word.fill_(-2)  # as if 2^32 - 2 jobs had run (set() would take it for an older number)
+    for _ in range(3):  # 0xFFFFFFFF, 0, 1: "greater or equal" compares cyclically
+        seq = signal.next_seq()
+        mark, done = queued_after_wait(signal, seq)
+        time.sleep(0.02)
+        assert not done.query()
+        signal.set(seq)
+        done.synchronize()
+    assert signal.last_seq == 1
+    signal.set(0xFFFFFFF0)  # an older number never moves the word back
+    assert int(signal.word.item()) == 1
+
+
+def test_shutdown_releases_a_waiting_stream():
+    runtime = CPUExpertRuntime(num_threads=1, inline=False, pin_memory=True, wait_on_device=True)
+    signal = runtime._device_signal()
+    mark, done = queued_after_wait(signal, signal.next_seq())  # a job that will never run
+    runtime.shutdown()
+    done.synchronize()
+    assert mark.item() == 1
+
+
+def make_cuda_layer(runtime, seed):
+    w1, w3, w2 = random_experts(torch.Generator().manual_seed(seed))
+    layer = HybridMoE(num_experts=E, top_k=K, hidden_size=H, intermediate_size=I, gpu_experts=(1, 6),
+                      dtype=torch.bfloat16, device=torch.device("cuda"), cpu_runtime=runtime, pin_memory=True)
+    load_experts(layer, w1, w3, w2)
+    return layer, torch.cat([w1, w3], dim=1).to(torch.bfloat16), w2.to(torch.bfloat16)
+
+
+def slow_cpu(monkeypatch):
+    """Every CPU job takes HELD_S longer: an op that waited for it on the host would too."""
+    real = cpu_experts.cpu_moe_forward
+
+    def slow(*args):
+        time.sleep(HELD_S)
+        real(*args)
+
+    monkeypatch.setattr(cpu_experts, "cpu_moe_forward", slow)
+
+
+@pytest.mark.parametrize("tokens", [1, 5, 37])
+def test_chained_layers_match_oracle_and_the_host_wait(monkeypatch, tokens):
+    """Three layers in a row (each one's output the next one's input, no host sync between)
+    with slow CPU jobs: the ops return before the CPU is done, and the result equals the
+    host-waiting path's bit for bit and the chained fp32 oracle within bf16's tolerance."""
+    gen = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, H, generator=gen).to(torch.bfloat16)
+    logits = [torch.randn(tokens, E, generator=gen) for _ in range(3)]
+    outs = {}
+    for wait_on_device in (False, True):
+        runtime = CPUExpertRuntime(num_threads=2, inline=False, pin_memory=True, wait_on_device=wait_on_device)
+        try:
+            layers = [make_cuda_layer(runtime, seed) for seed in range(3)]
+            h = x.cuda()
+            h = layers[0][0](h, logits[0].cuda())  # compiles the kernels before the timed part
+            torch.cuda.synchronize()
+            h = x.cuda()
+            slow_cpu(monkeypatch)
+            start = time.perf_counter()
+            for (layer, _, _), lg in zip(layers, logits):
+                h = layer(h, lg.cuda())
+            returned_s = time.perf_counter() - start
+            outs[wait_on_device] = h.cpu()
+            monkeypatch.undo()
+            if wait_on_device:
+                # only the routing copies of layers 2 and 3 wait (for layers 1 and 2's CPU jobs)
+                assert returned_s < 2.5 * HELD_S, returned_s
+            else:
+                assert returned_s >= 3 * HELD_S
+        finally:
+            runtime.shutdown()
+    assert torch.equal(outs[True], outs[False])
+    ref = x.float()
+    for (_, w13, w2), lg in zip(layers, logits):
+        weights, ids = reference.route(lg, K)
+        ref = reference.moe(ref.to(torch.bfloat16), w13, w2, weights, ids)
+    scale = ref.abs().max().item()
+    # three bf16 layers: each rounds as in test_hybrid_moe, and feeds the next its rounded output
+    torch.testing.assert_close(outs[True].float(), ref, atol=3 * TOLERANCE[torch.bfloat16] * scale,
+                               rtol=3 * TOLERANCE[torch.bfloat16])
+
+
+def test_failed_cpu_job_releases_the_stream_and_fails_the_next_op():
+    runtime = CPUExpertRuntime(num_threads=2, inline=False, pin_memory=True, wait_on_device=True)
+    try:
+        layer, _, _ = make_cuda_layer(runtime, 0)
+        x = torch.randn(4, H, device="cuda", dtype=torch.bfloat16)
+        logits = torch.randn(4, E, device="cuda")
+        logits[:, 1] = logits[:, 6] = -9.0  # every pair cold
+        good = layer.w2_cpu_chunks
+        layer.w2_cpu_chunks = good[:, :, :5]  # wrong shape: the CPU job raises
+        layer(x, logits)  # returns: the failure is on the worker
+        torch.cuda.synchronize()  # the stream was released, not hung
+        layer.w2_cpu_chunks = good
+        with pytest.raises(RuntimeError):
+            layer(x, logits)
+        torch.cuda.synchronize()
+        layer(x, logits)  # reported once; the layer works again
+        torch.cuda.synchronize()
+    finally:
+        runtime.shutdown()
