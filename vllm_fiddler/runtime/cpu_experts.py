@@ -32,14 +32,13 @@ import time
 
 import torch
 
+from vllm_fiddler.kernels import cpu as cpu_kernels  # light: builds its native code on first use
 from vllm_fiddler.logger import logger
 
 
 def cpu_moe_forward(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: torch.Tensor,
                     topk_weights: torch.Tensor, out: torch.Tensor) -> None:
     """out [T, H] fp32 += the cold experts' weighted outputs (ids: local slot or -1)."""
-    from vllm_fiddler.kernels import cpu as cpu_kernels
-
     # The native kernels are bf16-only; other dtypes take the torch path.
     isa = None if w13.dtype == torch.bfloat16 else "torch"
     cpu_kernels.moe_forward(x.contiguous(), w13, w2, topk_ids.to(torch.int32).contiguous(),
@@ -110,15 +109,11 @@ class CPUExpertRuntime:
     def _native_stats(self) -> tuple[int, float, float]:
         if not self._native_jobs:
             return 0, 0.0, 0.0
-        from vllm_fiddler.kernels import cpu as cpu_kernels
-
         return cpu_kernels.async_stats()
 
     def _init_worker(self) -> None:
         # OpenMP thread teams are per calling thread: size this thread's team.
         torch.set_num_threads(self.num_threads)
-        from vllm_fiddler.kernels import cpu as cpu_kernels
-
         cpu_kernels.set_num_threads(self.num_threads)
 
     def _buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -205,8 +200,6 @@ class CPUExpertRuntime:
     def _submit_native(self, x, w13, w2, topk_ids, topk_weights, out, in_flight, signal, seq) -> CPUJob | None:
         """The job on the native job thread, which stores seq into the signal's word when done;
         None if the native kernels do not take it."""
-        from vllm_fiddler.kernels import cpu as cpu_kernels
-
         if in_flight is not None:  # done already when a layer submits (its routing copy came after it)
             start = time.perf_counter()
             in_flight.synchronize()
@@ -219,15 +212,11 @@ class CPUExpertRuntime:
     def _finish_native(self) -> None:
         """Waits for the native jobs submitted so far; raises the first failure among them."""
         if self._native_jobs:
-            from vllm_fiddler.kernels import cpu as cpu_kernels
-
             cpu_kernels.async_wait_idle()
             self._raise_native_error()
 
     def _raise_native_error(self) -> None:
         if self._native_jobs:
-            from vllm_fiddler.kernels import cpu as cpu_kernels
-
             error = cpu_kernels.async_take_error()
             if error:
                 raise RuntimeError(f"fiddler CPU experts failed: {error}")
@@ -274,8 +263,6 @@ class CPUExpertRuntime:
 
     def shutdown(self) -> None:
         if self._native_jobs:  # queued native jobs read this runtime's buffers
-            from vllm_fiddler.kernels import cpu as cpu_kernels
-
             cpu_kernels.async_wait_idle()
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
