@@ -11,6 +11,7 @@ Tolerances, per dtype, relative to the output's scale (max |ref|):
 
 from __future__ import annotations
 
+import time
 
 import pytest
 import torch
@@ -222,6 +223,8 @@ def test_native_device_waited_jobs_run_in_order_and_signal(monkeypatch):
     signal = RecordingSignal()
     monkeypatch.setattr(pool, "_device_signal", lambda: signal)
     try:
+        cpu_kernels.async_trace()  # drops earlier tests' jobs
+        before_ns = time.perf_counter_ns()
         layer, _, _ = make_layer(PLACEMENTS["all_cpu"], torch.bfloat16, runtime=pool)
         w13, w2 = layer.w13_cpu_chunks, layer.w2_cpu_chunks
         gen = torch.Generator().manual_seed(3)
@@ -243,6 +246,12 @@ def test_native_device_waited_jobs_run_in_order_and_signal(monkeypatch):
             pool.submit(x, w13, w2, ids, wts, device_wait=True)
         assert pool.submit(x, w13, w2, ids, wts, device_wait=True).result().shape == (tokens, H)
         assert pool.calls >= 5 and pool.busy_s > 0
+        # the job trace (benchmarks' timelines): every job above, in order, on perf_counter's clock
+        trace = cpu_kernels.async_trace()
+        assert len(trace) == 5 and cpu_kernels.async_trace() == []
+        assert before_ns <= trace[0][0] and trace[-1][2] <= time.perf_counter_ns()
+        for (submitted, started, done), (_, next_started, _) in zip(trace, trace[1:] + [(0, 1 << 62, 0)]):
+            assert submitted <= started <= done <= next_started
     finally:
         pool.shutdown()
 

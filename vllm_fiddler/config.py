@@ -12,6 +12,7 @@ process before anything is allocated, and unit-tested in CPU CI.
 | staging_slots         | int >= 0    | 2       | GPU slots for copying cold experts (CUDA); 0 = CPU only |
 | adaptation            | "auto", bool or object | "auto" | online re-placement of experts while serving (see below) |
 | wait_on_device        | bool        | true    | the GPU waits for the CPU experts' results (CUDA), so the engine thread launches ahead; false: the engine thread waits |
+| cuda_graph_max_tokens | int >= 0    | 16      | the MoE op's GPU expert launches replay CUDA graphs for steps of up to this many tokens (CUDA; captured at load, independent of vLLM's own graphs and enforce_eager); 0: launch eagerly |
 
 ``adaptation``: ``true`` / ``false``; ``"auto"`` = on with a GPU when host
 memory can also hold a copy of every GPU-resident expert (which re-placement
@@ -58,6 +59,11 @@ class FiddlerConfig:
     # the host wait (for comparison, or a driver without stream memory ops,
     # which falls back by itself).
     wait_on_device: bool = True
+    # Steps of up to this many tokens (decode, beams, small batches) replay the
+    # op's GPU expert launches from CUDA graphs (vllm_fiddler.runtime.moe_graphs):
+    # eager launches took ~0.5 ms of the engine thread's time each, twice a
+    # decode layer, on the step's critical path. 0 launches eagerly.
+    cuda_graph_max_tokens: int = 16
 
     @classmethod
     def from_additional_config(cls, additional_config: Mapping[str, Any] | None) -> "FiddlerConfig":
@@ -86,6 +92,7 @@ class FiddlerConfig:
             staging_slots=_non_negative_int(raw, "staging_slots", default=2),
             adaptation=AdaptationSettings.parse(raw.get("adaptation", "auto")),
             wait_on_device=_bool(raw, "wait_on_device", default=True),
+            cuda_graph_max_tokens=_non_negative_int(raw, "cuda_graph_max_tokens", default=16),
         )
 
     def resolved_cpu_threads(self) -> int:
@@ -157,7 +164,12 @@ _POSITIVE_KNOBS = {"half_life_steps", "horizon_steps"}
 
 
 def default_cpu_threads() -> int:
-    """All cores this process may use but one, which the engine loop keeps."""
+    """All cores this process may use but one, which the engine loop keeps.
+
+    Leaving vLLM more (its frontend process and output thread also run every
+    step) did not beat the H100 box's noise: batch-1 decode with 13 of 16 threads
+    ran 19.1-32.0 tok/s over 6 engines (mean 24.2), with 15 threads 20.0-31.8
+    over 9 (mean 23.9) (benchmarks/results/decode-host-h100.json)."""
     try:
         n = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux

@@ -563,9 +563,13 @@ def simulate(cpu: Iterable[int], copy: Sequence[int], cpu_ms: Mapping[int, float
     return max(cpu_end, gpu), cpu_end, pcie, gpu
 
 
+# plans search every subset up to this many hit cold experts (see plan_cold_experts)
+EXACT_LIMIT = 12
+
+
 def plan_cold_experts(token_counts: Mapping[int, int], cost: CostModel, gpu_busy_ms: float = 0.0,
                       max_copies: int | None = None, staging_slots: int | None = None,
-                      exact_limit: int = 12) -> ColdPlan:
+                      exact_limit: int = EXACT_LIMIT) -> ColdPlan:
     """Splits the hit cold experts between the CPU and copies, minimising the critical path
     (simulate, with the cost model's host DRAM contention factors).
 
@@ -589,9 +593,28 @@ def plan_cold_experts(token_counts: Mapping[int, int], cost: CostModel, gpu_busy
     time (CPU + PCIe + GPU), then to copying the lower expert ids: the plan
     is deterministic.
     """
-    items = tuple(sorted((int(e), int(n)) for e, n in token_counts.items() if n > 0))
-    return _plan_cached(items, cost, float(gpu_busy_ms), None if max_copies is None else int(max_copies),
+    ids, ranked = _ranked(token_counts)
+    plan = _plan_cached(ranked, cost, float(gpu_busy_ms), None if max_copies is None else int(max_copies),
                         None if staging_slots is None else int(staging_slots), int(exact_limit))
+    return _relabel_cold(plan, ids)
+
+
+# Plans are computed and cached on experts relabelled 0..n-1 in ascending id
+# order (_ranked): every choice and tie-break above compares ids only by order,
+# so the plan of any ids is the ranked plan with the labels mapped back. The
+# cache then keys on the token counts alone: a batch-1 decode step has a few
+# shapes ({a: 1, b: 1}, ...), where keys with ids missed for ~1400 expert pairs
+# (53 cold experts) and each miss planned for ~0.16 ms on the engine thread,
+# between the routing copy and the CPU's start.
+def _ranked(token_counts: Mapping[int, int]) -> tuple[tuple[int, ...], tuple[tuple[int, int], ...]]:
+    """(hit expert ids ascending, ((rank, tokens), ...)) of the experts with tokens."""
+    items = sorted((int(e), int(n)) for e, n in token_counts.items() if n > 0)
+    return tuple(e for e, _ in items), tuple((r, n) for r, (_, n) in enumerate(items))
+
+
+def _relabel_cold(plan: "ColdPlan", ids: Sequence[int]) -> "ColdPlan":
+    return dataclasses.replace(plan, cpu=tuple(ids[r] for r in plan.cpu), copy=tuple(ids[r] for r in plan.copy),
+                               token_counts=tuple((ids[r], n) for r, n in plan.token_counts))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -809,9 +832,14 @@ def plan_cold_chunks(token_counts: Mapping[int, int], cost: CostModel, chunks: i
     """
     if chunks < 1:
         raise ValueError(f"chunks must be >= 1, got {chunks}")
-    whole = plan_cold_experts(token_counts, cost, gpu_busy_ms=gpu_busy_ms, max_copies=max_copies)
-    return _chunk_cached(whole, cost, int(chunks), float(gpu_busy_ms),
-                         None if max_copies is None else int(max_copies))
+    ids, ranked = _ranked(token_counts)
+    max_copies = None if max_copies is None else int(max_copies)
+    whole = _plan_cached(ranked, cost, float(gpu_busy_ms), max_copies, None, EXACT_LIMIT)
+    plan = _chunk_cached(whole, cost, int(chunks), float(gpu_busy_ms), max_copies)
+    return dataclasses.replace(plan, gpu_chunks=tuple((ids[r], j) for r, j in plan.gpu_chunks),
+                               copy=tuple(ids[r] for r in plan.copy),
+                               split=None if plan.split is None else ids[plan.split],
+                               whole=_relabel_cold(plan.whole, ids))
 
 
 @functools.lru_cache(maxsize=4096)

@@ -39,6 +39,8 @@ def model_stats(model) -> dict:
         "replacement_bytes": replacer.bytes_copied if replacer is not None else 0,
         "kernel_warmup_s": getattr(model, "kernel_warmup", {}).get("seconds", 0.0),
         "kernel_warmup_configs": getattr(model, "kernel_warmup", {}).get("configs", 0),
+        "cuda_graphs": getattr(model, "cuda_graphs", {}).get("graphs", 0),
+        "cuda_graph_replays": getattr(getattr(layers[0], "graphs", None), "replays", 0),
     }
 
 
@@ -79,7 +81,8 @@ def step_breakdown(after: dict, before: dict, prefix: str = "decode_") -> dict:
                 "gap_first_layer_ms": 1e3 * d.get("gap_first_layer_s", 0),
                 "gap_other_layers_ms": 1e3 * d.get("gap_other_layers_s", 0),
                 "cpu_queue_ms": 1e3 * d.get("cpu_queue_s", 0),
-                "cpu_result_wait_ms": 1e3 * d.get("cpu_result_wait_s", 0)}
+                "cpu_result_wait_ms": 1e3 * d.get("cpu_result_wait_s", 0),
+                "cuda_graph_replays": d.get("cuda_graph_replays", 0)}
     return {"gpu_experts": after["gpu_experts"], "cpu_experts": after["cpu_experts"],
             "gpu_hit_rate": d["routed_to_gpu"] / max(1, routed), f"{prefix}steps_measured": steps,
             **{f"{prefix}{k}_per_step": v / steps for k, v in per_step.items()},

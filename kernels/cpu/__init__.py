@@ -314,6 +314,15 @@ def async_stats() -> tuple[int, float, float]:
     return int(jobs), busy_ns * 1e-9, queue_ns * 1e-9
 
 
+def async_trace() -> list[tuple[int, int, int]]:
+    """The moe_forward_async jobs done since the last call, oldest first (the last 8192 at most):
+    (submitted, started, done) each, in time.perf_counter_ns() units (CLOCK_MONOTONIC)."""
+    if not _native:
+        return []
+    flat = list(torch.ops.fiddler_cpu.async_trace())
+    return [tuple(flat[i:i + 3]) for i in range(0, len(flat), 3)]
+
+
 def _native_args(x, w13, w2, topk_ids, topk_weights, isa):
     """(x, topk_ids, topk_weights, mode) as the native op takes them, or None for the torch path."""
     path, forced = _resolve(isa)

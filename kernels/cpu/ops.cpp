@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -568,6 +569,19 @@ class AsyncRunner {
     std::lock_guard<std::mutex> lk(mu_);
     return {jobs_, busy_ns_, queue_ns_};
   }
+  // The jobs done since the last call, oldest first (at most kTraceJobs): (submitted,
+  // started, done) per job, steady_clock ns (CLOCK_MONOTONIC on Linux, the clock of
+  // Python's time.perf_counter_ns), for timelines in benchmarks.
+  std::vector<int64_t> take_trace() {
+    std::lock_guard<std::mutex> lk(mu_);
+    std::vector<int64_t> flat;
+    const int64_t n = std::min<int64_t>(traced_, kTraceJobs);
+    flat.reserve(size_t(3 * n));
+    for (int64_t i = traced_ - n; i < traced_; ++i)
+      for (int64_t v : trace_[size_t(i % kTraceJobs)]) flat.push_back(v);
+    traced_ = 0;
+    return flat;
+  }
 
  private:
   void loop() {
@@ -601,15 +615,23 @@ class AsyncRunner {
       ++jobs_;
       busy_ns_ += std::chrono::duration_cast<std::chrono::nanoseconds>(t1 - t0).count();
       queue_ns_ += std::chrono::duration_cast<std::chrono::nanoseconds>(t0 - queued).count();
+      trace_[size_t(traced_++ % kTraceJobs)] = {ns(queued), ns(t0), ns(t1)};
       busy_ = false;
       if (queue_.empty()) idle_cv_.notify_all();
     }
   }
 
+  static int64_t ns(std::chrono::steady_clock::time_point t) {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(t.time_since_epoch()).count();
+  }
+  static constexpr int64_t kTraceJobs = 8192;
+
   const pid_t pid_;
   std::mutex mu_;
   std::condition_variable cv_, idle_cv_;
   std::deque<AsyncJob> queue_;
+  std::vector<std::array<int64_t, 3>> trace_ = std::vector<std::array<int64_t, 3>>(kTraceJobs);
+  int64_t traced_ = 0;
   bool busy_ = false;
   std::string error_;
   int64_t jobs_ = 0, busy_ns_ = 0, queue_ns_ = 0;
@@ -650,6 +672,7 @@ void moe_forward_async(const at::Tensor& x, const at::Tensor& w13, const at::Ten
 void async_wait_idle() { async_runner()->wait_idle(); }
 std::string async_take_error() { return async_runner()->take_error(); }
 std::vector<int64_t> async_stats() { return async_runner()->stats(); }
+std::vector<int64_t> async_trace() { return async_runner()->take_trace(); }
 
 // ---------------------------------------------------------------- stream_read
 // Reads a buffer with all pool threads (the DRAM read roofline for the
@@ -716,4 +739,5 @@ TORCH_LIBRARY(fiddler_cpu, m) {
   m.def("async_wait_idle() -> ()", &fiddler_cpu::async_wait_idle);
   m.def("async_take_error() -> str", &fiddler_cpu::async_take_error);
   m.def("async_stats() -> int[]", &fiddler_cpu::async_stats);
+  m.def("async_trace() -> int[]", &fiddler_cpu::async_trace);
 }

@@ -25,6 +25,7 @@ def test_valid_options(tmp_path):
     assert parse({"gpu_expert_budget_gb": 0}).gpu_expert_budget_gb == 0.0
     assert parse({}).staging_slots == 2 and parse({"staging_slots": 0}).staging_slots == 0
     assert parse({}).wait_on_device is True and parse({"wait_on_device": False}).wait_on_device is False
+    assert parse({}).cuda_graph_max_tokens == 16 and parse({"cuda_graph_max_tokens": 0}).cuda_graph_max_tokens == 0
 
 
 def test_json_string_is_accepted():
@@ -43,6 +44,8 @@ def test_json_string_is_accepted():
     ({"staging_slots": -1}, ["staging_slots", ">= 0"]),
     ({"placement": ""}, ["placement"]),
     ({"wait_on_device": 1}, ["wait_on_device", "true or false"]),
+    ({"cuda_graph_max_tokens": -1}, ["cuda_graph_max_tokens", ">= 0"]),
+    ({"cuda_graph_max_tokens": 1.5}, ["cuda_graph_max_tokens", "integer"]),
     ({"placement": "/no/such/file.json"}, ["placement file", "/no/such/file.json", "does not exist"]),
 ])
 def test_bad_options_name_the_problem(options, words):

@@ -479,6 +479,25 @@ def test_chunk_plan_is_consistent_and_near_the_chunked_optimum(seed):
     assert best - 1e-9 <= p.critical_path_ms <= best + chunk_cost + cost.copy_latency_ms + 1e-9
 
 
+@pytest.mark.parametrize("seed", range(30))
+def test_plans_on_ranked_ids_equal_plans_on_the_ids(seed):
+    """The planners compute (and cache) plans on experts relabelled 0..n-1 in id order and map
+    the labels back: the result equals planning on the ids themselves (tie-breaks included)."""
+    rng = random.Random(seed)
+    cost = random_model(rng)
+    if seed % 3 == 0:  # identical decode experts: every tie-break by id is exercised
+        counts = {e: 1 for e in rng.sample(range(60), rng.randint(2, 6))}
+    else:
+        counts = {e: rng.choice((1, 2, 8, 64, 512)) for e in rng.sample(range(60), rng.randint(1, 7))}
+    busy, max_copies = rng.choice((0.0, 0.5, 5.0)), rng.choice((None, 0, 1, 3))
+    items = tuple(sorted(counts.items()))
+    direct = cm._plan_cached.__wrapped__(items, cost, busy, max_copies, None, cm.EXACT_LIMIT)
+    assert plan_cold_experts(counts, cost, gpu_busy_ms=busy, max_copies=max_copies) == direct
+    chunks = rng.choice((2, 8))
+    chunked = cm.plan_cold_chunks(counts, cost, chunks, gpu_busy_ms=busy, max_copies=max_copies)
+    assert chunked == cm._chunk_cached.__wrapped__(direct, cost, chunks, busy, max_copies)
+
+
 def test_chunk_plan_rejects_bad_chunks():
     with pytest.raises(ValueError, match="chunks"):
         cm.plan_cold_chunks({0: 1}, cm.default_for_shape(), chunks=0)

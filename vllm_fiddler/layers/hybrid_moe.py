@@ -101,6 +101,7 @@ class HybridMoE(nn.Module):
         self.gpu_slot_of = torch.tensor(self.device_slot, dtype=torch.int32, device="cpu").to(self.device)  # [E]
         self.cpu_slot_of = self.cpu_slot_of_host.to(self.device)  # [E] host slot if served there, or -1
         self.stager = None  # WeightStager on CUDA (set by the model), else no copy path
+        self.graphs = None  # MoEGraphs on CUDA (set by the model): small steps' GPU launches replay graphs
         self._last_cpu_pairs = 0
         Eg, Eh = len(gpu_experts), len(self.host_experts)
         self.chunks = C = expert_chunks(I)
@@ -400,9 +401,10 @@ class HybridMoE(nn.Module):
         # a core the CPU experts use (H100 box: their time rose 31.5 -> 39.2 ms a step).
         d2h_done = torch.cuda.Event(blocking=self.cpu_runtime.wait_on_device)
         d2h_done.record()
-        start = time.perf_counter()
+        sync_start = time.perf_counter()
         d2h_done.synchronize()
-        self.sync_wait_s += time.perf_counter() - start
+        sync_end = time.perf_counter()
+        self.sync_wait_s += sync_end - sync_start
         # 2. Per cold expert: compute on the CPU, copy its weights and compute
         #    here, or both for one expert cut in two (chunks). The CPU gets its
         #    work first: its queue is the step's critical path at decode, and
@@ -411,17 +413,25 @@ class HybridMoE(nn.Module):
         #    layer of Triton launch overhead).
         self._last_cpu_pairs, copies, cpu_args = self._plan_cold(host)
         cold = None
+        submitted = None
         if cpu_args is not None:
             cold = self.cpu_runtime.submit(host.x, self.w13_cpu_chunks, self.w2_cpu_chunks, *cpu_args,
                                            device_wait=True)
-            self.to_cpu_submit_s += time.perf_counter() - op_start
-        # 3. Hot experts, then the copied ones, on the GPU while the CPU works.
+            submitted = time.perf_counter()
+            self.to_cpu_submit_s += submitted - op_start
+        # 3. Hot experts, then the copied ones, on the GPU while the CPU works
+        #    (small steps: from CUDA graphs, a fraction of the launches' host time).
+        graphs = self.graphs if self.graphs is not None and self.graphs.load(x, topk_weights, topk_ids) else None
         if self.gpu_experts:
-            fused_moe(x, self.w13_gpu, self.w2_gpu, topk_weights, self.gpu_slot_of[topk_ids], out=out)
+            hot = graphs.hot(self) if graphs is not None else None
+            if hot is not None:
+                out.copy_(hot)
+            else:
+                fused_moe(x, self.w13_gpu, self.w2_gpu, topk_weights, self.gpu_slot_of[topk_ids], out=out)
         else:
             out.zero_()
         if copies:
-            self._copied_experts(x, topk_weights, topk_ids, copies, out)
+            self._copied_experts(x, topk_weights, topk_ids, copies, out, graphs)
         # 4. The CPU's share comes back (pinned, async) and is added. By default the
         #    stream waits for it on the device and this thread returns at once, to
         #    launch the next attention block while the CPU computes (device_wait).
@@ -430,6 +440,8 @@ class HybridMoE(nn.Module):
             result = self.cpu_runtime.result_on_device(cold, x.device, x.dtype)
             self.cpu_wait_s += time.perf_counter() - start
             out.add_(result)
+        if OP_TRACE is not None:
+            OP_TRACE.append((id(self), op_start, sync_start, sync_end, submitted, time.perf_counter()))
 
     def _plan_cold(self, host) -> tuple[int, list[tuple[int, int]], tuple[torch.Tensor, torch.Tensor] | None]:
         """From the step's routing on the host: (cold (token, k) pairs, copies [(host slot,
@@ -467,8 +479,9 @@ class HybridMoE(nn.Module):
                 return n_cpu, copies, None
         return n_cpu, copies, self.cpu_chunk_ids(cpu_ids, host.weights, first_cpu_chunk)
 
-    def _copied_experts(self, x, topk_weights, topk_ids, copies, out) -> None:
-        """Copies the first n chunks of each (slot, n) through the stager and computes them here."""
+    def _copied_experts(self, x, topk_weights, topk_ids, copies, out, graphs=None) -> None:
+        """Copies the first n chunks of each (slot, n) through the stager and computes them here
+        (with `graphs`, MoEGraphs loaded with this op's inputs, from its staged graph)."""
         from vllm_fiddler.kernels.triton import fused_moe
 
         stager, C = self.stager, self.chunks
@@ -480,23 +493,33 @@ class HybridMoE(nn.Module):
 
         staged = [stage(c) for c in copies[:stager.num_slots]]
         pending = list(copies[stager.num_slots:])
-        partial = torch.empty_like(out)
-        # Every launch has K*C slots per token, -1 beyond the n chunks copied: the
-        # slot count per token is a constexpr of the kernels, so K*n would compile
-        # a variant per split size (kernel_warmup compiles the one width ahead).
-        weights = topk_weights.unsqueeze(-1).expand(T, K, C).reshape(T, K * C)  # [T, K*C]
+        partial = weights = None
         while staged:
             cold_slot, n, staging_slot, ready = staged.pop(0)
             torch.cuda.current_stream().wait_event(ready)
             expert = self.host_experts[cold_slot]
-            mine = (topk_ids == expert).unsqueeze(-1)  # [T, K, 1] only this expert
-            ids = torch.where(mine, stager.chunk_ids(staging_slot, n), -1).view(T, K * C)  # [T, K*C]
-            fused_moe(x, stager.w13_chunks, stager.w2_chunks, weights, ids, out=partial)
-            out.add_(partial)
+            part = graphs.staged(expert, stager.chunk_row(staging_slot, n)) if graphs is not None else None
+            if part is None:
+                if partial is None:
+                    partial = torch.empty_like(out)
+                    # Every launch has K*C slots per token, -1 beyond the n chunks copied: the
+                    # slot count per token is a constexpr of the kernels, so K*n would compile
+                    # a variant per split size (kernel_warmup compiles the one width ahead).
+                    weights = topk_weights.unsqueeze(-1).expand(T, K, C).reshape(T, K * C)  # [T, K*C]
+                mine = (topk_ids == expert).unsqueeze(-1)  # [T, K, 1] only this expert
+                ids = torch.where(mine, stager.chunk_ids(staging_slot, n), -1).view(T, K * C)  # [T, K*C]
+                part = fused_moe(x, stager.w13_chunks, stager.w2_chunks, weights, ids, out=partial)
+            out.add_(part)
             stager.release(staging_slot)
             if pending:
                 staged.append(stage(pending.pop(0)))
 
+
+# When a list, each CUDA op appends (id(layer), op start, routing-copy wait start, its end,
+# CPU job submitted or None, op end), time.perf_counter() seconds: benchmarks'
+# timelines (benchmarks/decode_op_host.py), with the CPU jobs' own times
+# (vllm_fiddler.kernels.cpu.async_trace, the same clock).
+OP_TRACE: list | None = None
 
 # Steps with at most this many (token, k) pairs plan their cold work in plain
 # Python lists (small_chunk_ids): ~20 torch ops on tiny host tensors took

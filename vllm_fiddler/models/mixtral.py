@@ -26,6 +26,7 @@ from vllm_fiddler.metrics import StatsWriter
 from vllm_fiddler.placement import MoEShape, Placement
 from vllm_fiddler.runtime.cpu_experts import CPUExpertRuntime, get_cpu_runtime
 from vllm_fiddler.runtime.kernel_warmup import warm_up_kernels
+from vllm_fiddler.runtime.moe_graphs import MoEGraphs
 from vllm_fiddler.runtime.replacer import ExpertCopier, ExpertReplacer, is_real_step
 from vllm_fiddler.runtime.setup import resolve_model_placement
 from vllm_fiddler.runtime.weight_stager import WeightStager
@@ -110,9 +111,16 @@ class FiddlerMixtralForCausalLM(vllm_mixtral.MixtralForCausalLM):
         for experts in self.moe_layers:
             experts.stager = stager
         self.kernel_warmup = {}
+        self.cuda_graphs = {}
         if on_cuda:
             self.kernel_warmup = warm_up_kernels(self.moe_layers, stager,
                                                  vllm_config.scheduler_config.max_num_batched_tokens)
+            if cfg.cuda_graph_max_tokens and placement.num_cpu:
+                graphs = MoEGraphs(cfg.cuda_graph_max_tokens, hf.hidden_size, hf.num_experts_per_tok,
+                                   vllm_config.model_config.dtype, device)
+                self.cuda_graphs = graphs.capture(self.moe_layers, stager)
+                for experts in self.moe_layers:
+                    experts.graphs = graphs
         self.replacer = None
         if adapt:
             copier = None

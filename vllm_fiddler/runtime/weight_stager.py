@@ -50,6 +50,15 @@ class WeightStager:
         """[C] int32 on the device: the chunk-experts of the first n chunks of `slot`, -1 past them."""
         return self._chunk_ids[slot, n]
 
+    @property
+    def chunk_id_rows(self) -> torch.Tensor:
+        """[S * (C + 1), C]: every chunk_ids(slot, n), at row chunk_row(slot, n) (CUDA graphs
+        select a row on the device)."""
+        return self._chunk_ids.view(-1, self.chunks)
+
+    def chunk_row(self, slot: int, n: int) -> int:
+        return slot * (self.chunks + 1) + n
+
     def stage(self, w13: torch.Tensor, w2: torch.Tensor) -> tuple[int, torch.cuda.Event]:
         """Starts copying the first j chunks of one expert (pinned host tensors w13 [j, 2Ic, H],
         w2 [j, H, Ic]) into a slot's first j chunks; returns (slot, ready event)."""

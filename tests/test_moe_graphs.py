@@ -1,0 +1,124 @@
+"""The hybrid op's GPU expert launches replayed from CUDA graphs (vllm_fiddler.runtime.moe_graphs), CUDA only.
+
+Checked here: with graphs the op gives the eager launches' result bit for bit
+(hot experts, a whole copy and a split expert, one and several staged
+experts per op) at every captured token count, and matches the fp32 oracle;
+token counts above the captured ones launch eagerly; after online
+re-placement rewrites a device slot and the routing maps in place, the same
+graphs compute the new expert.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from test_hybrid_moe import E, H, I, K, TOLERANCE, load_experts, random_experts
+from vllm_fiddler.kernels import reference
+from vllm_fiddler.layers import hybrid_moe
+from vllm_fiddler.layers.hybrid_moe import HybridMoE
+from vllm_fiddler.runtime.cpu_experts import CPUExpertRuntime
+from vllm_fiddler.runtime.moe_graphs import MoEGraphs
+from vllm_fiddler.runtime.weight_stager import WeightStager
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+MAX_TOKENS = 4
+
+
+class ForcedPlanner:
+    """Copies the lowest hit cold slots whole and splits the next one (1 chunk on the GPU)."""
+
+    def __init__(self, whole: int, split: bool):
+        self.whole, self.split = whole, split
+
+    def plan(self, cpu_ids, num_cold, chunks, hot_tokens=0):
+        return self.plan_counts(dict.fromkeys(cpu_ids[cpu_ids >= 0].tolist(), 1), chunks)
+
+    def plan_counts(self, token_counts, chunks, hot_tokens=0):
+        hit = sorted(token_counts)
+        plan = [(s, chunks) for s in hit[:self.whole]]
+        if self.split and len(hit) > self.whole:
+            plan.append((hit[self.whole], 1))
+        return plan
+
+
+@pytest.fixture
+def setup():
+    runtime = CPUExpertRuntime(num_threads=2, inline=False, pin_memory=True, wait_on_device=True)
+    gen = torch.Generator().manual_seed(0)
+    weights = random_experts(gen)
+    layers = []
+    for host_backing in (False, True):
+        layer = HybridMoE(num_experts=E, top_k=K, hidden_size=H, intermediate_size=I, gpu_experts=(0, 3),
+                          dtype=torch.bfloat16, device=torch.device("cuda"), cpu_runtime=runtime,
+                          pin_memory=True, host_backing=host_backing)
+        load_experts(layer, *weights)
+        layers.append(layer)
+    stager = WeightStager(2, H, I, layers[0].chunks, torch.bfloat16, torch.device("cuda"))
+    for layer in layers:
+        layer.stager = stager
+    graphs = MoEGraphs(MAX_TOKENS, H, K, torch.bfloat16, torch.device("cuda"))
+    info = graphs.capture(layers, stager)
+    assert info["graphs"] == MAX_TOKENS * (len(layers) + 1)
+    yield layers, graphs, weights
+    runtime.shutdown()
+
+
+def run(layer, graphs, x, logits):
+    layer.graphs = graphs
+    try:
+        return layer(x.cuda(), logits.cuda()).cpu()
+    finally:
+        layer.graphs = None
+
+
+@pytest.mark.parametrize("whole, split", [(0, False), (1, False), (0, True), (1, True), (2, True)])
+@pytest.mark.parametrize("tokens", [1, 3, MAX_TOKENS, MAX_TOKENS + 3])
+def test_graphs_equal_the_eager_launches(monkeypatch, setup, whole, split, tokens):
+    layers, graphs, (w1, w3, w2) = setup
+    monkeypatch.setattr(hybrid_moe, "get_step_planner", lambda layer: ForcedPlanner(whole, split))
+    gen = torch.Generator().manual_seed(tokens * 10 + whole)
+    x = torch.randn(tokens, H, generator=gen).to(torch.bfloat16)
+    logits = torch.randn(tokens, E, generator=gen)
+    logits[0, 0] = logits[0, 1] = 9.0  # a hot and a cold expert for the first token, at least
+    layer = layers[0]
+    eager = run(layer, None, x, logits)
+    before = graphs.replays
+    graphed = run(layer, graphs, x, logits)
+    replays = graphs.replays - before
+    assert torch.equal(graphed, eager)
+    if tokens > MAX_TOKENS:
+        assert replays == 0
+    else:
+        staged = min(whole + split, len({int(e) for e in reference.route(logits, K)[1].flatten()} - {0, 3}))
+        assert replays == 1 + staged  # the hot graph, and the staged graph once per staged expert
+    weights, ids = reference.route(logits, K)
+    ref = reference.moe(x, torch.cat([w1, w3], dim=1).to(torch.bfloat16), w2.to(torch.bfloat16), weights, ids)
+    scale = ref.abs().max().item()
+    torch.testing.assert_close(graphed.float(), ref, atol=TOLERANCE[torch.bfloat16] * scale,
+                               rtol=TOLERANCE[torch.bfloat16])
+
+
+def test_graphs_follow_re_placement(monkeypatch, setup):
+    """A swap rewrites a device slot and the routing maps in place: the graphs captured before
+    compute the admitted expert from the slot and the evicted one on the CPU."""
+    layers, graphs, (w1, w3, w2) = setup
+    layer = layers[1]  # host backing
+    monkeypatch.setattr(hybrid_moe, "get_step_planner", lambda layer: ForcedPlanner(0, False))
+    slot, _ = layer.begin_swap(evict=0, admit=5)
+    layer.finish_swap(5, slot)
+    assert layer.gpu_experts == (3, 5)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, H, generator=gen).to(torch.bfloat16)
+    logits = torch.randn(2, E, generator=gen)
+    logits[:, 5] = logits[:, 0] = 9.0  # both tokens: the admitted expert (GPU) and the evicted one (CPU)
+    before = graphs.replays
+    graphed = run(layer, graphs, x, logits)
+    assert graphs.replays == before + 1
+    assert torch.equal(graphed, run(layer, None, x, logits))
+    weights, ids = reference.route(logits, K)
+    ref = reference.moe(x, torch.cat([w1, w3], dim=1).to(torch.bfloat16), w2.to(torch.bfloat16), weights, ids)
+    scale = ref.abs().max().item()
+    torch.testing.assert_close(graphed.float(), ref, atol=TOLERANCE[torch.bfloat16] * scale,
+                               rtol=TOLERANCE[torch.bfloat16])
