@@ -449,6 +449,31 @@ def test_beams_batch_into_one_call_per_cold_expert(monkeypatch, beams):
     assert got == [(s, want.on_gpu(s)) for s in want.copy]
 
 
+def test_step_planner_remembers_plans_and_still_counts(monkeypatch):
+    """A repeated step's plan comes from the planner's memo: the same copies as planning anew,
+    a list the caller may change, the copy and split counters advanced every time, and the
+    memo emptied when full."""
+    from vllm_fiddler.cost_model import default_for_shape, plan_cold_chunks
+    from vllm_fiddler.runtime import step_planner
+    from vllm_fiddler.runtime.step_planner import StepPlanner
+
+    cost = default_for_shape(H, I, 4)
+    planner = StepPlanner(cost, max_copies=None)
+    counts = {3: 4096, 9: 4000}  # enough tokens that copying pays: one whole copy and a split
+    want = plan_cold_chunks(counts, cost, 8)
+    assert want.copy, "the test needs a plan that copies"
+    first = planner.plan_counts(counts, 8)
+    assert first == [(s, want.on_gpu(s)) for s in want.copy]
+    first.clear()  # the caller's list, not the memo's
+    again = planner.plan_counts(dict(reversed(counts.items())), 8)
+    assert again == [(s, want.on_gpu(s)) for s in want.copy]
+    assert planner.copies == 2 * len(want.whole.copy) and planner.splits == 2 * (want.split is not None)
+    monkeypatch.setattr(step_planner, "MEMO_ENTRIES", 2)
+    for n in range(1, 6):
+        planner.plan_counts({1: n}, 8)
+        assert len(planner._memo) <= 2
+
+
 @pytest.mark.parametrize("tokens", [1, 2, 5, 16])
 @pytest.mark.parametrize("copy_gb_s", [1e-3, 0.05, 1e3])  # never copy / some / copy all
 def test_small_step_host_plan_matches_tensor_path(monkeypatch, tokens, copy_gb_s):
@@ -478,7 +503,8 @@ def test_small_step_host_plan_matches_tensor_path(monkeypatch, tokens, copy_gb_s
         assert small[:2] == tensor[:2]
         assert (small[2] is None) == (tensor[2] is None)
         if small[2] is not None:
-            assert torch.equal(small[2][0], tensor[2][0].long())
+            assert small[2][0].dtype == tensor[2][0].dtype == torch.int32  # what the CPU kernel takes
+            assert torch.equal(small[2][0], tensor[2][0])
             assert torch.equal(small[2][1], tensor[2][1])
     assert layer.routed_to_cpu + layer.routed_to_gpu == 2 * 20 * tokens * K  # both paths counted
 
@@ -496,7 +522,7 @@ def test_small_chunk_ids_matches_tensor_version():
             table[slot] = n
         ids, w = layer.cpu_chunk_ids(cpu_ids, weights, table)
         got_ids, got_w = small_chunk_ids(cpu_ids.tolist(), weights.tolist(), C, first)
-        assert torch.equal(got_ids, ids) and torch.equal(got_w, w)
+        assert got_ids.dtype == torch.int32 and torch.equal(got_ids.long(), ids) and torch.equal(got_w, w)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the host-time counters)")

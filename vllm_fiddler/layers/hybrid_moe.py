@@ -530,8 +530,8 @@ SMALL_STEP_PAIRS = 32
 def small_chunk_ids(cpu_ids: list[list[int]], weights: list[list[float]], chunks: int,
                     first_cpu_chunk: dict[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """HybridMoE.cpu_chunk_ids on Python lists: cpu_ids [T][K] host slot or -1, weights [T][K],
-    first_cpu_chunk {host slot: chunks computed elsewhere} -> (ids [T, K*C] int64 chunk-expert
-    or -1, weights [T, K*C] fp32)."""
+    first_cpu_chunk {host slot: chunks computed elsewhere} -> (ids [T, K*C] int32 chunk-expert
+    or -1, weights [T, K*C] fp32), the dtypes the CPU kernel takes (no conversion on submit)."""
     C = chunks
     ids: list[list[int]] = []
     ws: list[list[float]] = []
@@ -544,7 +544,7 @@ def small_chunk_ids(cpu_ids: list[list[int]], weights: list[list[float]], chunks
             row_ws += [w] * C
         ids.append(row_ids)
         ws.append(row_ws)
-    return torch.tensor(ids, dtype=torch.int64), torch.tensor(ws, dtype=torch.float32)
+    return torch.tensor(ids, dtype=torch.int32), torch.tensor(ws, dtype=torch.float32)
 
 
 def num_actual_tokens(padded: int) -> int:
