@@ -382,12 +382,17 @@ class HybridMoE(nn.Module):
         moe_forward(x, self.w13_gpu, self.w2_gpu, gpu_ids, topk_weights, acc)
 
     # -- CUDA: hot experts on the GPU || cold experts on the CPU || copies --
-    def _forward_cuda(self, x, topk_weights, topk_ids, out, op_start: float) -> None:
+    def hot_experts(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                    out: torch.Tensor) -> torch.Tensor:
+        """out [T, H] = the device-served experts' share of x [T, H] (CUDA; topk_ids global)."""
         from vllm_fiddler.kernels.triton import fused_moe
 
+        return fused_moe(x, self.w13_gpu, self.w2_gpu, topk_weights, self.gpu_slot_of[topk_ids], out=out)
+
+    def _forward_cuda(self, x, topk_weights, topk_ids, out, op_start: float) -> None:
         T, K = topk_ids.shape
         if not self.cpu_experts:  # all device-resident: no host round trip at all
-            fused_moe(x, self.w13_gpu, self.w2_gpu, topk_weights, self.gpu_slot_of[topk_ids], out=out)
+            self.hot_experts(x, topk_weights, topk_ids, out)
             self.routed_to_gpu += T * K
             return
         # 1. What the host needs, in one D2H on the compute stream: ids,
@@ -421,13 +426,15 @@ class HybridMoE(nn.Module):
             self.to_cpu_submit_s += submitted - op_start
         # 3. Hot experts, then the copied ones, on the GPU while the CPU works
         #    (small steps: from CUDA graphs, a fraction of the launches' host time).
-        graphs = self.graphs if self.graphs is not None and self.graphs.load(x, topk_weights, topk_ids) else None
+        graphs = self.graphs
+        if graphs is not None and not graphs.load(x, topk_weights, topk_ids):
+            graphs = None
         if self.gpu_experts:
             hot = graphs.hot(self) if graphs is not None else None
             if hot is not None:
                 out.copy_(hot)
             else:
-                fused_moe(x, self.w13_gpu, self.w2_gpu, topk_weights, self.gpu_slot_of[topk_ids], out=out)
+                self.hot_experts(x, topk_weights, topk_ids, out)
         else:
             out.zero_()
         if copies:
@@ -482,10 +489,7 @@ class HybridMoE(nn.Module):
     def _copied_experts(self, x, topk_weights, topk_ids, copies, out, graphs=None) -> None:
         """Copies the first n chunks of each (slot, n) through the stager and computes them here
         (with `graphs`, MoEGraphs loaded with this op's inputs, from its staged graph)."""
-        from vllm_fiddler.kernels.triton import fused_moe
-
-        stager, C = self.stager, self.chunks
-        T, K = topk_ids.shape
+        stager = self.stager
 
         def stage(slot_n):
             slot, n = slot_n
@@ -501,18 +505,36 @@ class HybridMoE(nn.Module):
             part = graphs.staged(expert, stager.chunk_row(staging_slot, n)) if graphs is not None else None
             if part is None:
                 if partial is None:
-                    partial = torch.empty_like(out)
-                    # Every launch has K*C slots per token, -1 beyond the n chunks copied: the
-                    # slot count per token is a constexpr of the kernels, so K*n would compile
-                    # a variant per split size (kernel_warmup compiles the one width ahead).
-                    weights = topk_weights.unsqueeze(-1).expand(T, K, C).reshape(T, K * C)  # [T, K*C]
-                mine = (topk_ids == expert).unsqueeze(-1)  # [T, K, 1] only this expert
-                ids = torch.where(mine, stager.chunk_ids(staging_slot, n), -1).view(T, K * C)  # [T, K*C]
-                part = fused_moe(x, stager.w13_chunks, stager.w2_chunks, weights, ids, out=partial)
+                    partial, weights = torch.empty_like(out), chunk_weights(topk_weights, stager.chunks)
+                part = staged_expert(stager, x, topk_ids, weights, expert, stager.chunk_ids(staging_slot, n),
+                                     partial)
             out.add_(part)
             stager.release(staging_slot)
             if pending:
                 staged.append(stage(pending.pop(0)))
+
+
+def chunk_weights(topk_weights: torch.Tensor, chunks: int) -> torch.Tensor:
+    """[T, K] -> [T, K*C]: each routing weight once per chunk slot (staged_expert's weights)."""
+    T, K = topk_weights.shape
+    return topk_weights.unsqueeze(-1).expand(T, K, chunks).reshape(T, K * chunks)
+
+
+def staged_expert(stager, x: torch.Tensor, topk_ids: torch.Tensor, weights: torch.Tensor, expert,
+                  chunk_ids: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out [T, H] = `expert`'s (token, k) pairs of x [T, H] over the staging slots' chunk-experts
+    chunk_ids ([C] or [1, C], -1 past the chunks copied); topk_ids [T, K] global ids, weights
+    [T, K*C] (chunk_weights); expert an int or a [1] device tensor (CUDA graphs).
+
+    Every launch has K*C slots per token, -1 beyond the n chunks copied: the slot count per
+    token is a constexpr of the kernels, so K*n would compile a variant per split size
+    (kernel_warmup compiles the one width ahead)."""
+    from vllm_fiddler.kernels.triton import fused_moe
+
+    T, K = topk_ids.shape
+    mine = (topk_ids == expert).unsqueeze(-1)  # [T, K, 1] only this expert
+    ids = torch.where(mine, chunk_ids, -1).view(T, K * stager.chunks)  # [T, K*C]
+    return fused_moe(x, stager.w13_chunks, stager.w2_chunks, weights, ids, out=out)
 
 
 # When a list, each CUDA op appends (id(layer), op start, routing-copy wait start, its end,

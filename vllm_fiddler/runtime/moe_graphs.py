@@ -34,6 +34,7 @@ import time
 
 import torch
 
+from vllm_fiddler.layers.hybrid_moe import chunk_weights, staged_expert
 from vllm_fiddler.logger import logger
 
 
@@ -51,9 +52,9 @@ class _Inputs:
 
 
 class MoEGraphs:
-    def __init__(self, max_tokens: int, hidden_size: int, top_k: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, max_tokens: int, hidden_size: int, top_k: int, dtype: torch.dtype,
+                 device: torch.device):
         self.max_tokens = max_tokens
-        self.top_k = top_k
         self._inputs = {T: _Inputs(T, hidden_size, top_k, dtype, device) for T in range(1, max_tokens + 1)}
         self._hot: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (id(layer), T)
         self._staged: dict[int, torch.cuda.CUDAGraph] = {}  # T
@@ -71,7 +72,7 @@ class MoEGraphs:
                 if layer.w13_gpu.shape[0]:
                     self._hot[(id(layer), T)] = self._capture(lambda: _hot_launch(layer, s))
             if stager is not None:
-                self._staged[T] = self._capture(lambda: _staged_launch(stager, s, self.top_k))
+                self._staged[T] = self._capture(lambda: _staged_launch(stager, s))
         seconds = time.perf_counter() - start
         logger.info("fiddler: GPU expert launches of steps of 1-%d tokens replay CUDA graphs: %d captured "
                     "in %.1f s", self.max_tokens, len(self._hot) + len(self._staged), seconds)
@@ -124,18 +125,11 @@ class MoEGraphs:
 
 
 def _hot_launch(layer, s: _Inputs) -> None:
-    from vllm_fiddler.kernels.triton import fused_moe
-
-    fused_moe(s.x, layer.w13_gpu, layer.w2_gpu, s.weights, layer.gpu_slot_of[s.ids], out=s.hot_out)
+    layer.hot_experts(s.x, s.weights, s.ids, s.hot_out)
 
 
-def _staged_launch(stager, s: _Inputs, top_k: int) -> None:
+def _staged_launch(stager, s: _Inputs) -> None:
     """HybridMoE._copied_experts' launch for one staged expert, from device-side parameters."""
-    from vllm_fiddler.kernels.triton import fused_moe
-
-    T, K, C = s.x.shape[0], top_k, stager.chunks
     chunk_ids = stager.chunk_id_rows.index_select(0, s.row)  # [1, C] chunk-experts, -1 past the copied ones
-    mine = (s.ids == s.expert).unsqueeze(-1)  # [T, K, 1]
-    ids = torch.where(mine, chunk_ids, -1).view(T, K * C)  # [T, K*C]
-    weights = s.weights.unsqueeze(-1).expand(T, K, C).reshape(T, K * C)  # [T, K*C]
-    fused_moe(s.x, stager.w13_chunks, stager.w2_chunks, weights, ids, out=s.staged_out)
+    weights = chunk_weights(s.weights, stager.chunks)  # [T, K*C]
+    staged_expert(stager, s.x, s.ids, weights, s.expert, chunk_ids, s.staged_out)
