@@ -34,6 +34,8 @@ each; serving: fiddler c8 + c1 ~240 s, c32 ~110 s; stock UVA experts c1 + c8
         --system-timeout 560
     $E --skew 0 --systems stock_prefetch --scenarios $S --decode-tokens 128 --beam-tokens 32 --system-timeout 560
     $E --skew 0 --systems stock_uva_all --scenarios $S --decode-tokens 128 --beam-tokens 32 --system-timeout 560
+    $E --skew 0 --systems stock_uva_experts_coalesced --scenarios beam_4,beam_8,beam_16 --beam-tokens 32 \
+        --system-timeout 280
     $E --skew 0 --systems fiddler_prefetch_memory,fiddler_gpu25,fiddler_gpu0,fiddler_gpu50 \
         --scenarios $P --decode-tokens 128 --system-timeout 165
     $E --skew 30 --systems fiddler,fiddler_static,stock_uva_experts --scenarios decode,prefill_2048 \
@@ -64,7 +66,12 @@ its resident layers plus its prefetch buffers are 3/8 of the experts),
 stock_uva_all, stock_uva_experts, stock_prefetch (stock vLLM 0.26 offload at
 the same gpu_memory_utilization; stock_prefetch holds 1.9x the expert budget
 with 8 layers), stock_prefetch_budget (prefetch offload within the budget:
-gpu_e2e.prefetch_within_budget); `--tiny`: the tiny
+gpu_e2e.prefetch_within_budget), stock_uva_experts_coalesced (stock_uva_experts
+with fiddler's arrival-coalescing scheduler, `--scheduler-cls
+vllm_fiddler.vllm_hooks.CoalescingScheduler`, which fiddler rows get by default:
+beam steps then run as one engine step on both sides, so beam ratios measure
+the MoE layer, not the scheduler; counted as a stock system in the ratios,
+the conservative choice); `--tiny`: the tiny
 random Mixtral on vLLM's CPU platform, fiddler vs stock, to prove the plumbing.
 
 Figures (JSON `scenarios` / `scenarios_skewed`: scenario -> system -> figure):
@@ -133,7 +140,7 @@ TINY_ENGINE = dict(max_model_len=TINY_MAX_MODEL_LEN, enable_prefix_caching=False
 TINY_EXPERT_BUDGET_GB = serve_load.TINY_EXPERT_BUDGET_GB  # some experts on each side
 GPU_SYSTEMS = ("fiddler", "fiddler_static", "fiddler_gpu0", "fiddler_gpu25", "fiddler_gpu50",
                "fiddler_prefetch_memory", "stock_uva_all", "stock_uva_experts", "stock_prefetch",
-               "stock_prefetch_budget")
+               "stock_prefetch_budget", "stock_uva_experts_coalesced")
 # stock systems holding more expert memory than the budget (gpu_e2e.STOCK_PREFETCH: 3/8 of
 # the experts with 8 layers, 1.9x the budget): in `ratios_vs_best_stock`, which is the
 # conservative figure, but not in `ratios_vs_best_stock_same_budget`, the comparison

@@ -33,6 +33,8 @@ import sys
 import tempfile
 import time
 
+from vllm_fiddler.vllm_hooks import COALESCING_SCHEDULER
+
 GIB = 1024**3
 UTIL = 0.30
 MAX_MODEL_LEN = 4096
@@ -105,6 +107,9 @@ def systems(layers: int, gpu_total_gib: float) -> dict[str, dict]:
             "kv_cache_reserve_gb": KV_RESERVE_GIB}}),
         "stock_uva_all": dict(cpu_offload_gb=offload),
         "stock_uva_experts": dict(cpu_offload_gb=offload, cpu_offload_params={"w13_weight", "w2_weight"}),
+        # the same with fiddler's arrival-coalescing scheduler (fiddler rows get it by default)
+        "stock_uva_experts_coalesced": dict(cpu_offload_gb=offload, cpu_offload_params={"w13_weight", "w2_weight"},
+                                            scheduler_cls=COALESCING_SCHEDULER),
         "stock_prefetch": dict(STOCK_PREFETCH),
         # prefetch at the budget (STOCK_PREFETCH holds more: 3/8 of the experts with 8 layers)
         "stock_prefetch_budget": prefetch_within_budget(layers, resident_expert_fraction(gpu_total_gib)),

@@ -70,6 +70,32 @@ def test_other_impls_untouched(tiny_mixtral):
     cfg = engine_config(tiny_mixtral, model_impl="auto", cpu_offload_gb=1,
                         additional_config={"fiddler": {"bogus": 1}})
     assert cfg.model_config.model_impl == "auto"  # fiddler's checks do not apply
+    assert cfg.scheduler_config.scheduler_cls is None
+
+
+def test_fiddler_gets_the_coalescing_scheduler_unless_told_otherwise(tiny_mixtral):
+    from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    from vllm_fiddler.vllm_hooks import COALESCING_SCHEDULER, _coalescing
+
+    cfg = engine_config(tiny_mixtral, model_impl="fiddler")
+    assert cfg.scheduler_config.scheduler_cls == COALESCING_SCHEDULER
+    cls = cfg.scheduler_config.get_scheduler_cls()  # resolves the name, as the engine core does
+    assert cls.__name__ == "CoalescingScheduler"
+    # the subclass keeps vLLM's base, async or not
+    assert issubclass(_coalescing(AsyncScheduler), AsyncScheduler)
+    assert issubclass(_coalescing(Scheduler), Scheduler) and not issubclass(_coalescing(Scheduler), AsyncScheduler)
+    # the scheduler surface the subclass relies on (vllm_hooks' porting notes)
+    from vllm.v1.core.sched.interface import PauseState
+
+    assert PauseState.PAUSED_NEW in PauseState
+    for name in ("add_request", "schedule", "set_pause_state", "pause_state"):
+        assert hasattr(Scheduler, name), name
+    off = engine_config(tiny_mixtral, model_impl="fiddler", additional_config={"fiddler": {"arrival_coalesce_ms": 0}})
+    assert off.scheduler_config.scheduler_cls is None
+    mine = "vllm.v1.core.sched.scheduler.Scheduler"
+    assert engine_config(tiny_mixtral, model_impl="fiddler", scheduler_cls=mine).scheduler_config.scheduler_cls == mine
 
 
 @pytest.mark.parametrize("kwargs, words", [

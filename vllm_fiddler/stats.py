@@ -41,7 +41,18 @@ def model_stats(model) -> dict:
         "kernel_warmup_configs": getattr(model, "kernel_warmup", {}).get("configs", 0),
         "cuda_graphs": getattr(model, "cuda_graphs", {}).get("graphs", 0),
         "cuda_graph_replays": getattr(getattr(layers[0], "graphs", None), "replays", 0),
+        **_arrival_stats(),
     }
+
+
+def _arrival_stats() -> dict:
+    """The scheduler's arrival coalescing, when it runs in this process (the engine core's)."""
+    from vllm_fiddler import arrivals
+
+    c = arrivals.last_coalescer
+    if c is None:
+        return {}
+    return {"arrival_holds": c.holds, "arrival_held_s": c.held_s, "arrival_stragglers": c.stragglers}
 
 
 def expert_tokens(model) -> list[list[int]]:
@@ -86,4 +97,5 @@ def step_breakdown(after: dict, before: dict, prefix: str = "decode_") -> dict:
     return {"gpu_experts": after["gpu_experts"], "cpu_experts": after["cpu_experts"],
             "gpu_hit_rate": d["routed_to_gpu"] / max(1, routed), f"{prefix}steps_measured": steps,
             **{f"{prefix}{k}_per_step": v / steps for k, v in per_step.items()},
-            f"{prefix}replacements": d.get("replacements", 0)}
+            f"{prefix}replacements": d.get("replacements", 0),
+            **{f"{prefix}{k}": d[k] for k in ("arrival_holds", "arrival_stragglers") if k in d}}

@@ -11,17 +11,25 @@
    it validates fiddler's options and the vLLM options fiddler cannot work
    with, and selects piecewise CUDA graphs (the hybrid MoE op does host work,
    so it must run outside graphs while the rest of the model keeps them).
-3. Benchmarks only, when ``FIDDLER_DUMMY_ROUTER_SKEW`` is set: the dummy
+3. The scheduler: unless the user names one (``--scheduler-cls``), a fiddler
+   run gets ``CoalescingScheduler``, vLLM's own Scheduler or AsyncScheduler
+   (as vLLM chose) with one change: an idle engine holds its first step
+   while a burst of requests is still arriving (vllm_fiddler.arrivals), by
+   vLLM's own pause state ``PAUSED_NEW`` for that one ``schedule()`` call.
+4. Benchmarks only, when ``FIDDLER_DUMMY_ROUTER_SKEW`` is set: the dummy
    loader skews MoE gates after filling them; with ``FIDDLER_FAST_DUMMY_INIT=1``
    it fills large host-resident parameters at copy speed (vllm_fiddler.synthetic).
 
 Porting to a new vLLM: check the two registry methods' signatures,
 ``MODELS_CONFIG_MAP`` and ``VerifyAndUpdateConfig``, the offload config
-fields, and ``tests/test_vllm_compat.py``.
+fields, the scheduler's ``add_request``/``schedule``/``running``/``waiting``/
+``skipped_waiting`` and ``PauseState``, and ``tests/test_vllm_integration.py``.
 """
 
 from __future__ import annotations
 
+import functools
+import time
 from typing import Any
 
 from vllm_fiddler import MODEL_IMPL, SUPPORTED_ARCHITECTURES
@@ -113,6 +121,75 @@ def check_vllm_config(vllm_config: Any) -> None:
     if vllm_config.lora_config is not None:
         raise ValueError("--model-impl fiddler does not support LoRA yet; remove --enable-lora.")
     _select_piecewise_cudagraphs(vllm_config)
+    _select_coalescing_scheduler(vllm_config, cfg)
+
+
+COALESCING_SCHEDULER = "vllm_fiddler.vllm_hooks.CoalescingScheduler"
+
+
+def _select_coalescing_scheduler(vllm_config: Any, cfg: Any) -> None:
+    sched = vllm_config.scheduler_config
+    if cfg.arrival_coalesce_ms > 0 and sched.scheduler_cls is None:
+        sched.scheduler_cls = COALESCING_SCHEDULER
+
+
+class CoalescingScheduler:
+    """vLLM's Scheduler, or its AsyncScheduler when async scheduling is on,
+    whose idle engine waits for requests still arriving (vllm_fiddler.arrivals).
+
+    A class by name, so ``--scheduler-cls`` can name it; it builds the subclass
+    of the base vLLM chose for this engine, decided after fiddler's config
+    hook has run.
+    """
+
+    def __new__(cls, *args: Any, vllm_config: Any, **kwargs: Any):
+        from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+        from vllm.v1.core.sched.scheduler import Scheduler
+
+        base = AsyncScheduler if vllm_config.scheduler_config.async_scheduling else Scheduler
+        return _coalescing(base)(*args, vllm_config=vllm_config, **kwargs)
+
+
+@functools.cache
+def _coalescing(base: type) -> type:
+    from vllm.v1.core.sched.interface import PauseState
+
+    from vllm_fiddler import arrivals
+    from vllm_fiddler.config import FiddlerConfig
+    from vllm_fiddler.logger import logger
+
+    class Coalescing(base):
+        def __init__(self, *args: Any, **kwargs: Any):
+            super().__init__(*args, **kwargs)
+            cfg = FiddlerConfig.from_additional_config(self.vllm_config.additional_config)
+            self.arrivals = arrivals.ArrivalCoalescer(cfg.arrival_coalesce_ms / 1e3)
+            arrivals.last_coalescer = self.arrivals  # read by stats.model_stats
+            logger.info("fiddler: %s on vLLM's %s: an idle engine waits up to %.1f ms for requests that arrive "
+                        "together, once arrivals have come in bursts (arrival_coalesce_ms; vLLM's warning about "
+                        "custom scheduler classes refers to this one)",
+                        type(self).__name__, base.__name__, cfg.arrival_coalesce_ms)
+
+        def add_request(self, request: Any) -> None:
+            super().add_request(request)
+            before = self.arrivals.stragglers
+            self.arrivals.on_add(request.arrival_time, time.time())
+            if before == 0 and self.arrivals.stragglers == 1:
+                logger.info("fiddler: a request arrived just after an idle engine's step began; idle steps now "
+                            "wait for requests arriving together (up to %.1f ms)", 1e3 * self.arrivals.max_hold_s)
+
+        def schedule(self, *args: Any, **kwargs: Any) -> Any:
+            idle_with_waiting = not self.running and bool(self.waiting or self.skipped_waiting) \
+                and self.pause_state == PauseState.UNPAUSED
+            if not self.arrivals.hold(time.time(), idle_with_waiting):
+                return super().schedule(*args, **kwargs)
+            self.set_pause_state(PauseState.PAUSED_NEW)  # this step admits no waiting request
+            try:
+                return super().schedule(*args, **kwargs)
+            finally:
+                self.set_pause_state(PauseState.UNPAUSED)
+
+    Coalescing.__name__ = Coalescing.__qualname__ = f"Coalescing{base.__name__}"
+    return Coalescing
 
 
 def _select_piecewise_cudagraphs(vllm_config: Any) -> None:
