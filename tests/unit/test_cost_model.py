@@ -1007,3 +1007,25 @@ def test_calibration_passes_run_until_they_agree():
     # never settling: stops at max_passes with the best of each point
     one_pass, calls = scripted(busy, quiet, busy, {1: 9.0, 16: 2.0, 256: 50.0})
     assert settled_points(one_pass, max_passes=4) == [(1, 2.8), (16, 2.0), (256, 22.0)] and len(calls) == 4
+
+
+def test_contention_keeps_each_times_best_round():
+    """Lease L's disturbed round (1 token 2.82 -> 6.42 ms, 64 tokens 15.16 ms alone) is outvoted
+    by quiet rounds; one round alone still gives its own ratios, clamped to SLOWDOWN_RANGE."""
+    from vllm_fiddler.runtime.calibrate import SLOWDOWN_RANGE, contention_from_rounds
+
+    disturbed = {"cpu_solo": {1: 2.82, 64: 15.16}, "cpu_busy": {1: 6.42, 64: 7.78}, "copy_solo": 6.42,
+                 "copy_busy": 8.53}
+    quiet = {"cpu_solo": {1: 2.70, 64: 6.80}, "cpu_busy": {1: 3.45, 64: 7.90}, "copy_solo": 6.45,
+             "copy_busy": 8.10}
+    quiet2 = {"cpu_solo": {1: 2.75, 64: 6.70}, "cpu_busy": {1: 3.50, 64: 8.00}, "copy_solo": 6.40,
+              "copy_busy": 8.30}
+    got = contention_from_rounds([disturbed, quiet, quiet2])
+    assert got["cpu_contended_slowdown"] == pytest.approx(max(3.45 / 2.70, 7.78 / 6.70))
+    assert got["h2d_contended_slowdown"] == pytest.approx(8.10 / 6.40)
+    assert got["detail"]["rounds"] == 3 and got["detail"]["cpu_ms"][64] == (6.70, 7.78)
+    alone = contention_from_rounds([disturbed])
+    assert alone["cpu_contended_slowdown"] == pytest.approx(6.42 / 2.82)  # 64 tokens: 0.51, clamped to 1
+    hot = dict(disturbed, cpu_busy={1: 20.0, 64: 7.78})
+    assert contention_from_rounds([hot])["cpu_contended_slowdown"] == SLOWDOWN_RANGE[1]
+

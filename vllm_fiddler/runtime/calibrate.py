@@ -7,7 +7,8 @@ What is timed, on the model's real shapes and the runtime's real code paths:
 - host DRAM contention: the CPU expert (1 and 64 tokens) while staging
   copies stream on the copy stream, and the copies while the CPU expert
   (1 token, DRAM-bound) runs; each slowdown is contended / solo time, timed
-  back to back, clamped to [1, 3] (the CPU's: the larger of its two).
+  back to back, clamped to [1, 3] (the CPU's: the larger of its two), each
+  time the best of CONTENTION_ROUNDS rounds.
 The result is saved under ~/.cache/vllm_fiddler keyed by CPU, GPU, shape,
 dtype, threads, chunks and CACHE_VERSION, so later starts skip the ~1.3 s of
 measurement.
@@ -39,11 +40,19 @@ GPU_TOKENS = (1, 16, 64, 256, 1024)
 CONTENTION_CPU_TOKENS = (1, 64)  # CPU expert timed against a stream of copies at these token counts
 CONTENTION_REPS = 5  # CPU expert calls per timing (1 token ~3 ms, 64 ~9 ms on the H100 box)
 CONTENTION_COPY_REPS = 4  # expert copies per timing (~7 ms each at 50 GB/s)
+# Rounds of (solo, contended) timings; each time is the best over rounds (noise only adds
+# time). One round on the H100 box (lease L, 2026-11-23) timed the CPU expert at 1 token
+# 2.82 ms alone and 6.42 ms against copies (2.27x; host_bandwidth puts it near 1.3x), and
+# 15.16 ms alone at 64 tokens against the CPU curve's 6.73: a disturbed round. That model
+# (cached, so every later engine on the machine inherited it) split no expert in decode,
+# where models of 1.25x split ~3-7 a step and moved 0.9-1.7 GB of cold bytes over PCIe.
+CONTENTION_ROUNDS = 3
 SLOWDOWN_RANGE = (1.0, 3.0)  # a measured slowdown is clamped to this
 # Part of the cache key: bump it when what is measured changes, so that older
 # cache files (under another name) are re-measured. "v2": contention factors;
-# "v3": warmed-up CPU points, best of CPU_TIMINGS; "v4": passes until they agree.
-CACHE_VERSION = "v4"
+# "v3": warmed-up CPU points, best of CPU_TIMINGS; "v4": passes until they agree;
+# "v5": contention from the best of CONTENTION_ROUNDS rounds.
+CACHE_VERSION = "v5"
 
 
 def machine_key(hidden: int, inter: int, dtype: torch.dtype, threads: int) -> str:
@@ -147,27 +156,21 @@ def _while_running(background, name: str, what: str, measure):
     return result
 
 
-def measure_contention(layer, runtime, stager) -> dict:
+def measure_contention(layer, runtime, stager, rounds: int = CONTENTION_ROUNDS) -> dict:
     """Host DRAM contention between the CPU expert kernel and the staging copies.
 
     CPU: the CPU expert at CONTENTION_CPU_TOKENS, timed alone and then while
     a thread keeps whole-expert copies streaming through the stager; the
     slowdown is the larger of the two ratios. PCIe: whole-expert copies, timed
     alone and then while the worker computes 1-token CPU experts back to
-    back (DRAM-bound: the most traffic). About 0.3 s in all on the H100 box.
-    Returns {"cpu_contended_slowdown", "h2d_contended_slowdown"} and the raw
-    times under "detail"; raises if a helper thread failed.
+    back (DRAM-bound: the most traffic). `rounds` rounds of all four, each
+    time the best over rounds (contention_from_rounds). About 0.3 s a round
+    on the H100 box. Returns {"cpu_contended_slowdown",
+    "h2d_contended_slowdown"} and the best times under "detail"; raises if a
+    helper thread failed.
     """
     cpu_fns = {t: _cpu_expert_fn(layer, t) for t in CONTENTION_CPU_TOKENS}
     copy = _copy_fn(layer, stager)
-    # 1. The CPU expert, alone, then against a stream of copies.
-    cpu_solo = {t: runtime.time_on_worker(fn, reps=CONTENTION_REPS) for t, fn in cpu_fns.items()}
-    cpu_busy = _while_running(
-        lambda stop, started, errors: _copies_until(stop, started, layer, stager, errors),
-        "fiddler-calibrate-copies", "the copy thread",
-        lambda: {t: runtime.time_on_worker(fn, reps=CONTENTION_REPS) for t, fn in cpu_fns.items()})
-    # 2. The copies, alone, then while the worker computes 1-token experts back to back.
-    copy_solo = _time_ms(copy, CONTENTION_COPY_REPS, torch.cuda.synchronize)
     one = cpu_fns[min(CONTENTION_CPU_TOKENS)]
 
     def cpu_until_stop(stop, started, errors):
@@ -182,11 +185,35 @@ def measure_contention(layer, runtime, stager) -> dict:
             errors.append(e)
             started.set()
 
-    copy_busy = _while_running(cpu_until_stop, "fiddler-calibrate-cpu", "the CPU expert loop",
-                               lambda: _time_ms(copy, CONTENTION_COPY_REPS, torch.cuda.synchronize))
-    cpu_by_tokens = {t: slowdown(cpu_busy[t], cpu_solo[t]) for t in cpu_fns}
-    detail = {"cpu_ms": {t: (cpu_solo[t], cpu_busy[t]) for t in cpu_fns}, "copy_ms": (copy_solo, copy_busy)}
-    return {"cpu_contended_slowdown": max(cpu_by_tokens.values()),
+    measured = []
+    for _ in range(rounds):
+        # 1. The CPU expert, alone, then against a stream of copies.
+        cpu_solo = {t: runtime.time_on_worker(fn, reps=CONTENTION_REPS) for t, fn in cpu_fns.items()}
+        cpu_busy = _while_running(
+            lambda stop, started, errors: _copies_until(stop, started, layer, stager, errors),
+            "fiddler-calibrate-copies", "the copy thread",
+            lambda: {t: runtime.time_on_worker(fn, reps=CONTENTION_REPS) for t, fn in cpu_fns.items()})
+        # 2. The copies, alone, then while the worker computes 1-token experts back to back.
+        copy_solo = _time_ms(copy, CONTENTION_COPY_REPS, torch.cuda.synchronize)
+        copy_busy = _while_running(cpu_until_stop, "fiddler-calibrate-cpu", "the CPU expert loop",
+                                   lambda: _time_ms(copy, CONTENTION_COPY_REPS, torch.cuda.synchronize))
+        measured.append({"cpu_solo": cpu_solo, "cpu_busy": cpu_busy, "copy_solo": copy_solo,
+                         "copy_busy": copy_busy})
+    return contention_from_rounds(measured)
+
+
+def contention_from_rounds(measured: list[dict]) -> dict:
+    """Slowdowns from rounds of {"cpu_solo": {tokens: ms}, "cpu_busy": {tokens: ms},
+    "copy_solo": ms, "copy_busy": ms}: each time the best over rounds, solo and contended
+    alike (a disturbance only adds time, to either side); the CPU's slowdown is the larger
+    over its token counts."""
+    cpu_solo = {t: min(r["cpu_solo"][t] for r in measured) for t in measured[0]["cpu_solo"]}
+    cpu_busy = {t: min(r["cpu_busy"][t] for r in measured) for t in cpu_solo}
+    copy_solo = min(r["copy_solo"] for r in measured)
+    copy_busy = min(r["copy_busy"] for r in measured)
+    detail = {"cpu_ms": {t: (cpu_solo[t], cpu_busy[t]) for t in cpu_solo}, "copy_ms": (copy_solo, copy_busy),
+              "rounds": len(measured)}
+    return {"cpu_contended_slowdown": max(slowdown(cpu_busy[t], cpu_solo[t]) for t in cpu_solo),
             "h2d_contended_slowdown": slowdown(copy_busy, copy_solo), "detail": detail}
 
 
@@ -302,4 +329,4 @@ def _fmt_detail(detail: dict) -> str:
         return f"not measured: {detail['error']}"
     cpu = ", ".join(f"{t} tok {a:.2f}->{b:.2f} ms" for t, (a, b) in detail["cpu_ms"].items())
     a, b = detail["copy_ms"]
-    return f"CPU expert {cpu}; expert copy {a:.2f}->{b:.2f} ms"
+    return f"CPU expert {cpu}; expert copy {a:.2f}->{b:.2f} ms; best of {detail.get('rounds', 1)} rounds"
