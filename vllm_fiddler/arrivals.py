@@ -58,7 +58,7 @@ class ArrivalCoalescer:
             self.max_hold_s = MAX_HOLD_GAPS * self.gap_s
         self._start_stamp: float | None = None  # the last idle start's time
         # per idle start: did it meet a burst (requests joined its hold, or a straggler came)
-        self._started_straggler = collections.deque(maxlen=self.memory)
+        self._met_burst = collections.deque(maxlen=self.memory)
         self._hold_since: float | None = None
         self._joined_hold = 0  # requests that reached the scheduler during the current hold
         self._last_add = float("-inf")
@@ -70,7 +70,7 @@ class ArrivalCoalescer:
     @property
     def bursty(self) -> bool:
         """A recent idle start met a burst: a straggler, or requests that joined its hold."""
-        return any(self._started_straggler)
+        return any(self._met_burst)
 
     def on_add(self, arrival_stamp: float, now: float) -> None:
         """A request reached the scheduler at `now`, stamped `arrival_stamp` by the client."""
@@ -78,9 +78,9 @@ class ArrivalCoalescer:
         if self._hold_since is not None:
             self._joined_hold += 1
             return
-        if self._start_stamp is not None and self._started_straggler \
-                and arrival_stamp < self._start_stamp + self.gap_s and not self._started_straggler[-1]:
-            self._started_straggler[-1] = True
+        if self._start_stamp is not None and self._met_burst \
+                and arrival_stamp < self._start_stamp + self.gap_s and not self._met_burst[-1]:
+            self._met_burst[-1] = True
             self.stragglers += 1
 
     def hold(self, now: float, idle_with_waiting: bool) -> bool:
@@ -103,5 +103,5 @@ class ArrivalCoalescer:
             self.held_s += now - self._hold_since
             self._hold_since, self._joined_hold = None, 0
         self._start_stamp = now
-        self._started_straggler.append(joined)  # a burst gathered by waiting is still a burst
+        self._met_burst.append(joined)  # a burst gathered by waiting is still a burst
         return False
