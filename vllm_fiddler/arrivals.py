@@ -1,7 +1,7 @@
 """When an idle engine should wait a moment for requests still arriving.
 
 Pure Python (no torch, no vLLM), so the policy is unit-tested in CPU CI; the
-vLLM scheduler that consults it is ``vllm_hooks.coalescing_scheduler``.
+vLLM scheduler that consults it is ``vllm_hooks.CoalescingScheduler``.
 
 Why: a fiddler step costs about as much for one token as for sixteen, since
 each cold expert's weights are read once per step whatever its token count.
@@ -78,8 +78,9 @@ class ArrivalCoalescer:
         if self._hold_since is not None:
             self._joined_hold += 1
             return
-        if self._start_stamp is not None and self._met_burst \
-                and arrival_stamp < self._start_stamp + self.gap_s and not self._met_burst[-1]:
+        # _start_stamp is set with each idle start's entry in _met_burst
+        if self._start_stamp is not None and arrival_stamp < self._start_stamp + self.gap_s \
+                and not self._met_burst[-1]:
             self._met_burst[-1] = True
             self.stragglers += 1
 

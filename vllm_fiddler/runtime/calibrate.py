@@ -185,18 +185,22 @@ def measure_contention(layer, runtime, stager, rounds: int = CONTENTION_ROUNDS) 
             errors.append(e)
             started.set()
 
+    def time_cpu() -> dict:
+        return {t: runtime.time_on_worker(fn, reps=CONTENTION_REPS) for t, fn in cpu_fns.items()}
+
+    def time_copies() -> float:
+        return _time_ms(copy, CONTENTION_COPY_REPS, torch.cuda.synchronize)
+
     measured = []
     for _ in range(rounds):
         # 1. The CPU expert, alone, then against a stream of copies.
-        cpu_solo = {t: runtime.time_on_worker(fn, reps=CONTENTION_REPS) for t, fn in cpu_fns.items()}
+        cpu_solo = time_cpu()
         cpu_busy = _while_running(
             lambda stop, started, errors: _copies_until(stop, started, layer, stager, errors),
-            "fiddler-calibrate-copies", "the copy thread",
-            lambda: {t: runtime.time_on_worker(fn, reps=CONTENTION_REPS) for t, fn in cpu_fns.items()})
+            "fiddler-calibrate-copies", "the copy thread", time_cpu)
         # 2. The copies, alone, then while the worker computes 1-token experts back to back.
-        copy_solo = _time_ms(copy, CONTENTION_COPY_REPS, torch.cuda.synchronize)
-        copy_busy = _while_running(cpu_until_stop, "fiddler-calibrate-cpu", "the CPU expert loop",
-                                   lambda: _time_ms(copy, CONTENTION_COPY_REPS, torch.cuda.synchronize))
+        copy_solo = time_copies()
+        copy_busy = _while_running(cpu_until_stop, "fiddler-calibrate-cpu", "the CPU expert loop", time_copies)
         measured.append({"cpu_solo": cpu_solo, "cpu_busy": cpu_busy, "copy_solo": copy_solo,
                          "copy_busy": copy_busy})
     return contention_from_rounds(measured)
