@@ -32,6 +32,7 @@ from vllm_fiddler.kernels import cpu as cpu_kernels
 from vllm_fiddler.layers import hybrid_moe
 from vllm_fiddler.layers.hybrid_moe import HybridMoE, expert_chunks
 from vllm_fiddler.runtime.cpu_experts import CPUExpertRuntime
+from vllm_fiddler.runtime.host_view import device_view
 from vllm_fiddler.runtime.kernel_warmup import warm_up_kernels
 from vllm_fiddler.runtime.moe_graphs import MoEGraphs
 from vllm_fiddler.runtime.step_planner import get_step_planner
@@ -53,6 +54,8 @@ def build(layers: int, gpu_experts: int, threads: int, staging: int, wait_on_dev
                           cpu_runtime=runtime, pin_memory=True)
         layer.init_random(seed=1234 + i)
         layer.stager = stager
+        if stager is not None:  # as the model sets them (vllm_fiddler.models.mixtral)
+            layer.host_views = (device_view(layer.w13_cpu_chunks), device_view(layer.w2_cpu_chunks))
         moe.append(layer)
     warm_up_kernels(moe, stager, 64)
     graphs = MoEGraphs(FiddlerConfig.cuda_graph_max_tokens, H, K, torch.bfloat16, torch.device("cuda"))
@@ -114,7 +117,9 @@ def timeline(moe, attention, steps: int, h0: torch.Tensor, host_s: float = 0.0) 
     done (its Python is the critical path); device_chain: from max(job done, host waiting)
     until the routing copy arrived (the stream's wait release, the result's H2D, attention,
     router, D2H, the host's wake-up); plan: routing on the host -> job submitted; wake:
-    submitted -> the job thread started it."""
+    submitted -> the job thread started it. Routed ops (routed_max_tokens) have no host
+    thread between the routing and the job: only idle, wake (which then includes the wait
+    for the routing's mark) and job."""
     first = id(moe[0])
     cpu_kernels.async_trace()  # drop older jobs
     hybrid_moe.OP_TRACE = []
@@ -137,13 +142,15 @@ def timeline(moe, attention, steps: int, h0: torch.Tensor, host_s: float = 0.0) 
         next_start = jobs[j + 1][1] * 1e-9
         into = edge if layer == first else parts
         into["idle"].append(next_start - done)
+        into["wake"].append(next_start - submitted)
+        if sync_start is None:  # a routed op: no host thread between the routing and the job
+            continue
         into["host_late"].append(max(0.0, sync_start - done))
         into["device_chain"].append(sync_end - max(done, sync_start))
         into["plan"].append(submitted - sync_end)
-        into["wake"].append(next_start - submitted)
 
     def summary(d: dict) -> dict:
-        return {k: round(1e3 * sum(v) / max(1, len(v)), 3) for k, v in d.items()}
+        return {k: round(1e3 * sum(v) / len(v), 3) for k, v in d.items() if v}
 
     return {"within_step_ms": summary(parts), "step_edge_ms": summary(edge),
             "gaps_per_step_within": len(parts["idle"]) / steps, "note": timeline.__doc__.split("\n", 1)[1].strip()}
@@ -156,11 +163,14 @@ def main() -> None:
     p.add_argument("--gpu-experts", type=int, default=11, help="device-resident experts over all layers "
                    "(11: e2e's 4.44 GB budget less 2 staging slots)")
     p.add_argument("--threads", type=int, default=default_cpu_threads(), help="the runtime's (calibration)")
-    p.add_argument("--variants", default=f"{default_cpu_threads()}/1000/0/1",
-                   help="comma-separated THREADS/SPIN_US/HOST_US/GRAPHS runs in this process: compute "
-                        "threads, FIDDLER_CPU_SPIN_US, Python host work a layer (vLLM's eager attention "
-                        "block is ~1100), 1/0 CUDA graphs for the op's GPU launches; each one the same "
-                        "layers and cost model (calibrated at --threads)")
+    p.add_argument("--variants", default=f"{default_cpu_threads()}/1000/0/1/{FiddlerConfig.routed_max_tokens}",
+                   help="comma-separated THREADS/SPIN_US/HOST_US/GRAPHS[/ROUTED[/STREAMED]] runs in this "
+                        "process: compute threads, FIDDLER_CPU_SPIN_US, Python host work a layer (vLLM's "
+                        "eager attention block is ~1100), 1/0 CUDA graphs for the op's GPU launches, "
+                        "routed_max_tokens (0: every step syncs and plans; default the option's), chunks "
+                        "of a cold expert a routed step streams to the GPU (-1, the default: the cost "
+                        "model's streamed_chunks); each one the same layers and cost model (calibrated "
+                        "at --threads)")
     p.add_argument("--staging-slots", type=int, default=2)
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--host-wait", action="store_true", help="wait_on_device false")
@@ -181,9 +191,14 @@ def main() -> None:
 
     rows = []
     for variant in args.variants.split(","):
-        threads, spin_us, host_us, use_graphs = (int(v) for v in variant.split("/"))
+        fields = [int(v) for v in variant.split("/")]
+        threads, spin_us, host_us, use_graphs = fields[:4]
+        routed = fields[4] if len(fields) > 4 else FiddlerConfig.routed_max_tokens
+        streamed = fields[5] if len(fields) > 5 else -1
         for layer in moe:
             layer.graphs = graphs if use_graphs else None
+            layer.routed_max_tokens = routed
+            layer.routed_gpu_chunks = None if streamed < 0 else streamed
         os.environ["FIDDLER_CPU_SPIN_US"] = str(spin_us)
         cpu_kernels.set_num_threads(threads + 1)  # a new size rebuilds the pool, which reads the spin
         cpu_kernels.set_num_threads(threads)
@@ -195,8 +210,10 @@ def main() -> None:
         wall = time.perf_counter() - t0
         after = snapshot(runtime, stager, moe)
         per_step = {k: 1e3 * (after[k] - before[k]) / args.steps for k in COUNTERS + ("cpu_busy_s",)}
+        variant_streamed = moe[0].routed_gpu_chunks if routed else 0
         row = {"label": args.label, "variant": {"threads": threads, "spin_us": spin_us, "host_us_per_layer": host_us,
-                                                "cuda_graphs": bool(use_graphs)},
+                                                "cuda_graphs": bool(use_graphs), "routed_max_tokens": routed,
+                                                "streamed_chunks": variant_streamed, "chunks": moe[0].chunks},
                "layers": args.layers, "gpu_experts": args.gpu_experts, "staging_slots": args.staging_slots,
                "wait_on_device": runtime.wait_on_device, "steps": args.steps, "setup_s": round(setup_s, 1),
                "step_ms": round(1e3 * wall / args.steps, 3), "tok_s": round(args.steps / wall, 2),

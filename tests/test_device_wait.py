@@ -17,7 +17,7 @@ import torch
 from test_hybrid_moe import E, H, I, K, TOLERANCE, load_experts, random_experts
 from vllm_fiddler.kernels import reference
 from vllm_fiddler.layers.hybrid_moe import HybridMoE
-from vllm_fiddler.runtime import cpu_experts, device_wait
+from vllm_fiddler.runtime import cpu_experts, device_wait, host_view
 from vllm_fiddler.runtime.cpu_experts import CPUExpertRuntime
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -159,3 +159,72 @@ def test_failed_cpu_job_releases_the_stream_and_fails_the_next_op():
         torch.cuda.synchronize()
     finally:
         runtime.shutdown()
+
+
+def test_device_view_reads_and_writes_host_memory_in_place():
+    host = torch.randn(3, 5, 7).to(torch.bfloat16).pin_memory()
+    view = host_view.device_view(host[1:])
+    assert view.is_cuda and view.dtype == torch.bfloat16 and view.shape == (2, 5, 7)
+    assert torch.equal(view.cpu(), host[1:])
+    view[0, 0, 0] = 42.0  # a kernel's store lands in host memory
+    torch.cuda.synchronize()
+    assert host[1, 0, 0].item() == 42.0
+    with pytest.raises(ValueError):
+        host_view.device_view(torch.zeros(3))  # not pinned
+
+
+@pytest.mark.parametrize("tokens,streamed", [(1, 0), (3, 0), (1, 1), (3, 2)])  # of C = 2 chunks
+def test_routed_steps_never_wait_on_the_host_and_match_the_synced_path(tokens, streamed):
+    """Small steps hand the CPU job its routing from the stream (routed_max_tokens): with the
+    stream held back by a long kernel, three chained layers return on the host at once (the
+    synced path waits for each routing copy), and the result equals the synced path's bit for
+    bit and the chained fp32 oracle; the routed pairs are counted on the side they ran. With
+    `streamed` chunks of each cold expert computed on the GPU from host memory in place (the
+    rest on the CPU), the sum is taken in another order: the oracle's tolerance, not bits."""
+    assert device_wait.marks_available()
+    gen = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, H, generator=gen).to(torch.bfloat16)
+    logits = [torch.randn(tokens, E, generator=gen) for _ in range(3)]
+    outs, counted = {}, {}
+    for routed in (0, 8):
+        runtime = CPUExpertRuntime(num_threads=2, inline=False, pin_memory=True, wait_on_device=True)
+        try:
+            layers = [make_cuda_layer(runtime, seed) for seed in range(3)]
+            for layer, _, _ in layers:
+                layer.routed_max_tokens = routed
+                layer.routed_gpu_chunks = streamed
+                layer.host_views = (host_view.device_view(layer.w13_cpu_chunks),
+                                    host_view.device_view(layer.w2_cpu_chunks))
+            assert runtime.takes_routed_jobs()
+            h = layers[0][0](x.cuda(), logits[0].cuda())  # compiles the kernels before the timed part
+            torch.cuda.synchronize()
+            inputs = [lg.cuda() for lg in logits]
+            h = x.cuda()
+            torch.cuda._sleep(int(2e9 * HELD_S))  # ~HELD_S of GPU time at ~2 GHz
+            start = time.perf_counter()
+            for (layer, _, _), lg in zip(layers, inputs):
+                h = layer(h, lg)
+            returned_s = time.perf_counter() - start
+            outs[routed] = h.cpu()
+            if routed:
+                assert returned_s < 0.25 * HELD_S, returned_s
+            else:
+                assert returned_s >= 0.5 * HELD_S, returned_s
+            runtime._finish_native()
+            counted[routed] = [(layer.routed_to_cpu, layer.routed_to_gpu) for layer, _, _ in layers]
+        finally:
+            runtime.shutdown()
+    if streamed == 0:
+        assert torch.equal(outs[8], outs[0])
+    ref = x.float()
+    for (_, w13, w2), lg in zip(layers, logits):
+        weights, ids = reference.route(lg, K)
+        ref = reference.moe(ref.to(torch.bfloat16), w13, w2, weights, ids)
+    scale = ref.abs().max().item()
+    torch.testing.assert_close(outs[8].float(), ref, atol=3 * TOLERANCE[torch.bfloat16] * scale,
+                               rtol=3 * TOLERANCE[torch.bfloat16])
+    # the synced path's counts (checked against the routing in test_hybrid_moe); layer 0 also
+    # ran the warm-up call
+    assert counted[8] == counted[0]
+    assert [cpu + gpu for cpu, gpu in counted[8]] == [2 * tokens * K, tokens * K, tokens * K]
+    assert sum(cpu for cpu, _ in counted[8]) > 0

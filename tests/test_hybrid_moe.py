@@ -256,6 +256,90 @@ def test_native_device_waited_jobs_run_in_order_and_signal(monkeypatch):
         pool.shutdown()
 
 
+class DeferredMark:
+    """device_wait.StreamMark without CUDA: records the number a stream would write once
+    the routing copy lands; the test writes it into `word` when it has 'landed'."""
+
+    def __init__(self):
+        self.word = torch.zeros(1, dtype=torch.int32)
+        self.marked = []
+
+    def mark(self, seq):
+        self.marked.append(seq)
+
+    def land(self):
+        self.word.fill_(self.marked[-1])
+
+
+@pytest.mark.skipif(not cpu_kernel_isas(), reason="no native CPU kernel on this machine")
+def test_routed_jobs_wait_for_their_routing_then_match_the_planned_kernel():
+    """A routed job (submit_routed) reads its routing only once the stream's mark says it has
+    landed: buffers rewritten after the submit are what it computes with. Its result is bit-equal
+    to the engine thread's chunk-id path (cpu_chunk_ids + moe_forward), it counts the pairs it ran
+    on the CPU, stores its number for the stream, and a job whose routing never comes is cancelled
+    at shutdown instead of hanging it."""
+    from vllm_fiddler.kernels import cpu as cpu_kernels
+
+    pool = CPUExpertRuntime(num_threads=2, inline=False, wait_on_device=True)
+    signal, mark = RecordingSignal(), DeferredMark()
+    pool._signal, pool._routing_mark = signal, mark
+    try:
+        cpu_kernels.async_take_error()
+        layer, _, _ = make_layer(PLACEMENTS["mixed"], torch.bfloat16, runtime=pool)
+        assert layer.chunks > 1  # the job expands slots into several chunk-experts
+        cold_pairs = torch.zeros(1, dtype=torch.int64)
+        gen = torch.Generator().manual_seed(5)
+        expected_pairs = 0
+        for tokens, first in ((1, 0), (2, 2), (5, 0), (13, 1), (3, layer.chunks)):
+            x_buf = torch.zeros(tokens, H, dtype=torch.bfloat16)
+            slots_buf = torch.full((tokens, K), -1, dtype=torch.int32)
+            wts_buf = torch.zeros(tokens, K)
+            job = pool.submit_routed(x_buf, layer.w13_cpu_chunks, layer.w2_cpu_chunks, slots_buf, wts_buf,
+                                     layer.chunks, cold_pairs, first_chunk=first)
+            assert job is not None and mark.marked[-1] == job.seq
+            time.sleep(0.02)
+            assert int(signal.word) != job.seq, "the job ran before its routing landed"
+            # the "copy" lands: routing of this step, with some pairs on the GPU (-1)
+            logits = torch.randn(tokens, E, generator=gen)
+            weights, ids = reference.route(logits, K)
+            slots = layer.cpu_slot_of_host[ids]
+            x = torch.randn(tokens, H, generator=gen).to(torch.bfloat16)
+            x_buf.copy_(x)
+            slots_buf.copy_(slots)
+            wts_buf.copy_(weights)
+            mark.land()
+            got = job.result().clone()
+            assert int(signal.word) == job.seq
+            expected_pairs += int((slots >= 0).sum())
+            assert int(cold_pairs) == expected_pairs
+            # the chunks below `first` are the GPU's: the engine thread's path with them copied
+            ids_c, wts_c = layer.cpu_chunk_ids(slots, weights, torch.full((layer.num_host_slots,), first))
+            want = torch.zeros(tokens, H)
+            cpu_kernels.moe_forward(x, layer.w13_cpu_chunks, layer.w2_cpu_chunks, ids_c, wts_c, want)
+            assert torch.equal(got, want)
+        # every pair on the GPU: nothing to compute, the job still signals with a zero result
+        slots_buf.fill_(-1)
+        job = pool.submit_routed(x_buf, layer.w13_cpu_chunks, layer.w2_cpu_chunks, slots_buf, wts_buf,
+                                 layer.chunks, cold_pairs)
+        mark.land()
+        assert not job.result().any() and int(cold_pairs) == expected_pairs
+        # a mark past the job's number releases it too (the compare is cyclic, like the GPU's)
+        job = pool.submit_routed(x_buf, layer.w13_cpu_chunks, layer.w2_cpu_chunks, slots_buf, wts_buf,
+                                 layer.chunks, cold_pairs)
+        mark.word.fill_(job.seq + 3)
+        job.result()
+        # a routing that never lands: shutdown cancels the wait, the job signals and reports
+        mark.word.fill_(job.seq)
+        stuck = pool.submit_routed(x_buf, layer.w13_cpu_chunks, layer.w2_cpu_chunks, slots_buf, wts_buf,
+                                   layer.chunks, cold_pairs)
+        time.sleep(0.01)
+        assert int(signal.word) != stuck.seq
+    finally:
+        pool.shutdown()
+    assert int(signal.word) == stuck.seq
+    assert "cancelled" in cpu_kernels.async_take_error()
+
+
 def test_dummy_init_is_placement_independent():
     a, _, _ = make_layer(PLACEMENTS["mixed"], torch.bfloat16)
     b, _, _ = make_layer(PLACEMENTS["one_gpu"], torch.bfloat16)

@@ -295,6 +295,41 @@ def moe_forward_async(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk
     return True
 
 
+def moe_forward_routed_async(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, slots: torch.Tensor,
+                             weights: torch.Tensor, chunks: int, out: torch.Tensor, ready_word: torch.Tensor,
+                             done_word: torch.Tensor, seq: int, cold_pairs: torch.Tensor,
+                             *, first_chunk: int = 0, isa: str | None = None) -> bool:
+    """moe_forward_async for a job whose routing is not there yet: the job thread first waits
+    until `ready_word` (one pinned int32, which a CUDA stream writes after copying the routing
+    down) reaches `seq` (cyclically), then reads slots [T, K] (host slot or -1, int32) and
+    weights [T, K] (fp32), runs each host slot's chunk-experts first_chunk..chunks-1 of w13 /
+    w2 (slot s chunk c = chunk-expert s * chunks + c; the first ones are left to the GPU),
+    adds the (token, k) pairs of host slots to `cold_pairs` (one int64) and stores `seq` into
+    `done_word`. Returns True, or False
+    without doing anything when no native kernel takes these inputs. A job whose word does not
+    come within 60 s, or that async_cancel_ready_waits cancels, fails (async_take_error) and
+    still stores done_word."""
+    # the inputs are read when the routing has landed, so they must be taken as they are:
+    # a converted copy made now would hold what the buffers held before the copy
+    if not (x.dtype == torch.bfloat16 and x.stride(-1) == 1 and slots.dtype == torch.int32
+            and weights.dtype == torch.float32 and slots.is_contiguous() and weights.is_contiguous()
+            and out.is_contiguous()):
+        return False
+    native = _native_args(x, w13, w2, slots, weights, isa)
+    if native is None:
+        return False
+    mode = native[3]
+    torch.ops.fiddler_cpu.moe_forward_routed_async(x, w13, w2, slots, weights, chunks, first_chunk, out, mode,
+                                                   _amx_min_tokens(), ready_word, done_word, seq, cold_pairs)
+    return True
+
+
+def async_cancel_ready_waits() -> None:
+    """Routed jobs still waiting for their routing give up (shutdown)."""
+    if _native:
+        torch.ops.fiddler_cpu.async_cancel_ready_waits()
+
+
 def async_wait_idle() -> None:
     """Blocks until every moe_forward_async job submitted so far is done."""
     if _native:

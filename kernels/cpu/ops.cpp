@@ -5,6 +5,7 @@
 // that are dlopen()ed through register_isa_library once CPUID allows it.
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
@@ -536,11 +537,62 @@ void moe_forward(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w
 //
 // A job's failure is kept for async_take_error and the word is stored anyway:
 // a stream must never wait for a job that will not come.
+//
+// A routed job (moe_forward_routed_async) does not know its routing when it is
+// submitted: the engine thread queues the routing's device->host copy and a
+// stream write of the job's sequence number into a pinned "ready" word, then
+// submits the job and goes on without waiting for the copy. This thread waits
+// for the word, turns the routing (host slot or -1 per (token, k)) into chunk
+// ids itself and runs the job. So at decode no host thread sits between the
+// GPU's routing and the CPU's start (measured on the H100 box before: the
+// engine thread's wake-up, planning and hand-over cost ~0.6 ms of CPU idle
+// time a layer).
 struct AsyncJob {
   at::Tensor x, w13, w2, ids, wts, out, done_word;
-  int64_t mode = 1, amx_min_tokens = 0, seq = 0;
+  at::Tensor ready_word, cold_pairs;  // routed jobs only (ready_word undefined: a plain job)
+  int64_t mode = 1, amx_min_tokens = 0, seq = 0, chunks = 1, first_chunk = 0;
   std::chrono::steady_clock::time_point submitted;
 };
+
+// A routed job waits this long for its routing before it fails: a copy that
+// never comes means the stream or the process is gone, and a job thread stuck
+// on it would hold every later job (and the streams waiting for them) forever.
+constexpr auto kReadyTimeout = std::chrono::seconds(60);
+// Spin this long on the ready word before polling it with sleeps: the routing
+// of the next layer usually lands within ~0.2-0.5 ms of the previous job's end.
+constexpr auto kReadySpin = std::chrono::microseconds(2000);
+
+// (int32)(word - seq) >= 0: the word has reached seq, cyclically (as the GPU's
+// CU_STREAM_WAIT_VALUE_GEQ compares).
+inline bool word_reached(const at::Tensor& word, int64_t seq) {
+  const uint32_t v = uint32_t(__atomic_load_n(static_cast<const int32_t*>(word.data_ptr()), __ATOMIC_ACQUIRE));
+  return int32_t(v - uint32_t(seq)) >= 0;
+}
+
+// Host-slot routing -> chunk-expert routing: slots [T, K] (host slot or -1) and
+// weights [T, K] -> ids [T, K*W] (slot * C + c for the W = C - first chunks c
+// from `first` on, or -1) and weights [T, K*W], the layout HybridMoE.cpu_chunk_ids
+// builds on the engine thread. Returns the number of (token, k) pairs of host slots.
+int64_t expand_routing(const at::Tensor& slots, const at::Tensor& wts, int64_t C, int64_t first,
+                       at::Tensor* ids_out, at::Tensor* wts_out) {
+  const int64_t T = slots.size(0), K = slots.size(1), W = C - first;
+  *ids_out = at::empty({T, K * W}, slots.options());
+  *wts_out = at::empty({T, K * W}, wts.options());
+  const int32_t* s = slots.data_ptr<int32_t>();
+  const float* w = wts.data_ptr<float>();
+  int32_t* ci = ids_out->data_ptr<int32_t>();
+  float* cw = wts_out->data_ptr<float>();
+  int64_t cold = 0;
+  for (int64_t p = 0; p < T * K; ++p) {
+    const int32_t slot = s[p];
+    cold += slot >= 0;
+    for (int64_t c = 0; c < W; ++c) {
+      ci[p * W + c] = slot >= 0 ? int32_t(slot * C + first + c) : -1;
+      cw[p * W + c] = w[p];
+    }
+  }
+  return cold;
+}
 
 class AsyncRunner {
  public:
@@ -594,11 +646,19 @@ class AsyncRunner {
         queue_.pop_front();
         busy_ = true;
       }
-      const auto t0 = std::chrono::steady_clock::now();
       std::string error;
+      if (job.ready_word.defined()) error = wait_ready(job);
+      const auto t0 = std::chrono::steady_clock::now();
       try {
         std::memset(job.out.data_ptr(), 0, job.out.nbytes());
-        moe_forward(job.x, job.w13, job.w2, job.ids, job.wts, job.out, job.mode, job.amx_min_tokens);
+        if (error.empty() && job.ready_word.defined()) {
+          at::Tensor ids, wts;
+          const int64_t cold = expand_routing(job.ids, job.wts, job.chunks, job.first_chunk, &ids, &wts);
+          __atomic_fetch_add(job.cold_pairs.data_ptr<int64_t>(), cold, __ATOMIC_RELAXED);
+          if (cold && job.first_chunk < job.chunks) moe_forward(job.x, job.w13, job.w2, ids, wts, job.out, job.mode, job.amx_min_tokens);
+        } else if (error.empty()) {
+          moe_forward(job.x, job.w13, job.w2, job.ids, job.wts, job.out, job.mode, job.amx_min_tokens);
+        }
       } catch (const std::exception& e) {
         error = e.what();
       } catch (...) {
@@ -621,6 +681,30 @@ class AsyncRunner {
     }
   }
 
+  // Waits for a routed job's ready word; an error message if it gave up.
+  std::string wait_ready(const AsyncJob& job) {
+    const auto t0 = std::chrono::steady_clock::now();
+    const uint64_t cancel_gen = cancel_gen_.load(std::memory_order_acquire);
+    for (int spins = 0; !word_reached(job.ready_word, job.seq); ++spins) {
+      if ((spins & 63) != 0) {
+        __builtin_ia32_pause();
+        continue;
+      }
+      if (cancel_gen_.load(std::memory_order_acquire) != cancel_gen)
+        return "fiddler_cpu: a routed job was cancelled before its routing arrived";
+      const auto waited = std::chrono::steady_clock::now() - t0;
+      if (waited > kReadyTimeout) return "fiddler_cpu: a routed job's routing never arrived (60 s)";
+      if (waited > kReadySpin) std::this_thread::sleep_for(std::chrono::microseconds(50));
+    }
+    return "";
+  }
+
+ public:
+  // Routed jobs waiting for their routing now give up (with an error), so that
+  // wait_idle returns at shutdown even if no stream will write their word.
+  void cancel_ready_waits() { cancel_gen_.fetch_add(1, std::memory_order_acq_rel); }
+
+ private:
   static int64_t ns(std::chrono::steady_clock::time_point t) {
     return std::chrono::duration_cast<std::chrono::nanoseconds>(t.time_since_epoch()).count();
   }
@@ -635,6 +719,7 @@ class AsyncRunner {
   bool busy_ = false;
   std::string error_;
   int64_t jobs_ = 0, busy_ns_ = 0, queue_ns_ = 0;
+  std::atomic<uint64_t> cancel_gen_{0};
   std::thread thread_;  // last: starts once the members above exist
 };
 
@@ -648,6 +733,23 @@ AsyncRunner* async_runner() {
   return g_async;
 }
 
+AsyncJob make_job(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w2, const at::Tensor& ids,
+                  const at::Tensor& wts, const at::Tensor& out, int64_t mode, int64_t amx_min_tokens,
+                  const at::Tensor& done_word, int64_t seq) {
+  AsyncJob job;
+  job.x = x;
+  job.w13 = w13;
+  job.w2 = w2;
+  job.ids = ids;
+  job.wts = wts;
+  job.out = out;
+  job.done_word = done_word;
+  job.mode = mode;
+  job.amx_min_tokens = amx_min_tokens;
+  job.seq = seq;
+  return job;
+}
+
 void moe_forward_async(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w2,
                        const at::Tensor& topk_ids, const at::Tensor& topk_weights, const at::Tensor& out,
                        int64_t mode, int64_t amx_min_tokens, const at::Tensor& done_word, int64_t seq) {
@@ -655,21 +757,39 @@ void moe_forward_async(const at::Tensor& x, const at::Tensor& w13, const at::Ten
          "fiddler_cpu.moe_forward_async: out must be contiguous float32");
   FCHECK(done_word.device().is_cpu() && done_word.scalar_type() == at::kInt && done_word.numel() == 1,
          "fiddler_cpu.moe_forward_async: done_word must be one int32 on the host");
-  AsyncJob job;
-  job.x = x;
-  job.w13 = w13;
-  job.w2 = w2;
-  job.ids = topk_ids.contiguous();
-  job.wts = topk_weights.contiguous();
-  job.out = out;
-  job.done_word = done_word;
-  job.mode = mode;
-  job.amx_min_tokens = amx_min_tokens;
-  job.seq = seq;
+  async_runner()->submit(
+      make_job(x, w13, w2, topk_ids.contiguous(), topk_weights.contiguous(), out, mode, amx_min_tokens, done_word, seq));
+}
+
+void moe_forward_routed_async(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w2,
+                              const at::Tensor& slots, const at::Tensor& weights, int64_t chunks,
+                              int64_t first_chunk, const at::Tensor& out, int64_t mode, int64_t amx_min_tokens,
+                              const at::Tensor& ready_word, const at::Tensor& done_word, int64_t seq,
+                              const at::Tensor& cold_pairs) {
+  FCHECK(out.is_contiguous() && out.scalar_type() == at::kFloat,
+         "fiddler_cpu.moe_forward_routed_async: out must be contiguous float32");
+  for (const at::Tensor* word : {&ready_word, &done_word})
+    FCHECK(word->device().is_cpu() && word->scalar_type() == at::kInt && word->numel() == 1,
+           "fiddler_cpu.moe_forward_routed_async: ready_word and done_word must be one int32 each on the host");
+  FCHECK(cold_pairs.device().is_cpu() && cold_pairs.scalar_type() == at::kLong && cold_pairs.numel() == 1,
+         "fiddler_cpu.moe_forward_routed_async: cold_pairs must be one int64 on the host");
+  FCHECK(slots.is_contiguous() && slots.scalar_type() == at::kInt && weights.is_contiguous() &&
+             weights.scalar_type() == at::kFloat && slots.dim() == 2 && weights.sizes() == slots.sizes(),
+         "fiddler_cpu.moe_forward_routed_async: slots [T, K] int32 and weights [T, K] float32, contiguous");
+  FCHECK(chunks >= 1 && w13.size(0) % chunks == 0 && first_chunk >= 0 && first_chunk <= chunks,
+         "fiddler_cpu.moe_forward_routed_async: chunks must divide the chunk-experts of w13, "
+         "and 0 <= first_chunk <= chunks");
+  // slots / weights are read only once ready_word says the routing copy has landed
+  AsyncJob job = make_job(x, w13, w2, slots, weights, out, mode, amx_min_tokens, done_word, seq);
+  job.ready_word = ready_word;
+  job.cold_pairs = cold_pairs;
+  job.chunks = chunks;
+  job.first_chunk = first_chunk;
   async_runner()->submit(std::move(job));
 }
 
 void async_wait_idle() { async_runner()->wait_idle(); }
+void async_cancel_ready_waits() { async_runner()->cancel_ready_waits(); }
 std::string async_take_error() { return async_runner()->take_error(); }
 std::vector<int64_t> async_stats() { return async_runner()->stats(); }
 std::vector<int64_t> async_trace() { return async_runner()->take_trace(); }
@@ -736,7 +856,12 @@ TORCH_LIBRARY(fiddler_cpu, m) {
   m.def("moe_forward_async(Tensor x, Tensor w13, Tensor w2, Tensor topk_ids, Tensor topk_weights, "
         "Tensor(a!) out, int mode, int amx_min_tokens, Tensor(b!) done_word, int seq) -> ()",
         &fiddler_cpu::moe_forward_async);
+  m.def("moe_forward_routed_async(Tensor x, Tensor w13, Tensor w2, Tensor slots, Tensor weights, int chunks, "
+        "int first_chunk, Tensor(a!) out, int mode, int amx_min_tokens, Tensor ready_word, Tensor(b!) done_word, int seq, "
+        "Tensor(c!) cold_pairs) -> ()",
+        &fiddler_cpu::moe_forward_routed_async);
   m.def("async_wait_idle() -> ()", &fiddler_cpu::async_wait_idle);
+  m.def("async_cancel_ready_waits() -> ()", &fiddler_cpu::async_cancel_ready_waits);
   m.def("async_take_error() -> str", &fiddler_cpu::async_take_error);
   m.def("async_stats() -> int[]", &fiddler_cpu::async_stats);
   m.def("async_trace() -> int[]", &fiddler_cpu::async_trace);

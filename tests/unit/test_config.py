@@ -26,6 +26,7 @@ def test_valid_options(tmp_path):
     assert parse({}).staging_slots == 2 and parse({"staging_slots": 0}).staging_slots == 0
     assert parse({}).wait_on_device is True and parse({"wait_on_device": False}).wait_on_device is False
     assert parse({}).cuda_graph_max_tokens == 16 and parse({"cuda_graph_max_tokens": 0}).cuda_graph_max_tokens == 0
+    assert parse({}).routed_max_tokens == 4 and parse({"routed_max_tokens": 0}).routed_max_tokens == 0
     assert parse({}).arrival_coalesce_ms == 2.0 and parse({"arrival_coalesce_ms": 0}).arrival_coalesce_ms == 0.0
     assert parse({"arrival_coalesce_ms": 0.5}).arrival_coalesce_ms == 0.5
 
@@ -48,6 +49,8 @@ def test_json_string_is_accepted():
     ({"wait_on_device": 1}, ["wait_on_device", "true or false"]),
     ({"cuda_graph_max_tokens": -1}, ["cuda_graph_max_tokens", ">= 0"]),
     ({"cuda_graph_max_tokens": 1.5}, ["cuda_graph_max_tokens", "integer"]),
+    ({"routed_max_tokens": -1}, ["routed_max_tokens", ">= 0"]),
+    ({"routed_max_tokens": "4"}, ["routed_max_tokens", "integer"]),
     ({"arrival_coalesce_ms": -1}, ["arrival_coalesce_ms", ">= 0 ms"]),
     ({"arrival_coalesce_ms": "2"}, ["arrival_coalesce_ms", "number of ms"]),
     ({"arrival_coalesce_ms": float("inf")}, ["arrival_coalesce_ms"]),

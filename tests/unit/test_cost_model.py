@@ -1029,3 +1029,41 @@ def test_contention_keeps_each_times_best_round():
     hot = dict(disturbed, cpu_busy={1: 20.0, 64: 7.78})
     assert contention_from_rounds([hot])["cpu_contended_slowdown"] == SLOWDOWN_RANGE[1]
 
+
+
+# ----------------------------------------------------------------------------
+# Routed steps: chunks streamed to the GPU
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cpu_ms,copy_ms,s_cpu,s_h2d,chunks", [
+    (2.9, 6.5, 1.17, 1.20, 8),  # the H100 box's lease N model
+    (2.9, 6.5, 1.0, 1.0, 8),
+    (6.0, 3.0, 1.3, 1.1, 5),  # a slow CPU: most chunks over PCIe
+    (1.0, 50.0, 1.0, 1.0, 8),  # a slow link: nothing streamed
+    (3.0, 3.0, 1.0, 1.0, 1),  # one chunk: all or nothing
+])
+def test_streamed_chunks_is_the_best_cut_by_brute_force(cpu_ms, copy_ms, s_cpu, s_h2d, chunks):
+    cost = dataclasses.replace(flat_model(cpu_ms, copy_ms, 0.1), cpu_contended_slowdown=s_cpu,
+                               h2d_contended_slowdown=s_h2d)
+
+    def step_ms(n):  # both sides at once: each slowed by the other while both run
+        both = 0 < n < chunks
+        return max(cpu_ms * (chunks - n) / chunks * (s_cpu if both else 1),
+                   copy_ms * n / chunks * (s_h2d if both else 1))
+
+    n = cm.streamed_chunks(cost, chunks)
+    assert 0 <= n <= chunks
+    assert step_ms(n) == pytest.approx(min(step_ms(j) for j in range(chunks + 1)))
+    if step_ms(n) == pytest.approx(cpu_ms):
+        assert n == 0  # streaming that saves nothing is not done
+
+
+def test_streamed_chunks_planted_answers():
+    lease_n = dataclasses.replace(flat_model(2.9, 6.5, 0.1), cpu_contended_slowdown=1.17,
+                                  h2d_contended_slowdown=1.20)
+    assert cm.streamed_chunks(lease_n, 8) == 2  # 2.54 ms against 2.9 on the CPU alone
+    assert cm.streamed_chunks(flat_model(1.0, 50.0, 0.1), 8) == 0
+    assert cm.streamed_chunks(flat_model(10.0, 1.0, 0.1), 4) == 4  # the link beats the CPU outright
+    with pytest.raises(ValueError):
+        cm.streamed_chunks(lease_n, 0)

@@ -102,6 +102,16 @@ class HybridMoE(nn.Module):
         self.cpu_slot_of = self.cpu_slot_of_host.to(self.device)  # [E] host slot if served there, or -1
         self.stager = None  # WeightStager on CUDA (set by the model), else no copy path
         self.graphs = None  # MoEGraphs on CUDA (set by the model): small steps' GPU launches replay graphs
+        # steps of up to this many tokens hand the CPU its routing from the stream (_forward_routed)
+        self.routed_max_tokens = 0
+        # CUDA views of the host chunks (runtime.host_view, set by the model) and how many of a
+        # cold expert's chunks a routed step computes on the GPU straight from host memory
+        # (cost_model.streamed_chunks), the CPU taking the rest
+        self.host_views: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.routed_gpu_chunks: int | None = None  # None: decided at the first routed step
+        # (token, k) pairs of routed steps, and the native jobs' count of those they ran on the CPU
+        self._routed_pairs = 0
+        self._routed_cold_pairs = torch.zeros(1, dtype=torch.int64, device="cpu")
         self._last_cpu_pairs = 0
         Eg, Eh = len(gpu_experts), len(self.host_experts)
         self.chunks = C = expert_chunks(I)
@@ -113,9 +123,10 @@ class HybridMoE(nn.Module):
         # the host experts' chunks as experts: slot s chunk c is chunk-expert s * C + c
         self.w13_cpu_chunks = self.w13_cpu.view(Eh * C, 2 * Ic, H)  # [Eh*C, 2Ic, H]
         self.w2_cpu_chunks = self.w2_cpu.view(Eh * C, H, Ic)  # [Eh*C, H, Ic]
-        # Counters for metrics and tests: (token, k) pairs computed on each side.
-        self.routed_to_gpu = 0
-        self.routed_to_cpu = 0
+        # Counters for metrics and tests: (token, k) pairs computed on each side (routed
+        # steps' pairs are added in the properties below).
+        self._to_gpu = 0
+        self._to_cpu = 0
         self.steps = 0  # forward calls with at least one token
         # Where a CUDA step's time goes (host seconds, for benchmarks): in this op,
         # blocked on the device->host copy of the routing (i.e. on the GPU work
@@ -140,6 +151,16 @@ class HybridMoE(nn.Module):
         # replacer has set one; float64, so a long-running server's sums stay exact
         self.expert_heat = torch.zeros(E, dtype=torch.float64, device=self.device)
         self.heat_table: torch.Tensor | None = None  # [N + 1] value of n tokens in a step
+
+    @property
+    def routed_to_cpu(self) -> int:
+        """(token, k) pairs computed from host memory so far (a routed step's, once its job ran)."""
+        return self._to_cpu + int(self._routed_cold_pairs[0])
+
+    @property
+    def routed_to_gpu(self) -> int:
+        """(token, k) pairs computed from device memory so far."""
+        return self._to_gpu + self._routed_pairs - int(self._routed_cold_pairs[0])
 
     def _cpu_slots(self) -> list[int]:
         """[E] host slot of each expert served from the host, -1 for device-served ones."""
@@ -355,8 +376,8 @@ class HybridMoE(nn.Module):
         return self._count_pairs(int((cpu_ids >= 0).sum()), cpu_ids.numel())
 
     def _count_pairs(self, n_cpu: int, n_pairs: int) -> int:
-        self.routed_to_cpu += n_cpu
-        self.routed_to_gpu += n_pairs - n_cpu
+        self._to_cpu += n_cpu
+        self._to_gpu += n_pairs - n_cpu
         return n_cpu
 
     # -- vLLM's CPU platform: both sets in host memory, same two paths ------
@@ -393,8 +414,11 @@ class HybridMoE(nn.Module):
         T, K = topk_ids.shape
         if not self.cpu_experts:  # all device-resident: no host round trip at all
             self.hot_experts(x, topk_weights, topk_ids, out)
-            self.routed_to_gpu += T * K
+            self._to_gpu += T * K
             return
+        if T <= self.routed_max_tokens and self.cpu_runtime.takes_routed_jobs():
+            if self._forward_routed(x, topk_weights, topk_ids, out, op_start):
+                return
         # 1. What the host needs, in one D2H on the compute stream: ids,
         #    weights and the activations (KB per token).
         host = self.cpu_runtime.host_buffers(T, K, self.hidden_size, x.dtype)
@@ -449,6 +473,67 @@ class HybridMoE(nn.Module):
             out.add_(result)
         if OP_TRACE is not None:
             OP_TRACE.append((id(self), op_start, sync_start, sync_end, submitted, time.perf_counter()))
+
+    def _forward_routed(self, x, topk_weights, topk_ids, out, op_start: float) -> bool:
+        """Small steps: the CPU job takes its routing from the stream, the host never waits.
+
+        The stream copies the routing (host slot or -1 per (token, k), mapped on the device,
+        so it follows re-placement in stream order) and the activations down and marks a
+        word; the native job thread waits for the word, runs the cold experts and signals;
+        the stream waits for that and adds the result. No weights are copied. False (nothing
+        queued that matters) if the runtime does not take the job: the caller syncs instead."""
+        T, K = topk_ids.shape
+        if self.routed_gpu_chunks is None:  # first routed step: the cost model decides, once
+            self.routed_gpu_chunks = 0
+            if self.host_views is not None and self.stager is not None:
+                from vllm_fiddler.cost_model import streamed_chunks
+
+                self.routed_gpu_chunks = streamed_chunks(get_step_planner(self).cost, self.chunks)
+        streamed = self.routed_gpu_chunks if self.host_views is not None else 0
+        host = self.cpu_runtime.host_buffers(T, K, self.hidden_size, x.dtype)
+        slots = self.cpu_slot_of[topk_ids]  # [T, K] int32 host slot or -1
+        host.ids.copy_(slots, non_blocking=True)
+        host.weights.copy_(topk_weights, non_blocking=True)
+        host.x.copy_(x, non_blocking=True)
+        cold = self.cpu_runtime.submit_routed(host.x, self.w13_cpu_chunks, self.w2_cpu_chunks, host.ids,
+                                              host.weights, self.chunks, self._routed_cold_pairs,
+                                              first_chunk=streamed)
+        if cold is None:
+            return False
+        self._routed_pairs += T * K
+        submitted = time.perf_counter()
+        self.to_cpu_submit_s += submitted - op_start
+        graphs = self.graphs
+        if graphs is not None and not graphs.load(x, topk_weights, topk_ids):
+            graphs = None
+        hot = graphs.hot(self) if graphs is not None and self.gpu_experts else None
+        if hot is not None:
+            out.copy_(hot)
+        elif self.gpu_experts:
+            self.hot_experts(x, topk_weights, topk_ids, out)
+        else:
+            out.zero_()
+        if streamed:
+            out.add_(self._streamed_chunks(x, topk_weights, slots, streamed))
+        out.add_(self.cpu_runtime.result_on_device(cold, x.device, x.dtype))
+        if OP_TRACE is not None:
+            OP_TRACE.append((id(self), op_start, None, None, submitted, time.perf_counter()))
+        return True
+
+    def _streamed_chunks(self, x: torch.Tensor, topk_weights: torch.Tensor, slots: torch.Tensor,
+                         n: int) -> torch.Tensor:
+        """[T, H]: the first n chunks of each host-served (token, k) pair, computed on the GPU
+        from the host chunks in place (slots [T, K] host slot or -1, on the device). K*C slots
+        per token, -1 past the n chunks, as the staged path launches (one compiled variant)."""
+        from vllm_fiddler.kernels.triton import fused_moe
+
+        T, K = slots.shape
+        C = self.chunks
+        c = torch.arange(C, dtype=slots.dtype, device=slots.device)  # [C]
+        slot = slots.unsqueeze(-1)  # [T, K, 1]
+        ids = torch.where((slot >= 0) & (c < n), slot * C + c, -1).view(T, K * C)  # [T, K*C]
+        w13, w2 = self.host_views
+        return fused_moe(x, w13, w2, chunk_weights(topk_weights, C), ids)
 
     def _plan_cold(self, host) -> tuple[int, list[tuple[int, int]], tuple[torch.Tensor, torch.Tensor] | None]:
         """From the step's routing on the host: (cold (token, k) pairs, copies [(host slot,

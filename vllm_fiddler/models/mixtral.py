@@ -25,6 +25,7 @@ from vllm_fiddler.layers.hybrid_moe import HybridMoE, expert_chunks
 from vllm_fiddler.metrics import StatsWriter
 from vllm_fiddler.placement import MoEShape, Placement
 from vllm_fiddler.runtime.cpu_experts import CPUExpertRuntime, get_cpu_runtime
+from vllm_fiddler.runtime.host_view import device_view
 from vllm_fiddler.runtime.kernel_warmup import warm_up_kernels
 from vllm_fiddler.runtime.moe_graphs import MoEGraphs
 from vllm_fiddler.runtime.replacer import ExpertCopier, ExpertReplacer, is_real_step
@@ -110,6 +111,9 @@ class FiddlerMixtralForCausalLM(vllm_mixtral.MixtralForCausalLM):
         self._stats_writer = StatsWriter()
         for experts in self.moe_layers:
             experts.stager = stager
+            experts.routed_max_tokens = cfg.routed_max_tokens if on_cuda else 0
+            if on_cuda and cfg.routed_max_tokens and stager is not None and experts.cpu_runtime.pin_memory:
+                experts.host_views = (device_view(experts.w13_cpu_chunks), device_view(experts.w2_cpu_chunks))
         self.kernel_warmup = {}
         self.cuda_graphs = {}
         if on_cuda:

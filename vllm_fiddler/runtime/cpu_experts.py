@@ -79,6 +79,8 @@ class CPUExpertRuntime:
         self.pin_memory = pin_memory
         self.wait_on_device = wait_on_device and not inline
         self._signal = None  # device_wait.DeviceSignal, made at the first job that uses it
+        self._routing_mark = None  # device_wait.StreamMark: routed jobs' "routing landed" word
+        self._routed_ok: bool | None = None  # whether routed jobs work here (checked once)
         self._unchecked: concurrent.futures.Future | None = None  # the last device-waited job
         self._pool = None if inline else concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="fiddler-cpu-experts", initializer=self._init_worker)
@@ -197,6 +199,48 @@ class CPUExpertRuntime:
             self._unchecked = future
         return CPUJob(out, seq, future, self)
 
+    def takes_routed_jobs(self) -> bool:
+        """Whether submit_routed works here: the device waits for results, streams can write
+        host words, and the native kernels run bf16 jobs on their own thread."""
+        if self._routed_ok is None:
+            if torch.cuda.is_current_stream_capturing():
+                return False
+            from vllm_fiddler.runtime import device_wait
+
+            self._routed_ok = (self._device_signal() is not None and device_wait.marks_available()
+                               and cpu_kernels.isa() != "torch")
+            if self._routed_ok:
+                self._routing_mark = device_wait.StreamMark()
+        return self._routed_ok and not torch.cuda.is_current_stream_capturing()
+
+    def submit_routed(self, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, slots: torch.Tensor,
+                      weights: torch.Tensor, chunks: int, cold_pairs: torch.Tensor,
+                      first_chunk: int = 0) -> CPUJob | None:
+        """A device-waited job whose routing is still on its way: x [T, H] bf16, slots [T, K]
+        int32 (host slot or -1) and weights [T, K] fp32 are pinned buffers that copies already
+        queued on the current stream fill. The stream marks when they have landed and the
+        native job thread starts then, expanding each slot into its chunk-experts
+        first_chunk..chunks-1 of w13 / w2 itself (the GPU may compute the first ones); nobody
+        on the host waits for the copy. It adds the (token, k) pairs
+        it ran to `cold_pairs` (int64 [1]). The result goes to the device through
+        result_on_device. None (nothing queued) if the native kernels do not take it; only
+        call when takes_routed_jobs().
+
+        The shared buffers are safe without the host waiting: the next job's routing copy
+        into them is queued behind this job's stream wait and result copy."""
+        self._raise_unchecked()
+        signal = self._signal
+        out = self._buffer("result", tuple(x.shape), torch.float32)
+        seq = signal.next_seq()
+        self._routing_mark.mark(seq)
+        if not cpu_kernels.moe_forward_routed_async(x, w13, w2, slots, weights, chunks, out,
+                                                    self._routing_mark.word, signal.word, seq, cold_pairs,
+                                                    first_chunk=first_chunk):
+            signal.set(seq)  # nobody will run it: no stream may wait for it
+            return None
+        self._native_jobs += 1
+        return CPUJob(out, seq, None, self)
+
     def _submit_native(self, x, w13, w2, topk_ids, topk_weights, out, in_flight, signal, seq) -> CPUJob | None:
         """The job on the native job thread, which stores seq into the signal's word when done;
         None if the native kernels do not take it."""
@@ -263,6 +307,8 @@ class CPUExpertRuntime:
 
     def shutdown(self) -> None:
         if self._native_jobs:  # queued native jobs read this runtime's buffers
+            if self._routing_mark is not None:  # no stream may come to mark their routing now
+                cpu_kernels.async_cancel_ready_waits()
             cpu_kernels.async_wait_idle()
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)

@@ -54,6 +54,11 @@ class _Driver:
         wait.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint]
         wait.restype = ctypes.c_int
         self.wait_value32 = wait
+        write = getattr(lib, "cuStreamWriteValue32_v2", None) or getattr(lib, "cuStreamWriteValue32", None)
+        if write is not None:
+            write.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint]
+            write.restype = ctypes.c_int
+        self.write_value32 = write
         get_attr = lib.cuPointerGetAttribute
         get_attr.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64]
         get_attr.restype = ctypes.c_int
@@ -104,7 +109,57 @@ class DeviceSignal:
             raise RuntimeError(f"cuStreamWaitValue32 failed: CUresult {rc}")
 
 
+class StreamMark:
+    """The other direction: a pinned 32-bit word a CUDA stream writes a sequence number into
+    (cuStreamWriteValue32) once the work queued before it is done, for a host thread to poll.
+
+    The routed CPU jobs (CPUExpertRuntime.submit_routed) wait on it for their layer's routing
+    copy: the engine thread queues the copy and the mark, submits the job and goes on, so no
+    host thread has to wake up, plan and hand the CPU its work between the routing and the
+    CPU's start. The stream's write follows the copy's in stream order; the job thread reads
+    the word with acquire semantics before the routing."""
+
+    def __init__(self):
+        self._driver = _Driver()
+        if self._driver.write_value32 is None:
+            raise RuntimeError("this CUDA driver has no cuStreamWriteValue32")
+        self.word = torch.zeros(1, dtype=torch.int32, device="cpu", pin_memory=True)
+        self._device_ptr = self._driver.device_pointer(self.word.data_ptr())
+
+    def mark(self, seq: int, stream: torch.cuda.Stream | None = None) -> None:
+        """The stream stores seq (mod 2^32) into the word after the work queued on it so far."""
+        stream = stream or torch.cuda.current_stream()
+        rc = self._driver.write_value32(ctypes.c_void_p(stream.cuda_stream), self._device_ptr,
+                                        seq & 0xFFFFFFFF, 0)
+        if rc != _CUDA_SUCCESS:
+            raise RuntimeError(f"cuStreamWriteValue32 failed: CUresult {rc}")
+
+
 _checked: bool | None = None
+_marks_checked: bool | None = None
+
+
+def marks_available() -> bool:
+    """Whether streams can write host words here (StreamMark; checked once, on a side stream)."""
+    global _marks_checked
+    if _marks_checked is None:
+        _marks_checked = available() and _mark_self_test()
+    return _marks_checked
+
+
+def _mark_self_test() -> bool:
+    try:
+        mark = StreamMark()
+        stream = torch.cuda.Stream()
+        mark.mark(0x9E3779B9, stream)
+        stream.synchronize()
+        if int(mark.word.numpy().view("uint32")[0]) != 0x9E3779B9:
+            raise RuntimeError("the stream's write did not reach the host word")
+        return True
+    except (OSError, AttributeError, RuntimeError) as e:
+        logger.warning("fiddler: CUDA streams cannot write host words (%s); the engine thread hands "
+                       "the CPU experts their routing instead", e)
+        return False
 
 
 def available() -> bool:
