@@ -127,6 +127,9 @@ def timeline(moe, attention, steps: int, h0: torch.Tensor, host_s: float = 0.0) 
         run_steps(moe, attention, steps, h0, host_s)
     finally:
         ops, hybrid_moe.OP_TRACE = hybrid_moe.OP_TRACE, None
+    # the job thread records a job after storing its done word, so the GPU (and this thread)
+    # can be past the last job before its record exists
+    cpu_kernels.async_wait_idle()
     jobs = cpu_kernels.async_trace()
     ops = [o for o in ops if o[4] is not None]
     if len(jobs) != len(ops):
@@ -168,9 +171,9 @@ def main() -> None:
                         "process: compute threads, FIDDLER_CPU_SPIN_US, Python host work a layer (vLLM's "
                         "eager attention block is ~1100), 1/0 CUDA graphs for the op's GPU launches, "
                         "routed_max_tokens (0: every step syncs and plans; default the option's), chunks "
-                        "of a cold expert a routed step streams to the GPU (-1, the default: the cost "
-                        "model's streamed_chunks); each one the same layers and cost model (calibrated "
-                        "at --threads)")
+                        "a routed step streams to the GPU over the top-k positions of a token (of K*C, "
+                        "spread as cost_model.streamed_chunks does; -1, the default: the cost model's "
+                        "choice); each one the same layers and cost model (calibrated at --threads)")
     p.add_argument("--staging-slots", type=int, default=2)
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--host-wait", action="store_true", help="wait_on_device false")
@@ -198,7 +201,8 @@ def main() -> None:
         for layer in moe:
             layer.graphs = graphs if use_graphs else None
             layer.routed_max_tokens = routed
-            layer.routed_gpu_chunks = None if streamed < 0 else streamed
+            layer.routed_gpu_chunks = None if streamed < 0 else tuple(streamed // K + (k < streamed % K)
+                                                                      for k in range(K))
         os.environ["FIDDLER_CPU_SPIN_US"] = str(spin_us)
         cpu_kernels.set_num_threads(threads + 1)  # a new size rebuilds the pool, which reads the spin
         cpu_kernels.set_num_threads(threads)
@@ -210,7 +214,7 @@ def main() -> None:
         wall = time.perf_counter() - t0
         after = snapshot(runtime, stager, moe)
         per_step = {k: 1e3 * (after[k] - before[k]) / args.steps for k in COUNTERS + ("cpu_busy_s",)}
-        variant_streamed = moe[0].routed_gpu_chunks if routed else 0
+        variant_streamed = list(moe[0].routed_gpu_chunks or ()) if routed else []
         row = {"label": args.label, "variant": {"threads": threads, "spin_us": spin_us, "host_us_per_layer": host_us,
                                                 "cuda_graphs": bool(use_graphs), "routed_max_tokens": routed,
                                                 "streamed_chunks": variant_streamed, "chunks": moe[0].chunks},

@@ -173,14 +173,15 @@ def test_device_view_reads_and_writes_host_memory_in_place():
         host_view.device_view(torch.zeros(3))  # not pinned
 
 
-@pytest.mark.parametrize("tokens,streamed", [(1, 0), (3, 0), (1, 1), (3, 2)])  # of C = 2 chunks
+@pytest.mark.parametrize("tokens,streamed", [(1, (0, 0)), (3, (0, 0)), (1, (1, 0)), (3, (2, 1)), (2, (2, 2))])
 def test_routed_steps_never_wait_on_the_host_and_match_the_synced_path(tokens, streamed):
     """Small steps hand the CPU job its routing from the stream (routed_max_tokens): with the
     stream held back by a long kernel, three chained layers return on the host at once (the
     synced path waits for each routing copy), and the result equals the synced path's bit for
     bit and the chained fp32 oracle; the routed pairs are counted on the side they ran. With
-    `streamed` chunks of each cold expert computed on the GPU from host memory in place (the
-    rest on the CPU), the sum is taken in another order: the oracle's tolerance, not bits."""
+    `streamed[k]` chunks (of C = 2) of each cold expert at top-k position k computed on the GPU
+    from host memory in place (the rest on the CPU), the sum is taken in another order: the
+    oracle's tolerance, not bits."""
     assert device_wait.marks_available()
     gen = torch.Generator().manual_seed(tokens)
     x = torch.randn(tokens, H, generator=gen).to(torch.bfloat16)
@@ -190,6 +191,7 @@ def test_routed_steps_never_wait_on_the_host_and_match_the_synced_path(tokens, s
         runtime = CPUExpertRuntime(num_threads=2, inline=False, pin_memory=True, wait_on_device=True)
         try:
             layers = [make_cuda_layer(runtime, seed) for seed in range(3)]
+            assert layers[0][0].chunks == 2  # I = 160
             for layer, _, _ in layers:
                 layer.routed_max_tokens = routed
                 layer.routed_gpu_chunks = streamed
@@ -214,7 +216,7 @@ def test_routed_steps_never_wait_on_the_host_and_match_the_synced_path(tokens, s
             counted[routed] = [(layer.routed_to_cpu, layer.routed_to_gpu) for layer, _, _ in layers]
         finally:
             runtime.shutdown()
-    if streamed == 0:
+    if not any(streamed):
         assert torch.equal(outs[8], outs[0])
     ref = x.float()
     for (_, w13, w2), lg in zip(layers, logits):

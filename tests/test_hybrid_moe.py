@@ -290,12 +290,13 @@ def test_routed_jobs_wait_for_their_routing_then_match_the_planned_kernel():
         cold_pairs = torch.zeros(1, dtype=torch.int64)
         gen = torch.Generator().manual_seed(5)
         expected_pairs = 0
-        for tokens, first in ((1, 0), (2, 2), (5, 0), (13, 1), (3, layer.chunks)):
+        C = layer.chunks
+        for tokens, first in ((1, (0, 0)), (2, (2, 2)), (5, (0, 1)), (13, (1, 0)), (3, (C, C)), (4, (C, 1))):
             x_buf = torch.zeros(tokens, H, dtype=torch.bfloat16)
             slots_buf = torch.full((tokens, K), -1, dtype=torch.int32)
             wts_buf = torch.zeros(tokens, K)
             job = pool.submit_routed(x_buf, layer.w13_cpu_chunks, layer.w2_cpu_chunks, slots_buf, wts_buf,
-                                     layer.chunks, cold_pairs, first_chunk=first)
+                                     layer.chunks, cold_pairs, first_chunks=first)
             assert job is not None and mark.marked[-1] == job.seq
             time.sleep(0.02)
             assert int(signal.word) != job.seq, "the job ran before its routing landed"
@@ -312,8 +313,10 @@ def test_routed_jobs_wait_for_their_routing_then_match_the_planned_kernel():
             assert int(signal.word) == job.seq
             expected_pairs += int((slots >= 0).sum())
             assert int(cold_pairs) == expected_pairs
-            # the chunks below `first` are the GPU's: the engine thread's path with them copied
-            ids_c, wts_c = layer.cpu_chunk_ids(slots, weights, torch.full((layer.num_host_slots,), first))
+            # the chunks below first[k] are the GPU's: the engine thread's chunk ids without them
+            ids_c, wts_c = layer.cpu_chunk_ids(slots, weights)  # [T, K*C]
+            gpu_side = torch.arange(C) < torch.tensor(first).view(K, 1)  # [K, C]
+            ids_c = ids_c.view(tokens, K, C).masked_fill(gpu_side, -1).view(tokens, K * C)
             want = torch.zeros(tokens, H)
             cpu_kernels.moe_forward(x, layer.w13_cpu_chunks, layer.w2_cpu_chunks, ids_c, wts_c, want)
             assert torch.equal(got, want)

@@ -885,26 +885,34 @@ def _chunk_cached(whole: ColdPlan, cost: CostModel, chunks: int, gpu_busy_ms: fl
                      split=split, critical_path_ms=crit, cpu_ms=cpu_end, gpu_end_ms=gpu_end, whole=whole)
 
 
-def streamed_chunks(cost: CostModel, chunks: int, tokens: float = 1.0) -> int:
-    """Of a cold expert's `chunks` chunks, how many a routed step (no host planning:
+def streamed_chunks(cost: CostModel, chunks: int, top_k: int = 1, tokens: float = 1.0) -> tuple[int, ...]:
+    """[top_k] of a cold expert's `chunks` chunks, how many a routed step (no host planning:
     HybridMoE._forward_routed) has the GPU compute straight from host memory while the CPU
-    computes the rest: the n minimising max(CPU share, PCIe share), both slowed by host DRAM
-    contention while the other runs. Every cold expert of the step is cut the same way, so
-    the answer does not depend on how many there are.
+    computes the rest, per top-k position of the (token, k) pair.
+
+    The total m over the top_k positions minimises max(CPU share, PCIe share) of a step
+    whose top_k experts are all cold, both sides slowed by host DRAM contention while the
+    other runs; it is spread as evenly as the positions allow (the first ones take one
+    more). Positions give the cut a finer grain than one expert's chunks: 5 of 16 chunks of
+    two experts where one expert alone has only 2 or 3 of 8.
 
     The GPU's in-place reads are priced at the copy's measured bandwidth: both move the
     expert's bytes over the same PCIe link. (H100 box, lease N cost model: CPU 2.9 ms an
-    expert at 1 token, copy 6.5 ms, contention 1.17x / 1.20x: 2 of 8 chunks, 2.5 ms against
-    2.9 on the CPU alone.) 0 when streaming saves nothing.
+    expert at 1 token, copy 6.5 ms, contention 1.17x / 1.20x: (3, 2) of 8 chunks for
+    Mixtral's top-2, 2.44 ms an expert against 2.9 on the CPU alone; lease Q's calibration
+    of the same box gave (2, 2). benchmarks/results/routed-decode-h100.json.) All 0 when
+    streaming saves nothing.
     """
-    if not (isinstance(chunks, int) and chunks >= 1):
-        raise ValueError(f"chunks must be an integer >= 1, got {chunks!r}")
+    for name, v in (("chunks", chunks), ("top_k", top_k)):
+        if not (isinstance(v, int) and v >= 1):
+            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    total = chunks * top_k
     cpu, pcie = cost.cpu_ms(tokens), cost.copy_ms - cost.copy_latency_ms
-    best_n, best_ms = 0, cpu
-    for n in range(1, chunks + 1):
-        both = n < chunks  # the two sides overlap, and contend for host DRAM
-        cpu_ms = cpu * (chunks - n) / chunks * (cost.cpu_contended_slowdown if both else 1.0)
-        gpu_ms = pcie * n / chunks * (cost.h2d_contended_slowdown if both else 1.0)
+    best_m, best_ms = 0, cpu
+    for m in range(1, total + 1):
+        both = m < total  # the two sides overlap, and contend for host DRAM
+        cpu_ms = cpu * (total - m) / total * (cost.cpu_contended_slowdown if both else 1.0)
+        gpu_ms = pcie * m / total * (cost.h2d_contended_slowdown if both else 1.0)
         if max(cpu_ms, gpu_ms) < best_ms - 1e-9:
-            best_n, best_ms = n, max(cpu_ms, gpu_ms)
-    return best_n
+            best_m, best_ms = m, max(cpu_ms, gpu_ms)
+    return tuple(best_m // top_k + (k < best_m % top_k) for k in range(top_k))

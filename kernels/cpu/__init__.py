@@ -37,6 +37,7 @@ Environment:
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 import logging
 import os
 import platform
@@ -298,12 +299,13 @@ def moe_forward_async(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk
 def moe_forward_routed_async(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, slots: torch.Tensor,
                              weights: torch.Tensor, chunks: int, out: torch.Tensor, ready_word: torch.Tensor,
                              done_word: torch.Tensor, seq: int, cold_pairs: torch.Tensor,
-                             *, first_chunk: int = 0, isa: str | None = None) -> bool:
+                             *, first_chunks: Sequence[int] | None = None, isa: str | None = None) -> bool:
     """moe_forward_async for a job whose routing is not there yet: the job thread first waits
     until `ready_word` (one pinned int32, which a CUDA stream writes after copying the routing
     down) reaches `seq` (cyclically), then reads slots [T, K] (host slot or -1, int32) and
-    weights [T, K] (fp32), runs each host slot's chunk-experts first_chunk..chunks-1 of w13 /
-    w2 (slot s chunk c = chunk-expert s * chunks + c; the first ones are left to the GPU),
+    weights [T, K] (fp32), runs each host slot's chunk-experts first_chunks[k]..chunks-1 of
+    w13 / w2 (slot s chunk c = chunk-expert s * chunks + c; k the pair's top-k position; the
+    chunks below are left to the GPU; None: all of them on the CPU),
     adds the (token, k) pairs of host slots to `cold_pairs` (one int64) and stores `seq` into
     `done_word`. Returns True, or False
     without doing anything when no native kernel takes these inputs. A job whose word does not
@@ -319,7 +321,8 @@ def moe_forward_routed_async(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tenso
     if native is None:
         return False
     mode = native[3]
-    torch.ops.fiddler_cpu.moe_forward_routed_async(x, w13, w2, slots, weights, chunks, first_chunk, out, mode,
+    first = list(first_chunks) if first_chunks is not None else [0] * slots.shape[1]
+    torch.ops.fiddler_cpu.moe_forward_routed_async(x, w13, w2, slots, weights, chunks, first, out, mode,
                                                    _amx_min_tokens(), ready_word, done_word, seq, cold_pairs)
     return True
 

@@ -550,7 +550,8 @@ void moe_forward(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w
 struct AsyncJob {
   at::Tensor x, w13, w2, ids, wts, out, done_word;
   at::Tensor ready_word, cold_pairs;  // routed jobs only (ready_word undefined: a plain job)
-  int64_t mode = 1, amx_min_tokens = 0, seq = 0, chunks = 1, first_chunk = 0;
+  int64_t mode = 1, amx_min_tokens = 0, seq = 0, chunks = 1;
+  std::vector<int64_t> first_chunks;  // [K] chunks below it are the GPU's, per top-k position
   std::chrono::steady_clock::time_point submitted;
 };
 
@@ -570,12 +571,13 @@ inline bool word_reached(const at::Tensor& word, int64_t seq) {
 }
 
 // Host-slot routing -> chunk-expert routing: slots [T, K] (host slot or -1) and
-// weights [T, K] -> ids [T, K*W] (slot * C + c for the W = C - first chunks c
-// from `first` on, or -1) and weights [T, K*W], the layout HybridMoE.cpu_chunk_ids
-// builds on the engine thread. Returns the number of (token, k) pairs of host slots.
-int64_t expand_routing(const at::Tensor& slots, const at::Tensor& wts, int64_t C, int64_t first,
-                       at::Tensor* ids_out, at::Tensor* wts_out) {
-  const int64_t T = slots.size(0), K = slots.size(1), W = C - first;
+// weights [T, K] -> ids [T, K*C] (slot * C + c for the chunks c from first[k] on,
+// -1 below it and for device-served pairs) and weights [T, K*C], the layout
+// HybridMoE.cpu_chunk_ids builds on the engine thread. Returns the number of
+// (token, k) pairs of host slots.
+int64_t expand_routing(const at::Tensor& slots, const at::Tensor& wts, int64_t C,
+                       const std::vector<int64_t>& first, at::Tensor* ids_out, at::Tensor* wts_out) {
+  const int64_t T = slots.size(0), K = slots.size(1), W = C;
   *ids_out = at::empty({T, K * W}, slots.options());
   *wts_out = at::empty({T, K * W}, wts.options());
   const int32_t* s = slots.data_ptr<int32_t>();
@@ -586,8 +588,9 @@ int64_t expand_routing(const at::Tensor& slots, const at::Tensor& wts, int64_t C
   for (int64_t p = 0; p < T * K; ++p) {
     const int32_t slot = s[p];
     cold += slot >= 0;
+    const int64_t lo = first[size_t(p % K)];
     for (int64_t c = 0; c < W; ++c) {
-      ci[p * W + c] = slot >= 0 ? int32_t(slot * C + first + c) : -1;
+      ci[p * W + c] = slot >= 0 && c >= lo ? int32_t(slot * C + c) : -1;
       cw[p * W + c] = w[p];
     }
   }
@@ -653,9 +656,10 @@ class AsyncRunner {
         std::memset(job.out.data_ptr(), 0, job.out.nbytes());
         if (error.empty() && job.ready_word.defined()) {
           at::Tensor ids, wts;
-          const int64_t cold = expand_routing(job.ids, job.wts, job.chunks, job.first_chunk, &ids, &wts);
+          const int64_t cold = expand_routing(job.ids, job.wts, job.chunks, job.first_chunks, &ids, &wts);
           __atomic_fetch_add(job.cold_pairs.data_ptr<int64_t>(), cold, __ATOMIC_RELAXED);
-          if (cold && job.first_chunk < job.chunks) moe_forward(job.x, job.w13, job.w2, ids, wts, job.out, job.mode, job.amx_min_tokens);
+          const bool cpu_share = *std::min_element(job.first_chunks.begin(), job.first_chunks.end()) < job.chunks;
+          if (cold && cpu_share) moe_forward(job.x, job.w13, job.w2, ids, wts, job.out, job.mode, job.amx_min_tokens);
         } else if (error.empty()) {
           moe_forward(job.x, job.w13, job.w2, job.ids, job.wts, job.out, job.mode, job.amx_min_tokens);
         }
@@ -763,7 +767,7 @@ void moe_forward_async(const at::Tensor& x, const at::Tensor& w13, const at::Ten
 
 void moe_forward_routed_async(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w2,
                               const at::Tensor& slots, const at::Tensor& weights, int64_t chunks,
-                              int64_t first_chunk, const at::Tensor& out, int64_t mode, int64_t amx_min_tokens,
+                              c10::IntArrayRef first_chunks, const at::Tensor& out, int64_t mode, int64_t amx_min_tokens,
                               const at::Tensor& ready_word, const at::Tensor& done_word, int64_t seq,
                               const at::Tensor& cold_pairs) {
   FCHECK(out.is_contiguous() && out.scalar_type() == at::kFloat,
@@ -776,15 +780,18 @@ void moe_forward_routed_async(const at::Tensor& x, const at::Tensor& w13, const 
   FCHECK(slots.is_contiguous() && slots.scalar_type() == at::kInt && weights.is_contiguous() &&
              weights.scalar_type() == at::kFloat && slots.dim() == 2 && weights.sizes() == slots.sizes(),
          "fiddler_cpu.moe_forward_routed_async: slots [T, K] int32 and weights [T, K] float32, contiguous");
-  FCHECK(chunks >= 1 && w13.size(0) % chunks == 0 && first_chunk >= 0 && first_chunk <= chunks,
-         "fiddler_cpu.moe_forward_routed_async: chunks must divide the chunk-experts of w13, "
-         "and 0 <= first_chunk <= chunks");
+  FCHECK(chunks >= 1 && w13.size(0) % chunks == 0,
+         "fiddler_cpu.moe_forward_routed_async: chunks must divide the chunk-experts of w13");
+  FCHECK(int64_t(first_chunks.size()) == slots.size(1),
+         "fiddler_cpu.moe_forward_routed_async: first_chunks needs one entry per top-k position");
+  for (int64_t f : first_chunks)
+    FCHECK(f >= 0 && f <= chunks, "fiddler_cpu.moe_forward_routed_async: first_chunks must be in 0..chunks");
   // slots / weights are read only once ready_word says the routing copy has landed
   AsyncJob job = make_job(x, w13, w2, slots, weights, out, mode, amx_min_tokens, done_word, seq);
   job.ready_word = ready_word;
   job.cold_pairs = cold_pairs;
   job.chunks = chunks;
-  job.first_chunk = first_chunk;
+  job.first_chunks = first_chunks.vec();
   async_runner()->submit(std::move(job));
 }
 
@@ -857,7 +864,7 @@ TORCH_LIBRARY(fiddler_cpu, m) {
         "Tensor(a!) out, int mode, int amx_min_tokens, Tensor(b!) done_word, int seq) -> ()",
         &fiddler_cpu::moe_forward_async);
   m.def("moe_forward_routed_async(Tensor x, Tensor w13, Tensor w2, Tensor slots, Tensor weights, int chunks, "
-        "int first_chunk, Tensor(a!) out, int mode, int amx_min_tokens, Tensor ready_word, Tensor(b!) done_word, int seq, "
+        "int[] first_chunks, Tensor(a!) out, int mode, int amx_min_tokens, Tensor ready_word, Tensor(b!) done_word, int seq, "
         "Tensor(c!) cold_pairs) -> ()",
         &fiddler_cpu::moe_forward_routed_async);
   m.def("async_wait_idle() -> ()", &fiddler_cpu::async_wait_idle);

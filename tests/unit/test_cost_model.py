@@ -1052,7 +1052,7 @@ def test_streamed_chunks_is_the_best_cut_by_brute_force(cpu_ms, copy_ms, s_cpu, 
         return max(cpu_ms * (chunks - n) / chunks * (s_cpu if both else 1),
                    copy_ms * n / chunks * (s_h2d if both else 1))
 
-    n = cm.streamed_chunks(cost, chunks)
+    (n,) = cm.streamed_chunks(cost, chunks)
     assert 0 <= n <= chunks
     assert step_ms(n) == pytest.approx(min(step_ms(j) for j in range(chunks + 1)))
     if step_ms(n) == pytest.approx(cpu_ms):
@@ -1062,8 +1062,12 @@ def test_streamed_chunks_is_the_best_cut_by_brute_force(cpu_ms, copy_ms, s_cpu, 
 def test_streamed_chunks_planted_answers():
     lease_n = dataclasses.replace(flat_model(2.9, 6.5, 0.1), cpu_contended_slowdown=1.17,
                                   h2d_contended_slowdown=1.20)
-    assert cm.streamed_chunks(lease_n, 8) == 2  # 2.54 ms against 2.9 on the CPU alone
-    assert cm.streamed_chunks(flat_model(1.0, 50.0, 0.1), 8) == 0
-    assert cm.streamed_chunks(flat_model(10.0, 1.0, 0.1), 4) == 4  # the link beats the CPU outright
-    with pytest.raises(ValueError):
-        cm.streamed_chunks(lease_n, 0)
+    assert cm.streamed_chunks(lease_n, 8) == (2,)  # 2.54 ms against 2.9 on the CPU alone
+    # two positions: 5 of 16 (2.44 ms an expert), spread 3 + 2, the first position taking more
+    assert cm.streamed_chunks(lease_n, 8, top_k=2) == (3, 2)
+    assert cm.streamed_chunks(lease_n, 8, top_k=4) == (3, 3, 2, 2)  # 10 of 32: 2.44 ms
+    assert cm.streamed_chunks(flat_model(1.0, 50.0, 0.1), 8, top_k=2) == (0, 0)
+    assert cm.streamed_chunks(flat_model(10.0, 1.0, 0.1), 4, top_k=2) == (4, 4)  # the link wins outright
+    for bad in ((0, 1), (8, 0)):
+        with pytest.raises(ValueError):
+            cm.streamed_chunks(lease_n, *bad)

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from vllm_fiddler.kernels.reference import route
+from vllm_fiddler.logger import logger
 from vllm_fiddler.runtime.cpu_experts import CPUExpertRuntime
 from vllm_fiddler.runtime.step_planner import get_step_planner
 
@@ -69,6 +70,7 @@ IDLE_GAP_S = 0.5
 class HybridMoE(nn.Module):
     # the end of the last MoE op in this process, any layer's (gap_before_s)
     _last_op_end: float | None = None
+    _routed_logged = False  # the routed steps' streamed chunks were logged (_forward_routed)
 
     def __init__(self, *, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int,
                  gpu_experts: tuple[int, ...], dtype: torch.dtype, device: torch.device,
@@ -104,11 +106,12 @@ class HybridMoE(nn.Module):
         self.graphs = None  # MoEGraphs on CUDA (set by the model): small steps' GPU launches replay graphs
         # steps of up to this many tokens hand the CPU its routing from the stream (_forward_routed)
         self.routed_max_tokens = 0
-        # CUDA views of the host chunks (runtime.host_view, set by the model) and how many of a
-        # cold expert's chunks a routed step computes on the GPU straight from host memory
-        # (cost_model.streamed_chunks), the CPU taking the rest
+        # CUDA views of the host chunks (runtime.host_view, set by the model) and, per top-k
+        # position, how many of a cold expert's chunks a routed step computes on the GPU
+        # straight from host memory (cost_model.streamed_chunks), the CPU taking the rest
         self.host_views: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.routed_gpu_chunks: int | None = None  # None: decided at the first routed step
+        self.routed_gpu_chunks: tuple[int, ...] | None = None  # None: decided at the first routed step
+        self._streamed_below: tuple | None = None  # (routed_gpu_chunks, the same [K, 1] on the device)
         # (token, k) pairs of routed steps, and the native jobs' count of those they ran on the CPU
         self._routed_pairs = 0
         self._routed_cold_pairs = torch.zeros(1, dtype=torch.int64, device="cpu")
@@ -484,12 +487,19 @@ class HybridMoE(nn.Module):
         queued that matters) if the runtime does not take the job: the caller syncs instead."""
         T, K = topk_ids.shape
         if self.routed_gpu_chunks is None:  # first routed step: the cost model decides, once
-            self.routed_gpu_chunks = 0
+            self.routed_gpu_chunks = (0,) * K
             if self.host_views is not None and self.stager is not None:
                 from vllm_fiddler.cost_model import streamed_chunks
 
-                self.routed_gpu_chunks = streamed_chunks(get_step_planner(self).cost, self.chunks)
-        streamed = self.routed_gpu_chunks if self.host_views is not None else 0
+                self.routed_gpu_chunks = streamed_chunks(get_step_planner(self).cost, self.chunks, K)
+            if not HybridMoE._routed_logged:  # every layer decides alike: say it once
+                HybridMoE._routed_logged = True
+                logger.info("fiddler: steps of up to %d tokens hand the CPU their routing from the stream; "
+                            "the GPU computes %s of the %d chunks of each cold expert (per top-k position) "
+                            "from host memory in place", self.routed_max_tokens, self.routed_gpu_chunks,
+                            self.chunks)
+        streamed = self.routed_gpu_chunks if self.host_views is not None and any(self.routed_gpu_chunks) \
+            else None
         host = self.cpu_runtime.host_buffers(T, K, self.hidden_size, x.dtype)
         slots = self.cpu_slot_of[topk_ids]  # [T, K] int32 host slot or -1
         host.ids.copy_(slots, non_blocking=True)
@@ -497,7 +507,7 @@ class HybridMoE(nn.Module):
         host.x.copy_(x, non_blocking=True)
         cold = self.cpu_runtime.submit_routed(host.x, self.w13_cpu_chunks, self.w2_cpu_chunks, host.ids,
                                               host.weights, self.chunks, self._routed_cold_pairs,
-                                              first_chunk=streamed)
+                                              first_chunks=streamed)
         if cold is None:
             return False
         self._routed_pairs += T * K
@@ -521,17 +531,24 @@ class HybridMoE(nn.Module):
         return True
 
     def _streamed_chunks(self, x: torch.Tensor, topk_weights: torch.Tensor, slots: torch.Tensor,
-                         n: int) -> torch.Tensor:
-        """[T, H]: the first n chunks of each host-served (token, k) pair, computed on the GPU
+                         n: tuple[int, ...]) -> torch.Tensor:
+        """[T, H]: the first n[k] chunks of each host-served (token, k) pair, computed on the GPU
         from the host chunks in place (slots [T, K] host slot or -1, on the device). K*C slots
-        per token, -1 past the n chunks, as the staged path launches (one compiled variant)."""
+        per token, -1 past the n[k] chunks, as the staged path launches (one compiled variant)."""
         from vllm_fiddler.kernels.triton import fused_moe
 
         T, K = slots.shape
         C = self.chunks
+        if self._streamed_below is None or self._streamed_below[0] != n:  # (host key, device copy)
+            # filled on the device: a copy from pageable host memory would wait for the stream
+            below = torch.empty(K, 1, dtype=slots.dtype, device=slots.device)
+            for k, n_k in enumerate(n):
+                below[k].fill_(n_k)
+            self._streamed_below = (n, below)
         c = torch.arange(C, dtype=slots.dtype, device=slots.device)  # [C]
         slot = slots.unsqueeze(-1)  # [T, K, 1]
-        ids = torch.where((slot >= 0) & (c < n), slot * C + c, -1).view(T, K * C)  # [T, K*C]
+        below = self._streamed_below[1]  # [K, 1]
+        ids = torch.where((slot >= 0) & (c < below), slot * C + c, -1).view(T, K * C)  # [T, K*C]
         w13, w2 = self.host_views
         return fused_moe(x, w13, w2, chunk_weights(topk_weights, C), ids)
 

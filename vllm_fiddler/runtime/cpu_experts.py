@@ -215,13 +215,13 @@ class CPUExpertRuntime:
 
     def submit_routed(self, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, slots: torch.Tensor,
                       weights: torch.Tensor, chunks: int, cold_pairs: torch.Tensor,
-                      first_chunk: int = 0) -> CPUJob | None:
+                      first_chunks: tuple[int, ...] | None = None) -> CPUJob | None:
         """A device-waited job whose routing is still on its way: x [T, H] bf16, slots [T, K]
         int32 (host slot or -1) and weights [T, K] fp32 are pinned buffers that copies already
         queued on the current stream fill. The stream marks when they have landed and the
         native job thread starts then, expanding each slot into its chunk-experts
-        first_chunk..chunks-1 of w13 / w2 itself (the GPU may compute the first ones); nobody
-        on the host waits for the copy. It adds the (token, k) pairs
+        first_chunks[k]..chunks-1 of w13 / w2 itself (k: the pair's top-k position; the GPU
+        may compute the chunks below; None: none); nobody on the host waits for the copy. It adds the (token, k) pairs
         it ran to `cold_pairs` (int64 [1]). The result goes to the device through
         result_on_device. None (nothing queued) if the native kernels do not take it; only
         call when takes_routed_jobs().
@@ -235,7 +235,7 @@ class CPUExpertRuntime:
         self._routing_mark.mark(seq)
         if not cpu_kernels.moe_forward_routed_async(x, w13, w2, slots, weights, chunks, out,
                                                     self._routing_mark.word, signal.word, seq, cold_pairs,
-                                                    first_chunk=first_chunk):
+                                                    first_chunks=first_chunks):
             signal.set(seq)  # nobody will run it: no stream may wait for it
             return None
         self._native_jobs += 1
