@@ -13,7 +13,7 @@ process before anything is allocated, and unit-tested in CPU CI.
 | adaptation            | "auto", bool or object | "auto" | online re-placement of experts while serving (see below) |
 | wait_on_device        | bool        | true    | the GPU waits for the CPU experts' results (CUDA), so the engine thread launches ahead; false: the engine thread waits |
 | cuda_graph_max_tokens | int >= 0    | 16      | the MoE op's GPU expert launches replay CUDA graphs for steps of up to this many tokens (CUDA; captured at load, independent of vLLM's own graphs and enforce_eager); 0: launch eagerly |
-| routed_max_tokens     | int >= 0    | 4       | steps of up to this many tokens hand the GPU's routing to the CPU experts straight from the stream (CUDA, with wait_on_device): no host sync, planning or weight copies; 0: the engine thread plans every step |
+| routed_max_tokens     | int >= 0    | 4       | steps of up to this many tokens hand the GPU's routing to the CPU experts straight from the stream (CUDA, with wait_on_device): no host sync, planning or weight copies, the GPU reading part of each cold expert from host memory in place; 0: the engine thread plans every step |
 | arrival_coalesce_ms   | float >= 0  | 2.0     | once requests have arrived in bursts, an idle engine waits for the rest of a burst until this long passes without one (vllm_fiddler.arrivals); 0: vLLM's scheduler unchanged |
 
 ``adaptation``: ``true`` / ``false``; ``"auto"`` = on with a GPU when host
@@ -70,8 +70,10 @@ class FiddlerConfig:
     # stream copies the routing down and marks a pinned word, the native CPU
     # job waits for that word and reads the routing itself, and the stream
     # waits for the job (vllm_fiddler.runtime.device_wait.StreamMark). Such
-    # steps copy no weights: the cold experts run on the CPU. 0: every step
-    # syncs, and the cost model may split experts between the CPU and copies.
+    # steps copy no weights: the GPU reads the first chunks of each cold expert
+    # from host memory in place (cost_model.streamed_chunks), the CPU computes
+    # the rest. 0: every step syncs, and the cost model may split experts
+    # between the CPU and copies.
     routed_max_tokens: int = 4
     # An idle engine holds its first step while requests of one burst are
     # still arriving, once a request has arrived just after such a step began

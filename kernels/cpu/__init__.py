@@ -37,12 +37,12 @@ Environment:
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
 import logging
 import os
 import platform
 import threading
 import time
+from collections.abc import Sequence
 
 import torch
 
@@ -305,12 +305,11 @@ def moe_forward_routed_async(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tenso
     down) reaches `seq` (cyclically), then reads slots [T, K] (host slot or -1, int32) and
     weights [T, K] (fp32), runs each host slot's chunk-experts first_chunks[k]..chunks-1 of
     w13 / w2 (slot s chunk c = chunk-expert s * chunks + c; k the pair's top-k position; the
-    chunks below are left to the GPU; None: all of them on the CPU),
-    adds the (token, k) pairs of host slots to `cold_pairs` (one int64) and stores `seq` into
-    `done_word`. Returns True, or False
-    without doing anything when no native kernel takes these inputs. A job whose word does not
-    come within 60 s, or that async_cancel_ready_waits cancels, fails (async_take_error) and
-    still stores done_word."""
+    chunks below are left to the GPU; None: all of them on the CPU), adds the (token, k) pairs
+    of host slots to `cold_pairs` (one int64) and stores `seq` into `done_word`. Returns True,
+    or False without doing anything when no native kernel takes these inputs. A job whose word
+    does not come within 60 s, or that async_cancel_ready_waits cancels, fails
+    (async_take_error) and still stores done_word."""
     # the inputs are read when the routing has landed, so they must be taken as they are:
     # a converted copy made now would hold what the buffers held before the copy
     if not (x.dtype == torch.bfloat16 and x.stride(-1) == 1 and slots.dtype == torch.int32

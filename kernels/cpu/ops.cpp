@@ -577,9 +577,9 @@ inline bool word_reached(const at::Tensor& word, int64_t seq) {
 // (token, k) pairs of host slots.
 int64_t expand_routing(const at::Tensor& slots, const at::Tensor& wts, int64_t C,
                        const std::vector<int64_t>& first, at::Tensor* ids_out, at::Tensor* wts_out) {
-  const int64_t T = slots.size(0), K = slots.size(1), W = C;
-  *ids_out = at::empty({T, K * W}, slots.options());
-  *wts_out = at::empty({T, K * W}, wts.options());
+  const int64_t T = slots.size(0), K = slots.size(1);
+  *ids_out = at::empty({T, K * C}, slots.options());
+  *wts_out = at::empty({T, K * C}, wts.options());
   const int32_t* s = slots.data_ptr<int32_t>();
   const float* w = wts.data_ptr<float>();
   int32_t* ci = ids_out->data_ptr<int32_t>();
@@ -589,9 +589,9 @@ int64_t expand_routing(const at::Tensor& slots, const at::Tensor& wts, int64_t C
     const int32_t slot = s[p];
     cold += slot >= 0;
     const int64_t lo = first[size_t(p % K)];
-    for (int64_t c = 0; c < W; ++c) {
-      ci[p * W + c] = slot >= 0 && c >= lo ? int32_t(slot * C + c) : -1;
-      cw[p * W + c] = w[p];
+    for (int64_t c = 0; c < C; ++c) {
+      ci[p * C + c] = slot >= 0 && c >= lo ? int32_t(slot * C + c) : -1;
+      cw[p * C + c] = w[p];
     }
   }
   return cold;

@@ -451,19 +451,8 @@ class HybridMoE(nn.Module):
                                            device_wait=True)
             submitted = time.perf_counter()
             self.to_cpu_submit_s += submitted - op_start
-        # 3. Hot experts, then the copied ones, on the GPU while the CPU works
-        #    (small steps: from CUDA graphs, a fraction of the launches' host time).
-        graphs = self.graphs
-        if graphs is not None and not graphs.load(x, topk_weights, topk_ids):
-            graphs = None
-        if self.gpu_experts:
-            hot = graphs.hot(self) if graphs is not None else None
-            if hot is not None:
-                out.copy_(hot)
-            else:
-                self.hot_experts(x, topk_weights, topk_ids, out)
-        else:
-            out.zero_()
+        # 3. Hot experts, then the copied ones, on the GPU while the CPU works.
+        graphs = self._hot_share(x, topk_weights, topk_ids, out)
         if copies:
             self._copied_experts(x, topk_weights, topk_ids, copies, out, graphs)
         # 4. The CPU's share comes back (pinned, async) and is added. By default the
@@ -513,22 +502,30 @@ class HybridMoE(nn.Module):
         self._routed_pairs += T * K
         submitted = time.perf_counter()
         self.to_cpu_submit_s += submitted - op_start
-        graphs = self.graphs
-        if graphs is not None and not graphs.load(x, topk_weights, topk_ids):
-            graphs = None
-        hot = graphs.hot(self) if graphs is not None and self.gpu_experts else None
-        if hot is not None:
-            out.copy_(hot)
-        elif self.gpu_experts:
-            self.hot_experts(x, topk_weights, topk_ids, out)
-        else:
-            out.zero_()
+        self._hot_share(x, topk_weights, topk_ids, out)
         if streamed:
             out.add_(self._streamed_chunks(x, topk_weights, slots, streamed))
         out.add_(self.cpu_runtime.result_on_device(cold, x.device, x.dtype))
         if OP_TRACE is not None:
             OP_TRACE.append((id(self), op_start, None, None, submitted, time.perf_counter()))
         return True
+
+    def _hot_share(self, x, topk_weights, topk_ids, out: torch.Tensor):
+        """out [T, H] = the device-resident experts' share (zeros without any). Small steps
+        replay CUDA graphs (a fraction of the launches' host time); returns the MoEGraphs
+        loaded with this op's inputs (for the copied experts), or None if launched eagerly."""
+        graphs = self.graphs
+        if graphs is not None and not graphs.load(x, topk_weights, topk_ids):
+            graphs = None
+        if not self.gpu_experts:
+            out.zero_()
+            return graphs
+        hot = graphs.hot(self) if graphs is not None else None
+        if hot is not None:
+            out.copy_(hot)
+        else:
+            self.hot_experts(x, topk_weights, topk_ids, out)
+        return graphs
 
     def _streamed_chunks(self, x: torch.Tensor, topk_weights: torch.Tensor, slots: torch.Tensor,
                          n: tuple[int, ...]) -> torch.Tensor:

@@ -112,7 +112,7 @@ class FiddlerMixtralForCausalLM(vllm_mixtral.MixtralForCausalLM):
         for experts in self.moe_layers:
             experts.stager = stager
             experts.routed_max_tokens = cfg.routed_max_tokens if on_cuda else 0
-            if on_cuda and cfg.routed_max_tokens and stager is not None and experts.cpu_runtime.pin_memory:
+            if on_cuda and cfg.routed_max_tokens and stager is not None:  # on CUDA host experts are pinned
                 experts.host_views = (device_view(experts.w13_cpu_chunks), device_view(experts.w2_cpu_chunks))
         self.kernel_warmup = {}
         self.cuda_graphs = {}

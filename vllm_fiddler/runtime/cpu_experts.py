@@ -221,10 +221,10 @@ class CPUExpertRuntime:
         queued on the current stream fill. The stream marks when they have landed and the
         native job thread starts then, expanding each slot into its chunk-experts
         first_chunks[k]..chunks-1 of w13 / w2 itself (k: the pair's top-k position; the GPU
-        may compute the chunks below; None: none); nobody on the host waits for the copy. It adds the (token, k) pairs
-        it ran to `cold_pairs` (int64 [1]). The result goes to the device through
-        result_on_device. None (nothing queued) if the native kernels do not take it; only
-        call when takes_routed_jobs().
+        may compute the chunks below; None: none); nobody on the host waits for the copy. It
+        adds the (token, k) pairs of host slots to `cold_pairs` (int64 [1]). The result goes
+        to the device through result_on_device. None (nothing queued) if the native kernels
+        do not take it; only call when takes_routed_jobs().
 
         The shared buffers are safe without the host waiting: the next job's routing copy
         into them is queued behind this job's stream wait and result copy."""
