@@ -107,6 +107,8 @@ def snapshot(runtime, stager, moe) -> dict:
     snap = {k: sum(getattr(m, k) for m in moe) for k in COUNTERS}
     snap["cpu_busy_s"] = runtime.busy_s
     snap["h2d_bytes"] = stager.bytes_copied if stager else 0
+    snap["streamed_bytes"] = sum(m.streamed_weight_bytes for m in moe)
+    snap["routing_wait_s"] = runtime.routing_wait_s
     return snap
 
 
@@ -167,13 +169,15 @@ def main() -> None:
                    "(11: e2e's 4.44 GB budget less 2 staging slots)")
     p.add_argument("--threads", type=int, default=default_cpu_threads(), help="the runtime's (calibration)")
     p.add_argument("--variants", default=f"{default_cpu_threads()}/1000/0/1/{FiddlerConfig.routed_max_tokens}",
-                   help="comma-separated THREADS/SPIN_US/HOST_US/GRAPHS[/ROUTED[/STREAMED]] runs in this "
+                   help="comma-separated THREADS/SPIN_US/HOST_US/GRAPHS[/ROUTED[/STREAMED[/BARRIER]]] runs in this "
                         "process: compute threads, FIDDLER_CPU_SPIN_US, Python host work a layer (vLLM's "
                         "eager attention block is ~1100), 1/0 CUDA graphs for the op's GPU launches, "
                         "routed_max_tokens (0: every step syncs and plans; default the option's), chunks "
                         "a routed step streams to the GPU over the top-k positions of a token (of K*C, "
                         "spread as cost_model.streamed_chunks does; -1, the default: the cost model's "
-                        "choice); each one the same layers and cost model (calibrated at --threads)")
+                        "choice), 1/0 FIDDLER_CPU_PHASE_BARRIER (1: a CPU job's two projections as two pool runs "
+                        "with a barrier between them; default 0: one run); each one the same layers and "
+                        "cost model (calibrated at --threads)")
     p.add_argument("--staging-slots", type=int, default=2)
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--host-wait", action="store_true", help="wait_on_device false")
@@ -198,12 +202,14 @@ def main() -> None:
         threads, spin_us, host_us, use_graphs = fields[:4]
         routed = fields[4] if len(fields) > 4 else FiddlerConfig.routed_max_tokens
         streamed = fields[5] if len(fields) > 5 else -1
+        barrier = fields[6] if len(fields) > 6 else 0
         for layer in moe:
             layer.graphs = graphs if use_graphs else None
             layer.routed_max_tokens = routed
             layer.routed_gpu_chunks = None if streamed < 0 else tuple(streamed // K + (k < streamed % K)
                                                                       for k in range(K))
         os.environ["FIDDLER_CPU_SPIN_US"] = str(spin_us)
+        os.environ["FIDDLER_CPU_PHASE_BARRIER"] = str(barrier)  # read by each CPU job
         cpu_kernels.set_num_threads(threads + 1)  # a new size rebuilds the pool, which reads the spin
         cpu_kernels.set_num_threads(threads)
         host_s = host_us * 1e-6
@@ -217,12 +223,17 @@ def main() -> None:
         variant_streamed = list(moe[0].routed_gpu_chunks or ()) if routed else []
         row = {"label": args.label, "variant": {"threads": threads, "spin_us": spin_us, "host_us_per_layer": host_us,
                                                 "cuda_graphs": bool(use_graphs), "routed_max_tokens": routed,
-                                                "streamed_chunks": variant_streamed, "chunks": moe[0].chunks},
+                                                "streamed_chunks": variant_streamed, "chunks": moe[0].chunks,
+                                                "phase_barrier": bool(barrier)},
                "layers": args.layers, "gpu_experts": args.gpu_experts, "staging_slots": args.staging_slots,
                "wait_on_device": runtime.wait_on_device, "steps": args.steps, "setup_s": round(setup_s, 1),
                "step_ms": round(1e3 * wall / args.steps, 3), "tok_s": round(args.steps / wall, 2),
                **{f"{k[:-2]}_ms_per_step": round(v, 3) for k, v in per_step.items()},
-               "pcie_weight_gb_per_step": round((after["h2d_bytes"] - before["h2d_bytes"]) / 1e9 / args.steps, 4)}
+               "pcie_weight_gb_per_step": round((after["h2d_bytes"] - before["h2d_bytes"]) / 1e9 / args.steps, 4),
+               "pcie_streamed_gb_per_step": round((after["streamed_bytes"] - before["streamed_bytes"]) / 1e9
+                                                  / args.steps, 4),
+               "cpu_routing_wait_ms_per_step": round(1e3 * (after["routing_wait_s"] - before["routing_wait_s"])
+                                                     / args.steps, 3)}
         row["op_host_ms_per_step"] = round(row["op_ms_per_step"] - row["sync_wait_ms_per_step"]
                                            - row["cpu_wait_ms_per_step"], 3)
         if args.trace:

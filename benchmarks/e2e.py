@@ -90,7 +90,8 @@ reads its cold experts once per token, cold bytes = layers * top_k *
 (1 - gpu_hit_rate) * expert bytes, split between CPU compute and DMA, both
 reading host DRAM; moved at the most host DRAM delivered with the CPU and
 the PCIe DMA reading at once (`host_read_together_gb_s`, measured in this
-run by host_bandwidth.measure); `_independent`: at CPU read + PCIe H2D as if
+run by host_bandwidth.measure; with --bandwidth-per-row, measured again
+right after each fiddler decode row's engine, for that row); `_independent`: at CPU read + PCIe H2D as if
 they did not share DRAM; `_dram_bound`: at the CPU's read alone (see roofline()).
 `FIDDLER_DUMMY_ROUTER_SKEW=<strength>` (vllm_fiddler/synthetic.py) skews every
 MoE gate of the dummy weights, for stock and fiddler alike: `--skew`.
@@ -379,13 +380,18 @@ def roofline(row: dict, out: dict) -> dict:
 
     A token reads each layer's cold experts once, cold bytes = layers * top_k *
     (1 - hit rate) * expert bytes, by CPU compute or DMA, both from host DRAM.
-    `roofline_decode_tok_s` moves them at the most host DRAM delivered in this
-    run's measurement: the CPU and the DMA reading at once, or either alone if
+    `roofline_decode_tok_s` moves them at the most host DRAM delivered in the
+    measurement right after this row's engine where there is one (the host's
+    bandwidth drifts by more than 10% over minutes), else the JSON's: the CPU and the DMA reading at once, or either alone if
     that was more. `_independent` adds the two links' solo figures, as if they
     did not share DRAM (not reachable here: `host_read_together_gb_s` is far
     below that sum); `_dram_bound` is the CPU's read alone."""
     hit = row.get("fiddler", {}).get("gpu_hit_rate")
-    dram, pcie, together = (out.get(k) for k in BANDWIDTH_KEYS)
+    # the bandwidth measured right after this row's engine (--bandwidth-per-row), else the JSON's
+    source = row.get("host_bandwidth_after") or {}
+    if not all(source.get(k) for k in BANDWIDTH_KEYS):
+        source = out
+    dram, pcie, together = (source.get(k) for k in BANDWIDTH_KEYS)
     if hit is None or not dram or not pcie:
         return {}
     if out.get("tiny"):
@@ -576,17 +582,25 @@ def bandwidth(args, out: dict) -> None:
         return
     if all(out.get(k) for k in BANDWIDTH_KEYS):
         return
+    bw = measured_bandwidth()
+    if "bandwidth_error" in bw:
+        out.update(dict.fromkeys(BANDWIDTH_KEYS), **bw)
+        return
+    out.update(bw, device=f"{bw['host_bandwidth']['device'].split(' + ')[0]} + {out['cpu']}")
+
+
+def measured_bandwidth() -> dict:
+    """BANDWIDTH_KEYS and the whole `host_bandwidth` record, measured now in a child
+    process; or {"bandwidth_error": why}."""
     path = tempfile.mktemp(suffix="-bandwidth.json")
     failure = run_child([sys.executable, os.path.abspath(__file__), "--measure-bandwidth", path],
                         os.environ.copy(), 300)
     if failure:
-        out.update(dict.fromkeys(BANDWIDTH_KEYS), bandwidth_error=failure)
-        return
+        return {"bandwidth_error": failure}
     with open(path) as f:
         bw = json.load(f)
-    out.update(dram_read_gb_s=bw["cpu_read_gb_s"], pcie_h2d_gb_s=bw["pcie_h2d_gb_s"],
-               host_read_together_gb_s=bw["together"]["sum_gb_s"], host_bandwidth=bw,
-               device=f"{bw['device'].split(' + ')[0]} + {out['cpu']}")
+    return {"dram_read_gb_s": bw["cpu_read_gb_s"], "pcie_h2d_gb_s": bw["pcie_h2d_gb_s"],
+            "host_read_together_gb_s": bw["together"]["sum_gb_s"], "host_bandwidth": bw}
 
 
 # ------------------------------------------------------------------- plots
@@ -691,6 +705,10 @@ def parse_args(argv=None):
     p.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny Mixtral, fiddler vs stock")
     p.add_argument("--run-system", help=argparse.SUPPRESS)
     p.add_argument("--system-out", help=argparse.SUPPRESS)
+    p.add_argument("--bandwidth-per-row", action="store_true",
+                   help="measure the host's DRAM / PCIe bandwidth again right after each fiddler decode "
+                        "row's engine (~40 s) and take that row's roofline from it: the VM's bandwidth "
+                        "drifts by more than 10%% within a lease")
     p.add_argument("--measure-bandwidth", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.decode_tokens is None:
@@ -726,7 +744,14 @@ def main(argv=None) -> None:
         runs = out["runs"].setdefault(key, {})
         for name in args.systems.split(","):
             t0 = time.perf_counter()
-            row = merge_row(runs.get(name, {}), system_rows(args, name, skew))
+            new = system_rows(args, name, skew)
+            if "decode" in new["scenarios"] and name.startswith("fiddler") and not args.tiny:
+                # the roofline of this decode figure: the host as it was right after it, not
+                # the JSON's first measurement (--bandwidth-per-row), or the JSON's
+                new["host_bandwidth_after"] = measured_bandwidth() if args.bandwidth_per_row else None
+            row = merge_row(runs.get(name, {}), new)
+            if row.get("host_bandwidth_after") is None:
+                row.pop("host_bandwidth_after", None)
             row["wall_s"] = time.perf_counter() - t0
             runs[name] = row
             summarize(out)

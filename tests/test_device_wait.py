@@ -186,7 +186,7 @@ def test_routed_steps_never_wait_on_the_host_and_match_the_synced_path(tokens, s
     gen = torch.Generator().manual_seed(tokens)
     x = torch.randn(tokens, H, generator=gen).to(torch.bfloat16)
     logits = [torch.randn(tokens, E, generator=gen) for _ in range(3)]
-    outs, counted = {}, {}
+    outs, counted, streamed_bytes = {}, {}, {}
     for routed in (0, 8):
         runtime = CPUExpertRuntime(num_threads=2, inline=False, pin_memory=True, wait_on_device=True)
         try:
@@ -214,6 +214,8 @@ def test_routed_steps_never_wait_on_the_host_and_match_the_synced_path(tokens, s
                 assert returned_s >= 0.5 * HELD_S, returned_s
             runtime._finish_native()
             counted[routed] = [(layer.routed_to_cpu, layer.routed_to_gpu) for layer, _, _ in layers]
+            streamed_bytes[routed] = sum(layer.streamed_weight_bytes for layer, _, _ in layers)
+            chunk_bytes = 2 * (layers[0][0].w13_cpu_chunks[0].numel() + layers[0][0].w2_cpu_chunks[0].numel())
         finally:
             runtime.shutdown()
     if not any(streamed):
@@ -230,3 +232,7 @@ def test_routed_steps_never_wait_on_the_host_and_match_the_synced_path(tokens, s
     assert counted[8] == counted[0]
     assert [cpu + gpu for cpu, gpu in counted[8]] == [2 * tokens * K, tokens * K, tokens * K]
     assert sum(cpu for cpu, _ in counted[8]) > 0
+    # streamed chunks are counted once per chunk-expert, at most once per cold pair and chunk
+    cold = sum(cpu for cpu, _ in counted[8])
+    assert streamed_bytes[0] == 0
+    assert (0 < streamed_bytes[8] <= cold * max(streamed) * chunk_bytes) if any(streamed) else streamed_bytes[8] == 0

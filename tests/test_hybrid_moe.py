@@ -287,16 +287,17 @@ def test_routed_jobs_wait_for_their_routing_then_match_the_planned_kernel():
         cpu_kernels.async_take_error()
         layer, _, _ = make_layer(PLACEMENTS["mixed"], torch.bfloat16, runtime=pool)
         assert layer.chunks > 1  # the job expands slots into several chunk-experts
-        cold_pairs = torch.zeros(1, dtype=torch.int64)
+        counts = torch.zeros(2, dtype=torch.int64)  # cold pairs, streamed chunk-experts
         gen = torch.Generator().manual_seed(5)
-        expected_pairs = 0
+        expected_pairs = expected_streamed = 0
         C = layer.chunks
+        waited_before = pool.queue_s + pool.routing_wait_s
         for tokens, first in ((1, (0, 0)), (2, (2, 2)), (5, (0, 1)), (13, (1, 0)), (3, (C, C)), (4, (C, 1))):
             x_buf = torch.zeros(tokens, H, dtype=torch.bfloat16)
             slots_buf = torch.full((tokens, K), -1, dtype=torch.int32)
             wts_buf = torch.zeros(tokens, K)
             job = pool.submit_routed(x_buf, layer.w13_cpu_chunks, layer.w2_cpu_chunks, slots_buf, wts_buf,
-                                     layer.chunks, cold_pairs, first_chunks=first)
+                                     layer.chunks, counts, first_chunks=first)
             assert job is not None and mark.marked[-1] == job.seq
             time.sleep(0.02)
             assert int(signal.word) != job.seq, "the job ran before its routing landed"
@@ -312,7 +313,10 @@ def test_routed_jobs_wait_for_their_routing_then_match_the_planned_kernel():
             got = job.result().clone()
             assert int(signal.word) == job.seq
             expected_pairs += int((slots >= 0).sum())
-            assert int(cold_pairs) == expected_pairs
+            # the GPU streams chunks below first[k] of each cold pair, each chunk-expert once
+            expected_streamed += len({int(s) * C + c for row in slots for k, s in enumerate(row)
+                                      if s >= 0 for c in range(first[k])})
+            assert counts.tolist() == [expected_pairs, expected_streamed]
             # the chunks below first[k] are the GPU's: the engine thread's chunk ids without them
             ids_c, wts_c = layer.cpu_chunk_ids(slots, weights)  # [T, K*C]
             gpu_side = torch.arange(C) < torch.tensor(first).view(K, 1)  # [K, C]
@@ -320,21 +324,24 @@ def test_routed_jobs_wait_for_their_routing_then_match_the_planned_kernel():
             want = torch.zeros(tokens, H)
             cpu_kernels.moe_forward(x, layer.w13_cpu_chunks, layer.w2_cpu_chunks, ids_c, wts_c, want)
             assert torch.equal(got, want)
+        # each job above waited >= 20 ms for its routing (the sleep), in the queue or, once its
+        # thread took it, for the word: the latter is routing_wait_s, not queue_s
+        assert pool.queue_s + pool.routing_wait_s - waited_before >= 6 * 0.02 and pool.routing_wait_s > 0
         # every pair on the GPU: nothing to compute, the job still signals with a zero result
         slots_buf.fill_(-1)
         job = pool.submit_routed(x_buf, layer.w13_cpu_chunks, layer.w2_cpu_chunks, slots_buf, wts_buf,
-                                 layer.chunks, cold_pairs)
+                                 layer.chunks, counts)
         mark.land()
-        assert not job.result().any() and int(cold_pairs) == expected_pairs
+        assert not job.result().any() and counts.tolist() == [expected_pairs, expected_streamed]
         # a mark past the job's number releases it too (the compare is cyclic, like the GPU's)
         job = pool.submit_routed(x_buf, layer.w13_cpu_chunks, layer.w2_cpu_chunks, slots_buf, wts_buf,
-                                 layer.chunks, cold_pairs)
+                                 layer.chunks, counts)
         mark.word.fill_(job.seq + 3)
         job.result()
         # a routing that never lands: shutdown cancels the wait, the job signals and reports
         mark.word.fill_(job.seq)
         stuck = pool.submit_routed(x_buf, layer.w13_cpu_chunks, layer.w2_cpu_chunks, slots_buf, wts_buf,
-                                   layer.chunks, cold_pairs)
+                                   layer.chunks, counts)
         time.sleep(0.01)
         assert int(signal.word) != stuck.seq
     finally:

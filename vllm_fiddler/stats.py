@@ -23,6 +23,7 @@ def model_stats(model) -> dict:
         "cpu_busy_s": runtime.busy_s,
         "cpu_calls": runtime.calls,
         "h2d_weight_bytes": stager.bytes_copied if stager is not None else 0,
+        "streamed_weight_bytes": sum(getattr(m, "streamed_weight_bytes", 0) for m in layers),
         "experts_copied": planner.copies if planner is not None else 0,
         "experts_split": planner.splits if planner is not None else 0,
         "gpu_experts": sum(len(m.gpu_experts) for m in layers),
@@ -34,6 +35,7 @@ def model_stats(model) -> dict:
         "gap_first_layer_s": layers[0].gap_before_s,
         "gap_other_layers_s": sum(m.gap_before_s for m in layers[1:]),
         "cpu_queue_s": runtime.queue_s,
+        "cpu_routing_wait_s": runtime.routing_wait_s,
         "cpu_result_wait_s": runtime.result_wait_s,
         "replacements": replacer.replacements if replacer is not None else 0,
         "replacement_bytes": replacer.bytes_copied if replacer is not None else 0,
@@ -78,13 +80,18 @@ def step_breakdown(after: dict, before: dict, prefix: str = "decode_") -> dict:
     to this step's first (sampler, scheduler, IPC, embedding, the first
     attention), ``*_gap_other_layers_ms`` the other layers' attention blocks;
     each gap includes its layer's routing (before the op's clock starts).
-    On the CPU worker: ``*_cpu_queue_ms`` from submit until it started, and, of
-    ``*_cpu_ms``, ``*_cpu_result_wait_ms`` waiting for the previous result's H2D.
+    On the CPU worker: ``*_cpu_queue_ms`` from submit until it took the job,
+    ``*_cpu_routing_wait_ms`` a routed job's wait for its routing after that (the
+    GPU's work before the routing copy), and, of ``*_cpu_ms``,
+    ``*_cpu_result_wait_ms`` waiting for the previous result's H2D.
+    ``*_pcie_weight_gb`` is the weights copied to the device (staging), and
+    ``*_pcie_streamed_gb`` those routed steps' kernels read in place from host memory.
     """
     d = delta(after, before)
     steps = max(1, d["layer0_steps"])
     routed = d["routed_to_gpu"] + d["routed_to_cpu"]
     per_step = {"cpu_ms": 1e3 * d["cpu_busy_s"], "pcie_weight_gb": d["h2d_weight_bytes"] / 1e9,
+                "pcie_streamed_gb": d.get("streamed_weight_bytes", 0) / 1e9,
                 "experts_split": d.get("experts_split", 0), "experts_copied_whole": d.get("experts_copied", 0),
                 "op_ms": 1e3 * d.get("moe_op_s", 0), "sync_wait_ms": 1e3 * d.get("moe_sync_wait_s", 0),
                 "cpu_wait_ms": 1e3 * d.get("moe_cpu_wait_s", 0),
@@ -92,6 +99,7 @@ def step_breakdown(after: dict, before: dict, prefix: str = "decode_") -> dict:
                 "gap_first_layer_ms": 1e3 * d.get("gap_first_layer_s", 0),
                 "gap_other_layers_ms": 1e3 * d.get("gap_other_layers_s", 0),
                 "cpu_queue_ms": 1e3 * d.get("cpu_queue_s", 0),
+                "cpu_routing_wait_ms": 1e3 * d.get("cpu_routing_wait_s", 0),
                 "cpu_result_wait_ms": 1e3 * d.get("cpu_result_wait_s", 0),
                 "cuda_graph_replays": d.get("cuda_graph_replays", 0)}
     return {"gpu_experts": after["gpu_experts"], "cpu_experts": after["cpu_experts"],

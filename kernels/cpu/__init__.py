@@ -1,7 +1,8 @@
 """CPU expert kernel: one or several MoE experts' SwiGLU FFN on the CPU.
 
 Native paths (C++, built on first use with ``torch.utils.cpp_extension.load``
-and cached in ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``):
+and cached under ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``,
+per Python and torch version; a build lock left by a killed build is removed):
 
 - ``"avx512_bf16"``: ``_mm512_dpbf16_ps``; for few tokens per expert, where the
   expert is bound by DRAM bandwidth.
@@ -19,6 +20,9 @@ Environment:
   FIDDLER_CPU_THREADS        worker threads (default: CPUs in the affinity mask)
   FIDDLER_CPU_AMX_MIN_TOKENS tokens per expert from which ``auto`` uses AMX
   FIDDLER_CPU_SPIN_US        how long idle workers spin before sleeping (1000)
+  FIDDLER_CPU_PHASE_BARRIER  1: the gate/up and down projections run as two pool runs
+                             with a barrier between them, as before (A/B benchmarks;
+                             default 0: one run, down items wait per expert)
   FIDDLER_CPU_BUILD          0 disables building the native kernels
   FIDDLER_CPU_BUILD_VERBOSE  1 shows the compiler output
   FIDDLER_CPU_PREFETCH       software prefetch distance on weight rows (elements, 512)
@@ -36,10 +40,12 @@ Environment:
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
 import platform
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -88,22 +94,44 @@ def _headers_flag() -> str:
     return f"-DFIDDLER_CPU_HEADERS_SHA1=0x{h.hexdigest()[:12]}"
 
 
+def _build_dir(name: str) -> str:
+    """Where `name` is built and cached: under torch's extension root, per Python and torch."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    tag = f"py{sys.version_info[0]}{sys.version_info[1]}_torch{torch.__version__}".replace("+", "_")
+    return os.path.join(get_default_build_root(), tag, name)
+
+
 def _build_one(name: str, source: str, extra: list[str]) -> str:
     from torch.utils.cpp_extension import load
 
     verbose = os.environ.get("FIDDLER_CPU_BUILD_VERBOSE", "0") not in ("", "0")
-    return load(
-        name=name,
-        sources=[os.path.join(_SRC_DIR, source)],
-        extra_cflags=_COMMON_CFLAGS + [_headers_flag()] + extra,
-        # Bind every symbol at load time: no lazy PLT resolution (glibc's
-        # _dl_runtime_resolve saves the extended register state) in a thread
-        # whose AMX tiles are live.
-        extra_ldflags=["-Wl,-z,now"],
-        extra_include_paths=[_SRC_DIR],
-        is_python_module=False,
-        verbose=verbose,
-    )
+    build_dir = _build_dir(name)
+    os.makedirs(build_dir, exist_ok=True)
+    # torch's build lock is a plain file ("lock") that its builder deletes when done, and
+    # every later load waits for it to go, even to load a finished library: a build
+    # killed midway (a timed-out engine start) left one on the H100 box, and every
+    # engine start after it hung silently. An flock, which the kernel drops with its
+    # process, says whether a builder is alive; holding it, a "lock" file is stale.
+    with open(os.path.join(build_dir, "fiddler-build.flock"), "a") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        stale = os.path.join(build_dir, "lock")
+        if os.path.exists(stale):
+            logger.warning("vllm_fiddler CPU kernel: removing %s, left by a build that did not finish", stale)
+            os.remove(stale)
+        return load(
+            name=name,
+            sources=[os.path.join(_SRC_DIR, source)],
+            extra_cflags=_COMMON_CFLAGS + [_headers_flag()] + extra,
+            # Bind every symbol at load time: no lazy PLT resolution (glibc's
+            # _dl_runtime_resolve saves the extended register state) in a thread
+            # whose AMX tiles are live.
+            extra_ldflags=["-Wl,-z,now"],
+            extra_include_paths=[_SRC_DIR],
+            is_python_module=False,
+            build_directory=build_dir,
+            verbose=verbose,
+        )
 
 
 def _load_native() -> list[str]:
@@ -298,15 +326,16 @@ def moe_forward_async(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk
 
 def moe_forward_routed_async(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, slots: torch.Tensor,
                              weights: torch.Tensor, chunks: int, out: torch.Tensor, ready_word: torch.Tensor,
-                             done_word: torch.Tensor, seq: int, cold_pairs: torch.Tensor,
+                             done_word: torch.Tensor, seq: int, counts: torch.Tensor,
                              *, first_chunks: Sequence[int] | None = None, isa: str | None = None) -> bool:
     """moe_forward_async for a job whose routing is not there yet: the job thread first waits
     until `ready_word` (one pinned int32, which a CUDA stream writes after copying the routing
     down) reaches `seq` (cyclically), then reads slots [T, K] (host slot or -1, int32) and
     weights [T, K] (fp32), runs each host slot's chunk-experts first_chunks[k]..chunks-1 of
     w13 / w2 (slot s chunk c = chunk-expert s * chunks + c; k the pair's top-k position; the
-    chunks below are left to the GPU; None: all of them on the CPU), adds the (token, k) pairs
-    of host slots to `cold_pairs` (one int64) and stores `seq` into `done_word`. Returns True,
+    chunks below are left to the GPU; None: all of them on the CPU), adds to `counts` (int64
+    [2]) the (token, k) pairs of host slots and the distinct chunk-experts below first_chunks
+    of those (what the GPU streams) and stores `seq` into `done_word`. Returns True,
     or False without doing anything when no native kernel takes these inputs. A job whose word
     does not come within 60 s, or that async_cancel_ready_waits cancels, fails
     (async_take_error) and still stores done_word."""
@@ -322,7 +351,7 @@ def moe_forward_routed_async(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tenso
     mode = native[3]
     first = list(first_chunks) if first_chunks is not None else [0] * slots.shape[1]
     torch.ops.fiddler_cpu.moe_forward_routed_async(x, w13, w2, slots, weights, chunks, first, out, mode,
-                                                   _amx_min_tokens(), ready_word, done_word, seq, cold_pairs)
+                                                   _amx_min_tokens(), ready_word, done_word, seq, counts)
     return True
 
 
@@ -343,12 +372,13 @@ def async_take_error() -> str:
     return str(torch.ops.fiddler_cpu.async_take_error()) if _native else ""
 
 
-def async_stats() -> tuple[int, float, float]:
-    """moe_forward_async jobs so far: (count, seconds computing, seconds queued before starting)."""
+def async_stats() -> tuple[int, float, float, float]:
+    """moe_forward_async jobs so far: (count, seconds computing, seconds queued behind earlier
+    jobs, seconds routed jobs then waited for their routing)."""
     if not _native:
-        return 0, 0.0, 0.0
-    jobs, busy_ns, queue_ns = torch.ops.fiddler_cpu.async_stats()
-    return int(jobs), busy_ns * 1e-9, queue_ns * 1e-9
+        return 0, 0.0, 0.0, 0.0
+    jobs, busy_ns, queue_ns, routing_wait_ns = torch.ops.fiddler_cpu.async_stats()
+    return int(jobs), busy_ns * 1e-9, queue_ns * 1e-9, routing_wait_ns * 1e-9
 
 
 def async_trace() -> list[tuple[int, int, int]]:

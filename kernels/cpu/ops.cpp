@@ -288,6 +288,9 @@ struct Ctx {
   const std::vector<int32_t>* active;  // experts with tokens, in order
   const std::vector<Item1>* items1;
   int64_t rows2;  // down phase: output rows per item
+  // Per expert: its gate/up items not finished yet. Null: the two projections
+  // run as two pool runs (FIDDLER_CPU_PHASE_BARRIER=1), so there is nothing to wait for.
+  int32_t* gate_up_left;
 };
 
 thread_local bool tls_amx_on = false;
@@ -328,6 +331,8 @@ void body_gate_up(void* vctx, int64_t item) {
   const ExpertWork& ew = (*ctx->experts)[it.e];
   if (ew.amx) amx_on();
   table_for(ew)->gate_up(&ctx->prob, it.e, it.n0, it.n1);
+  // release: this item's act stores before a down item sees the count drop
+  if (ctx->gate_up_left) __atomic_fetch_sub(&ctx->gate_up_left[it.e], 1, __ATOMIC_RELEASE);
 }
 
 void body_down(void* vctx, int64_t item) {
@@ -335,10 +340,25 @@ void body_down(void* vctx, int64_t item) {
   const int64_t h0 = item * ctx->rows2;
   const int64_t h1 = std::min(h0 + ctx->rows2, ctx->prob.H);
   for (int32_t e : *ctx->active) {
+    // Every gate/up item was handed out before any down item, and none of them
+    // waits, so this spin ends; it is short because the experts' gate/up items
+    // come in the order this loop visits them.
+    if (ctx->gate_up_left)
+      while (__atomic_load_n(&ctx->gate_up_left[e], __ATOMIC_ACQUIRE) != 0) __builtin_ia32_pause();
     const ExpertWork& ew = (*ctx->experts)[e];
     if (ew.amx) amx_on();
     table_for(ew)->down(&ctx->prob, e, h0, h1);
   }
+}
+
+// Both projections in one pool run: the gate/up items, then the down items.
+void body_gate_up_then_down(void* vctx, int64_t item) {
+  auto* ctx = static_cast<Ctx*>(vctx);
+  const int64_t n1 = int64_t(ctx->items1->size());
+  if (item < n1)
+    body_gate_up(vctx, item);
+  else
+    body_down(vctx, item - n1);
 }
 
 // Grow-only 64-byte aligned scratch.
@@ -520,8 +540,23 @@ void moe_forward(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w
     for (int32_t e : amx_experts) n_pack += (experts[e].m + 15) / 16;
     pool->run(n_pack, body_pack, nullptr, &ctx);
   }
-  pool->run(int64_t(items1.size()), body_gate_up, fini_amx, &ctx);
-  pool->run((H + rows2 - 1) / rows2, body_down, fini_amx, &ctx);
+  // One pool run, not one per projection: a barrier between them left every
+  // thread idle for the tail of the last gate/up items, once per layer; now a
+  // down item waits only for the experts it is about to read (body_down).
+  // FIDDLER_CPU_PHASE_BARRIER=1 restores the two runs, for A/B benchmarks.
+  const int64_t n_down = (H + rows2 - 1) / rows2;
+  const char* barrier_env = std::getenv("FIDDLER_CPU_PHASE_BARRIER");
+  if (barrier_env && std::atoi(barrier_env) != 0) {
+    ctx.gate_up_left = nullptr;
+    pool->run(int64_t(items1.size()), body_gate_up, fini_amx, &ctx);
+    pool->run(n_down, body_down, fini_amx, &ctx);
+    return;
+  }
+  static std::vector<int32_t> gate_up_left;
+  gate_up_left.assign(E, 0);
+  for (const Item1& it : items1) ++gate_up_left[it.e];
+  ctx.gate_up_left = gate_up_left.data();
+  pool->run(int64_t(items1.size()) + n_down, body_gate_up_then_down, fini_amx, &ctx);
 }
 
 // ---------------------------------------------------------------- async jobs
@@ -549,7 +584,7 @@ void moe_forward(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w
 // time a layer).
 struct AsyncJob {
   at::Tensor x, w13, w2, ids, wts, out, done_word;
-  at::Tensor ready_word, cold_pairs;  // routed jobs only (ready_word undefined: a plain job)
+  at::Tensor ready_word, counts;  // routed jobs only (ready_word undefined: a plain job)
   int64_t mode = 1, amx_min_tokens = 0, seq = 0, chunks = 1;
   std::vector<int64_t> first_chunks;  // [K] chunks below it are the GPU's, per top-k position
   std::chrono::steady_clock::time_point submitted;
@@ -573,10 +608,12 @@ inline bool word_reached(const at::Tensor& word, int64_t seq) {
 // Host-slot routing -> chunk-expert routing: slots [T, K] (host slot or -1) and
 // weights [T, K] -> ids [T, K*C] (slot * C + c for the chunks c from first[k] on,
 // -1 below it and for device-served pairs) and weights [T, K*C], the layout
-// HybridMoE.cpu_chunk_ids builds on the engine thread. Returns the number of
-// (token, k) pairs of host slots.
-int64_t expand_routing(const at::Tensor& slots, const at::Tensor& wts, int64_t C,
-                       const std::vector<int64_t>& first, at::Tensor* ids_out, at::Tensor* wts_out) {
+// HybridMoE.cpu_chunk_ids builds on the engine thread. Adds to counts[0] the
+// (token, k) pairs of host slots and to counts[1] the distinct chunk-experts
+// below first[k] of those, which the GPU streams from host memory (a chunk-expert
+// that several of the step's tokens chose is read once). Returns the first.
+int64_t expand_routing(const at::Tensor& slots, const at::Tensor& wts, int64_t C, const std::vector<int64_t>& first,
+                    at::Tensor* ids_out, at::Tensor* wts_out, int64_t* counts) {
   const int64_t T = slots.size(0), K = slots.size(1);
   *ids_out = at::empty({T, K * C}, slots.options());
   *wts_out = at::empty({T, K * C}, wts.options());
@@ -585,6 +622,7 @@ int64_t expand_routing(const at::Tensor& slots, const at::Tensor& wts, int64_t C
   int32_t* ci = ids_out->data_ptr<int32_t>();
   float* cw = wts_out->data_ptr<float>();
   int64_t cold = 0;
+  std::vector<int64_t> streamed;  // chunk-experts, T * K * C at most (routed steps are small)
   for (int64_t p = 0; p < T * K; ++p) {
     const int32_t slot = s[p];
     cold += slot >= 0;
@@ -592,8 +630,13 @@ int64_t expand_routing(const at::Tensor& slots, const at::Tensor& wts, int64_t C
     for (int64_t c = 0; c < C; ++c) {
       ci[p * C + c] = slot >= 0 && c >= lo ? int32_t(slot * C + c) : -1;
       cw[p * C + c] = w[p];
+      if (slot >= 0 && c < lo) streamed.push_back(int64_t(slot) * C + c);
     }
   }
+  std::sort(streamed.begin(), streamed.end());
+  const int64_t distinct = std::unique(streamed.begin(), streamed.end()) - streamed.begin();
+  __atomic_fetch_add(&counts[0], cold, __ATOMIC_RELAXED);
+  __atomic_fetch_add(&counts[1], distinct, __ATOMIC_RELAXED);
   return cold;
 }
 
@@ -622,7 +665,7 @@ class AsyncRunner {
   }
   std::vector<int64_t> stats() {
     std::lock_guard<std::mutex> lk(mu_);
-    return {jobs_, busy_ns_, queue_ns_};
+    return {jobs_, busy_ns_, queue_ns_, routing_wait_ns_};
   }
   // The jobs done since the last call, oldest first (at most kTraceJobs): (submitted,
   // started, done) per job, steady_clock ns (CLOCK_MONOTONIC on Linux, the clock of
@@ -650,14 +693,15 @@ class AsyncRunner {
         busy_ = true;
       }
       std::string error;
+      const auto picked = std::chrono::steady_clock::now();
       if (job.ready_word.defined()) error = wait_ready(job);
       const auto t0 = std::chrono::steady_clock::now();
       try {
         std::memset(job.out.data_ptr(), 0, job.out.nbytes());
         if (error.empty() && job.ready_word.defined()) {
           at::Tensor ids, wts;
-          const int64_t cold = expand_routing(job.ids, job.wts, job.chunks, job.first_chunks, &ids, &wts);
-          __atomic_fetch_add(job.cold_pairs.data_ptr<int64_t>(), cold, __ATOMIC_RELAXED);
+          const int64_t cold = expand_routing(job.ids, job.wts, job.chunks, job.first_chunks, &ids, &wts,
+                                              job.counts.data_ptr<int64_t>());
           const bool cpu_share = *std::min_element(job.first_chunks.begin(), job.first_chunks.end()) < job.chunks;
           if (cold && cpu_share) moe_forward(job.x, job.w13, job.w2, ids, wts, job.out, job.mode, job.amx_min_tokens);
         } else if (error.empty()) {
@@ -678,7 +722,8 @@ class AsyncRunner {
       if (!error.empty() && error_.empty()) error_ = error;
       ++jobs_;
       busy_ns_ += std::chrono::duration_cast<std::chrono::nanoseconds>(t1 - t0).count();
-      queue_ns_ += std::chrono::duration_cast<std::chrono::nanoseconds>(t0 - queued).count();
+      queue_ns_ += std::chrono::duration_cast<std::chrono::nanoseconds>(picked - queued).count();
+      routing_wait_ns_ += std::chrono::duration_cast<std::chrono::nanoseconds>(t0 - picked).count();
       trace_[size_t(traced_++ % kTraceJobs)] = {ns(queued), ns(t0), ns(t1)};
       busy_ = false;
       if (queue_.empty()) idle_cv_.notify_all();
@@ -722,7 +767,9 @@ class AsyncRunner {
   int64_t traced_ = 0;
   bool busy_ = false;
   std::string error_;
-  int64_t jobs_ = 0, busy_ns_ = 0, queue_ns_ = 0;
+  // queue: from submit until this thread took the job (behind earlier jobs);
+  // routing wait: a routed job's wait for its ready word after that
+  int64_t jobs_ = 0, busy_ns_ = 0, queue_ns_ = 0, routing_wait_ns_ = 0;
   std::atomic<uint64_t> cancel_gen_{0};
   std::thread thread_;  // last: starts once the members above exist
 };
@@ -769,14 +816,16 @@ void moe_forward_routed_async(const at::Tensor& x, const at::Tensor& w13, const 
                               const at::Tensor& slots, const at::Tensor& weights, int64_t chunks,
                               c10::IntArrayRef first_chunks, const at::Tensor& out, int64_t mode, int64_t amx_min_tokens,
                               const at::Tensor& ready_word, const at::Tensor& done_word, int64_t seq,
-                              const at::Tensor& cold_pairs) {
+                              const at::Tensor& counts) {
   FCHECK(out.is_contiguous() && out.scalar_type() == at::kFloat,
          "fiddler_cpu.moe_forward_routed_async: out must be contiguous float32");
   for (const at::Tensor* word : {&ready_word, &done_word})
     FCHECK(word->device().is_cpu() && word->scalar_type() == at::kInt && word->numel() == 1,
            "fiddler_cpu.moe_forward_routed_async: ready_word and done_word must be one int32 each on the host");
-  FCHECK(cold_pairs.device().is_cpu() && cold_pairs.scalar_type() == at::kLong && cold_pairs.numel() == 1,
-         "fiddler_cpu.moe_forward_routed_async: cold_pairs must be one int64 on the host");
+  FCHECK(counts.device().is_cpu() && counts.scalar_type() == at::kLong && counts.numel() == 2 &&
+             counts.is_contiguous(),
+         "fiddler_cpu.moe_forward_routed_async: counts must be two int64 on the host (cold pairs, streamed "
+         "chunk-experts)");
   FCHECK(slots.is_contiguous() && slots.scalar_type() == at::kInt && weights.is_contiguous() &&
              weights.scalar_type() == at::kFloat && slots.dim() == 2 && weights.sizes() == slots.sizes(),
          "fiddler_cpu.moe_forward_routed_async: slots [T, K] int32 and weights [T, K] float32, contiguous");
@@ -789,7 +838,7 @@ void moe_forward_routed_async(const at::Tensor& x, const at::Tensor& w13, const 
   // slots / weights are read only once ready_word says the routing copy has landed
   AsyncJob job = make_job(x, w13, w2, slots, weights, out, mode, amx_min_tokens, done_word, seq);
   job.ready_word = ready_word;
-  job.cold_pairs = cold_pairs;
+  job.counts = counts;
   job.chunks = chunks;
   job.first_chunks = first_chunks.vec();
   async_runner()->submit(std::move(job));
@@ -865,7 +914,7 @@ TORCH_LIBRARY(fiddler_cpu, m) {
         &fiddler_cpu::moe_forward_async);
   m.def("moe_forward_routed_async(Tensor x, Tensor w13, Tensor w2, Tensor slots, Tensor weights, int chunks, "
         "int[] first_chunks, Tensor(a!) out, int mode, int amx_min_tokens, Tensor ready_word, Tensor(b!) done_word, int seq, "
-        "Tensor(c!) cold_pairs) -> ()",
+        "Tensor(c!) counts) -> ()",
         &fiddler_cpu::moe_forward_routed_async);
   m.def("async_wait_idle() -> ()", &fiddler_cpu::async_wait_idle);
   m.def("async_cancel_ready_waits() -> ()", &fiddler_cpu::async_cancel_ready_waits);

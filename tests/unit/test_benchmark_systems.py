@@ -90,6 +90,14 @@ def test_roofline_uses_the_host_dram_both_links_share(e2e):
     assert "roofline_decode_tok_s" not in e2e.roofline({"fiddler": {"gpu_hit_rate": 0.25}},
                                                        {**out, "host_read_together_gb_s": None})
     assert e2e.roofline({"scenarios": {}}, out) == {}
+    # a row measured again right after its engine (--bandwidth-per-row) takes its own figures;
+    # an incomplete or failed one falls back to the JSON's
+    after = {"dram_read_gb_s": 100.0, "pcie_h2d_gb_s": 40.0, "host_read_together_gb_s": 110.0}
+    row = {"fiddler": {"gpu_hit_rate": 0.25}, "host_bandwidth_after": after}
+    assert e2e.roofline(row, out)["roofline_decode_tok_s"] == pytest.approx(110.0e9 / cold)
+    for broken in ({"bandwidth_error": "timed out"}, {**after, "host_read_together_gb_s": None}, None):
+        assert e2e.roofline({**row, "host_bandwidth_after": broken}, out)["roofline_decode_tok_s"] == \
+            pytest.approx(132.8e9 / cold)
 
 
 def test_in_process_engine_rows_get_their_own_tables(e2e):

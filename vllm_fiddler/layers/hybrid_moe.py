@@ -112,9 +112,10 @@ class HybridMoE(nn.Module):
         self.host_views: tuple[torch.Tensor, torch.Tensor] | None = None
         self.routed_gpu_chunks: tuple[int, ...] | None = None  # None: decided at the first routed step
         self._streamed_below: tuple | None = None  # (routed_gpu_chunks, the same [K, 1] on the device)
-        # (token, k) pairs of routed steps, and the native jobs' count of those they ran on the CPU
+        # (token, k) pairs of routed steps, and the native jobs' counts: of those pairs, the ones
+        # of host experts, and the chunk-experts of theirs the GPU streamed from host memory
         self._routed_pairs = 0
-        self._routed_cold_pairs = torch.zeros(1, dtype=torch.int64, device="cpu")
+        self._routed_counts = torch.zeros(2, dtype=torch.int64, device="cpu")
         self._last_cpu_pairs = 0
         Eg, Eh = len(gpu_experts), len(self.host_experts)
         self.chunks = C = expert_chunks(I)
@@ -158,12 +159,19 @@ class HybridMoE(nn.Module):
     @property
     def routed_to_cpu(self) -> int:
         """(token, k) pairs computed from host memory so far (a routed step's, once its job ran)."""
-        return self._to_cpu + int(self._routed_cold_pairs[0])
+        return self._to_cpu + int(self._routed_counts[0])
 
     @property
     def routed_to_gpu(self) -> int:
         """(token, k) pairs computed from device memory so far."""
-        return self._to_gpu + self._routed_pairs - int(self._routed_cold_pairs[0])
+        return self._to_gpu + self._routed_pairs - int(self._routed_counts[0])
+
+    @property
+    def streamed_weight_bytes(self) -> int:
+        """Bytes of host weights routed steps' GPU kernels read in place over PCIe so far."""
+        w13, w2 = self.w13_cpu_chunks, self.w2_cpu_chunks
+        chunk_bytes = (w13[0].numel() + w2[0].numel()) * w13.element_size() if len(w13) else 0
+        return int(self._routed_counts[1]) * chunk_bytes
 
     def _cpu_slots(self) -> list[int]:
         """[E] host slot of each expert served from the host, -1 for device-served ones."""
@@ -495,7 +503,7 @@ class HybridMoE(nn.Module):
         host.weights.copy_(topk_weights, non_blocking=True)
         host.x.copy_(x, non_blocking=True)
         cold = self.cpu_runtime.submit_routed(host.x, self.w13_cpu_chunks, self.w2_cpu_chunks, host.ids,
-                                              host.weights, self.chunks, self._routed_cold_pairs,
+                                              host.weights, self.chunks, self._routed_counts,
                                               first_chunks=streamed)
         if cold is None:
             return False

@@ -95,7 +95,8 @@ class CPUExpertRuntime:
         self.result_wait_s = 0.0
 
     # CPU expert time and calls, for metrics and benchmarks; queue_s: from submit
-    # until the job started (benchmarks)
+    # until a worker took the job (behind earlier jobs); routing_wait_s: routed jobs'
+    # wait for their routing after that (the GPU's layer before it, benchmarks)
     @property
     def busy_s(self) -> float:
         return self._busy_s + self._native_stats()[1]
@@ -108,9 +109,13 @@ class CPUExpertRuntime:
     def queue_s(self) -> float:
         return self._queue_s + self._native_stats()[2]
 
-    def _native_stats(self) -> tuple[int, float, float]:
+    @property
+    def routing_wait_s(self) -> float:
+        return self._native_stats()[3]
+
+    def _native_stats(self) -> tuple[int, float, float, float]:
         if not self._native_jobs:
-            return 0, 0.0, 0.0
+            return 0, 0.0, 0.0, 0.0
         return cpu_kernels.async_stats()
 
     def _init_worker(self) -> None:
@@ -214,7 +219,7 @@ class CPUExpertRuntime:
         return self._routed_ok and not torch.cuda.is_current_stream_capturing()
 
     def submit_routed(self, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, slots: torch.Tensor,
-                      weights: torch.Tensor, chunks: int, cold_pairs: torch.Tensor,
+                      weights: torch.Tensor, chunks: int, counts: torch.Tensor,
                       first_chunks: tuple[int, ...] | None = None) -> CPUJob | None:
         """A device-waited job whose routing is still on its way: x [T, H] bf16, slots [T, K]
         int32 (host slot or -1) and weights [T, K] fp32 are pinned buffers that copies already
@@ -222,7 +227,8 @@ class CPUExpertRuntime:
         native job thread starts then, expanding each slot into its chunk-experts
         first_chunks[k]..chunks-1 of w13 / w2 itself (k: the pair's top-k position; the GPU
         may compute the chunks below; None: none); nobody on the host waits for the copy. It
-        adds the (token, k) pairs of host slots to `cold_pairs` (int64 [1]). The result goes
+        adds the (token, k) pairs of host slots, and the distinct chunk-experts of theirs the
+        GPU streams, to `counts` (int64 [2]). The result goes
         to the device through result_on_device. None (nothing queued) if the native kernels
         do not take it; only call when takes_routed_jobs().
 
@@ -234,7 +240,7 @@ class CPUExpertRuntime:
         seq = signal.next_seq()
         self._routing_mark.mark(seq)
         if not cpu_kernels.moe_forward_routed_async(x, w13, w2, slots, weights, chunks, out,
-                                                    self._routing_mark.word, signal.word, seq, cold_pairs,
+                                                    self._routing_mark.word, signal.word, seq, counts,
                                                     first_chunks=first_chunks):
             signal.set(seq)  # nobody will run it: no stream may wait for it
             return None
