@@ -91,8 +91,9 @@ reads its cold experts once per token, cold bytes = layers * top_k *
 reading host DRAM; moved at the most host DRAM delivered with the CPU and
 the PCIe DMA reading at once (`host_read_together_gb_s`, measured in this
 run by host_bandwidth.measure; with --bandwidth-per-row, measured again
-right after each fiddler decode row's engine, for that row); `_independent`: at CPU read + PCIe H2D as if
-they did not share DRAM; `_dram_bound`: at the CPU's read alone (see roofline()).
+right after each fiddler decode row's engine, for that row); `_independent`:
+at CPU read + PCIe H2D as if they did not share DRAM; `_dram_bound`: at the
+CPU's read alone (see roofline()).
 `FIDDLER_DUMMY_ROUTER_SKEW=<strength>` (vllm_fiddler/synthetic.py) skews every
 MoE gate of the dummy weights, for stock and fiddler alike: `--skew`.
 """
@@ -382,8 +383,8 @@ def roofline(row: dict, out: dict) -> dict:
     (1 - hit rate) * expert bytes, by CPU compute or DMA, both from host DRAM.
     `roofline_decode_tok_s` moves them at the most host DRAM delivered in the
     measurement right after this row's engine where there is one (the host's
-    bandwidth drifts by more than 10% over minutes), else the JSON's: the CPU and the DMA reading at once, or either alone if
-    that was more. `_independent` adds the two links' solo figures, as if they
+    bandwidth drifts by more than 10% over minutes), else the JSON's: the CPU
+    and the DMA reading at once, or either alone if that was more. `_independent` adds the two links' solo figures, as if they
     did not share DRAM (not reachable here: `host_read_together_gb_s` is far
     below that sum); `_dram_bound` is the CPU's read alone."""
     hit = row.get("fiddler", {}).get("gpu_hit_rate")
@@ -744,14 +745,14 @@ def main(argv=None) -> None:
         runs = out["runs"].setdefault(key, {})
         for name in args.systems.split(","):
             t0 = time.perf_counter()
-            new = system_rows(args, name, skew)
+            old, new = runs.get(name, {}), system_rows(args, name, skew)
             if "decode" in new["scenarios"] and name.startswith("fiddler") and not args.tiny:
-                # the roofline of this decode figure: the host as it was right after it, not
-                # the JSON's first measurement (--bandwidth-per-row), or the JSON's
-                new["host_bandwidth_after"] = measured_bandwidth() if args.bandwidth_per_row else None
-            row = merge_row(runs.get(name, {}), new)
-            if row.get("host_bandwidth_after") is None:
-                row.pop("host_bandwidth_after", None)
+                # a new decode figure: an older row's measurement does not belong to it; with
+                # --bandwidth-per-row its roofline takes the host as it was right after it
+                old = {k: v for k, v in old.items() if k != "host_bandwidth_after"}
+                if args.bandwidth_per_row:
+                    new["host_bandwidth_after"] = measured_bandwidth()
+            row = merge_row(old, new)
             row["wall_s"] = time.perf_counter() - t0
             runs[name] = row
             summarize(out)

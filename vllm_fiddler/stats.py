@@ -23,7 +23,7 @@ def model_stats(model) -> dict:
         "cpu_busy_s": runtime.busy_s,
         "cpu_calls": runtime.calls,
         "h2d_weight_bytes": stager.bytes_copied if stager is not None else 0,
-        "streamed_weight_bytes": sum(getattr(m, "streamed_weight_bytes", 0) for m in layers),
+        "streamed_weight_bytes": sum(m.streamed_weight_bytes for m in layers),
         "experts_copied": planner.copies if planner is not None else 0,
         "experts_split": planner.splits if planner is not None else 0,
         "gpu_experts": sum(len(m.gpu_experts) for m in layers),

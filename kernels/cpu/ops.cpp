@@ -290,7 +290,7 @@ struct Ctx {
   int64_t rows2;  // down phase: output rows per item
   // Per expert: its gate/up items not finished yet. Null: the two projections
   // run as two pool runs (FIDDLER_CPU_PHASE_BARRIER=1), so there is nothing to wait for.
-  int32_t* gate_up_left;
+  int32_t* gate_up_left = nullptr;
 };
 
 thread_local bool tls_amx_on = false;
@@ -547,7 +547,6 @@ void moe_forward(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w
   const int64_t n_down = (H + rows2 - 1) / rows2;
   const char* barrier_env = std::getenv("FIDDLER_CPU_PHASE_BARRIER");
   if (barrier_env && std::atoi(barrier_env) != 0) {
-    ctx.gate_up_left = nullptr;
     pool->run(int64_t(items1.size()), body_gate_up, fini_amx, &ctx);
     pool->run(n_down, body_down, fini_amx, &ctx);
     return;
