@@ -36,6 +36,7 @@ from vllm_fiddler.runtime.host_view import device_view
 from vllm_fiddler.runtime.kernel_warmup import warm_up_kernels
 from vllm_fiddler.runtime.moe_graphs import MoEGraphs
 from vllm_fiddler.runtime.step_planner import get_step_planner
+from vllm_fiddler.runtime.thread_counters import thread_counters
 from vllm_fiddler.runtime.weight_stager import WeightStager
 
 H, I, E, K = 4096, 14336, 8, 2  # Mixtral-8x7B
@@ -59,7 +60,7 @@ def build(layers: int, gpu_experts: int, threads: int, staging: int, wait_on_dev
         moe.append(layer)
     warm_up_kernels(moe, stager, 64)
     graphs = MoEGraphs(FiddlerConfig.cuda_graph_max_tokens, H, K, torch.bfloat16, torch.device("cuda"))
-    graphs.capture(moe, stager)
+    graphs.capture(moe, stager, streamed_max_tokens=FiddlerConfig.routed_max_tokens)
     return runtime, stager, moe, graphs
 
 
@@ -109,6 +110,7 @@ def snapshot(runtime, stager, moe) -> dict:
     snap["h2d_bytes"] = stager.bytes_copied if stager else 0
     snap["streamed_bytes"] = sum(m.streamed_weight_bytes for m in moe)
     snap["routing_wait_s"] = runtime.routing_wait_s
+    snap.update(thread_counters())
     return snap
 
 
@@ -234,6 +236,8 @@ def main() -> None:
                                                   / args.steps, 4),
                "cpu_routing_wait_ms_per_step": round(1e3 * (after["routing_wait_s"] - before["routing_wait_s"])
                                                      / args.steps, 3)}
+        row.update({f"{k}_per_step": round((after[k] - before[k]) / args.steps, 3)
+                    for k in ("expert_thread_preemptions", "engine_thread_preemptions") if k in after})
         row["op_host_ms_per_step"] = round(row["op_ms_per_step"] - row["sync_wait_ms_per_step"]
                                            - row["cpu_wait_ms_per_step"], 3)
         if args.trace:

@@ -236,3 +236,49 @@ def test_routed_steps_never_wait_on_the_host_and_match_the_synced_path(tokens, s
     cold = sum(cpu for cpu, _ in counted[8])
     assert streamed_bytes[0] == 0
     assert (0 < streamed_bytes[8] <= cold * max(streamed) * chunk_bytes) if any(streamed) else streamed_bytes[8] == 0
+
+
+def test_blocking_sync_sets_the_context_flag_and_syncs_still_work():
+    """In a child process: the flag is per context, and would change every later test's syncs."""
+    import subprocess
+    import sys
+
+    code = """
+import ctypes, torch
+from vllm_fiddler.runtime import device_wait
+torch.ones(1, device="cuda")
+assert device_wait.block_on_host_syncs()
+flags = ctypes.c_uint(0)
+assert ctypes.CDLL("libcuda.so.1").cuCtxGetFlags(ctypes.byref(flags)) == 0
+assert flags.value & device_wait.CU_CTX_SCHED_MASK == device_wait.CU_CTX_SCHED_BLOCKING_SYNC, flags.value
+x = torch.randn(2048, 2048, device="cuda")
+for _ in range(20):
+    x = x @ x / 2048
+torch.cuda.synchronize()
+assert torch.isfinite(x).all().item()
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-2000:]
+
+
+def test_calibration_times_the_in_place_reads():
+    """calibrate.measure times the GPU's kernels reading a cold expert in place from pinned
+    host memory; the fitted cost model prices the streamed chunks with it."""
+    from vllm_fiddler import cost_model
+    from vllm_fiddler.runtime import calibrate
+    from vllm_fiddler.runtime.weight_stager import WeightStager
+
+    runtime = CPUExpertRuntime(num_threads=2, inline=False, pin_memory=True, wait_on_device=True)
+    try:
+        layer, _, _ = make_cuda_layer(runtime, 0)
+        stager = WeightStager(2, H, I, layer.chunks, torch.bfloat16, torch.device("cuda"))
+        m = calibrate.measure(layer, runtime, stager)
+        assert m["stream_gb_s"] > 0
+        m.pop("contention_detail")
+        model = cost_model.fit_from_measurements(**m)
+        assert model.stream_ms == pytest.approx(m["expert_bytes"] / m["stream_gb_s"] / 1e6)
+        cut = cost_model.streamed_chunks(model, layer.chunks, K)
+        assert len(cut) == K and all(0 <= n <= layer.chunks for n in cut)
+    finally:
+        runtime.shutdown()

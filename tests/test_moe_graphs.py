@@ -122,3 +122,43 @@ def test_graphs_follow_re_placement(monkeypatch, setup):
     scale = ref.abs().max().item()
     torch.testing.assert_close(graphed.float(), ref, atol=TOLERANCE[torch.bfloat16] * scale,
                                rtol=TOLERANCE[torch.bfloat16])
+
+
+@pytest.mark.parametrize("tokens", [1, 3])
+@pytest.mark.parametrize("streamed", [(1, 0), (2, 1)])
+def test_routed_steps_replay_the_streamed_graph(tokens, streamed):
+    """A routed step's chunks read from host memory in place replay the layer's streamed graph,
+    captured before the cost model set how many chunks stream (zeros then): the graph reads that
+    count from its device tensor, and the step equals the eager launches bit for bit and the
+    fp32 oracle."""
+    from vllm_fiddler.runtime.host_view import device_view
+
+    runtime = CPUExpertRuntime(num_threads=2, inline=False, pin_memory=True, wait_on_device=True)
+    try:
+        gen = torch.Generator().manual_seed(7)
+        w1, w3, w2 = random_experts(gen)
+        layer = HybridMoE(num_experts=E, top_k=K, hidden_size=H, intermediate_size=I, gpu_experts=(0, 3),
+                          dtype=torch.bfloat16, device=torch.device("cuda"), cpu_runtime=runtime,
+                          pin_memory=True)
+        load_experts(layer, w1, w3, w2)
+        layer.routed_max_tokens = MAX_TOKENS
+        layer.host_views = (device_view(layer.w13_cpu_chunks), device_view(layer.w2_cpu_chunks))
+        graphs = MoEGraphs(MAX_TOKENS, H, K, torch.bfloat16, torch.device("cuda"))
+        assert graphs.capture([layer], None, streamed_max_tokens=MAX_TOKENS)["graphs"] == 2 * MAX_TOKENS
+        layer.routed_gpu_chunks = streamed
+        x = torch.randn(tokens, H, generator=gen).to(torch.bfloat16)
+        logits = torch.randn(tokens, E, generator=gen)
+        logits[0, 1] = logits[0, 2] = 9.0  # two cold experts for the first token, at least
+        eager = run(layer, None, x, logits)
+        before = graphs.replays
+        graphed = run(layer, graphs, x, logits)
+        assert graphs.replays - before == 2  # the hot graph and the streamed one
+        assert torch.equal(graphed, eager)
+        weights, ids = reference.route(logits, K)
+        ref = reference.moe(x, torch.cat([w1, w3], dim=1).to(torch.bfloat16), w2.to(torch.bfloat16), weights, ids)
+        scale = ref.abs().max().item()
+        torch.testing.assert_close(graphed.float(), ref, atol=TOLERANCE[torch.bfloat16] * scale,
+                                   rtol=TOLERANCE[torch.bfloat16])
+        assert layer.streamed_weight_bytes > 0
+    finally:
+        runtime.shutdown()

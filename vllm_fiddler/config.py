@@ -14,6 +14,7 @@ process before anything is allocated, and unit-tested in CPU CI.
 | wait_on_device        | bool        | true    | the GPU waits for the CPU experts' results (CUDA), so the engine thread launches ahead; false: the engine thread waits |
 | cuda_graph_max_tokens | int >= 0    | 16      | the MoE op's GPU expert launches replay CUDA graphs for steps of up to this many tokens (CUDA; captured at load, independent of vLLM's own graphs and enforce_eager); 0: launch eagerly |
 | routed_max_tokens     | int >= 0    | 4       | steps of up to this many tokens hand the GPU's routing to the CPU experts straight from the stream (CUDA, with wait_on_device): no host sync, planning or weight copies, the GPU reading part of each cold expert from host memory in place; 0: the engine thread plans every step |
+| blocking_sync         | bool        | false   | the engine thread sleeps, instead of spinning on a core, while it waits for the GPU (CUDA; cuCtxSetFlags BLOCKING_SYNC), leaving the core to the CPU experts |
 | arrival_coalesce_ms   | float >= 0  | 2.0     | once requests have arrived in bursts, an idle engine waits for the rest of a burst until this long passes without one (vllm_fiddler.arrivals); 0: vLLM's scheduler unchanged |
 
 ``adaptation``: ``true`` / ``false``; ``"auto"`` = on with a GPU when host
@@ -81,6 +82,10 @@ class FiddlerConfig:
     # client, ran 1.86 engine steps per beam step at width 8 on the H100).
     # The gap that ends a burst; 0 keeps vLLM's scheduler.
     arrival_coalesce_ms: float = 2.0
+    # The engine thread's waits for the GPU (the step's sampled tokens, host
+    # syncs) sleep in the driver instead of spinning on a core
+    # (vllm_fiddler.runtime.device_wait.block_on_host_syncs).
+    blocking_sync: bool = False
 
     @classmethod
     def from_additional_config(cls, additional_config: Mapping[str, Any] | None) -> "FiddlerConfig":
@@ -112,6 +117,7 @@ class FiddlerConfig:
             cuda_graph_max_tokens=_non_negative_int(raw, "cuda_graph_max_tokens", default=16),
             routed_max_tokens=_non_negative_int(raw, "routed_max_tokens", default=4),
             arrival_coalesce_ms=_non_negative_float(raw, "arrival_coalesce_ms", unit="ms", default=2.0),
+            blocking_sync=_bool(raw, "blocking_sync", default=False),
         )
 
     def resolved_cpu_threads(self) -> int:

@@ -168,6 +168,9 @@ class CostModel:
     h2d_gb_s, copy_latency_ms: a copy takes copy_latency_ms + expert_bytes / bandwidth.
     expert_bytes: w13 + w2 of one expert.
     gpu_points: (tokens, ms) of one expert on the GPU (weights already there).
+    stream_gb_s: how fast the GPU's kernels read one expert's chunks in place from
+        pinned host memory (routed steps' streamed chunks); 0 = not measured (a
+        cache file without it), priced as a copy.
     cpu_contended_slowdown, h2d_contended_slowdown (>= 1): how much slower the
         CPU queue and the copy in flight run while both are busy (they read the
         same host DRAM); 1.0 = no contention, the model before these existed
@@ -186,6 +189,7 @@ class CostModel:
     source: str = ""  # where the numbers come from
     cpu_contended_slowdown: float = 1.0  # CPU queue, while a copy runs
     h2d_contended_slowdown: float = 1.0  # a copy, while the CPU queue runs
+    stream_gb_s: float = 0.0  # GPU kernels reading host chunks in place; 0: as a copy
 
     def __post_init__(self):
         object.__setattr__(self, "cpu_points", _clean_points(self.cpu_points, "cpu_points"))
@@ -197,6 +201,9 @@ class CostModel:
         if not self.expert_bytes > 0:
             raise ValueError(f"expert_bytes must be > 0, got {self.expert_bytes}")
         object.__setattr__(self, "expert_bytes", int(self.expert_bytes))
+        if not (self.stream_gb_s >= 0 and math.isfinite(self.stream_gb_s)):
+            raise ValueError(f"stream_gb_s must be >= 0, got {self.stream_gb_s}")
+        object.__setattr__(self, "stream_gb_s", float(self.stream_gb_s))
         for name in ("cpu_contended_slowdown", "h2d_contended_slowdown"):
             v = float(getattr(self, name))
             if not (v >= 1.0 and math.isfinite(v)):
@@ -223,6 +230,13 @@ class CostModel:
         """One expert's weights host -> device."""
         return self.copy_latency_ms + self.expert_bytes / (self.h2d_gb_s * 1e6)
 
+    @property
+    def stream_ms(self) -> float:
+        """One expert's weights read in place by the GPU's kernels (a copy's time if not measured)."""
+        if self.stream_gb_s > 0:
+            return self.expert_bytes / (self.stream_gb_s * 1e6)
+        return self.copy_ms - self.copy_latency_ms
+
     def breakeven_tokens(self, max_tokens: int = 1 << 20) -> int | None:
         """The fewest tokens at which copy + GPU beats the CPU for a lone expert; None if never."""
         lo, hi = 1, max_tokens
@@ -247,7 +261,8 @@ class CostModel:
         d = dataclasses.asdict(self)
         d["cpu_points"] = [list(p) for p in self.cpu_points]
         d["gpu_points"] = [list(p) for p in self.gpu_points]
-        d["version"] = 2  # 2: the contention factors (a version-1 file loads with 1.0)
+        # 2: the contention factors (a version-1 file loads with 1.0); 3: stream_gb_s (0 without)
+        d["version"] = 3
         return d
 
     def to_json(self) -> str:
@@ -272,7 +287,8 @@ class CostModel:
         return (f"CostModel[{self.key}] expert {self.expert_bytes / 1e6:.0f} MB; copy {self.copy_ms:.2f} ms "
                 f"({self.h2d_gb_s:g} GB/s + {self.copy_latency_ms:.3f} ms); CPU ms by tokens {{{pts}}}; "
                 f"GPU ms {{{gpts}}}; lone-expert break-even {be} tokens; overlapping, CPU "
-                f"{self.cpu_contended_slowdown:.3g}x and copies {self.h2d_contended_slowdown:.3g}x slower"
+                f"{self.cpu_contended_slowdown:.3g}x and copies {self.h2d_contended_slowdown:.3g}x slower; "
+                f"in-place reads {self.stream_ms:.2f} ms an expert"
                 + (f"; source: {self.source}" if self.source else ""))
 
 
@@ -300,8 +316,8 @@ def shape_tag(hidden_size: int, intermediate_size: int, dtype_bytes: int = 2) ->
 def fit_from_measurements(cpu_points: Iterable[Sequence[float]], h2d_gb_s: float, copy_latency_ms: float,
                           gpu_points: Iterable[Sequence[float]], expert_bytes: int, *,
                           machine: str = "", shape: str = "", source: str = "measured",
-                          cpu_contended_slowdown: float = 1.0, h2d_contended_slowdown: float = 1.0
-                          ) -> CostModel:
+                          cpu_contended_slowdown: float = 1.0, h2d_contended_slowdown: float = 1.0,
+                          stream_gb_s: float = 0.0) -> CostModel:
     """A CostModel from raw measurements (what runtime/calibrate.py times on the device).
 
     cpu_points / gpu_points: (tokens, ms) pairs, any order; repeated token
@@ -309,12 +325,13 @@ def fit_from_measurements(cpu_points: Iterable[Sequence[float]], h2d_gb_s: float
     h2d_gb_s and copy_latency_ms: see fit_copy() to derive them from timed copies.
     cpu/h2d_contended_slowdown: contended time / solo time of CPU expert work
     and of copies run at the same time (>= 1; 1.0 when not measured).
+    stream_gb_s: the GPU kernels' in-place read of host chunks (0 when not measured).
     """
     return CostModel(cpu_points=tuple(tuple(p) for p in cpu_points), h2d_gb_s=float(h2d_gb_s),
                      copy_latency_ms=float(copy_latency_ms), expert_bytes=int(expert_bytes),
                      gpu_points=tuple(tuple(p) for p in gpu_points), machine=machine, shape=shape,
                      source=source, cpu_contended_slowdown=float(cpu_contended_slowdown),
-                     h2d_contended_slowdown=float(h2d_contended_slowdown))
+                     h2d_contended_slowdown=float(h2d_contended_slowdown), stream_gb_s=float(stream_gb_s))
 
 
 def fit_copy(samples: Iterable[Sequence[float]]) -> tuple[float, float]:
@@ -896,18 +913,20 @@ def streamed_chunks(cost: CostModel, chunks: int, top_k: int = 1, tokens: float 
     more). Positions give the cut a finer grain than one expert's chunks: 5 of 16 chunks of
     two experts where one expert alone has only 2 or 3 of 8.
 
-    The GPU's in-place reads are priced at the copy's measured bandwidth: both move the
-    expert's bytes over the same PCIe link. (H100 box, lease N cost model: CPU 2.9 ms an
-    expert at 1 token, copy 6.5 ms, contention 1.17x / 1.20x: (3, 2) of 8 chunks for
-    Mixtral's top-2, 2.44 ms an expert against 2.9 on the CPU alone; lease Q's calibration
-    of the same box gave (2, 2). benchmarks/results/routed-decode-h100.json.) All 0 when
-    streaming saves nothing.
+    The GPU's in-place reads are priced at their own measured rate (stream_ms; a copy's
+    where a model lacks it). Priced as copies, the H100 box's calibrations picked (3, 2) of
+    8 chunks for Mixtral's top-2 about as often as (2, 2) (lease N: CPU 2.9 ms an expert at
+    1 token, copy 6.5 ms, contention 1.17x / 1.20x: 2.44 ms an expert against 2.54 for
+    (2, 2)); (3, 2) never beat (2, 2) on one machine, and its CPU jobs waited 3.5-7.8 ms a
+    step for their routing behind the GPU's in-place reads, which one calibration timed at
+    50.1 GB/s against the copies' 54.9 (benchmarks/results/routed-decode-h100.json,
+    e2e-h100.json lease W). All 0 when streaming saves nothing.
     """
     for name, v in (("chunks", chunks), ("top_k", top_k)):
         if not (isinstance(v, int) and v >= 1):
             raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
     total = chunks * top_k
-    cpu, pcie = cost.cpu_ms(tokens), cost.copy_ms - cost.copy_latency_ms
+    cpu, pcie = cost.cpu_ms(tokens), cost.stream_ms
     best_m, best_ms = 0, cpu
     for m in range(1, total + 1):
         both = m < total  # the two sides overlap, and contend for host DRAM

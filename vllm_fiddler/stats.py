@@ -13,6 +13,7 @@ def model_stats(model) -> dict:
     runtime = layers[0].cpu_runtime
     stager = layers[0].stager
     from vllm_fiddler.runtime import step_planner
+    from vllm_fiddler.runtime.thread_counters import thread_counters
 
     planner = step_planner._planner
     replacer = getattr(model, "replacer", None)
@@ -44,6 +45,7 @@ def model_stats(model) -> dict:
         "cuda_graphs": getattr(model, "cuda_graphs", {}).get("graphs", 0),
         "cuda_graph_replays": getattr(getattr(layers[0], "graphs", None), "replays", 0),
         **_arrival_stats(),
+        **thread_counters(),
     }
 
 
@@ -86,6 +88,11 @@ def step_breakdown(after: dict, before: dict, prefix: str = "decode_") -> dict:
     ``*_cpu_result_wait_ms`` waiting for the previous result's H2D.
     ``*_pcie_weight_gb`` is the weights copied to the device (staging), and
     ``*_pcie_streamed_gb`` those routed steps' kernels read in place from host memory.
+    ``*_expert_thread_preemptions`` counts the times the kernel took a core from
+    an expert thread (``vllm_fiddler.runtime.thread_counters``), and
+    ``*_expert_thread_cpu_ms`` the CPU time they got (spinning included);
+    ``*_engine_thread_*`` the same for the thread running the model, and
+    ``*_process_cpu_ms`` the CPU time of all the worker process's threads.
     """
     d = delta(after, before)
     steps = max(1, d["layer0_steps"])
@@ -101,9 +108,13 @@ def step_breakdown(after: dict, before: dict, prefix: str = "decode_") -> dict:
                 "cpu_queue_ms": 1e3 * d.get("cpu_queue_s", 0),
                 "cpu_routing_wait_ms": 1e3 * d.get("cpu_routing_wait_s", 0),
                 "cpu_result_wait_ms": 1e3 * d.get("cpu_result_wait_s", 0),
-                "cuda_graph_replays": d.get("cuda_graph_replays", 0)}
+                "cuda_graph_replays": d.get("cuda_graph_replays", 0),
+                **{k: d[k] for k in ("expert_thread_preemptions", "engine_thread_preemptions") if k in d},
+                **{k[:-2] + "_ms": 1e3 * d[k] for k in ("expert_thread_cpu_s", "engine_thread_cpu_s", "process_cpu_s")
+                   if k in d}}
     return {"gpu_experts": after["gpu_experts"], "cpu_experts": after["cpu_experts"],
             "gpu_hit_rate": d["routed_to_gpu"] / max(1, routed), f"{prefix}steps_measured": steps,
             **{f"{prefix}{k}_per_step": v / steps for k, v in per_step.items()},
             f"{prefix}replacements": d.get("replacements", 0),
+            **({"expert_threads": after["expert_threads"]} if "expert_threads" in after else {}),
             **{f"{prefix}{k}": d[k] for k in ("arrival_holds", "arrival_stragglers") if k in d}}

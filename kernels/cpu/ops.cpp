@@ -11,6 +11,7 @@
 
 #include <cpuid.h>
 #include <dlfcn.h>
+#include <pthread.h>
 #include <sched.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -103,6 +104,11 @@ int64_t features() {
 }
 
 // ---------------------------------------------------------------- thread pool
+// Named so that `top -H` and /proc/<pid>/task/*/comm tell the expert threads
+// apart; vllm_fiddler.runtime.cpu_experts.thread_counters reads their CPU time
+// and preemptions by these names.
+void name_this_thread(const char* name) { pthread_setname_np(pthread_self(), name); }
+
 // Persistent workers; the calling thread takes part as worker 0. A job is a
 // number of items handed out through an atomic counter. After a job, workers
 // spin for a while (FIDDLER_CPU_SPIN_US, default 1000 us) waiting for the next
@@ -174,6 +180,7 @@ class ThreadPool {
   }
 
   void worker_loop(uint64_t seen) {
+    name_this_thread("fiddler-cpu");
     for (;;) {
       const auto t0 = std::chrono::steady_clock::now();
       int spins = 0;
@@ -682,6 +689,7 @@ class AsyncRunner {
 
  private:
   void loop() {
+    name_this_thread("fiddler-job");
     for (;;) {
       AsyncJob job;
       {

@@ -29,6 +29,7 @@ def test_valid_options(tmp_path):
     assert parse({}).routed_max_tokens == 4 and parse({"routed_max_tokens": 0}).routed_max_tokens == 0
     assert parse({}).arrival_coalesce_ms == 2.0 and parse({"arrival_coalesce_ms": 0}).arrival_coalesce_ms == 0.0
     assert parse({"arrival_coalesce_ms": 0.5}).arrival_coalesce_ms == 0.5
+    assert parse({}).blocking_sync is False and parse({"blocking_sync": True}).blocking_sync is True
 
 
 def test_json_string_is_accepted():
@@ -47,6 +48,7 @@ def test_json_string_is_accepted():
     ({"staging_slots": -1}, ["staging_slots", ">= 0"]),
     ({"placement": ""}, ["placement"]),
     ({"wait_on_device": 1}, ["wait_on_device", "true or false"]),
+    ({"blocking_sync": "yes"}, ["blocking_sync", "true or false"]),
     ({"cuda_graph_max_tokens": -1}, ["cuda_graph_max_tokens", ">= 0"]),
     ({"cuda_graph_max_tokens": 1.5}, ["cuda_graph_max_tokens", "integer"]),
     ({"routed_max_tokens": -1}, ["routed_max_tokens", ">= 0"]),

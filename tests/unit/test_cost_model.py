@@ -110,7 +110,7 @@ def test_json_round_trip_and_cache_files(tmp_path, monkeypatch):
     c = cm.default_for_shape()
     c2 = CostModel.from_json(c.to_json())
     assert c2 == c and hash(c2) == hash(c)
-    assert json.loads(c.to_json())["version"] == 2
+    assert json.loads(c.to_json())["version"] == 3
     # explicit paths
     p = cm.save(c, str(tmp_path / "sub" / "m.json"))
     assert cm.load(p) == c
@@ -1071,3 +1071,28 @@ def test_streamed_chunks_planted_answers():
     for bad in ((0, 1), (8, 0)):
         with pytest.raises(ValueError):
             cm.streamed_chunks(lease_n, *bad)
+
+
+def test_streamed_chunks_price_the_measured_in_place_reads():
+    """Streamed chunks are read by the GPU's kernels in place, not by the copy engine: with
+    their own measured rate the cut follows it; a model without one (an older cache file)
+    prices them as copies."""
+    lease_n = dataclasses.replace(flat_model(2.9, 6.5, 0.1), cpu_contended_slowdown=1.17,
+                                  h2d_contended_slowdown=1.20)
+    assert lease_n.stream_gb_s == 0.0 and lease_n.stream_ms == pytest.approx(lease_n.copy_ms)
+    # in-place reads at 0.8x the copy's rate: 8.1 ms an expert; 4 of 16 (2.54 ms) beats 5 (3.05)
+    slower = dataclasses.replace(lease_n, stream_gb_s=0.8 * lease_n.h2d_gb_s)
+    assert slower.stream_ms == pytest.approx(6.5 / 0.8)
+    assert cm.streamed_chunks(slower, 8, top_k=2) == (2, 2)
+    # as fast as the copies: the copy-priced cut
+    same = dataclasses.replace(lease_n, stream_gb_s=lease_n.h2d_gb_s)
+    assert cm.streamed_chunks(same, 8, top_k=2) == cm.streamed_chunks(lease_n, 8, top_k=2) == (3, 2)
+    # round trip through the cache format; a version-2 file (no field) loads as not measured
+    assert CostModel.from_json(slower.to_json()) == slower
+    old = json.loads(lease_n.to_json())
+    del old["stream_gb_s"]
+    old["version"] = 2
+    assert CostModel.from_dict(old).stream_gb_s == 0.0
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="stream_gb_s"):
+            dataclasses.replace(lease_n, stream_gb_s=bad)

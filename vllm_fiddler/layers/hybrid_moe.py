@@ -111,7 +111,8 @@ class HybridMoE(nn.Module):
         # straight from host memory (cost_model.streamed_chunks), the CPU taking the rest
         self.host_views: tuple[torch.Tensor, torch.Tensor] | None = None
         self.routed_gpu_chunks: tuple[int, ...] | None = None  # None: decided at the first routed step
-        self._streamed_below: tuple | None = None  # (routed_gpu_chunks, the same [K, 1] on the device)
+        # [routed_gpu_chunks as set, the same as a [K, 1] device tensor] (streamed_below)
+        self._streamed_below: list | None = None
         # (token, k) pairs of routed steps, and the native jobs' counts: of those pairs, the ones
         # of host experts, and the chunk-experts of theirs the GPU streamed from host memory
         self._routed_pairs = 0
@@ -510,9 +511,13 @@ class HybridMoE(nn.Module):
         self._routed_pairs += T * K
         submitted = time.perf_counter()
         self.to_cpu_submit_s += submitted - op_start
-        self._hot_share(x, topk_weights, topk_ids, out)
+        graphs = self._hot_share(x, topk_weights, topk_ids, out)
         if streamed:
-            out.add_(self._streamed_chunks(x, topk_weights, slots, streamed))
+            self.streamed_below(streamed)
+            part = graphs.streamed(self) if graphs is not None else None
+            if part is None:
+                part = self.streamed_share(x, topk_weights, slots)
+            out.add_(part)
         out.add_(self.cpu_runtime.result_on_device(cold, x.device, x.dtype))
         if OP_TRACE is not None:
             OP_TRACE.append((id(self), op_start, None, None, submitted, time.perf_counter()))
@@ -535,27 +540,37 @@ class HybridMoE(nn.Module):
             self.hot_experts(x, topk_weights, topk_ids, out)
         return graphs
 
-    def _streamed_chunks(self, x: torch.Tensor, topk_weights: torch.Tensor, slots: torch.Tensor,
-                         n: tuple[int, ...]) -> torch.Tensor:
-        """[T, H]: the first n[k] chunks of each host-served (token, k) pair, computed on the GPU
-        from the host chunks in place (slots [T, K] host slot or -1, on the device). K*C slots
-        per token, -1 past the n[k] chunks, as the staged path launches (one compiled variant)."""
+    def streamed_below(self, n: tuple[int, ...] | None = None) -> torch.Tensor:
+        """[K, 1] int32 on the device: per top-k position, how many leading chunks of each
+        cold expert a routed step's GPU kernels stream (zeros until set); `n` sets it, in
+        place, so the graphs captured reading it (MoEGraphs.streamed) follow."""
+        if self._streamed_below is None:
+            self._streamed_below = [(0,) * self.top_k,
+                                    torch.zeros(self.top_k, 1, dtype=torch.int32, device=self.device)]
+        below = self._streamed_below[1]
+        if n is not None and self._streamed_below[0] != n:
+            # filled on the device: a copy from pageable host memory would wait for the stream
+            for k, n_k in enumerate(n):
+                below[k].fill_(n_k)
+            self._streamed_below[0] = n
+        return below
+
+    def streamed_share(self, x: torch.Tensor, topk_weights: torch.Tensor, slots: torch.Tensor,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
+        """[T, H]: the leading chunks (streamed_below) of each host-served (token, k) pair,
+        computed on the GPU from the host chunks in place (slots [T, K] host slot or -1, on
+        the device). K*C slots per token, -1 past the streamed chunks, as the staged path
+        launches (one compiled variant)."""
         from vllm_fiddler.kernels.triton import fused_moe
 
         T, K = slots.shape
         C = self.chunks
-        if self._streamed_below is None or self._streamed_below[0] != n:  # (host key, device copy)
-            # filled on the device: a copy from pageable host memory would wait for the stream
-            below = torch.empty(K, 1, dtype=slots.dtype, device=slots.device)
-            for k, n_k in enumerate(n):
-                below[k].fill_(n_k)
-            self._streamed_below = (n, below)
         c = torch.arange(C, dtype=slots.dtype, device=slots.device)  # [C]
         slot = slots.unsqueeze(-1)  # [T, K, 1]
-        below = self._streamed_below[1]  # [K, 1]
+        below = self.streamed_below()  # [K, 1]
         ids = torch.where((slot >= 0) & (c < below), slot * C + c, -1).view(T, K * C)  # [T, K*C]
         w13, w2 = self.host_views
-        return fused_moe(x, w13, w2, chunk_weights(topk_weights, C), ids)
+        return fused_moe(x, w13, w2, chunk_weights(topk_weights, C), ids, out=out)
 
     def _plan_cold(self, host) -> tuple[int, list[tuple[int, int]], tuple[torch.Tensor, torch.Tensor] | None]:
         """From the step's routing on the host: (cold (token, k) pairs, copies [(host slot,

@@ -22,8 +22,10 @@ from vllm.model_executor.models.utils import extract_layer_index
 from vllm_fiddler.config import FiddlerConfig
 from vllm_fiddler.layers import custom_op
 from vllm_fiddler.layers.hybrid_moe import HybridMoE, expert_chunks
+from vllm_fiddler.logger import logger
 from vllm_fiddler.metrics import StatsWriter
 from vllm_fiddler.placement import MoEShape, Placement
+from vllm_fiddler.runtime import device_wait
 from vllm_fiddler.runtime.cpu_experts import CPUExpertRuntime, get_cpu_runtime
 from vllm_fiddler.runtime.host_view import device_view
 from vllm_fiddler.runtime.kernel_warmup import warm_up_kernels
@@ -92,6 +94,8 @@ class FiddlerMixtralForCausalLM(vllm_mixtral.MixtralForCausalLM):
         on_cuda = device.type == "cuda"
         runtime = get_cpu_runtime(cfg.resolved_cpu_threads(), inline=not on_cuda, pin_memory=on_cuda,
                                   wait_on_device=cfg.wait_on_device)
+        if on_cuda and cfg.blocking_sync and device_wait.block_on_host_syncs():
+            logger.info("fiddler: the engine thread's GPU waits sleep instead of spinning (blocking_sync)")
         stager = None
         if staging_slots:
             stager = WeightStager(staging_slots, hf.hidden_size, hf.intermediate_size,
@@ -122,7 +126,8 @@ class FiddlerMixtralForCausalLM(vllm_mixtral.MixtralForCausalLM):
             if cfg.cuda_graph_max_tokens and placement.num_cpu:
                 graphs = MoEGraphs(cfg.cuda_graph_max_tokens, hf.hidden_size, hf.num_experts_per_tok,
                                    vllm_config.model_config.dtype, device)
-                self.cuda_graphs = graphs.capture(self.moe_layers, stager)
+                self.cuda_graphs = graphs.capture(self.moe_layers, stager,
+                                                  streamed_max_tokens=self.moe_layers[0].routed_max_tokens)
                 for experts in self.moe_layers:
                     experts.graphs = graphs
         self.replacer = None

@@ -2,7 +2,8 @@
 
 What is timed, on the model's real shapes and the runtime's real code paths:
 - CPU: one cold expert through the CPU kernel at several token counts;
-- PCIe: one expert's weights host->device into a staging slot;
+- PCIe: one expert's weights host->device into a staging slot, and the GPU's
+  kernels reading one expert in place from pinned host memory (routed steps);
 - GPU: one expert through the Triton kernel at several token counts;
 - host DRAM contention: the CPU expert (1 and 64 tokens) while staging
   copies stream on the copy stream, and the copies while the CPU expert
@@ -51,8 +52,9 @@ SLOWDOWN_RANGE = (1.0, 3.0)  # a measured slowdown is clamped to this
 # Part of the cache key: bump it when what is measured changes, so that older
 # cache files (under another name) are re-measured. "v2": contention factors;
 # "v3": warmed-up CPU points, best of CPU_TIMINGS; "v4": passes until they agree;
-# "v5": contention from the best of CONTENTION_ROUNDS rounds.
-CACHE_VERSION = "v5"
+# "v5": contention from the best of CONTENTION_ROUNDS rounds; "v6": in-place reads.
+CACHE_VERSION = "v6"
+STREAM_REPS = 4  # in-place reads of a whole expert per timing (~10 ms each on the H100 box)
 
 
 def machine_key(hidden: int, inter: int, dtype: torch.dtype, threads: int) -> str:
@@ -98,6 +100,30 @@ def _cpu_expert_fn(layer, tokens: int):
 def _copy_fn(layer, stager):
     """A callable staging one whole cold expert (expert 0) into a slot, on the stager's copy stream."""
     return lambda: stager.release(stager.stage(layer.w13_cpu[0], layer.w2_cpu[0])[0])
+
+
+def _stream_fn(layer):
+    """A callable computing one token through every chunk of one cold expert on the GPU,
+    its weights read in place from pinned host memory (HybridMoE.streamed_share's launch),
+    a different cold expert each call; None where the host chunks cannot be mapped."""
+    from vllm_fiddler.kernels.triton import fused_moe
+    from vllm_fiddler.runtime.host_view import device_view
+
+    try:
+        w13, w2 = layer.host_views or (device_view(layer.w13_cpu_chunks), device_view(layer.w2_cpu_chunks))
+    except (ValueError, RuntimeError) as e:
+        logger.info("fiddler: in-place reads not timed (%s); priced as copies", e)
+        return None
+    K, C, device = layer.top_k, layer.chunks, layer.device
+    n_cold = layer.w13_cpu.shape[0]
+    x = torch.randn(1, layer.hidden_size, device=device).to(layer.w13_cpu.dtype)  # [1, H]
+    w = torch.ones(1, K * C, device=device)  # [1, K*C]
+    # [n_cold, K*C]: expert e's C chunk-experts in the first top-k position, -1 in the others
+    rows = torch.full((n_cold, K * C), -1, dtype=torch.int32)
+    rows[:, :C] = torch.arange(n_cold * C, dtype=torch.int32).view(n_cold, C)
+    rows = rows.to(device)
+    it = iter(range(10**9))
+    return lambda: fused_moe(x, w13, w2, w, rows[next(it) % n_cold].unsqueeze(0))
 
 
 def slowdown(contended_ms: float, solo_ms: float) -> float:
@@ -261,6 +287,8 @@ def measure(layer, runtime, stager) -> dict:
         lambda: {t: min(runtime.time_on_worker(fn, reps=2) for _ in range(CPU_TIMINGS)) for t, fn in fns.items()})
     copy_ms = _time_ms(_copy_fn(layer, stager), 3, torch.cuda.synchronize)
     expert_bytes = 3 * H * I * layer.w13_cpu.element_size()
+    stream = _stream_fn(layer)
+    stream_gb_s = expert_bytes / _time_ms(stream, STREAM_REPS, torch.cuda.synchronize) / 1e6 if stream else 0.0
     gpu_points = []
     # the layout of HybridMoE._copied_experts: K*C slots per token, here the
     # first k-slot on staging slot 0's chunks and the other K-1 on other experts (-1)
@@ -280,7 +308,8 @@ def measure(layer, runtime, stager) -> dict:
         contention = {"cpu_contended_slowdown": 1.0, "h2d_contended_slowdown": 1.0}
         detail = {"error": repr(e)}
     return {"cpu_points": cpu_points, "h2d_gb_s": expert_bytes / copy_ms / 1e6, "copy_latency_ms": 0.0,
-            "gpu_points": gpu_points, "expert_bytes": expert_bytes, **contention, "contention_detail": detail}
+            "gpu_points": gpu_points, "expert_bytes": expert_bytes, "stream_gb_s": stream_gb_s, **contention,
+            "contention_detail": detail}
 
 
 def cache_key(layer, threads: int) -> str:
@@ -320,9 +349,11 @@ def _load_or_measure(layer, runtime, stager, threads: int):
         logger.warning("fiddler: cost model not cached (contention not measured)")
     else:
         cost_model.save_cached(key, model)
-    logger.info("fiddler: cost model measured in %.2f s: CPU expert %s ms by tokens, H2D %.1f GB/s, GPU expert "
-                "%s ms; host DRAM contention: CPU %.2fx, copies %.2fx slower while both run (%s)",
+    logger.info("fiddler: cost model measured in %.2f s: CPU expert %s ms by tokens, H2D %.1f GB/s, in-place "
+                "reads %.1f GB/s, GPU expert %s ms; host DRAM contention: CPU %.2fx, copies %.2fx slower while "
+                "both run (%s)",
                 time.perf_counter() - start, [(t, round(ms, 2)) for t, ms in m["cpu_points"]], m["h2d_gb_s"],
+                m["stream_gb_s"],
                 [(t, round(ms, 3)) for t, ms in m["gpu_points"]], model.cpu_contended_slowdown,
                 model.h2d_contended_slowdown, _fmt_detail(detail))
     return model

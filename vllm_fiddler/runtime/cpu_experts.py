@@ -84,6 +84,13 @@ class CPUExpertRuntime:
         self._unchecked: concurrent.futures.Future | None = None  # the last device-waited job
         self._pool = None if inline else concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="fiddler-cpu-experts", initializer=self._init_worker)
+        if not inline:
+            # Now, not only in _init_worker: native jobs go to the kernel's own job thread, and
+            # a first one before any pool job started the native pool at every core (H100 box,
+            # lease W: a compiled engine ran 16 expert threads beside its busy engine thread on
+            # 16 cores, 25 preemptions of them a step; which engines did depended on the order
+            # of their first CPU calls).
+            cpu_kernels.set_num_threads(num_threads)
         self._buffers: dict[str, torch.Tensor] = {}
         self._result_in_flight: torch.cuda.Event | None = None  # H2D still reading the result buffer
         self._native_jobs = 0  # submitted to the native job thread (see submit)

@@ -20,6 +20,15 @@ For each token count T in 1..max_tokens, captured while the model loads:
   hot graph (per layer):   hot_out    = fused_moe(x, w13_gpu, w2_gpu, weights, gpu_slot_of[ids])
   staged graph (one):      staged_out = fused_moe over the staging slots' chunk-experts,
                            of `expert`'s (token, k) pairs only, chunks from stager row `row`
+  streamed graph (per layer with host views, T <= streamed_max_tokens):
+                           streamed_out = a routed step's leading chunks of its host experts,
+                           read from host memory in place (HybridMoE.streamed_share; how many
+                           chunks: the layer's streamed_below, a device tensor)
+
+The streamed graphs took the last eager `fused_moe` off routed (decode) steps:
+~0.55 ms of the engine thread's time a layer, which in vLLM's eager mode kept
+that thread busy for the whole step (benchmarks/results/e2e-h100.json,
+lease W: engine thread 28.9 ms of CPU time in a 29.1 ms step).
 
 Graphs read the layer's weights and routing maps where they live, so online
 re-placement (which rewrites them in place) needs no new capture. All graphs
@@ -49,6 +58,7 @@ class _Inputs:
         self.row = torch.zeros(1, dtype=torch.int64, device=device)  # ... and its stager chunk-id row
         self.hot_out = torch.zeros(T, H, dtype=dtype, device=device)  # [T, H]
         self.staged_out = torch.zeros(T, H, dtype=dtype, device=device)  # [T, H]
+        self.streamed_out = torch.zeros(T, H, dtype=dtype, device=device)  # [T, H]
 
 
 class MoEGraphs:
@@ -58,25 +68,31 @@ class MoEGraphs:
         self._inputs = {T: _Inputs(T, hidden_size, top_k, dtype, device) for T in range(1, max_tokens + 1)}
         self._hot: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (id(layer), T)
         self._staged: dict[int, torch.cuda.CUDAGraph] = {}  # T
+        self._streamed: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (id(layer), T)
         self._pool = torch.cuda.graph_pool_handle()
         self._loaded: _Inputs | None = None
         self.replays = 0
 
     # -- capture (model load) --------------------------------------------
-    def capture(self, layers, stager) -> dict:
-        """Captures the hot graph of every layer with device expert slots and the staged graph
-        (when there is a stager) for each token count; returns {"graphs", "seconds"}."""
+    def capture(self, layers, stager, streamed_max_tokens: int = 0) -> dict:
+        """Captures for each token count the hot graph of every layer with device expert slots,
+        the staged graph (when there is a stager), and up to `streamed_max_tokens` (the routed
+        steps' limit) the streamed graph of every layer with host views; returns {"graphs",
+        "seconds"}."""
         start = time.perf_counter()
         for T, s in self._inputs.items():
             for layer in layers:
                 if layer.w13_gpu.shape[0]:
                     self._hot[(id(layer), T)] = self._capture(lambda: _hot_launch(layer, s))
+                if T <= streamed_max_tokens and layer.host_views is not None:
+                    self._streamed[(id(layer), T)] = self._capture(lambda: _streamed_launch(layer, s))
             if stager is not None:
                 self._staged[T] = self._capture(lambda: _staged_launch(stager, s))
         seconds = time.perf_counter() - start
+        graphs = len(self._hot) + len(self._staged) + len(self._streamed)
         logger.info("fiddler: GPU expert launches of steps of 1-%d tokens replay CUDA graphs: %d captured "
-                    "in %.1f s", self.max_tokens, len(self._hot) + len(self._staged), seconds)
-        return {"graphs": len(self._hot) + len(self._staged), "seconds": seconds}
+                    "in %.1f s", self.max_tokens, graphs, seconds)
+        return {"graphs": graphs, "seconds": seconds}
 
     def _capture(self, launch) -> torch.cuda.CUDAGraph:
         launch()  # eager first: compiles the Triton variants and loads every kernel's module
@@ -103,12 +119,18 @@ class MoEGraphs:
 
     def hot(self, layer) -> torch.Tensor | None:
         """The loaded op's hot experts (layer's device slots) [T, H], or None without a graph."""
-        graph = self._hot.get((id(layer), self._loaded.x.shape[0]))
+        return self._replay(self._hot.get((id(layer), self._loaded.x.shape[0])), self._loaded.hot_out)
+
+    def streamed(self, layer) -> torch.Tensor | None:
+        """The loaded op's streamed chunks (HybridMoE.streamed_share) [T, H], or None without a graph."""
+        return self._replay(self._streamed.get((id(layer), self._loaded.x.shape[0])), self._loaded.streamed_out)
+
+    def _replay(self, graph: torch.cuda.CUDAGraph | None, out: torch.Tensor) -> torch.Tensor | None:
         if graph is None:
             return None
         graph.replay()
         self.replays += 1
-        return self._loaded.hot_out
+        return out
 
     def staged(self, expert: int, stager_row: int) -> torch.Tensor | None:
         """The loaded op's (token, k) pairs of `expert` over the stager's chunk-experts of row
@@ -126,6 +148,11 @@ class MoEGraphs:
 
 def _hot_launch(layer, s: _Inputs) -> None:
     layer.hot_experts(s.x, s.weights, s.ids, s.hot_out)
+
+
+def _streamed_launch(layer, s: _Inputs) -> None:
+    # the routing map read in place: re-placement rewrites it, the graph follows
+    layer.streamed_share(s.x, s.weights, layer.cpu_slot_of[s.ids], s.streamed_out)
 
 
 def _staged_launch(stager, s: _Inputs) -> None:
