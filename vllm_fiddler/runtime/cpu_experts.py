@@ -85,11 +85,10 @@ class CPUExpertRuntime:
         self._pool = None if inline else concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="fiddler-cpu-experts", initializer=self._init_worker)
         if not inline:
-            # Now, not only in _init_worker: native jobs go to the kernel's own job thread, and
-            # a first one before any pool job started the native pool at every core (H100 box,
-            # lease W: a compiled engine ran 16 expert threads beside its busy engine thread on
-            # 16 cores, 25 preemptions of them a step; which engines did depended on the order
-            # of their first CPU calls).
+            # Here, not in the worker's initializer: native jobs go to the kernel's own job
+            # thread, and one that came before any worker job started the native pool at every
+            # core (H100 box, lease W: a compiled engine ran 16 expert threads beside its busy
+            # engine thread on 16 cores, 25 preemptions of them a step).
             cpu_kernels.set_num_threads(num_threads)
         self._buffers: dict[str, torch.Tensor] = {}
         self._result_in_flight: torch.cuda.Event | None = None  # H2D still reading the result buffer
@@ -128,7 +127,6 @@ class CPUExpertRuntime:
     def _init_worker(self) -> None:
         # OpenMP thread teams are per calling thread: size this thread's team.
         torch.set_num_threads(self.num_threads)
-        cpu_kernels.set_num_threads(self.num_threads)
 
     def _buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """A reusable (pinned on CUDA) host buffer, grown on demand."""

@@ -141,9 +141,7 @@ class MoEGraphs:
             return None
         s.expert.fill_(expert)
         s.row.fill_(stager_row)
-        graph.replay()
-        self.replays += 1
-        return s.staged_out
+        return self._replay(graph, s.staged_out)
 
 
 def _hot_launch(layer, s: _Inputs) -> None:
