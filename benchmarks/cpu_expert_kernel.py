@@ -299,7 +299,7 @@ def main() -> int:
                 kt_status = f"failed: {type(exc).__name__}: {exc}"
                 print(f"# kt-kernel: {kt_status}")
             del kt
-        del w13, w2
+        w13 = w2 = None  # freed before the next shape allocates its own
 
     result = {
         "device": {"cpu": cpu_model(), "cpus": os.cpu_count(), "threads": threads, "l3_bytes": l3,

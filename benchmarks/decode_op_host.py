@@ -208,8 +208,8 @@ def main() -> None:
         for layer in moe:
             layer.graphs = graphs if use_graphs else None
             layer.routed_max_tokens = routed
-            layer.routed_gpu_chunks = None if streamed < 0 else tuple(streamed // K + (k < streamed % K)
-                                                                      for k in range(K))
+            layer.set_streamed_chunks(None if streamed < 0 else tuple(streamed // K + (k < streamed % K)
+                                                                      for k in range(K)))
         os.environ["FIDDLER_CPU_SPIN_US"] = str(spin_us)
         os.environ["FIDDLER_CPU_PHASE_BARRIER"] = str(barrier)  # read by each CPU job
         cpu_kernels.set_num_threads(threads + 1)  # a new size rebuilds the pool, which reads the spin

@@ -91,7 +91,8 @@ reads its cold experts once per token, cold bytes = layers * top_k *
 reading host DRAM; moved at the most host DRAM delivered with the CPU and
 the PCIe DMA reading at once (`host_read_together_gb_s`, measured in this
 run by host_bandwidth.measure; with --bandwidth-per-row, measured again
-right after each fiddler decode row's engine, for that row); `_independent`:
+right before and after each fiddler decode row's engine, the higher of the
+two for that row); `_independent`:
 at CPU read + PCIe H2D as if they did not share DRAM; `_dram_bound`: at the
 CPU's read alone (see roofline()).
 `FIDDLER_DUMMY_ROUTER_SKEW=<strength>` (vllm_fiddler/synthetic.py) skews every
@@ -373,7 +374,7 @@ def measure_bandwidth(out_path: str) -> None:
     when built, else torch.sum), pinned H2D, each alone and both at once."""
     import host_bandwidth
 
-    write_json(out_path, host_bandwidth.measure(seconds=2.0, cpu_gib=4.0, rounds=3))
+    write_json(out_path, host_bandwidth.measure(seconds=2.0, cpu_gib=8.0, rounds=3))
 
 
 def roofline(row: dict, out: dict) -> dict:
@@ -382,16 +383,20 @@ def roofline(row: dict, out: dict) -> dict:
     A token reads each layer's cold experts once, cold bytes = layers * top_k *
     (1 - hit rate) * expert bytes, by CPU compute or DMA, both from host DRAM.
     `roofline_decode_tok_s` moves them at the most host DRAM delivered in the
-    measurement right after this row's engine where there is one (the host's
-    bandwidth drifts by more than 10% over minutes), else the JSON's: the CPU
+    measurements right before and after this row's engine where there are any
+    (the host's bandwidth drifts by more than 10% over minutes: each figure the
+    higher of the two, as each is already the best of its rounds; lease X's
+    table engine had 121.6 GB/s together right after it, 141.4-143.6 after the
+    machine's two engines before it), else
+    the JSON's: the CPU
     and the DMA reading at once, or either alone if that was more. `_independent` adds the two links' solo figures, as if they
     did not share DRAM (not reachable here: `host_read_together_gb_s` is far
     below that sum); `_dram_bound` is the CPU's read alone."""
     hit = row.get("fiddler", {}).get("gpu_hit_rate")
-    # the bandwidth measured right after this row's engine (--bandwidth-per-row), else the JSON's
-    source = row.get("host_bandwidth_after") or {}
-    if not all(source.get(k) for k in BANDWIDTH_KEYS):
-        source = out
+    # the bandwidth measured around this row's engine (--bandwidth-per-row), else the JSON's
+    around = [m for m in (row.get("host_bandwidth_before"), row.get("host_bandwidth_after"))
+              if m and all(m.get(k) for k in BANDWIDTH_KEYS)]
+    source = {k: max(m[k] for m in around) for k in BANDWIDTH_KEYS} if around else out
     dram, pcie, together = (source.get(k) for k in BANDWIDTH_KEYS)
     if hit is None or not dram or not pcie:
         return {}
@@ -707,8 +712,8 @@ def parse_args(argv=None):
     p.add_argument("--run-system", help=argparse.SUPPRESS)
     p.add_argument("--system-out", help=argparse.SUPPRESS)
     p.add_argument("--bandwidth-per-row", action="store_true",
-                   help="measure the host's DRAM / PCIe bandwidth again right after each fiddler decode "
-                        "row's engine (~40 s) and take that row's roofline from it: the VM's bandwidth "
+                   help="measure the host's DRAM / PCIe bandwidth again right before and after each fiddler "
+                        "decode row's engine (~40 s each) and take that row's roofline from them: the VM's bandwidth "
                         "drifts by more than 10%% within a lease")
     p.add_argument("--measure-bandwidth", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -745,13 +750,16 @@ def main(argv=None) -> None:
         runs = out["runs"].setdefault(key, {})
         for name in args.systems.split(","):
             t0 = time.perf_counter()
+            per_row = args.bandwidth_per_row and name.startswith("fiddler") and not args.tiny \
+                and "decode" in args.scenarios.split(",")
+            before = measured_bandwidth() if per_row else None
             old, new = runs.get(name, {}), system_rows(args, name, skew)
             if "decode" in new["scenarios"] and name.startswith("fiddler") and not args.tiny:
-                # a new decode figure: an older row's measurement does not belong to it; with
-                # --bandwidth-per-row its roofline takes the host as it was right after it
-                old = {k: v for k, v in old.items() if k != "host_bandwidth_after"}
-                if args.bandwidth_per_row:
-                    new["host_bandwidth_after"] = measured_bandwidth()
+                # a new decode figure: an older row's measurements do not belong to it; with
+                # --bandwidth-per-row its roofline takes the host as it was around it
+                old = {k: v for k, v in old.items() if k not in ("host_bandwidth_before", "host_bandwidth_after")}
+                if per_row:
+                    new["host_bandwidth_before"], new["host_bandwidth_after"] = before, measured_bandwidth()
             row = merge_row(old, new)
             row["wall_s"] = time.perf_counter() - t0
             runs[name] = row

@@ -9,6 +9,10 @@ budget decides the decode roofline, so this measures both alone and together.
 
 CPU reads use the fiddler CPU kernel's read loop (all threads) when it is
 built, else torch.sum; buffers are several GB so the L3 is not measured.
+With CUDA they come from torch's pinned allocator, like the cold experts: on
+the H100 box the same loop read pinned GiBs at a median 161 GB/s and fresh
+pageable ones at 127 (benchmarks/host_memory_map.py, one process, alternating
+rounds), so a pageable probe understated the experts' read bound by ~20%.
 """
 
 from __future__ import annotations
@@ -65,7 +69,8 @@ def measure(seconds: float = 3.0, cpu_gib: float = 4.0, rounds: int = 3) -> dict
     takes the most the host can deliver."""
     threads = os.cpu_count()
     torch.set_num_threads(threads)
-    buffers = [torch.ones(int(cpu_gib * GIB / 4 / 2), dtype=torch.bfloat16) for _ in range(4)]
+    pinned = torch.cuda.is_available()  # the cold experts' kind of memory
+    buffers = [torch.ones(int(cpu_gib * GIB / 4 / 2), dtype=torch.bfloat16, pin_memory=pinned) for _ in range(4)]
     src = torch.ones(GIB // 2, dtype=torch.bfloat16).pin_memory()
     dst = torch.empty_like(src, device="cuda")
     cpu_alone = pcie_alone = 0.0
@@ -83,6 +88,7 @@ def measure(seconds: float = 3.0, cpu_gib: float = 4.0, rounds: int = 3) -> dict
                         "sum_gb_s": got["cpu"] + got["pcie"]}
     return {
         "device": f"{torch.cuda.get_device_name()} + {threads} CPUs", "threads": threads, "rounds": rounds,
+        "cpu_buffers": f"{cpu_gib:g} GiB, " + ("pinned" if pinned else "pageable"),
         "cpu_read_gb_s": cpu_alone, "pcie_h2d_gb_s": pcie_alone, "together": together,
         "sum_alone_gb_s": cpu_alone + pcie_alone,
     }

@@ -31,6 +31,7 @@ import time
 
 import torch
 
+from results_io import command_line, write_result
 from vllm_fiddler.config import default_cpu_threads
 from vllm_fiddler.kernels import cpu as cpu_kernels
 
@@ -140,12 +141,9 @@ def main() -> None:
     result = {"device": (torch.cuda.get_device_name() if cuda else "cpu") + f" + {os.cpu_count()} CPUs",
               "transparent_hugepage": thp, "threads": args.threads, "cpu_isa": cpu_kernels.isa(),
               "shape": {"hidden": args.hidden, "inter": args.inter, "experts": args.experts},
-              "command": "python benchmarks/host_pages.py " + " ".join(
-                  f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"), "rows": rows}
+              "command": command_line("host_pages.py", args), "rows": rows}
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+        write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -186,7 +186,7 @@ def test_routed_steps_never_wait_on_the_host_and_match_the_synced_path(tokens, s
     gen = torch.Generator().manual_seed(tokens)
     x = torch.randn(tokens, H, generator=gen).to(torch.bfloat16)
     logits = [torch.randn(tokens, E, generator=gen) for _ in range(3)]
-    outs, counted, streamed_bytes = {}, {}, {}
+    outs, counted, streamed_bytes, cpu_bytes = {}, {}, {}, {}
     for routed in (0, 8):
         runtime = CPUExpertRuntime(num_threads=2, inline=False, pin_memory=True, wait_on_device=True)
         try:
@@ -194,7 +194,7 @@ def test_routed_steps_never_wait_on_the_host_and_match_the_synced_path(tokens, s
             assert layers[0][0].chunks == 2  # I = 160
             for layer, _, _ in layers:
                 layer.routed_max_tokens = routed
-                layer.routed_gpu_chunks = streamed
+                layer.set_streamed_chunks(streamed)
                 layer.host_views = (host_view.device_view(layer.w13_cpu_chunks),
                                     host_view.device_view(layer.w2_cpu_chunks))
             assert runtime.takes_routed_jobs()
@@ -215,6 +215,7 @@ def test_routed_steps_never_wait_on_the_host_and_match_the_synced_path(tokens, s
             runtime._finish_native()
             counted[routed] = [(layer.routed_to_cpu, layer.routed_to_gpu) for layer, _, _ in layers]
             streamed_bytes[routed] = sum(layer.streamed_weight_bytes for layer, _, _ in layers)
+            cpu_bytes[routed] = sum(layer.cpu_weight_bytes for layer, _, _ in layers)
             chunk_bytes = 2 * (layers[0][0].w13_cpu_chunks[0].numel() + layers[0][0].w2_cpu_chunks[0].numel())
         finally:
             runtime.shutdown()
@@ -236,6 +237,19 @@ def test_routed_steps_never_wait_on_the_host_and_match_the_synced_path(tokens, s
     cold = sum(cpu for cpu, _ in counted[8])
     assert streamed_bytes[0] == 0
     assert (0 < streamed_bytes[8] <= cold * max(streamed) * chunk_bytes) if any(streamed) else streamed_bytes[8] == 0
+    # the CPU read each of its chunk-experts once a call: chunks streamed[k].. of each cold pair's
+    # expert routed (all of them synced); layer 0 ran twice on the same routing
+
+    def cpu_chunk_reads(first):
+        reads = 0
+        for i, ((layer, _, _), lg) in enumerate(zip(layers, logits)):
+            ids = reference.route(lg, K)[1]
+            reads += (2 if i == 0 else 1) * len({(int(e), c) for row in ids for k, e in enumerate(row)
+                                                 if layer.device_slot[int(e)] < 0 for c in range(first[k], 2)})
+        return reads
+
+    assert cpu_bytes[0] == cpu_chunk_reads((0, 0)) * chunk_bytes > 0
+    assert cpu_bytes[8] == cpu_chunk_reads(streamed) * chunk_bytes
 
 
 def test_blocking_sync_sets_the_context_flag_and_syncs_still_work():
@@ -280,5 +294,61 @@ def test_calibration_times_the_in_place_reads():
         assert model.stream_ms == pytest.approx(m["expert_bytes"] / m["stream_gb_s"] / 1e6)
         cut = cost_model.streamed_chunks(model, layer.chunks, K)
         assert len(cut) == K and all(0 <= n <= layer.chunks for n in cut)
+    finally:
+        runtime.shutdown()
+
+
+def test_routed_steps_decide_their_cut_again_as_the_hit_rate_moves(monkeypatch):
+    """The streamed cut is decided at the first routed step and again every
+    STREAMED_DECISION_STEPS routed steps, from the pairs the host served since; each
+    decision is the cost model's for that share, and the chained steps still match the
+    fp32 oracle while the cut changes under them."""
+    import dataclasses
+    import types
+
+    from vllm_fiddler import cost_model
+    from vllm_fiddler.layers import hybrid_moe
+
+    # one of the 2 chunks of the first position's expert streamed while most pairs are cold,
+    # none at a low share (test_hybrid_moe's planted model)
+    cost = dataclasses.replace(cost_model.CostModel(cpu_points=((1, 2.5),), h2d_gb_s=1.0, copy_latency_ms=0.0,
+                                                    expert_bytes=6_500_000, gpu_points=((1, 0.1),)),
+                               cpu_contended_slowdown=1.1, h2d_contended_slowdown=1.1)
+    monkeypatch.setattr(hybrid_moe, "get_step_planner", lambda layer: types.SimpleNamespace(cost=cost))
+    monkeypatch.setattr(hybrid_moe, "STREAMED_DECISION_STEPS", 2)
+    monkeypatch.setattr(hybrid_moe, "STREAMED_DECISION_MIN_PAIRS", 2)
+    runtime = CPUExpertRuntime(num_threads=2, inline=False, pin_memory=True, wait_on_device=True)
+    try:
+        layer, w13, w2 = make_cuda_layer(runtime, 0)  # experts 1 and 6 on the GPU
+        layer.routed_max_tokens = 4
+        layer.stager = object()  # only its presence matters to the decision
+        layer.host_views = (host_view.device_view(layer.w13_cpu_chunks), host_view.device_view(layer.w2_cpu_chunks))
+        decisions = []
+        decide = layer._decide_streamed_chunks
+
+        def spy():
+            decide()
+            decisions.append((layer._streamed_decision["cold_share"], layer.routed_gpu_chunks))
+
+        monkeypatch.setattr(layer, "_decide_streamed_chunks", spy)
+        gen = torch.Generator().manual_seed(3)
+        for step in range(6):
+            x = torch.randn(1, H, generator=gen).to(torch.bfloat16)
+            logits = torch.randn(1, E, generator=gen)
+            if step >= 2:  # from the third step on, both of the token's experts are on the GPU
+                logits[0, 1] = logits[0, 6] = 9.0
+            got = layer(x.cuda(), logits.cuda()).cpu()
+            weights, ids = reference.route(logits, K)
+            ref = reference.moe(x, w13, w2, weights, ids)
+            scale = ref.abs().max().item()
+            torch.testing.assert_close(got.float(), ref, atol=TOLERANCE[torch.bfloat16] * scale,
+                                       rtol=TOLERANCE[torch.bfloat16])
+        torch.cuda.synchronize()
+        runtime._finish_native()
+        # steps 1, 3 and 5 decide; the first from the experts on the host (6 of 8)
+        assert [share for share, _ in decisions][0] == 0.75 and len(decisions) == 3
+        for share, cut in decisions:
+            assert cut == (cost_model.streamed_chunks(cost, layer.chunks, K, cold_share=share) if share else (0, 0))
+        assert decisions[0][1] == (1, 0) and decisions[-1] == (0.0, (0, 0))  # the cut did change
     finally:
         runtime.shutdown()

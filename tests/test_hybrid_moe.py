@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from vllm_fiddler.kernels import reference
-from vllm_fiddler.layers.hybrid_moe import HybridMoE
+from vllm_fiddler.layers.hybrid_moe import HybridMoE, cold_token_counts
 from vllm_fiddler.runtime.cpu_experts import CPUExpertRuntime
 
 
@@ -136,6 +136,9 @@ def test_every_pair_runs_on_exactly_one_side(monkeypatch):
     assert torch.equal(torch.tensor(layer.gpu_experts)[gpu_ids[on_gpu].long()], ids[on_gpu])
     assert torch.equal(torch.tensor(layer.cpu_experts)[cpu_ids[~on_gpu].long()], ids[~on_gpu])
     assert layer.routed_to_gpu == int(on_gpu.sum()) and layer.routed_to_cpu == int((~on_gpu).sum())
+    # the CPU read each chunk-expert it was given once, however many tokens chose it
+    assert layer.cpu_weight_bytes == layer.chunk_bytes * chunk_ids[chunk_ids >= 0].unique().numel() > 0
+    assert layer.chunk_bytes * C == layer.expert_bytes
     assert layer.expert_tokens.tolist() == torch.bincount(ids.flatten(), minlength=E).tolist()
 
 
@@ -287,9 +290,9 @@ def test_routed_jobs_wait_for_their_routing_then_match_the_planned_kernel():
         cpu_kernels.async_take_error()
         layer, _, _ = make_layer(PLACEMENTS["mixed"], torch.bfloat16, runtime=pool)
         assert layer.chunks > 1  # the job expands slots into several chunk-experts
-        counts = torch.zeros(2, dtype=torch.int64)  # cold pairs, streamed chunk-experts
+        counts = torch.zeros(3, dtype=torch.int64)  # cold pairs, streamed and CPU chunk-experts
         gen = torch.Generator().manual_seed(5)
-        expected_pairs = expected_streamed = 0
+        expected_pairs = expected_streamed = expected_on_cpu = 0
         C = layer.chunks
         waited_before = pool.queue_s + pool.routing_wait_s
         for tokens, first in ((1, (0, 0)), (2, (2, 2)), (5, (0, 1)), (13, (1, 0)), (3, (C, C)), (4, (C, 1))):
@@ -316,7 +319,9 @@ def test_routed_jobs_wait_for_their_routing_then_match_the_planned_kernel():
             # the GPU streams chunks below first[k] of each cold pair, each chunk-expert once
             expected_streamed += len({int(s) * C + c for row in slots for k, s in enumerate(row)
                                       if s >= 0 for c in range(first[k])})
-            assert counts.tolist() == [expected_pairs, expected_streamed]
+            expected_on_cpu += len({int(s) * C + c for row in slots for k, s in enumerate(row)
+                                    if s >= 0 for c in range(first[k], C)})
+            assert counts.tolist() == [expected_pairs, expected_streamed, expected_on_cpu]
             # the chunks below first[k] are the GPU's: the engine thread's chunk ids without them
             ids_c, wts_c = layer.cpu_chunk_ids(slots, weights)  # [T, K*C]
             gpu_side = torch.arange(C) < torch.tensor(first).view(K, 1)  # [K, C]
@@ -332,7 +337,7 @@ def test_routed_jobs_wait_for_their_routing_then_match_the_planned_kernel():
         job = pool.submit_routed(x_buf, layer.w13_cpu_chunks, layer.w2_cpu_chunks, slots_buf, wts_buf,
                                  layer.chunks, counts)
         mark.land()
-        assert not job.result().any() and counts.tolist() == [expected_pairs, expected_streamed]
+        assert not job.result().any() and counts.tolist() == [expected_pairs, expected_streamed, expected_on_cpu]
         # a mark past the job's number releases it too (the compare is cyclic, like the GPU's)
         job = pool.submit_routed(x_buf, layer.w13_cpu_chunks, layer.w2_cpu_chunks, slots_buf, wts_buf,
                                  layer.chunks, counts)
@@ -432,9 +437,6 @@ def test_cuda_copy_and_split_paths_match_oracle(monkeypatch, plan, tokens):
     C = layer.chunks
 
     class ForcedPlanner:
-        def plan(self, cpu_ids, num_cold, chunks, hot_tokens=0):
-            return self.plan_counts(dict.fromkeys(cpu_ids[cpu_ids >= 0].tolist(), 1), chunks)
-
         def plan_counts(self, token_counts, chunks, hot_tokens=0):
             hit = sorted(token_counts)
             forced = {"none": [], "whole": [(s, C) for s in hit[:1]], "split": [(s, 1) for s in hit[:1]],
@@ -481,8 +483,8 @@ def test_cuda_split_sizes_share_compiled_kernels(monkeypatch):
     split = {"n": 1}
 
     class ForcedPlanner:
-        def plan(self, cpu_ids, num_cold, chunks, hot_tokens=0):
-            return [(int(cpu_ids[cpu_ids >= 0].min()), split["n"])]
+        def plan_counts(self, token_counts, chunks, hot_tokens=0):
+            return [(min(token_counts), split["n"])]
 
     monkeypatch.setattr(hybrid_moe, "get_step_planner", lambda layer: ForcedPlanner())
     try:
@@ -537,7 +539,7 @@ def test_beams_batch_into_one_call_per_cold_expert(monkeypatch, beams):
     cost = default_for_shape(H, I, 4)
     planner = StepPlanner(cost, max_copies=None)
     cpu_ids = layer.cpu_slot_of_host[reference.route(logits, K)[1]]
-    got = planner.plan(cpu_ids, layer.num_host_slots, C)
+    got = planner.plan_counts(cold_token_counts(cpu_ids, layer.num_host_slots), C)
     slot1, slot7 = layer.cpu_experts.index(1), layer.cpu_experts.index(7)
     want = plan_cold_chunks({slot6: beams, slot1: beams - 1, slot7: 1}, cost, C, gpu_busy_ms=0.0, max_copies=None)
     assert got == [(s, want.on_gpu(s)) for s in want.copy]
@@ -568,6 +570,42 @@ def test_step_planner_remembers_plans_and_still_counts(monkeypatch):
         assert len(planner._memo) <= 2
 
 
+def test_routed_steps_decide_their_streamed_chunks_from_the_pairs_the_host_served(monkeypatch):
+    """The streamed cut (cost_model.streamed_chunks) takes each top-k position's chance of a
+    cold expert from the layer's own (token, k) pairs since its last decision: before any,
+    the share of experts on the host; with too few since, that share again; with none on the
+    host, nothing streamed."""
+    import dataclasses
+    import types
+
+    from vllm_fiddler import cost_model as cm
+    from vllm_fiddler.layers import hybrid_moe
+
+    layer, _, _ = make_layer(PLACEMENTS["mixed"], torch.float32)  # 5 of 8 experts on the host
+    # CPU 2.5 ms an expert, 6.5 ms to read it over PCIe: one of the 2 chunks of the first
+    # position's expert streamed while both positions are mostly cold, none at a 30% share
+    cost = dataclasses.replace(cm.CostModel(cpu_points=((1, 2.5),), h2d_gb_s=1.0, copy_latency_ms=0.0,
+                                            expert_bytes=6_500_000, gpu_points=((1, 0.1),)),
+                               cpu_contended_slowdown=1.1, h2d_contended_slowdown=1.1)
+    monkeypatch.setattr(hybrid_moe, "get_step_planner", lambda layer: types.SimpleNamespace(cost=cost))
+    layer.stager, layer.host_views = object(), (None, None)  # only their presence matters here
+    C, resident_share = layer.chunks, len(layer.cpu_experts) / E
+
+    def decide(to_cpu=0, to_gpu=0):
+        layer._to_cpu += to_cpu
+        layer._to_gpu += to_gpu
+        layer._decide_streamed_chunks()
+        return layer._streamed_decision["cold_share"], layer.routed_gpu_chunks
+
+    assert decide() == (resident_share, cm.streamed_chunks(cost, C, K, cold_share=resident_share)) == (0.625, (1, 0))
+    assert decide(30, 70) == (0.3, cm.streamed_chunks(cost, C, K, cold_share=0.3)) == (0.3, (0, 0))
+    assert decide(10, 0) == (resident_share, (1, 0))  # 10 pairs: too few to go by
+    assert decide(0, 100)[1] == (0, 0)  # the host served none
+    assert layer._streamed_decision["steps"] == 0
+    layer.host_views = None  # no host views: the GPU cannot stream
+    assert decide(100, 0) == (1.0, (0, 0))
+
+
 @pytest.mark.parametrize("tokens", [1, 2, 5, 16])
 @pytest.mark.parametrize("copy_gb_s", [1e-3, 0.05, 1e3])  # never copy / some / copy all
 def test_small_step_host_plan_matches_tensor_path(monkeypatch, tokens, copy_gb_s):
@@ -589,10 +627,15 @@ def test_small_step_host_plan_matches_tensor_path(monkeypatch, tokens, copy_gb_s
         ids = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(tokens)]).to(torch.int32)
         host = HostBuffers(x=torch.empty(tokens, H), ids=ids, weights=torch.rand(tokens, K, generator=gen))
         assert tokens * K <= hybrid_moe.SMALL_STEP_PAIRS
+        read_before = layer.cpu_weight_bytes
         small = layer._plan_cold(host)
+        read_small = layer.cpu_weight_bytes
         monkeypatch.setattr(hybrid_moe, "SMALL_STEP_PAIRS", 0)
         tensor = layer._plan_cold(host)
         monkeypatch.undo()
+        # both count the distinct chunk-experts they hand the CPU (none when it gets nothing)
+        given = 0 if small[2] is None else small[2][0][small[2][0] >= 0].unique().numel()
+        assert read_small - read_before == layer.cpu_weight_bytes - read_small == given * layer.chunk_bytes
         monkeypatch.setattr(hybrid_moe, "get_step_planner", lambda layer: StepPlanner(cost, max_copies=None))
         assert small[:2] == tensor[:2]
         assert (small[2] is None) == (tensor[2] is None)

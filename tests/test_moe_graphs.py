@@ -32,9 +32,6 @@ class ForcedPlanner:
     def __init__(self, whole: int, split: bool):
         self.whole, self.split = whole, split
 
-    def plan(self, cpu_ids, num_cold, chunks, hot_tokens=0):
-        return self.plan_counts(dict.fromkeys(cpu_ids[cpu_ids >= 0].tolist(), 1), chunks)
-
     def plan_counts(self, token_counts, chunks, hot_tokens=0):
         hit = sorted(token_counts)
         plan = [(s, chunks) for s in hit[:self.whole]]
@@ -145,7 +142,7 @@ def test_routed_steps_replay_the_streamed_graph(tokens, streamed):
         layer.host_views = (device_view(layer.w13_cpu_chunks), device_view(layer.w2_cpu_chunks))
         graphs = MoEGraphs(MAX_TOKENS, H, K, torch.bfloat16, torch.device("cuda"))
         assert graphs.capture([layer], None, streamed_max_tokens=MAX_TOKENS)["graphs"] == 2 * MAX_TOKENS
-        layer.routed_gpu_chunks = streamed
+        layer.set_streamed_chunks(streamed)
         x = torch.randn(tokens, H, generator=gen).to(torch.bfloat16)
         logits = torch.randn(tokens, E, generator=gen)
         logits[0, 1] = logits[0, 2] = 9.0  # two cold experts for the first token, at least

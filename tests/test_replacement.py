@@ -231,10 +231,6 @@ def test_cuda_swap_with_copier_and_copy_path(monkeypatch, tokens):
     C = layer.chunks
 
     class ForcedPlanner:  # first hit host slot copied whole, the second split
-        def plan(self, cpu_ids, num_cold, chunks, hot_tokens=0):
-            assert num_cold == E  # host backing: one host slot per expert
-            return self.plan_counts(dict.fromkeys(cpu_ids[cpu_ids >= 0].tolist(), 1), chunks)
-
         def plan_counts(self, token_counts, chunks, hot_tokens=0):
             assert max(token_counts) < E  # host backing: host slot = expert id
             hit = sorted(token_counts)

@@ -64,7 +64,8 @@ def test_step_breakdown_reports_thread_counters_per_step():
             "gpu_experts": 1, "cpu_experts": 7, "expert_threads": 15, "expert_thread_preemptions": 100,
             "expert_thread_cpu_s": 1.0, "engine_thread_preemptions": 5, "engine_thread_cpu_s": 2.0,
             "process_cpu_s": 4.0}
-    after = {**base, "layer0_steps": 10, "routed_to_cpu": 20, "expert_thread_preemptions": 130,
+    after = {**base, "layer0_steps": 10, "routed_to_cpu": 20, "cpu_busy_s": 0.25, "cpu_weight_bytes": 30 * 10**9,
+             "expert_thread_preemptions": 130,
              "expert_thread_cpu_s": 1.5, "engine_thread_preemptions": 25, "engine_thread_cpu_s": 2.2,
              "process_cpu_s": 5.0}
     b = step_breakdown(after, base)
@@ -74,6 +75,9 @@ def test_step_breakdown_reports_thread_counters_per_step():
     assert b["decode_expert_thread_cpu_ms_per_step"] == pytest.approx(50.0)
     assert b["decode_engine_thread_cpu_ms_per_step"] == pytest.approx(20.0)
     assert b["decode_process_cpu_ms_per_step"] == pytest.approx(100.0)
+    assert b["decode_cpu_weight_gb_per_step"] == pytest.approx(3.0)
+    assert b["decode_cpu_read_gb_s"] == pytest.approx(120.0)  # 30 GB over 0.25 s of CPU work
+    assert "decode_cpu_read_gb_s" not in step_breakdown(base, base)  # nothing read: no rate
 
 
 def test_runtime_sizes_the_native_pool_before_its_first_job():

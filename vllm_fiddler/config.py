@@ -14,6 +14,7 @@ process before anything is allocated, and unit-tested in CPU CI.
 | wait_on_device        | bool        | true    | the GPU waits for the CPU experts' results (CUDA), so the engine thread launches ahead; false: the engine thread waits |
 | cuda_graph_max_tokens | int >= 0    | 16      | the MoE op's GPU expert launches replay CUDA graphs for steps of up to this many tokens (CUDA; captured at load, independent of vLLM's own graphs and enforce_eager); 0: launch eagerly |
 | routed_max_tokens     | int >= 0    | 4       | steps of up to this many tokens hand the GPU's routing to the CPU experts straight from the stream (CUDA, with wait_on_device): no host sync, planning or weight copies, the GPU reading part of each cold expert from host memory in place; 0: the engine thread plans every step |
+| streamed_chunks       | "auto" or list of int >= 0 | "auto" | per top-k position, how many of a cold expert's chunks (8 for Mixtral-8x7B) a routed step's GPU reads from host memory in place, the CPU computing the rest; "auto": the calibrated cost model decides, and decides again as the hit rate moves |
 | blocking_sync         | bool        | false   | the engine thread sleeps, instead of spinning on a core, while it waits for the GPU (CUDA; cuCtxSetFlags BLOCKING_SYNC), leaving the core to the CPU experts |
 | arrival_coalesce_ms   | float >= 0  | 2.0     | once requests have arrived in bursts, an idle engine waits for the rest of a burst until this long passes without one (vllm_fiddler.arrivals); 0: vLLM's scheduler unchanged |
 
@@ -86,6 +87,10 @@ class FiddlerConfig:
     # syncs) sleep in the driver instead of spinning on a core
     # (vllm_fiddler.runtime.device_wait.block_on_host_syncs).
     blocking_sync: bool = False
+    # None = auto: routed steps' streamed chunks per top-k position come from the
+    # cost model (cost_model.streamed_chunks) and the layer's hit rate; a tuple
+    # fixes them (checked against the model's top-k and chunks before loading).
+    streamed_chunks: tuple[int, ...] | None = None
 
     @classmethod
     def from_additional_config(cls, additional_config: Mapping[str, Any] | None) -> "FiddlerConfig":
@@ -118,6 +123,7 @@ class FiddlerConfig:
             routed_max_tokens=_non_negative_int(raw, "routed_max_tokens", default=4),
             arrival_coalesce_ms=_non_negative_float(raw, "arrival_coalesce_ms", unit="ms", default=2.0),
             blocking_sync=_bool(raw, "blocking_sync", default=False),
+            streamed_chunks=_streamed_chunks(raw),
         )
 
     def resolved_cpu_threads(self) -> int:
@@ -235,6 +241,18 @@ def _bool(raw: Mapping[str, Any], key: str, default: bool) -> bool:
     if not isinstance(value, bool):
         raise FiddlerConfigError(f"fiddler option {key} must be true or false, got {value!r}")
     return value
+
+
+def _streamed_chunks(raw: Mapping[str, Any]) -> tuple[int, ...] | None:
+    value = raw.get("streamed_chunks", "auto")
+    if value == "auto":
+        return None
+    if not isinstance(value, (list, tuple)) or not value or \
+            any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in value):
+        raise FiddlerConfigError(
+            f"fiddler option streamed_chunks must be \"auto\" or a list of integers >= 0, one per top-k "
+            f"position (e.g. [2, 2]), got {value!r}")
+    return tuple(value)
 
 
 def _placement(raw: Mapping[str, Any]) -> str:

@@ -902,36 +902,56 @@ def _chunk_cached(whole: ColdPlan, cost: CostModel, chunks: int, gpu_busy_ms: fl
                      split=split, critical_path_ms=crit, cpu_ms=cpu_end, gpu_end_ms=gpu_end, whole=whole)
 
 
-def streamed_chunks(cost: CostModel, chunks: int, top_k: int = 1, tokens: float = 1.0) -> tuple[int, ...]:
+def streamed_chunks(cost: CostModel, chunks: int, top_k: int = 1, tokens: float = 1.0,
+                    cold_share: float = 1.0) -> tuple[int, ...]:
     """[top_k] of a cold expert's `chunks` chunks, how many a routed step (no host planning:
     HybridMoE._forward_routed) has the GPU compute straight from host memory while the CPU
     computes the rest, per top-k position of the (token, k) pair.
 
-    The total m over the top_k positions minimises max(CPU share, PCIe share) of a step
-    whose top_k experts are all cold, both sides slowed by host DRAM contention while the
-    other runs; it is spread as evenly as the positions allow (the first ones take one
-    more). Positions give the cut a finer grain than one expert's chunks: 5 of 16 chunks of
-    two experts where one expert alone has only 2 or 3 of 8.
+    The total m over the top_k positions is spread as evenly as the positions allow (the
+    first ones take one more), and minimises a layer's expected max(CPU share, PCIe share),
+    both sides slowed by host DRAM contention while the other runs, where each position's
+    expert is cold (on the host) with probability `cold_share`, the others' GPU hit rate.
+    Positions give the cut a finer grain than one expert's chunks: 5 of 16 chunks of two
+    experts where one expert alone has only 2 or 3 of 8; but a layer with one cold expert
+    then runs that expert's cut alone. Priced as if every position were cold (the old
+    model), the H100 box took (3, 2) of 8 chunks for Mixtral's top-2 where (2, 2) was 4%
+    slower; at decode's measured 57% hit rate most cold layers had one cold expert, whose 3
+    streamed chunks outlasted the CPU's 5 (3.2 against 2.3 ms): the CPU jobs waited 5.0 ms
+    a step for their routing and decode ran 45.2 tok/s (e2e-h100.json lease X). (3, 2)
+    never beat (2, 2) on one machine (benchmarks/results/routed-decode-h100.json).
 
     The GPU's in-place reads are priced at their own measured rate (stream_ms; a copy's
-    where a model lacks it). Priced as copies, the H100 box's calibrations picked (3, 2) of
-    8 chunks for Mixtral's top-2 about as often as (2, 2) (lease N: CPU 2.9 ms an expert at
-    1 token, copy 6.5 ms, contention 1.17x / 1.20x: 2.44 ms an expert against 2.54 for
-    (2, 2)); (3, 2) never beat (2, 2) on one machine, and its CPU jobs waited 3.5-7.8 ms a
-    step for their routing behind the GPU's in-place reads, which one calibration timed at
-    50.1 GB/s against the copies' 54.9 (benchmarks/results/routed-decode-h100.json,
-    e2e-h100.json lease W). All 0 when streaming saves nothing.
+    where a model lacks it): one calibration timed them at 50.1 GB/s against the copies'
+    54.9. All 0 when streaming saves nothing.
     """
     for name, v in (("chunks", chunks), ("top_k", top_k)):
         if not (isinstance(v, int) and v >= 1):
             raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-    total = chunks * top_k
+    if not 0.0 < cold_share <= 1.0:
+        raise ValueError(f"cold_share must be in (0, 1], got {cold_share!r}")
     cpu, pcie = cost.cpu_ms(tokens), cost.stream_ms
-    best_m, best_ms = 0, cpu
-    for m in range(1, total + 1):
-        both = m < total  # the two sides overlap, and contend for host DRAM
-        cpu_ms = cpu * (total - m) / total * (cost.cpu_contended_slowdown if both else 1.0)
-        gpu_ms = pcie * m / total * (cost.h2d_contended_slowdown if both else 1.0)
-        if max(cpu_ms, gpu_ms) < best_ms - 1e-9:
-            best_m, best_ms = m, max(cpu_ms, gpu_ms)
+
+    def layer_ms(gpu_chunks: int, cold: int) -> float:  # `cold` experts, the GPU taking gpu_chunks of theirs
+        cpu_chunks = cold * chunks - gpu_chunks
+        both = gpu_chunks > 0 and cpu_chunks > 0  # the two sides overlap, and contend for host DRAM
+        return max(cpu * cpu_chunks / chunks * (cost.cpu_contended_slowdown if both else 1.0),
+                   pcie * gpu_chunks / chunks * (cost.h2d_contended_slowdown if both else 1.0))
+
+    def expected_ms(m: int) -> float:
+        q, r = divmod(m, top_k)  # the first r positions stream q + 1 chunks, the others q
+        total = 0.0
+        for a in range(r + 1):  # cold positions among the first r ...
+            for b in range(top_k - r + 1):  # ... and among the others
+                if a + b:
+                    p = math.comb(r, a) * math.comb(top_k - r, b) * cold_share ** (a + b) \
+                        * (1.0 - cold_share) ** (top_k - a - b)
+                    total += p * layer_ms(a * (q + 1) + b * q, a + b)
+        return total
+
+    best_m, best_ms = 0, expected_ms(0)
+    for m in range(1, chunks * top_k + 1):
+        ms = expected_ms(m)
+        if ms < best_ms * (1 - 1e-9):
+            best_m, best_ms = m, ms
     return tuple(best_m // top_k + (k < best_m % top_k) for k in range(top_k))

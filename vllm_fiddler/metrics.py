@@ -41,6 +41,8 @@ _COUNTERS = (
     ("vllm:fiddler_weight_copy_bytes", "Expert weight bytes copied host to device", "h2d_weight_bytes", {}),
     ("vllm:fiddler_weight_stream_bytes", "Expert weight bytes GPU kernels read in place from host memory "
      "(small steps' streamed chunks)", "streamed_weight_bytes", {}),
+    ("vllm:fiddler_cpu_weight_read_bytes", "Expert weight bytes the CPU experts read from host memory",
+     "cpu_weight_bytes", {}),
     ("vllm:fiddler_experts_copied", "Cold experts computed by copying their weights to the GPU",
      "experts_copied", {}),
     ("vllm:fiddler_experts_split", "Cold experts computed partly on the CPU and partly copied to the GPU",

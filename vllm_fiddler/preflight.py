@@ -59,6 +59,16 @@ def host_backing_fits(shape: MoEShape, placement: Placement, device_is_host: boo
     return True
 
 
+def check_streamed_chunks(cut: tuple[int, ...], top_k: int, chunks: int) -> None:
+    """A fixed streamed_chunks option must name one count per top-k position, each at most the
+    chunks an expert is cut into."""
+    if len(cut) != top_k or any(n > chunks for n in cut):
+        raise FiddlerConfigError(
+            f"fiddler option streamed_chunks {list(cut)} does not fit this model: it needs {top_k} "
+            f"count(s), one per top-k position, each from 0 to {chunks} (the chunks of an expert), "
+            f"or \"auto\"")
+
+
 def run_preflight(shape: MoEShape, placement: Placement, device_is_host: bool,
                   host_backing: bool = False) -> list[str]:
     """Raises FiddlerConfigError on an impossible setup; returns warnings to log."""

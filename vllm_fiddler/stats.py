@@ -25,6 +25,7 @@ def model_stats(model) -> dict:
         "cpu_calls": runtime.calls,
         "h2d_weight_bytes": stager.bytes_copied if stager is not None else 0,
         "streamed_weight_bytes": sum(m.streamed_weight_bytes for m in layers),
+        "cpu_weight_bytes": sum(m.cpu_weight_bytes for m in layers),
         "experts_copied": planner.copies if planner is not None else 0,
         "experts_split": planner.splits if planner is not None else 0,
         "gpu_experts": sum(len(m.gpu_experts) for m in layers),
@@ -46,7 +47,18 @@ def model_stats(model) -> dict:
         "cuda_graph_replays": getattr(getattr(layers[0], "graphs", None), "replays", 0),
         **_arrival_stats(),
         **thread_counters(),
+        # not counters (delta() skips them): what routed steps stream now, and the cost model behind it
+        "streamed": {"cuts": [list(m.routed_gpu_chunks or ()) for m in layers],
+                     "cold_shares": [m.streamed_cold_share for m in layers]},
+        **({"cost_model": _cost_summary(planner.cost)} if planner is not None else {}),
     }
+
+
+def _cost_summary(cost) -> dict:
+    """The calibrated figures behind a run's plans (ms an expert; GB/s)."""
+    return {"cpu_ms_1_token": cost.cpu_ms(1), "copy_ms": cost.copy_ms, "stream_ms": cost.stream_ms,
+            "cpu_contended_slowdown": cost.cpu_contended_slowdown,
+            "h2d_contended_slowdown": cost.h2d_contended_slowdown}
 
 
 def _arrival_stats() -> dict:
@@ -87,7 +99,10 @@ def step_breakdown(after: dict, before: dict, prefix: str = "decode_") -> dict:
     GPU's work before the routing copy), and, of ``*_cpu_ms``,
     ``*_cpu_result_wait_ms`` waiting for the previous result's H2D.
     ``*_pcie_weight_gb`` is the weights copied to the device (staging), and
-    ``*_pcie_streamed_gb`` those routed steps' kernels read in place from host memory.
+    ``*_pcie_streamed_gb`` those routed steps' kernels read in place from host memory;
+    ``*_cpu_weight_gb`` the weights the CPU experts read, and ``*_cpu_read_gb_s``
+    that over their busy time: the DRAM bandwidth the CPU kernels got, against the
+    host's measured read bandwidth (benchmarks/host_bandwidth.py).
     ``*_expert_thread_preemptions`` counts the times the kernel took a core from
     an expert thread (``vllm_fiddler.runtime.thread_counters``), and
     ``*_expert_thread_cpu_ms`` the CPU time they got (spinning included);
@@ -99,6 +114,7 @@ def step_breakdown(after: dict, before: dict, prefix: str = "decode_") -> dict:
     routed = d["routed_to_gpu"] + d["routed_to_cpu"]
     per_step = {"cpu_ms": 1e3 * d["cpu_busy_s"], "pcie_weight_gb": d["h2d_weight_bytes"] / 1e9,
                 "pcie_streamed_gb": d.get("streamed_weight_bytes", 0) / 1e9,
+                "cpu_weight_gb": d.get("cpu_weight_bytes", 0) / 1e9,
                 "experts_split": d.get("experts_split", 0), "experts_copied_whole": d.get("experts_copied", 0),
                 "op_ms": 1e3 * d.get("moe_op_s", 0), "sync_wait_ms": 1e3 * d.get("moe_sync_wait_s", 0),
                 "cpu_wait_ms": 1e3 * d.get("moe_cpu_wait_s", 0),
@@ -116,5 +132,8 @@ def step_breakdown(after: dict, before: dict, prefix: str = "decode_") -> dict:
             "gpu_hit_rate": d["routed_to_gpu"] / max(1, routed), f"{prefix}steps_measured": steps,
             **{f"{prefix}{k}_per_step": v / steps for k, v in per_step.items()},
             f"{prefix}replacements": d.get("replacements", 0),
+            **({f"{prefix}cpu_read_gb_s": d["cpu_weight_bytes"] / d["cpu_busy_s"] / 1e9}
+               if d.get("cpu_weight_bytes") and d["cpu_busy_s"] > 0 else {}),
             **({"expert_threads": after["expert_threads"]} if "expert_threads" in after else {}),
+            **{k: after[k] for k in ("streamed", "cost_model") if k in after},
             **{f"{prefix}{k}": d[k] for k in ("arrival_holds", "arrival_stragglers") if k in d}}

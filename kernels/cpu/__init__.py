@@ -334,8 +334,9 @@ def moe_forward_routed_async(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tenso
     weights [T, K] (fp32), runs each host slot's chunk-experts first_chunks[k]..chunks-1 of
     w13 / w2 (slot s chunk c = chunk-expert s * chunks + c; k the pair's top-k position; the
     chunks below are left to the GPU; None: all of them on the CPU), adds to `counts` (int64
-    [2]) the (token, k) pairs of host slots and the distinct chunk-experts below first_chunks
-    of those (what the GPU streams) and stores `seq` into `done_word`. Returns True,
+    [3]) the (token, k) pairs of host slots, the distinct chunk-experts below first_chunks of
+    those (what the GPU streams) and the distinct ones from there on (what the CPU reads),
+    and stores `seq` into `done_word`. Returns True,
     or False without doing anything when no native kernel takes these inputs. A job whose word
     does not come within 60 s, or that async_cancel_ready_waits cancels, fails
     (async_take_error) and still stores done_word."""

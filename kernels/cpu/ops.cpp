@@ -615,9 +615,10 @@ inline bool word_reached(const at::Tensor& word, int64_t seq) {
 // weights [T, K] -> ids [T, K*C] (slot * C + c for the chunks c from first[k] on,
 // -1 below it and for device-served pairs) and weights [T, K*C], the layout
 // HybridMoE.cpu_chunk_ids builds on the engine thread. Adds to counts[0] the
-// (token, k) pairs of host slots and to counts[1] the distinct chunk-experts
-// below first[k] of those, which the GPU streams from host memory (a chunk-expert
-// that several of the step's tokens chose is read once). Returns the first.
+// (token, k) pairs of host slots, to counts[1] the distinct chunk-experts below
+// first[k] of those, which the GPU streams from host memory, and to counts[2] the
+// distinct ones from first[k] on, which the CPU reads (a chunk-expert that several
+// of the step's tokens chose is read once). Returns the first.
 int64_t expand_routing(const at::Tensor& slots, const at::Tensor& wts, int64_t C, const std::vector<int64_t>& first,
                     at::Tensor* ids_out, at::Tensor* wts_out, int64_t* counts) {
   const int64_t T = slots.size(0), K = slots.size(1);
@@ -628,7 +629,8 @@ int64_t expand_routing(const at::Tensor& slots, const at::Tensor& wts, int64_t C
   int32_t* ci = ids_out->data_ptr<int32_t>();
   float* cw = wts_out->data_ptr<float>();
   int64_t cold = 0;
-  std::vector<int64_t> streamed;  // chunk-experts, T * K * C at most (routed steps are small)
+  // chunk-experts, T * K * C at most in all (routed steps are small)
+  std::vector<int64_t> streamed, on_cpu;
   for (int64_t p = 0; p < T * K; ++p) {
     const int32_t slot = s[p];
     cold += slot >= 0;
@@ -636,13 +638,16 @@ int64_t expand_routing(const at::Tensor& slots, const at::Tensor& wts, int64_t C
     for (int64_t c = 0; c < C; ++c) {
       ci[p * C + c] = slot >= 0 && c >= lo ? int32_t(slot * C + c) : -1;
       cw[p * C + c] = w[p];
-      if (slot >= 0 && c < lo) streamed.push_back(int64_t(slot) * C + c);
+      if (slot >= 0) (c < lo ? streamed : on_cpu).push_back(int64_t(slot) * C + c);
     }
   }
-  std::sort(streamed.begin(), streamed.end());
-  const int64_t distinct = std::unique(streamed.begin(), streamed.end()) - streamed.begin();
+  const auto distinct = [](std::vector<int64_t>& v) {
+    std::sort(v.begin(), v.end());
+    return int64_t(std::unique(v.begin(), v.end()) - v.begin());
+  };
   __atomic_fetch_add(&counts[0], cold, __ATOMIC_RELAXED);
-  __atomic_fetch_add(&counts[1], distinct, __ATOMIC_RELAXED);
+  __atomic_fetch_add(&counts[1], distinct(streamed), __ATOMIC_RELAXED);
+  __atomic_fetch_add(&counts[2], distinct(on_cpu), __ATOMIC_RELAXED);
   return cold;
 }
 
@@ -829,10 +834,10 @@ void moe_forward_routed_async(const at::Tensor& x, const at::Tensor& w13, const 
   for (const at::Tensor* word : {&ready_word, &done_word})
     FCHECK(word->device().is_cpu() && word->scalar_type() == at::kInt && word->numel() == 1,
            "fiddler_cpu.moe_forward_routed_async: ready_word and done_word must be one int32 each on the host");
-  FCHECK(counts.device().is_cpu() && counts.scalar_type() == at::kLong && counts.numel() == 2 &&
+  FCHECK(counts.device().is_cpu() && counts.scalar_type() == at::kLong && counts.numel() == 3 &&
              counts.is_contiguous(),
-         "fiddler_cpu.moe_forward_routed_async: counts must be two int64 on the host (cold pairs, streamed "
-         "chunk-experts)");
+         "fiddler_cpu.moe_forward_routed_async: counts must be three int64 on the host (cold pairs, streamed "
+         "chunk-experts, CPU chunk-experts)");
   FCHECK(slots.is_contiguous() && slots.scalar_type() == at::kInt && weights.is_contiguous() &&
              weights.scalar_type() == at::kFloat && slots.dim() == 2 && weights.sizes() == slots.sizes(),
          "fiddler_cpu.moe_forward_routed_async: slots [T, K] int32 and weights [T, K] float32, contiguous");

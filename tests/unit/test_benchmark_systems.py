@@ -98,6 +98,14 @@ def test_roofline_uses_the_host_dram_both_links_share(e2e):
     for broken in ({"bandwidth_error": "timed out"}, {**after, "host_read_together_gb_s": None}, None):
         assert e2e.roofline({**row, "host_bandwidth_after": broken}, out)["roofline_decode_tok_s"] == \
             pytest.approx(132.8e9 / cold)
+        # ... or to the measurement before the engine, when that one is whole
+        assert e2e.roofline({**row, "host_bandwidth_before": after, "host_bandwidth_after": broken}, out)[
+            "roofline_decode_tok_s"] == pytest.approx(110.0e9 / cold)
+    # measured before and after: each figure the higher of the two (the most the host delivered)
+    before = {"dram_read_gb_s": 120.0, "pcie_h2d_gb_s": 38.0, "host_read_together_gb_s": 140.0}
+    both = e2e.roofline({**row, "host_bandwidth_before": before}, out)
+    assert both["roofline_decode_tok_s"] == pytest.approx(140.0e9 / cold)
+    assert both["roofline_decode_tok_s_independent"] == pytest.approx((120.0 + 40.0) * 1e9 / cold)
 
 
 def test_in_process_engine_rows_get_their_own_tables(e2e):
@@ -120,3 +128,20 @@ def test_in_process_engine_rows_get_their_own_tables(e2e):
     assert out["ratios_vs_best_stock_same_budget_in_process"] == pytest.approx({"beam_8": 6.6 / 2.9})
     assert out["skew_of_scenarios_skewed"] == "skew30"
     assert out["scenarios_skewed"]["decode"] == {"fiddler": 21.7, "stock_uva_experts": 10.4}
+
+
+def test_memory_map_tells_slow_memory_from_a_slow_moment(monkeypatch):
+    """host_memory_map's reading: GiBs slow in every round agree in rank (~1); a round that
+    slows every GiB at once does not make them agree; random noise gives ~0."""
+    import random
+
+    monkeypatch.syspath_prepend(os.path.join(REPO, "benchmarks"))  # its results_io
+    mm = load_benchmark("host_memory_map")
+    place = [160.0, 120.0, 165.0, 150.0, 118.0, 170.0]  # GiBs 1 and 4 backed by slow memory
+    assert mm.rank_agreement([place, [v * 0.7 for v in place], [v + 1.0 for v in place]]) == pytest.approx(1.0)
+    rng = random.Random(0)
+    noise = [[rng.gauss(150, 10) for _ in range(40)] for _ in range(6)]
+    assert abs(mm.rank_agreement(noise)) < 0.2
+    assert mm.spread([120.0, 160.0, 150.0]) == {"min": 120.0, "median": 150.0, "max": 160.0,
+                                                 "max_over_min": pytest.approx(4 / 3)}
+    assert mm.rank_agreement([place]) != mm.rank_agreement([place])  # one round: nothing to compare (nan)

@@ -30,6 +30,8 @@ def test_valid_options(tmp_path):
     assert parse({}).arrival_coalesce_ms == 2.0 and parse({"arrival_coalesce_ms": 0}).arrival_coalesce_ms == 0.0
     assert parse({"arrival_coalesce_ms": 0.5}).arrival_coalesce_ms == 0.5
     assert parse({}).blocking_sync is False and parse({"blocking_sync": True}).blocking_sync is True
+    assert parse({}).streamed_chunks is None and parse({"streamed_chunks": "auto"}).streamed_chunks is None
+    assert parse({"streamed_chunks": [2, 1]}).streamed_chunks == (2, 1)
 
 
 def test_json_string_is_accepted():
@@ -53,6 +55,11 @@ def test_json_string_is_accepted():
     ({"cuda_graph_max_tokens": 1.5}, ["cuda_graph_max_tokens", "integer"]),
     ({"routed_max_tokens": -1}, ["routed_max_tokens", ">= 0"]),
     ({"routed_max_tokens": "4"}, ["routed_max_tokens", "integer"]),
+    ({"streamed_chunks": 2}, ["streamed_chunks", "list of integers"]),
+    ({"streamed_chunks": []}, ["streamed_chunks", "one per top-k"]),
+    ({"streamed_chunks": [2, -1]}, ["streamed_chunks", ">= 0"]),
+    ({"streamed_chunks": [2, True]}, ["streamed_chunks"]),
+    ({"streamed_chunks": "fast"}, ["streamed_chunks", '"auto"']),
     ({"arrival_coalesce_ms": -1}, ["arrival_coalesce_ms", ">= 0 ms"]),
     ({"arrival_coalesce_ms": "2"}, ["arrival_coalesce_ms", "number of ms"]),
     ({"arrival_coalesce_ms": float("inf")}, ["arrival_coalesce_ms"]),

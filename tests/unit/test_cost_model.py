@@ -1073,6 +1073,51 @@ def test_streamed_chunks_planted_answers():
             cm.streamed_chunks(lease_n, *bad)
 
 
+@pytest.mark.parametrize("top_k,chunks", [(1, 8), (2, 8), (3, 5), (4, 4)])
+@pytest.mark.parametrize("cold_share", [1.0, 0.8, 0.43, 0.1])
+@pytest.mark.parametrize("cpu_ms,s_cpu,s_h2d", [(2.93, 1.28, 1.23), (2.56, 1.08, 1.29), (6.0, 1.3, 1.1)])
+def test_streamed_chunks_minimise_the_expected_layer_over_cold_subsets(top_k, chunks, cold_share, cpu_ms,
+                                                                        s_cpu, s_h2d):
+    """The cut minimises the layer's expected max(CPU, PCIe) over every subset of cold top-k
+    positions (each cold with probability cold_share), among the evenly spread cuts: checked
+    against an enumeration of the subsets themselves."""
+    cost = dataclasses.replace(flat_model(cpu_ms, 6.5, 0.1), cpu_contended_slowdown=s_cpu,
+                               h2d_contended_slowdown=s_h2d, stream_gb_s=50.1 / 54.9)  # 7.12 ms an expert
+
+    def expected(cut):
+        total = 0.0
+        for cold in itertools.product((0, 1), repeat=top_k):
+            if not any(cold):
+                continue
+            gpu = sum(n for n, c in zip(cut, cold) if c)
+            on_cpu = sum(cold) * chunks - gpu
+            both = gpu > 0 and on_cpu > 0
+            ms = max(cpu_ms * on_cpu / chunks * (s_cpu if both else 1), 7.12 * gpu / chunks * (s_h2d if both else 1))
+            total += math.prod(cold_share if c else 1 - cold_share for c in cold) * ms
+        return total
+
+    spread = [tuple(m // top_k + (k < m % top_k) for k in range(top_k)) for m in range(chunks * top_k + 1)]
+    got = cm.streamed_chunks(cost, chunks, top_k, cold_share=cold_share)
+    assert got in spread
+    assert expected(got) == pytest.approx(min(expected(c) for c in spread), rel=1e-3)
+    if expected(got) == pytest.approx(expected((0,) * top_k), rel=1e-9):
+        assert got == (0,) * top_k  # streaming that saves nothing is not done
+
+
+def test_streamed_chunks_follow_the_hit_rate():
+    """Lease X's calibration (CPU 2.93 ms an expert, contention 1.28x / 1.23x, in-place reads
+    50.1 GB/s): with every expert cold, 5 of 16 chunks (3, 2); at decode's measured 57% hit
+    rate a layer mostly has one cold expert, whose 3 of 8 would outlast the CPU's 5: (2, 2)."""
+    lease_x = dataclasses.replace(flat_model(2.93, 6.5, 0.1), cpu_contended_slowdown=1.28,
+                                  h2d_contended_slowdown=1.23, stream_gb_s=50.1 / 54.9)
+    assert cm.streamed_chunks(lease_x, 8, top_k=2) == cm.streamed_chunks(lease_x, 8, 2, cold_share=1.0) == (3, 2)
+    assert cm.streamed_chunks(lease_x, 8, top_k=2, cold_share=0.43) == (2, 2)
+    assert cm.streamed_chunks(lease_x, 8, top_k=1, cold_share=0.43) == cm.streamed_chunks(lease_x, 8) == (2,)
+    for bad in (0.0, -0.1, 1.5):
+        with pytest.raises(ValueError):
+            cm.streamed_chunks(lease_x, 8, top_k=2, cold_share=bad)
+
+
 def test_streamed_chunks_price_the_measured_in_place_reads():
     """Streamed chunks are read by the GPU's kernels in place, not by the copy engine: with
     their own measured rate the cut follows it; a model without one (an older cache file)

@@ -95,3 +95,13 @@ def test_host_backing_that_does_not_fit_names_the_switch(monkeypatch):
     assert preflight.run_preflight(MIXTRAL, placement, device_is_host=False) == []
     with pytest.raises(FiddlerConfigError, match='"adaptation": false'):
         preflight.run_preflight(MIXTRAL, placement, device_is_host=False, host_backing=True)
+
+
+def test_fixed_streamed_chunks_must_fit_the_model():
+    from vllm_fiddler.preflight import check_streamed_chunks
+
+    check_streamed_chunks((2, 2), top_k=2, chunks=8)
+    check_streamed_chunks((0, 8), top_k=2, chunks=8)
+    for cut in ((2,), (2, 2, 2), (9, 0)):
+        with pytest.raises(FiddlerConfigError, match="streamed_chunks .* 2 count.* 0 to 8"):
+            check_streamed_chunks(cut, top_k=2, chunks=8)

@@ -111,12 +111,18 @@ class HybridMoE(nn.Module):
         # straight from host memory (cost_model.streamed_chunks), the CPU taking the rest
         self.host_views: tuple[torch.Tensor, torch.Tensor] | None = None
         self.routed_gpu_chunks: tuple[int, ...] | None = None  # None: decided at the first routed step
+        # set by _decide_streamed_chunks: it decides again every STREAMED_DECISION_STEPS routed
+        # steps from the pairs the host served since (a cut set from outside stays)
+        self._streamed_decision: dict | None = None
         # [routed_gpu_chunks as set, the same as a [K, 1] device tensor] (streamed_below)
         self._streamed_below: list | None = None
         # (token, k) pairs of routed steps, and the native jobs' counts: of those pairs, the ones
         # of host experts, and the chunk-experts of theirs the GPU streamed from host memory
+        # and the CPU read
         self._routed_pairs = 0
-        self._routed_counts = torch.zeros(2, dtype=torch.int64, device="cpu")
+        self._routed_counts = torch.zeros(3, dtype=torch.int64, device="cpu")
+        # chunk-experts the CPU read in the other steps (each once a step)
+        self._cpu_chunk_reads = 0
         self._last_cpu_pairs = 0
         Eg, Eh = len(gpu_experts), len(self.host_experts)
         self.chunks = C = expert_chunks(I)
@@ -170,9 +176,19 @@ class HybridMoE(nn.Module):
     @property
     def streamed_weight_bytes(self) -> int:
         """Bytes of host weights routed steps' GPU kernels read in place over PCIe so far."""
-        w13, w2 = self.w13_cpu_chunks, self.w2_cpu_chunks
-        chunk_bytes = (w13[0].numel() + w2[0].numel()) * w13.element_size() if len(w13) else 0
-        return int(self._routed_counts[1]) * chunk_bytes
+        return int(self._routed_counts[1]) * self.chunk_bytes
+
+    @property
+    def cpu_weight_bytes(self) -> int:
+        """Bytes of host weights the CPU experts read so far (a chunk-expert once a step,
+        however many of the step's tokens chose it): over the CPU's busy time, the DRAM
+        bandwidth its kernels got, to hold against the host's measured roofline."""
+        return (self._cpu_chunk_reads + int(self._routed_counts[2])) * self.chunk_bytes
+
+    @property
+    def chunk_bytes(self) -> int:
+        """w13 + w2 of one chunk-expert (an expert's bytes / chunks)."""
+        return self.expert_bytes // self.chunks
 
     def _cpu_slots(self) -> list[int]:
         """[E] host slot of each expert served from the host, -1 for device-served ones."""
@@ -399,6 +415,7 @@ class HybridMoE(nn.Module):
         n_cpu = self._count(cpu_ids)
         cold = None
         if n_cpu:
+            self._cpu_chunk_reads += self.chunks * int(cpu_ids[cpu_ids >= 0].unique().numel())
             cold = self.cpu_runtime.submit(x, self.w13_cpu_chunks, self.w2_cpu_chunks,
                                            *self.cpu_chunk_ids(cpu_ids, topk_weights))
         acc = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # [T, H]
@@ -484,18 +501,13 @@ class HybridMoE(nn.Module):
         the stream waits for that and adds the result. No weights are copied. False (nothing
         queued that matters) if the runtime does not take the job: the caller syncs instead."""
         T, K = topk_ids.shape
-        if self.routed_gpu_chunks is None:  # first routed step: the cost model decides, once
-            self.routed_gpu_chunks = (0,) * K
-            if self.host_views is not None and self.stager is not None:
-                from vllm_fiddler.cost_model import streamed_chunks
-
-                self.routed_gpu_chunks = streamed_chunks(get_step_planner(self).cost, self.chunks, K)
-            if not HybridMoE._routed_logged:  # every layer decides alike: say it once
-                HybridMoE._routed_logged = True
-                logger.info("fiddler: steps of up to %d tokens hand the CPU their routing from the stream; "
-                            "the GPU computes %s of the %d chunks of each cold expert (per top-k position) "
-                            "from host memory in place", self.routed_max_tokens, self.routed_gpu_chunks,
-                            self.chunks)
+        decision = self._streamed_decision
+        if self.routed_gpu_chunks is None or (decision is not None
+                                              and decision["steps"] >= STREAMED_DECISION_STEPS):
+            self._decide_streamed_chunks()
+            decision = self._streamed_decision
+        if decision is not None:
+            decision["steps"] += 1
         streamed = self.routed_gpu_chunks if self.host_views is not None and any(self.routed_gpu_chunks) \
             else None
         host = self.cpu_runtime.host_buffers(T, K, self.hidden_size, x.dtype)
@@ -522,6 +534,51 @@ class HybridMoE(nn.Module):
         if OP_TRACE is not None:
             OP_TRACE.append((id(self), op_start, None, None, submitted, time.perf_counter()))
         return True
+
+    @property
+    def streamed_cold_share(self) -> float | None:
+        """The share of (token, k) pairs on the host behind the current streamed cut (None:
+        not decided by the cost model)."""
+        return self._streamed_decision["cold_share"] if self._streamed_decision else None
+
+    def set_streamed_chunks(self, cut: tuple[int, ...] | None) -> None:
+        """Fixes the routed steps' streamed cut (chunks per top-k position; benchmarks and
+        tests), or None: the cost model decides at the next routed step, and keeps deciding."""
+        self.routed_gpu_chunks = cut
+        self._streamed_decision = None
+
+    def _decide_streamed_chunks(self) -> None:
+        """routed_gpu_chunks from the cost model (cost_model.streamed_chunks), given the share
+        of this layer's (token, k) pairs the host served since the last decision (prefill's
+        included: each top-k position's expert is cold that often), or before any, the share
+        of experts on the host; placement and re-placement move it (H100 box, uniform router:
+        17% of the experts resident, a 57% hit rate after 512 decode tokens)."""
+        K = self.top_k
+        to_cpu, to_gpu = self.routed_to_cpu, self.routed_to_gpu
+        last = self._streamed_decision or {"to_cpu": 0, "to_gpu": 0}
+        on_cpu, pairs = to_cpu - last["to_cpu"], to_cpu - last["to_cpu"] + to_gpu - last["to_gpu"]
+        cold_share = on_cpu / pairs if pairs >= STREAMED_DECISION_MIN_PAIRS \
+            else len(self.cpu_experts) / self.num_experts
+        cut = (0,) * K
+        if self.host_views is not None and self.stager is not None and cold_share > 0:
+            from vllm_fiddler.cost_model import streamed_chunks
+
+            cut = streamed_chunks(get_step_planner(self).cost, self.chunks, K, cold_share=cold_share)
+        self._streamed_decision = {"to_cpu": to_cpu, "to_gpu": to_gpu, "steps": 0, "cold_share": cold_share}
+        if cut != self.routed_gpu_chunks:
+            first = self.routed_gpu_chunks is None
+            self.routed_gpu_chunks = cut
+            # every layer decides alike at first: say it once; later changes per layer, quietly
+            if first and not HybridMoE._routed_logged:
+                HybridMoE._routed_logged = True
+                logger.info("fiddler: steps of up to %d tokens hand the CPU their routing from the stream; "
+                            "the GPU computes %s of the %d chunks of each cold expert (per top-k position) "
+                            "from host memory in place (%.0f%% of the pairs on the host; decided again every "
+                            "%d such steps)", self.routed_max_tokens, cut, self.chunks, 100 * cold_share,
+                            STREAMED_DECISION_STEPS)
+            elif not first:
+                logger.debug("fiddler: a layer's routed steps now stream %s of %d chunks (%.0f%% of the "
+                             "pairs on the host)", cut, self.chunks, 100 * cold_share)
 
     def _hot_share(self, x, topk_weights, topk_ids, out: torch.Tensor):
         """out [T, H] = the device-resident experts' share (zeros without any). Small steps
@@ -577,8 +634,8 @@ class HybridMoE(nn.Module):
         chunks copied)] in copy order, the CPU's (chunk ids, weights) or None if it has nothing)."""
         T, K = host.ids.shape
         C = self.chunks
-        planner = get_step_planner(self) if self.stager is not None else None
-        if T * K <= SMALL_STEP_PAIRS:  # decode: plain Python beats ~20 tiny torch ops
+        small = T * K <= SMALL_STEP_PAIRS  # decode: plain Python beats ~20 tiny torch ops
+        if small:
             slot_of = self.cpu_slot_of_host.tolist()
             rows = [[slot_of[e] for e in row] for row in host.ids.tolist()]  # [T][K] host slot or -1
             counts: dict[int, int] = {}
@@ -587,25 +644,26 @@ class HybridMoE(nn.Module):
                     if slot >= 0:
                         counts[slot] = counts.get(slot, 0) + 1
             n_cpu = self._count_pairs(sum(counts.values()), T * K)
-            if n_cpu == 0:
-                return 0, [], None
-            copies = planner.plan_counts(counts, C, hot_tokens=T * K - n_cpu) if planner else []
-            first = dict(copies)
-            if not any(first.get(slot, 0) < C for slot in counts):
-                return n_cpu, copies, None
-            return n_cpu, copies, small_chunk_ids(rows, host.weights.tolist(), C, first)
-        cpu_ids = self.cpu_slot_of_host[host.ids.long()]  # [T, K] host-set slot or -1
-        n_cpu = self._count(cpu_ids)
+        else:
+            cpu_ids = self.cpu_slot_of_host[host.ids.long()]  # [T, K] host-set slot or -1
+            n_cpu = self._count(cpu_ids)
+            counts = cold_token_counts(cpu_ids, self.num_host_slots) if n_cpu else {}
         if n_cpu == 0:
             return 0, [], None
-        copies = planner.plan(cpu_ids, self.num_host_slots, C, hot_tokens=T * K - n_cpu) if planner else []
+        planner = get_step_planner(self) if self.stager is not None else None
+        copies = planner.plan_counts(counts, C, hot_tokens=T * K - n_cpu) if planner else []
+        first = dict(copies)
+        on_cpu = sum(C - first.get(slot, 0) for slot in counts)  # chunk-experts left to the CPU
+        if not on_cpu:
+            return n_cpu, copies, None
+        self._cpu_chunk_reads += on_cpu
+        if small:
+            return n_cpu, copies, small_chunk_ids(rows, host.weights.tolist(), C, first)
         first_cpu_chunk = None
         if copies:
             first_cpu_chunk = torch.zeros(self.num_host_slots, dtype=cpu_ids.dtype)
             for slot, n in copies:
                 first_cpu_chunk[slot] = n
-            if not bool((first_cpu_chunk[cpu_ids[cpu_ids >= 0]] < C).any()):
-                return n_cpu, copies, None
         return n_cpu, copies, self.cpu_chunk_ids(cpu_ids, host.weights, first_cpu_chunk)
 
     def _copied_experts(self, x, topk_weights, topk_ids, copies, out, graphs=None) -> None:
@@ -634,6 +692,14 @@ class HybridMoE(nn.Module):
             stager.release(staging_slot)
             if pending:
                 staged.append(stage(pending.pop(0)))
+
+
+def cold_token_counts(cpu_ids: torch.Tensor, num_slots: int) -> dict[int, int]:
+    """cpu_ids [T, K] (host slot or -1) -> {host slot: (token, k) pairs routed to it}, slots
+    with none left out: the step planner's input. Beams of one request that chose the same
+    cold expert add up here, so the planner prices one larger CPU call or copy for them."""
+    per_slot = torch.bincount(cpu_ids[cpu_ids >= 0].long(), minlength=num_slots).tolist()
+    return {slot: n for slot, n in enumerate(per_slot) if n}
 
 
 def chunk_weights(topk_weights: torch.Tensor, chunks: int) -> torch.Tensor:
@@ -669,6 +735,11 @@ OP_TRACE: list | None = None
 # Python lists (small_chunk_ids): ~20 torch ops on tiny host tensors took
 # ~90 us a layer on the dev box, before the CPU could start.
 SMALL_STEP_PAIRS = 32
+# Routed steps decide their streamed chunks again this often (a layer's; ~5 s of decode at
+# ~40 tok/s), from at least this many of the layer's (token, k) pairs since the last time
+# (fewer: the share of experts on the host).
+STREAMED_DECISION_STEPS = 256
+STREAMED_DECISION_MIN_PAIRS = 64
 
 
 def small_chunk_ids(cpu_ids: list[list[int]], weights: list[list[float]], chunks: int,

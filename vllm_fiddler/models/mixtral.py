@@ -25,6 +25,7 @@ from vllm_fiddler.layers.hybrid_moe import HybridMoE, expert_chunks
 from vllm_fiddler.logger import logger
 from vllm_fiddler.metrics import StatsWriter
 from vllm_fiddler.placement import MoEShape, Placement
+from vllm_fiddler.preflight import check_streamed_chunks
 from vllm_fiddler.runtime import device_wait
 from vllm_fiddler.runtime.cpu_experts import CPUExpertRuntime, get_cpu_runtime
 from vllm_fiddler.runtime.host_view import device_view
@@ -89,6 +90,8 @@ class FiddlerMixtralForCausalLM(vllm_mixtral.MixtralForCausalLM):
         cfg = FiddlerConfig.from_additional_config(vllm_config.additional_config)
         hf = vllm_config.model_config.hf_config
         shape = MoEShape.from_hf_config(hf, dtype_bytes=vllm_config.model_config.dtype.itemsize)
+        if cfg.streamed_chunks is not None:
+            check_streamed_chunks(cfg.streamed_chunks, shape.top_k, expert_chunks(shape.intermediate_size))
         placement, staging_slots, adapt = resolve_model_placement(cfg, shape, vllm_config)
         device = torch.get_default_device()
         on_cuda = device.type == "cuda"
@@ -118,6 +121,11 @@ class FiddlerMixtralForCausalLM(vllm_mixtral.MixtralForCausalLM):
             experts.routed_max_tokens = cfg.routed_max_tokens if on_cuda else 0
             if on_cuda and cfg.routed_max_tokens and stager is not None:  # on CUDA host experts are pinned
                 experts.host_views = (device_view(experts.w13_cpu_chunks), device_view(experts.w2_cpu_chunks))
+                if cfg.streamed_chunks is not None:
+                    experts.set_streamed_chunks(cfg.streamed_chunks)
+        if on_cuda and cfg.streamed_chunks is not None and self.moe_layers and self.moe_layers[0].host_views:
+            logger.info("fiddler: routed steps' GPU reads %s of each cold expert's %d chunks from host memory "
+                        "(streamed_chunks)", cfg.streamed_chunks, self.moe_layers[0].chunks)
         self.kernel_warmup = {}
         self.cuda_graphs = {}
         if on_cuda:

@@ -232,8 +232,8 @@ class CPUExpertRuntime:
         native job thread starts then, expanding each slot into its chunk-experts
         first_chunks[k]..chunks-1 of w13 / w2 itself (k: the pair's top-k position; the GPU
         may compute the chunks below; None: none); nobody on the host waits for the copy. It
-        adds the (token, k) pairs of host slots, and the distinct chunk-experts of theirs the
-        GPU streams, to `counts` (int64 [2]). The result goes
+        adds the (token, k) pairs of host slots, the distinct chunk-experts of theirs the GPU
+        streams, and those the CPU reads, to `counts` (int64 [3]). The result goes
         to the device through result_on_device. None (nothing queued) if the native kernels
         do not take it; only call when takes_routed_jobs().
 

@@ -1,6 +1,6 @@
 """Per layer and step: which cold experts to copy to the GPU instead of computing on the CPU.
 
-A thin adapter from the step's routing (host tensors) to the pure cost model
+A thin adapter from the step's cold token counts (hybrid_moe.cold_token_counts) to the pure cost model
 (vllm_fiddler.cost_model), which minimises the step's critical path
 max(CPU queue, PCIe queue + GPU compute of copied experts, hot GPU work).
 """
@@ -10,7 +10,6 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING
 
-import torch
 
 if TYPE_CHECKING:
     from vllm_fiddler.cost_model import CostModel
@@ -27,16 +26,10 @@ class StepPlanner:
         # answers a repeated step (batch-1 decode has ~1400 slot pairs) in ~2 us
         self._memo: dict = {}
 
-    def plan(self, cpu_ids: torch.Tensor, num_cold: int, chunks: int, hot_tokens: int = 0) -> list[tuple[int, int]]:
-        """cpu_ids [T, K]: cold slot or -1. Returns (cold slot, chunks to copy) in copy order:
-        all `chunks` of a copied expert, the first n of the one expert split with the CPU."""
-        if self.max_copies == 0:
-            return []
-        counts = torch.bincount(cpu_ids[cpu_ids >= 0].long(), minlength=num_cold).tolist()
-        return self.plan_counts({slot: n for slot, n in enumerate(counts) if n}, chunks, hot_tokens)
-
     def plan_counts(self, token_counts: dict[int, int], chunks: int, hot_tokens: int = 0) -> list[tuple[int, int]]:
-        """`plan` from {cold slot: tokens routed to it} (slots with no token left out)."""
+        """{cold slot: tokens routed to it} (slots with no token left out; hybrid_moe.
+        cold_token_counts) -> (cold slot, chunks to copy) in copy order: all `chunks` of a
+        copied expert, the first n of the one expert split with the CPU."""
         from vllm_fiddler.cost_model import plan_cold_chunks
 
         if self.max_copies == 0 or not token_counts:
