@@ -67,6 +67,8 @@ def test_metrics(server, client):
     assert gpu + cpu > 0 and (gpu + cpu) % 6 == 0
     assert values['vllm:fiddler_experts{placement="gpu"}'] + values['vllm:fiddler_experts{placement="cpu"}'] == 24
     assert "vllm:fiddler_cpu_expert_seconds_total" in values and "vllm:fiddler_weight_copy_bytes_total" in values
+    # the CPU experts' weights read: some exactly when some pairs ran there
+    assert (values["vllm:fiddler_cpu_weight_read_bytes_total"] > 0) == (cpu > 0)
     # re-placement is off here (auto, CPU platform): exported, and zero
     assert values["vllm:fiddler_expert_replacements_total"] == 0
     assert values["vllm:fiddler_replacement_copy_bytes_total"] == 0
