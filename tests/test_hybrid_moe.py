@@ -572,9 +572,9 @@ def test_step_planner_remembers_plans_and_still_counts(monkeypatch):
 
 def test_routed_steps_decide_their_streamed_chunks_from_the_pairs_the_host_served(monkeypatch):
     """The streamed cut (cost_model.streamed_chunks) takes each top-k position's chance of a
-    cold expert from the layer's own (token, k) pairs since its last decision: before any,
-    the share of experts on the host; with too few since, that share again; with none on the
-    host, nothing streamed."""
+    cold expert from the layer's own (token, k) pairs since its last decision: at the first,
+    the share of experts on the host, whatever ran before; with too few since, that share
+    again; with none on the host, nothing streamed."""
     import dataclasses
     import types
 
@@ -597,6 +597,7 @@ def test_routed_steps_decide_their_streamed_chunks_from_the_pairs_the_host_serve
         layer._decide_streamed_chunks()
         return layer._streamed_decision["cold_share"], layer.routed_gpu_chunks
 
+    layer._to_cpu += 100  # before the first decision (vLLM's profiling run, say): not gone by
     assert decide() == (resident_share, cm.streamed_chunks(cost, C, K, cold_share=resident_share)) == (0.625, (1, 0))
     assert decide(30, 70) == (0.3, cm.streamed_chunks(cost, C, K, cold_share=0.3)) == (0.3, (0, 0))
     assert decide(10, 0) == (resident_share, (1, 0))  # 10 pairs: too few to go by

@@ -550,14 +550,16 @@ class HybridMoE(nn.Module):
     def _decide_streamed_chunks(self) -> None:
         """routed_gpu_chunks from the cost model (cost_model.streamed_chunks), given the share
         of this layer's (token, k) pairs the host served since the last decision (prefill's
-        included: each top-k position's expert is cold that often), or before any, the share
-        of experts on the host; placement and re-placement move it (H100 box, uniform router:
-        17% of the experts resident, a 57% hit rate after 512 decode tokens)."""
+        included: each top-k position's expert is cold that often); at the first decision, and
+        with too few pairs since, the share of experts on the host. Placement and re-placement
+        move it (H100 box, uniform router: 17% of the experts resident, a 57% hit rate after
+        512 decode tokens). The first decision does not go by the pairs before it: those are
+        mostly vLLM's profiling run, whose dummy tokens all pick the same experts."""
         K = self.top_k
         to_cpu, to_gpu = self.routed_to_cpu, self.routed_to_gpu
-        last = self._streamed_decision or {"to_cpu": 0, "to_gpu": 0}
-        on_cpu, pairs = to_cpu - last["to_cpu"], to_cpu - last["to_cpu"] + to_gpu - last["to_gpu"]
-        cold_share = on_cpu / pairs if pairs >= STREAMED_DECISION_MIN_PAIRS \
+        last = self._streamed_decision
+        pairs = to_cpu - last["to_cpu"] + to_gpu - last["to_gpu"] if last else 0
+        cold_share = (to_cpu - last["to_cpu"]) / pairs if pairs >= STREAMED_DECISION_MIN_PAIRS \
             else len(self.cpu_experts) / self.num_experts
         cut = (0,) * K
         if self.host_views is not None and self.stager is not None and cold_share > 0:
@@ -735,7 +737,7 @@ OP_TRACE: list | None = None
 # Python lists (small_chunk_ids): ~20 torch ops on tiny host tensors took
 # ~90 us a layer on the dev box, before the CPU could start.
 SMALL_STEP_PAIRS = 32
-# Routed steps decide their streamed chunks again this often (a layer's; ~5 s of decode at
+# Routed steps decide their streamed chunks again this often (a layer's; ~6 s of decode at
 # ~40 tok/s), from at least this many of the layer's (token, k) pairs since the last time
 # (fewer: the share of experts on the host).
 STREAMED_DECISION_STEPS = 256
