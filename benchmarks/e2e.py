@@ -382,16 +382,16 @@ def roofline(row: dict, out: dict) -> dict:
 
     A token reads each layer's cold experts once, cold bytes = layers * top_k *
     (1 - hit rate) * expert bytes, by CPU compute or DMA, both from host DRAM.
-    `roofline_decode_tok_s` moves them at the most host DRAM delivered in the
-    measurements right before and after this row's engine where there are any
-    (the host's bandwidth drifts by more than 10% over minutes: each figure the
-    higher of the two, as each is already the best of its rounds; lease X's
-    table engine had 121.6 GB/s together right after it, 141.4-143.6 after the
-    machine's two engines before it), else
-    the JSON's: the CPU
-    and the DMA reading at once, or either alone if that was more. `_independent` adds the two links' solo figures, as if they
-    did not share DRAM (not reachable here: `host_read_together_gb_s` is far
-    below that sum); `_dram_bound` is the CPU's read alone."""
+    `roofline_decode_tok_s` moves them at the most host DRAM delivered, with the
+    CPU and the DMA reading at once or either alone if that was more, in the
+    measurements right before and after this row's engine where there are any,
+    else the JSON's. The host's bandwidth drifts by more than 10% over minutes:
+    each figure is the higher of the two, as each is already the best of its
+    rounds (lease X's table engine had 121.6 GB/s together right after it,
+    141.4-143.6 after the machine's two engines before it). `_independent`
+    adds the two links' solo figures, as if they did not share DRAM (not
+    reachable here: `host_read_together_gb_s` is far below that sum);
+    `_dram_bound` is the CPU's read alone."""
     hit = row.get("fiddler", {}).get("gpu_hit_rate")
     # the bandwidth measured around this row's engine (--bandwidth-per-row), else the JSON's
     around = [m for m in (row.get("host_bandwidth_before"), row.get("host_bandwidth_after"))
