@@ -750,11 +750,11 @@ def main(argv=None) -> None:
         runs = out["runs"].setdefault(key, {})
         for name in args.systems.split(","):
             t0 = time.perf_counter()
-            per_row = args.bandwidth_per_row and name.startswith("fiddler") and not args.tiny \
-                and "decode" in args.scenarios.split(",")
+            fiddler_decode = name.startswith("fiddler") and not args.tiny and "decode" in args.scenarios.split(",")
+            per_row = args.bandwidth_per_row and fiddler_decode
             before = measured_bandwidth() if per_row else None
             old, new = runs.get(name, {}), system_rows(args, name, skew)
-            if "decode" in new["scenarios"] and name.startswith("fiddler") and not args.tiny:
+            if fiddler_decode and "decode" in new["scenarios"]:
                 # a new decode figure: an older row's measurements do not belong to it; with
                 # --bandwidth-per-row its roofline takes the host as it was around it
                 old = {k: v for k, v in old.items() if k not in ("host_bandwidth_before", "host_bandwidth_after")}

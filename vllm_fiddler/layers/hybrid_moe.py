@@ -415,7 +415,7 @@ class HybridMoE(nn.Module):
         n_cpu = self._count(cpu_ids)
         cold = None
         if n_cpu:
-            self._cpu_chunk_reads += self.chunks * int(cpu_ids[cpu_ids >= 0].unique().numel())
+            self._cpu_chunk_reads += self.chunks * len(cold_token_counts(cpu_ids, self.num_host_slots))
             cold = self.cpu_runtime.submit(x, self.w13_cpu_chunks, self.w2_cpu_chunks,
                                            *self.cpu_chunk_ids(cpu_ids, topk_weights))
         acc = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # [T, H]
