@@ -141,7 +141,7 @@ def timeline(moe, attention, steps: int, h0: torch.Tensor, host_s: float = 0.0) 
     parts = {"host_late": [], "device_chain": [], "plan": [], "wake": [], "idle": [], "job": []}
     edge = {k: [] for k in parts}
     for j in range(len(ops)):
-        _, start, done = (t * 1e-9 for t in jobs[j])
+        start, done = (t * 1e-9 for t in jobs[j][1:3])
         (edge if ops[j][0] == first else parts)["job"].append(done - start)
         if j + 1 == len(ops):
             break

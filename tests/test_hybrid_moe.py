@@ -253,10 +253,49 @@ def test_native_device_waited_jobs_run_in_order_and_signal(monkeypatch):
         trace = cpu_kernels.async_trace()
         assert len(trace) == 5 and cpu_kernels.async_trace() == []
         assert before_ns <= trace[0][0] and trace[-1][2] <= time.perf_counter_ns()
-        for (submitted, started, done), (_, next_started, _) in zip(trace, trace[1:] + [(0, 1 << 62, 0)]):
-            assert submitted <= started <= done <= next_started
+        assert all(len(job) == len(cpu_kernels.ASYNC_TRACE_FIELDS) for job in trace)
+        for (submitted, started, done, picked, chunks), following in zip(trace, trace[1:] + [None]):
+            assert submitted <= picked <= started <= done
+            assert following is None or done <= following[3]  # one job thread: in order
+            assert chunks == 0  # planned jobs: the routed counter's share is theirs only
     finally:
         pool.shutdown()
+
+
+@pytest.mark.skipif(not cpu_kernel_isas(), reason="no native CPU kernel on this machine")
+def test_native_jobs_run_while_python_holds_the_gil():
+    """The job thread never waits for the GIL: dropping its references to tensors Python also
+    holds decrefs their PyObjects in torch 2.11, and the engine thread holds the GIL while it
+    launches the next layers. With the GIL held (and not handed over: a 30 s switch interval),
+    every queued job must still finish; the thread used to stall after the first one."""
+    import sys
+
+    from vllm_fiddler.kernels import cpu as cpu_kernels
+
+    gen = torch.Generator().manual_seed(11)
+    w13 = torch.randn(3, 2 * 64, H, generator=gen).to(torch.bfloat16)
+    w2 = torch.randn(3, H, 64, generator=gen).to(torch.bfloat16)
+    word = torch.zeros(1, dtype=torch.int32)
+    jobs = [(torch.randn(1, H, generator=gen).to(torch.bfloat16), torch.tensor([[0, 2]], dtype=torch.int32),
+             torch.rand(1, 2, generator=gen), torch.zeros(1, H)) for _ in range(6)]
+    seen = word.numpy()  # read without torch ops, which may release the GIL
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(30.0)
+    try:
+        for seq, (x, ids, wts, out) in enumerate(jobs, start=1):
+            assert cpu_kernels.moe_forward_async(x, w13, w2, ids, wts, out, word, seq)
+        deadline = time.perf_counter() + 5.0
+        while seen[0] != len(jobs) and time.perf_counter() < deadline:
+            pass  # holds the GIL
+        finished = int(seen[0])
+    finally:
+        sys.setswitchinterval(switch)
+        cpu_kernels.async_wait_idle()
+    assert finished == len(jobs), f"the job thread stalled after job {finished} while Python held the GIL"
+    for x, ids, wts, out in jobs:
+        want = torch.zeros(1, H)
+        cpu_kernels.moe_forward(x, w13, w2, ids, wts, want)
+        assert torch.equal(out, want)
 
 
 class DeferredMark:
@@ -295,6 +334,8 @@ def test_routed_jobs_wait_for_their_routing_then_match_the_planned_kernel():
         expected_pairs = expected_streamed = expected_on_cpu = 0
         C = layer.chunks
         waited_before = pool.queue_s + pool.routing_wait_s
+        cpu_kernels.async_trace()  # drops earlier jobs
+        on_cpu_per_job = []
         for tokens, first in ((1, (0, 0)), (2, (2, 2)), (5, (0, 1)), (13, (1, 0)), (3, (C, C)), (4, (C, 1))):
             x_buf = torch.zeros(tokens, H, dtype=torch.bfloat16)
             slots_buf = torch.full((tokens, K), -1, dtype=torch.int32)
@@ -319,8 +360,9 @@ def test_routed_jobs_wait_for_their_routing_then_match_the_planned_kernel():
             # the GPU streams chunks below first[k] of each cold pair, each chunk-expert once
             expected_streamed += len({int(s) * C + c for row in slots for k, s in enumerate(row)
                                       if s >= 0 for c in range(first[k])})
-            expected_on_cpu += len({int(s) * C + c for row in slots for k, s in enumerate(row)
-                                    if s >= 0 for c in range(first[k], C)})
+            on_cpu_per_job.append(len({int(s) * C + c for row in slots for k, s in enumerate(row)
+                                       if s >= 0 for c in range(first[k], C)}))
+            expected_on_cpu += on_cpu_per_job[-1]
             assert counts.tolist() == [expected_pairs, expected_streamed, expected_on_cpu]
             # the chunks below first[k] are the GPU's: the engine thread's chunk ids without them
             ids_c, wts_c = layer.cpu_chunk_ids(slots, weights)  # [T, K*C]
@@ -332,6 +374,12 @@ def test_routed_jobs_wait_for_their_routing_then_match_the_planned_kernel():
         # each job above waited >= 20 ms for its routing (the sleep), in the queue or, once its
         # thread took it, for the word: the latter is routing_wait_s, not queue_s
         assert pool.queue_s + pool.routing_wait_s - waited_before >= 6 * 0.02 and pool.routing_wait_s > 0
+        # the job trace: each job's CPU chunk-experts, and its wait for the routing after being picked
+        trace = cpu_kernels.async_trace()
+        assert [job[4] for job in trace] == on_cpu_per_job
+        assert all(picked <= started <= done for _, started, done, picked, _ in trace)
+        waited = sum(started - picked for _, started, _, picked, _ in trace) * 1e-9
+        assert waited <= pool.routing_wait_s + 1e-6
         # every pair on the GPU: nothing to compute, the job still signals with a zero result
         slots_buf.fill_(-1)
         job = pool.submit_routed(x_buf, layer.w13_cpu_chunks, layer.w2_cpu_chunks, slots_buf, wts_buf,
@@ -695,3 +743,34 @@ def test_cuda_gap_counters_time_the_work_between_ops(monkeypatch):
         assert first.op_s > 0 and second.op_s > 0
     finally:
         runtime.shutdown()
+
+
+def test_trace_op_writes_the_engine_trace(tmp_path, monkeypatch):
+    """FIDDLER_TRACE_DIR's writer: every TRACE_FLUSH_OPS ops, a JSON file of the ops (layers
+    numbered by first appearance) and the CPU jobs done meanwhile, which
+    benchmarks/engine_trace.py loads."""
+    import importlib.util
+    import os
+    import types
+
+    from vllm_fiddler.layers import hybrid_moe
+
+    monkeypatch.setattr(hybrid_moe, "TRACE_DIR", str(tmp_path))
+    monkeypatch.setattr(hybrid_moe, "TRACE_FLUSH_OPS", 3)
+    monkeypatch.setattr(hybrid_moe, "OP_TRACE", [])
+    monkeypatch.setattr(hybrid_moe, "_trace_layers", {})
+    layers = [types.SimpleNamespace(chunk_bytes=64, cpu_runtime=types.SimpleNamespace(num_threads=5))
+              for _ in range(2)]
+    for step in range(3):  # 6 ops: two files
+        for layer in layers:
+            t = time.perf_counter()
+            hybrid_moe.trace_op(layer, t, None, None, t)
+    files = sorted(os.listdir(tmp_path))
+    assert len(files) == 2 and hybrid_moe.OP_TRACE == []
+    spec = importlib.util.spec_from_file_location(
+        "engine_trace", os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks", "engine_trace.py"))
+    engine_trace = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(engine_trace)
+    trace = engine_trace.load(str(tmp_path))
+    assert [op[0] for op in trace["ops"]] == [0, 1] * 3
+    assert trace["chunk_bytes"] == 64 and trace["cpu_threads"] == 5

@@ -382,13 +382,19 @@ def async_stats() -> tuple[int, float, float, float]:
     return int(jobs), busy_ns * 1e-9, queue_ns * 1e-9, routing_wait_ns * 1e-9
 
 
-def async_trace() -> list[tuple[int, int, int]]:
+ASYNC_TRACE_FIELDS = ("submitted", "started", "done", "picked", "cpu_chunk_experts")
+
+
+def async_trace() -> list[tuple[int, ...]]:
     """The moe_forward_async jobs done since the last call, oldest first (the last 8192 at most):
-    (submitted, started, done) each, in time.perf_counter_ns() units (CLOCK_MONOTONIC)."""
+    ASYNC_TRACE_FIELDS each. Times in time.perf_counter_ns() units (CLOCK_MONOTONIC); picked:
+    the job thread took the job, and a routed job waited from then until started for its
+    routing; cpu_chunk_experts: the (expert, chunk) pairs a routed job ran on the CPU."""
     if not _native:
         return []
     flat = list(torch.ops.fiddler_cpu.async_trace())
-    return [tuple(flat[i:i + 3]) for i in range(0, len(flat), 3)]
+    n = len(ASYNC_TRACE_FIELDS)
+    return [tuple(flat[i:i + n]) for i in range(0, len(flat), n)]
 
 
 def _native_args(x, w13, w2, topk_ids, topk_weights, isa):

@@ -656,17 +656,23 @@ class AsyncRunner {
   AsyncRunner() : pid_(getpid()), thread_([this] { loop(); }) {}
   pid_t pid() const { return pid_; }
 
+  // Called from Python (the GIL held): the jobs this thread finished are dropped here.
   void submit(AsyncJob job) {
     job.submitted = std::chrono::steady_clock::now();
+    std::vector<AsyncJob> finished;
     {
       std::lock_guard<std::mutex> lk(mu_);
       queue_.push_back(std::move(job));
+      finished.swap(finished_);
     }
     cv_.notify_one();
   }
   void wait_idle() {
+    std::vector<AsyncJob> finished;
     std::unique_lock<std::mutex> lk(mu_);
     idle_cv_.wait(lk, [&] { return queue_.empty() && !busy_; });
+    finished.swap(finished_);
+    lk.unlock();
   }
   std::string take_error() {
     std::lock_guard<std::mutex> lk(mu_);
@@ -679,13 +685,16 @@ class AsyncRunner {
     return {jobs_, busy_ns_, queue_ns_, routing_wait_ns_};
   }
   // The jobs done since the last call, oldest first (at most kTraceJobs): (submitted,
-  // started, done) per job, steady_clock ns (CLOCK_MONOTONIC on Linux, the clock of
-  // Python's time.perf_counter_ns), for timelines in benchmarks.
+  // started, done, picked, CPU chunk-experts) per job; times in steady_clock ns
+  // (CLOCK_MONOTONIC on Linux, the clock of Python's time.perf_counter_ns), for
+  // timelines in benchmarks. picked: this thread took the job (a routed job then waits
+  // for its routing until started); chunk-experts: what a routed job ran on the CPU
+  // (counts[2]'s share; 0 for planned jobs).
   std::vector<int64_t> take_trace() {
     std::lock_guard<std::mutex> lk(mu_);
     std::vector<int64_t> flat;
     const int64_t n = std::min<int64_t>(traced_, kTraceJobs);
-    flat.reserve(size_t(3 * n));
+    flat.reserve(size_t(kTraceFields * n));
     for (int64_t i = traced_ - n; i < traced_; ++i)
       for (int64_t v : trace_[size_t(i % kTraceJobs)]) flat.push_back(v);
     traced_ = 0;
@@ -708,12 +717,15 @@ class AsyncRunner {
       const auto picked = std::chrono::steady_clock::now();
       if (job.ready_word.defined()) error = wait_ready(job);
       const auto t0 = std::chrono::steady_clock::now();
+      int64_t cpu_chunks = 0;
       try {
         std::memset(job.out.data_ptr(), 0, job.out.nbytes());
         if (error.empty() && job.ready_word.defined()) {
           at::Tensor ids, wts;
-          const int64_t cold = expand_routing(job.ids, job.wts, job.chunks, job.first_chunks, &ids, &wts,
-                                              job.counts.data_ptr<int64_t>());
+          int64_t* counts = job.counts.data_ptr<int64_t>();
+          const int64_t before = __atomic_load_n(&counts[2], __ATOMIC_RELAXED);
+          const int64_t cold = expand_routing(job.ids, job.wts, job.chunks, job.first_chunks, &ids, &wts, counts);
+          cpu_chunks = __atomic_load_n(&counts[2], __ATOMIC_RELAXED) - before;  // one job thread: no race
           const bool cpu_share = *std::min_element(job.first_chunks.begin(), job.first_chunks.end()) < job.chunks;
           if (cold && cpu_share) moe_forward(job.x, job.w13, job.w2, ids, wts, job.out, job.mode, job.amx_min_tokens);
         } else if (error.empty()) {
@@ -729,14 +741,20 @@ class AsyncRunner {
       __atomic_store_n(static_cast<int32_t*>(job.done_word.data_ptr()), int32_t(uint32_t(job.seq)),
                        __ATOMIC_RELEASE);
       const auto queued = job.submitted;
-      job = AsyncJob();  // drop the tensors here, not under the lock
       std::lock_guard<std::mutex> lk(mu_);
+      // Not dropped here: in torch 2.11 dropping a C++ reference to a tensor that Python
+      // also holds (refcount 2 -> 1) decrefs its PyObject, which takes the GIL, and the
+      // engine thread holds that while it runs Python. The H100 box's engine traces had
+      // this thread ~0.1 ms (median; 0.45 at p90, 1.1 at p99) from one job's end to
+      // taking the next, queued one (benchmarks/engine_trace.py). The next submit (or
+      // wait_idle), on a Python thread, drops them.
+      finished_.push_back(std::move(job));
       if (!error.empty() && error_.empty()) error_ = error;
       ++jobs_;
       busy_ns_ += std::chrono::duration_cast<std::chrono::nanoseconds>(t1 - t0).count();
       queue_ns_ += std::chrono::duration_cast<std::chrono::nanoseconds>(picked - queued).count();
       routing_wait_ns_ += std::chrono::duration_cast<std::chrono::nanoseconds>(t0 - picked).count();
-      trace_[size_t(traced_++ % kTraceJobs)] = {ns(queued), ns(t0), ns(t1)};
+      trace_[size_t(traced_++ % kTraceJobs)] = {ns(queued), ns(t0), ns(t1), ns(picked), cpu_chunks};
       busy_ = false;
       if (queue_.empty()) idle_cv_.notify_all();
     }
@@ -769,13 +787,15 @@ class AsyncRunner {
   static int64_t ns(std::chrono::steady_clock::time_point t) {
     return std::chrono::duration_cast<std::chrono::nanoseconds>(t.time_since_epoch()).count();
   }
-  static constexpr int64_t kTraceJobs = 8192;
+  static constexpr int64_t kTraceJobs = 8192, kTraceFields = 5;
 
   const pid_t pid_;
   std::mutex mu_;
   std::condition_variable cv_, idle_cv_;
   std::deque<AsyncJob> queue_;
-  std::vector<std::array<int64_t, 3>> trace_ = std::vector<std::array<int64_t, 3>>(kTraceJobs);
+  std::vector<AsyncJob> finished_;  // done, their tensors still held (see loop)
+  std::vector<std::array<int64_t, kTraceFields>> trace_ =
+      std::vector<std::array<int64_t, kTraceFields>>(kTraceJobs);
   int64_t traced_ = 0;
   bool busy_ = false;
   std::string error_;

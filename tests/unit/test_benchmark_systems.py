@@ -145,3 +145,50 @@ def test_memory_map_tells_slow_memory_from_a_slow_moment(monkeypatch):
     assert mm.spread([120.0, 160.0, 150.0]) == {"min": 120.0, "median": 150.0, "max": 160.0,
                                                  "max_over_min": pytest.approx(4 / 3)}
     assert mm.rank_agreement([place]) != mm.rank_agreement([place])  # one round: nothing to compare (nan)
+
+
+def planted_engine_trace(tmp_path, steps: int = 6) -> dict:
+    """Two layers a step, 10 ms apart: layer 0's job runs 4 chunk-experts in 2 ms after a
+    0.5 ms routing wait; layer 1's job is submitted while layer 0's runs, waits 0.3 ms and
+    runs 1 chunk-expert in 1 ms; layer 0's next job is submitted 6.2 ms after that one is
+    done. Written as two flushes, with a stray job (calibration) before the first op."""
+    ms = 1e-3
+    ops, jobs = [], [(1, 2, 3, 2, 9)]
+    done = None
+    for k in range(steps):
+        base = 1.0 + 10 * ms * k
+        for layer, (start, wait, run, chunks) in enumerate(((0.0, 0.5, 2.0, 4), (1.0, 0.3, 1.0, 1))):
+            op_start, submitted = base + start * ms, base + (start + 0.1) * ms
+            picked = submitted if done is None else max(submitted, done)
+            started, finished = picked + wait * ms, picked + (wait + run) * ms
+            ops.append((layer, op_start, None, None, submitted, op_start + 0.2 * ms))
+            stamps = (submitted - 0.01 * ms, started, finished, picked)
+            jobs.append(tuple(int(t * 1e9) for t in stamps) + (chunks,))
+            done = finished
+    ops.insert(4, (0, 0.9, 0.9, 0.9, None, 0.9))  # a synced op (prefill): not a routed step's
+    fields = {"op_fields": [], "job_fields": [], "chunk_bytes": 10**6, "cpu_threads": 15}
+    for n, (o, j) in enumerate(((ops[:5], jobs[:4]), (ops[5:], jobs[4:]))):
+        record = {"ops": o, "jobs": j, **fields}
+        (tmp_path / f"trace-77-{n:04d}.json").write_text(__import__("json").dumps(record))
+    return fields
+
+
+def test_engine_trace_splits_the_cpu_idle_time(tmp_path):
+    """engine_trace on a planted timeline: job read rates by size, the engine thread's lateness
+    and the routing waits per step, the step period and the CPU's busy share."""
+    engine_trace = load_benchmark("engine_trace")
+    planted_engine_trace(tmp_path)
+    summary = engine_trace.summarize(engine_trace.load(str(tmp_path)), last_steps=3)
+    assert summary["layers"] == 2 and summary["steps"] == 3
+    assert summary["step_period_ms"]["p50"] == pytest.approx(10.0)
+    assert summary["tok_s_from_periods"] == pytest.approx(100.0)
+    assert summary["read_gb_s_by_chunk_experts"] == {1: {"jobs": 3, "mean": pytest.approx(1.0)},
+                                                    4: {"jobs": 3, "mean": pytest.approx(2.0)}}
+    assert summary["cpu_busy_ms_per_step"] == pytest.approx(3.0)
+    assert summary["cpu_busy_share"] == pytest.approx(0.3)
+    # layer 0's job came 10 + 0.09 - 3.9 = 6.19 ms after layer 1's was done (the native submit
+    # stamps 0.01 ms before the op's); layer 1's was queued behind layer 0's
+    assert summary["host_late_ms_per_step"] == pytest.approx(6.19, abs=1e-3)
+    assert summary["routing_wait_ms_per_step"] == pytest.approx(0.8, abs=1e-3)
+    assert summary["per_layer"][1]["queued_ms"] == pytest.approx(2.6 - 1.09, abs=1e-3)
+    assert summary["cpu_read_gb_s_over_busy"] == pytest.approx(5e6 / 3e-3 / 1e9, rel=1e-3)

@@ -33,6 +33,8 @@ expert, Ic = I / C.
 
 from __future__ import annotations
 
+import json
+import os
 import time
 
 import torch
@@ -490,7 +492,7 @@ class HybridMoE(nn.Module):
             self.cpu_wait_s += time.perf_counter() - start
             out.add_(result)
         if OP_TRACE is not None:
-            OP_TRACE.append((id(self), op_start, sync_start, sync_end, submitted, time.perf_counter()))
+            trace_op(self, op_start, sync_start, sync_end, submitted)
 
     def _forward_routed(self, x, topk_weights, topk_ids, out, op_start: float) -> bool:
         """Small steps: the CPU job takes its routing from the stream, the host never waits.
@@ -532,7 +534,7 @@ class HybridMoE(nn.Module):
             out.add_(part)
         out.add_(self.cpu_runtime.result_on_device(cold, x.device, x.dtype))
         if OP_TRACE is not None:
-            OP_TRACE.append((id(self), op_start, None, None, submitted, time.perf_counter()))
+            trace_op(self, op_start, None, None, submitted)
         return True
 
     @property
@@ -732,6 +734,39 @@ def staged_expert(stager, x: torch.Tensor, topk_ids: torch.Tensor, weights: torc
 # timelines (benchmarks/decode_op_host.py), with the CPU jobs' own times
 # (vllm_fiddler.kernels.cpu.async_trace, the same clock).
 OP_TRACE: list | None = None
+
+# FIDDLER_TRACE_DIR (benchmarks; off by default): a served engine's op and CPU-job
+# traces, written every TRACE_FLUSH_OPS ops to <dir>/trace-<pid>-<n>.json, for
+# benchmarks/engine_trace.py. The engine core is its own process, so this is how its
+# timeline leaves it; a flush takes a few ms of the engine thread (1 in 64 batch-1 steps of 8 layers).
+TRACE_DIR = os.environ.get("FIDDLER_TRACE_DIR") or None
+TRACE_FLUSH_OPS = 512
+if TRACE_DIR:
+    OP_TRACE = []
+_trace_layers: dict[int, int] = {}  # id(layer) -> its order of first appearance
+_trace_flushes = 0
+
+
+def trace_op(layer, op_start: float, sync_start, sync_end, submitted) -> None:
+    """Appends an op to OP_TRACE; under FIDDLER_TRACE_DIR, writes out the ops and the CPU jobs
+    done so far when TRACE_FLUSH_OPS have gathered."""
+    global _trace_flushes
+    OP_TRACE.append((id(layer), op_start, sync_start, sync_end, submitted, time.perf_counter()))
+    if TRACE_DIR is None or len(OP_TRACE) < TRACE_FLUSH_OPS:
+        return
+    from vllm_fiddler.kernels import cpu as cpu_kernels
+
+    ops = [(_trace_layers.setdefault(op[0], len(_trace_layers)), *op[1:]) for op in OP_TRACE]
+    record = {"op_fields": ["layer", "op_start", "sync_start", "sync_end", "submitted", "op_end"],
+              "ops": ops, "job_fields": list(cpu_kernels.ASYNC_TRACE_FIELDS),
+              "jobs": cpu_kernels.async_trace(),
+              "chunk_bytes": layer.chunk_bytes, "cpu_threads": layer.cpu_runtime.num_threads}
+    os.makedirs(TRACE_DIR, exist_ok=True)
+    path = os.path.join(TRACE_DIR, f"trace-{os.getpid()}-{_trace_flushes:04d}.json")
+    with open(path, "w") as f:
+        json.dump(record, f)
+    _trace_flushes += 1
+    OP_TRACE.clear()
 
 # Steps with at most this many (token, k) pairs plan their cold work in plain
 # Python lists (small_chunk_ids): ~20 torch ops on tiny host tensors took
