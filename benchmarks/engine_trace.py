@@ -105,8 +105,9 @@ def summarize(trace: dict, last_steps: int) -> dict:
             row["run_ms"].append(1e3 * run)
             row["chunk_experts"].append(chunk_experts)
             if chunk_experts:
-                row["read_gb_s"].append(chunk_experts * chunk_bytes / run / 1e9)
-                by_size[chunk_experts].append(chunk_experts * chunk_bytes / run / 1e9)
+                rate = chunk_experts * chunk_bytes / run / 1e9
+                row["read_gb_s"].append(rate)
+                by_size[chunk_experts].append(rate)
             late = max(0, submitted - previous_done) * 1e-9
             wait = (started - max(picked, previous_done)) * 1e-9
             row["host_late_ms"].append(1e3 * late)
@@ -119,7 +120,7 @@ def summarize(trace: dict, last_steps: int) -> dict:
                           "host_late_ms": 1e3 * idle["host_late"],
                           "routing_wait_ms": 1e3 * idle["routing_wait"],
                           "cpu_bytes": sum(job[4] for _, job in step) * chunk_bytes})
-    rates = sorted(r for row in per_layer.values() for r in row["read_gb_s"])
+    rates = sorted(r for v in by_size.values() for r in v)
     periods = sorted(r["period_ms"] for r in step_rows)
 
     def pct(values, q):

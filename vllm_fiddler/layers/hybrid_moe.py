@@ -738,7 +738,8 @@ OP_TRACE: list | None = None
 # FIDDLER_TRACE_DIR (benchmarks; off by default): a served engine's op and CPU-job
 # traces, written every TRACE_FLUSH_OPS ops to <dir>/trace-<pid>-<n>.json, for
 # benchmarks/engine_trace.py. The engine core is its own process, so this is how its
-# timeline leaves it; a flush takes a few ms of the engine thread (1 in 64 batch-1 steps of 8 layers).
+# timeline leaves it; a flush takes a few ms of the engine thread, once in 64 batch-1
+# steps of 8 layers.
 TRACE_DIR = os.environ.get("FIDDLER_TRACE_DIR") or None
 TRACE_FLUSH_OPS = 512
 if TRACE_DIR:
