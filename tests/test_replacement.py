@@ -208,6 +208,28 @@ def test_copies_in_flight_are_bounded_and_land_only_when_done():
     assert layer.gpu_experts == (5, 6, 7) and replacer.replacements == 3
 
 
+def test_first_evidence_at_once_and_a_landing_starts_the_next_copy():
+    """Counters read every 16 steps, one copy at a time, 3 hot host experts. The first real step's
+    snapshot is the baseline, read at the next step: the first interval of evidence ends at step
+    18 (it used to take a whole interval to read the baseline: 33). Each later copy starts at the
+    step its predecessor landed, not at the next read of the counters."""
+    layer, w13, w2 = make_backed_layer((0, 1, 2))
+    copier = FakeCopier()
+    settings = AdaptationSettings(enabled=True, interval_steps=16, half_life_steps=64, horizon_steps=64,
+                                  cooldown_steps=8, noise_z=2.0, max_swaps_in_flight=1)
+    replacer = ExpertReplacer([layer], settings, copier=copier)
+    gen = torch.Generator().manual_seed(6)
+    started = []  # step at which each copy started
+    for _ in range(40):
+        for ev in copier.events:  # each copy lands one step after it started
+            ev.done = True
+        run_steps(replacer, [layer], [(w13, w2)], steps=1, tokens=8, hot_by_layer=[(5, 6, 7)], gen=gen,
+                  bias=6.0)
+        started += [replacer.step] * (len(copier.events) - len(started))
+    assert started == [18, 19, 20]
+    assert layer.gpu_experts == (5, 6, 7) and replacer.replacements == 3
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (ExpertCopier, the copy path)")
 @pytest.mark.parametrize("tokens", [1, 40])
 def test_cuda_swap_with_copier_and_copy_path(monkeypatch, tokens):

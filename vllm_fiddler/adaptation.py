@@ -330,6 +330,7 @@ class AdaptationPlan:
     swaps: tuple[Swap, ...]
     limit: int  # copies this round could start: max_swaps_per_round - in_flight
     held_back: tuple[str, ...] = ()  # one line per layer whose best pair was refused, and why
+    deferred: int = 0  # swaps refused only by the copy limit: plan again once a copy lands
 
     def text(self) -> str:
         rows = [f"fiddler adaptation @ step {self.step}: {len(self.swaps)} swap(s) (limit {self.limit})"]
@@ -427,7 +428,8 @@ def plan_swaps(rates: Sequence[Sequence[float]], resident: Sequence[Sequence[int
     held_back += [f"layer {s.layer}: {s.evict} -> {s.admit} (net gain {s.net_gain_ms:.1f} ms): "
                   f"over the limit of {policy.max_swaps_per_round} copies in flight"
                   for _, s in candidates[limit:]]
-    return AdaptationPlan(step=step, swaps=chosen, limit=limit, held_back=tuple(held_back))
+    return AdaptationPlan(step=step, swaps=chosen, limit=limit, held_back=tuple(held_back),
+                          deferred=len(candidates) - len(chosen))
 
 
 def apply_swaps(resident: Sequence[Sequence[int]], swaps: Sequence[Swap]) -> tuple[tuple[int, ...], ...]:
@@ -510,7 +512,7 @@ class SimulationResult:
 def simulate(trace: Sequence[Sequence[Sequence[float]]], initial_resident: Sequence[Sequence[int]],
              policy: AdaptationPolicy, *, half_life_steps: float, replan_every: int = 1,
              copy_latency_steps: int = 1, copy_in_place: bool = False,
-             phase_steps: int | None = None) -> SimulationResult:
+             phase_steps: int | None = None, replan_on_landing: bool = False) -> SimulationResult:
     """Replays `trace` [S][L][E] under online adaptation, as the runtime would run it.
 
     Per step s: copies due at s land; the step's tokens are served (hits
@@ -518,7 +520,10 @@ def simulate(trace: Sequence[Sequence[Sequence[float]]], initial_resident: Seque
     Every `replan_every` steps the accumulated counts go to an ExpertHeat in
     one batched observe (the runtime reads the device counters that rarely)
     and plan_swaps runs for step p = s + 1, with the cooldown, the noise test
-    and the copies still in flight.
+    and the copies still in flight. With replan_on_landing (what the runtime
+    does), a step in which a copy landed while the last plan had deferred
+    swaps over the copy limit also plans, on the rates already observed: the
+    copy limit then bounds the copies in flight, not the swaps per interval.
 
     A swap planned for step p lands at the start of step p + copy_latency_steps
     (0: an instantaneous copy); copies never stall a step. Until it lands the
@@ -555,8 +560,11 @@ def simulate(trace: Sequence[Sequence[Sequence[float]]], initial_resident: Seque
     hits = total = 0.0
     phase_hits: list[float] = []
     phase_total: list[float] = []
+    deferred = 0  # the last plan's swaps over the copy limit
     for s, counts in enumerate(steps):
+        landed = False
         while pending and pending[0][0] <= s:  # same latency for all: landing order = plan order
+            landed = True
             _, sw = pending.pop(0)
             serving[sw.layer].discard(sw.evict)
             # in place, an admit that a later copy is already overwriting never serves
@@ -575,14 +583,17 @@ def simulate(trace: Sequence[Sequence[Sequence[float]]], initial_resident: Seque
         for l in range(L):
             for e in range(E):
                 acc[l][e] += counts[l][e]
-        if (s + 1) % replan_every:
+        observe = (s + 1) % replan_every == 0
+        if not observe and not (replan_on_landing and landed and deferred):
             continue
-        heat.observe_all(acc, steps=replan_every)
-        acc = [[0.0] * E for _ in range(L)]
+        if observe:
+            heat.observe_all(acc, steps=replan_every)
+            acc = [[0.0] * E for _ in range(L)]
         p = s + 1
         plan = plan_swaps(heat.rates(), committed, policy, step=p, last_moved=last_moved,
                           effective_steps=heat.effective_steps(),
                           in_flight=sum(1 for land, _ in pending if land > p))
+        deferred = plan.deferred
         for sw in plan.swaps:
             committed = [list(r) for r in apply_swaps(committed, [sw])]
             last_moved[(sw.layer, sw.evict)] = last_moved[(sw.layer, sw.admit)] = p

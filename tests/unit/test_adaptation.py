@@ -327,6 +327,15 @@ def test_swaps_per_round(max_swaps, in_flight, expected):
     assert len(plan.swaps) == expected
     assert [s.layer for s in plan.swaps] == list(range(expected))  # best gains first
     assert len(plan.held_back) == 4 - expected
+    assert plan.deferred == 4 - expected  # refused only by the copy limit: worth planning on a landing
+
+
+def test_deferred_counts_only_the_copy_limit():
+    # layer 0's pair fails the margin, layer 1's the gain test: neither is deferred, only refused
+    rates = [[1.1, 1.0], [1.2, 0.0], [10, 0], [9, 0]]
+    policy = dataclasses.replace(LOOSE, max_swaps_per_round=1, horizon_steps=1)
+    plan = plan_swaps(rates, [[1]] * 4, policy, step=0)
+    assert [s.layer for s in plan.swaps] == [2] and plan.deferred == 1
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -443,6 +452,73 @@ def test_replan_every_batches_observations():
     result = simulate(trace, [[0]], LOOSE, half_life_steps=4, replan_every=4)
     assert [p for p, _ in result.swaps] == [4]  # first read of the counters after 4 steps
     assert result.hits == 4 * (12 - 5)
+
+
+def test_replan_on_landing_chains_copies():
+    # 4 layers each want host expert 1; counters read every 8 steps, one copy at a time, one step each
+    trace = [[[0, 4]] * 4] * 40
+    policy = dataclasses.replace(LOOSE, max_swaps_per_round=1)
+    interval = simulate(trace, [[0]] * 4, policy, half_life_steps=4, replan_every=8)
+    chained = simulate(trace, [[0]] * 4, policy, half_life_steps=4, replan_every=8, replan_on_landing=True)
+    # one swap per read of the counters, against one per landing (a copy planned for p lands at p + 1,
+    # and the next is planned there, for p + 2)
+    assert [(p, s.layer) for p, s in interval.swaps] == [(8, 0), (16, 1), (24, 2), (32, 3)]
+    assert [(p, s.layer) for p, s in chained.swaps] == [(8, 0), (10, 1), (12, 2), (14, 3)]
+    assert chained.final_resident == interval.final_resident == ((1,),) * 4
+    # each layer's 4 tokens a step are hits from its copy's landing on
+    assert interval.hits == sum(4 * (40 - p - 1) for p in (8, 16, 24, 32))
+    assert chained.hits == sum(4 * (40 - p - 1) for p in (8, 10, 12, 14))
+
+
+# The runtime's defaults (config.AdaptationSettings), priced like Mixtral on the H100 box.
+RUNTIME = AdaptationPolicy(copy_ms=6.5, saved_ms_per_token=2.3, horizon_steps=256, max_swaps_per_round=2,
+                           cooldown_steps=128)
+
+
+def batch1_decode_trace(seed: int, steps: int, layers: int = 8):
+    """Batch-1 decode where each layer's top-2 is the same pair every step (what the dummy-weight
+    Mixtral did on the H100 box) and an initial placement holding none of them: 2 slots in the
+    first three layers, 1 in the others (11 of 64 experts, the e2e default budget)."""
+    rng = random.Random(seed)
+    pairs = [rng.sample(range(8), 2) for _ in range(layers)]
+    trace = [[[1 if e in pairs[l] else 0 for e in range(8)] for l in range(layers)]] * steps
+    initial = [[e for e in range(8) if e not in pairs[l]][:2 if l < 3 else 1] for l in range(layers)]
+    return trace, initial, pairs
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_replan_on_landing_converges_a_wrong_placement_sooner(seed):
+    trace, initial, pairs = batch1_decode_trace(seed, 512)
+    kwargs = dict(half_life_steps=512, replan_every=16, phase_steps=32)
+    interval = simulate(trace, initial, RUNTIME, **kwargs)
+    chained = simulate(trace, initial, RUNTIME, replan_on_landing=True, **kwargs)
+    # 11 swaps either way (each slot gets one of its layer's pair), to the same placement
+    assert interval.num_swaps == chained.num_swaps == 11
+    for result in (interval, chained):
+        assert all(set(slots) <= set(pairs[l]) for l, slots in enumerate(result.final_resident))
+    # the noise test needs 2 reads of the counters (32 steps) before the first swap; then 2 swaps
+    # per read (16 steps) take 80 more, where one landing after another takes 10
+    assert max(p for p, _ in interval.swaps) > 100
+    assert max(p for p, _ in chained.swaps) < 50
+    assert chained.per_phase[2] == pytest.approx(chained.per_phase[-1])  # settled from step 64
+    assert chained.hit_rate > interval.hit_rate + 0.03
+
+
+@pytest.mark.parametrize("period", [2, 16, 64, 256])
+def test_replan_on_landing_adds_no_swaps_under_noise_or_alternation(period):
+    # the runtime's policy on a hot pair that flips every `period` steps (1 token a step), and on
+    # uniform routing: planning on landings uses only evidence the interval's plan already had
+    rng = random.Random(period)
+    a, b = [hot({0, 1})] * 2, [hot({5, 6})] * 2
+    flips = [routed(rng, a if (s // period) % 2 == 0 else b, 1) for s in range(3000)]
+    uniform = [routed(rng, [[1.0] * 8] * 2, 1) for _ in range(1500)]
+    for trace in (flips, uniform):
+        interval = simulate(trace, [[2, 3], [2, 3]], RUNTIME, half_life_steps=512, replan_every=16)
+        chained = simulate(trace, [[2, 3], [2, 3]], RUNTIME, half_life_steps=512, replan_every=16,
+                           replan_on_landing=True)
+        assert chained.num_swaps == interval.num_swaps
+        assert chained.hit_rate >= interval.hit_rate - 0.005
+    assert interval.num_swaps <= 1  # uniform: no reaction to noise
 
 
 @pytest.mark.parametrize("kwargs, match", [
