@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_benchmark(name: str):
+    """benchmarks/<name>.py as a module (the folder is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "benchmarks", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 # vLLM's CPU platform reserves KV cache from host RAM: keep it small so CI's
 # 24 GB machine fits the engines one after another.

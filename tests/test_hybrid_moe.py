@@ -749,9 +749,10 @@ def test_trace_op_writes_the_engine_trace(tmp_path, monkeypatch):
     """FIDDLER_TRACE_DIR's writer: every TRACE_FLUSH_OPS ops, a JSON file of the ops (layers
     numbered by first appearance) and the CPU jobs done meanwhile, which
     benchmarks/engine_trace.py loads."""
-    import importlib.util
     import os
     import types
+
+    from conftest import load_benchmark
 
     from vllm_fiddler.layers import hybrid_moe
 
@@ -767,10 +768,6 @@ def test_trace_op_writes_the_engine_trace(tmp_path, monkeypatch):
             hybrid_moe.trace_op(layer, t, None, None, t)
     files = sorted(os.listdir(tmp_path))
     assert len(files) == 2 and hybrid_moe.OP_TRACE == []
-    spec = importlib.util.spec_from_file_location(
-        "engine_trace", os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks", "engine_trace.py"))
-    engine_trace = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(engine_trace)
-    trace = engine_trace.load(str(tmp_path))
+    trace = load_benchmark("engine_trace").load(str(tmp_path))
     assert [op[0] for op in trace["ops"]] == [0, 1] * 3
     assert trace["chunk_bytes"] == 64 and trace["cpu_threads"] == 5

@@ -2,20 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
+import json
 import os
 
 import pytest
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def load_benchmark(name: str):
-    """benchmarks/<name>.py as a module (the folder is not a package)."""
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "benchmarks", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import REPO, load_benchmark
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +138,7 @@ def test_memory_map_tells_slow_memory_from_a_slow_moment(monkeypatch):
     assert mm.rank_agreement([place]) != mm.rank_agreement([place])  # one round: nothing to compare (nan)
 
 
-def planted_engine_trace(tmp_path, steps: int = 6) -> dict:
+def planted_engine_trace(tmp_path, steps: int = 6) -> None:
     """Two layers a step, 10 ms apart: layer 0's job runs 4 chunk-experts in 2 ms after a
     0.5 ms routing wait; layer 1's job is submitted while layer 0's runs, waits 0.3 ms and
     runs 1 chunk-expert in 1 ms; layer 0's next job is submitted 6.2 ms after that one is
@@ -169,8 +160,7 @@ def planted_engine_trace(tmp_path, steps: int = 6) -> dict:
     fields = {"op_fields": [], "job_fields": [], "chunk_bytes": 10**6, "cpu_threads": 15}
     for n, (o, j) in enumerate(((ops[:5], jobs[:4]), (ops[5:], jobs[4:]))):
         record = {"ops": o, "jobs": j, **fields}
-        (tmp_path / f"trace-77-{n:04d}.json").write_text(__import__("json").dumps(record))
-    return fields
+        (tmp_path / f"trace-77-{n:04d}.json").write_text(json.dumps(record))
 
 
 def test_engine_trace_splits_the_cpu_idle_time(tmp_path):

@@ -139,19 +139,19 @@ class ExpertReplacer:
         """Call after each real engine step's forward (not during dummy runs or capture)."""
         self.step += 1
         landed = self._land()
-        planned = False
+        observed = False
         if self._snapshot is None:  # first real step: the counters so far (warm-up) are not evidence
             self._install_heat_tables()
             self._take_snapshot()
         elif self._snapshot_unread:
-            planned = self._read_snapshot()
+            observed = self._read_snapshot()
         elif self.step - self._snapshot_step >= self.settings.interval_steps:
             self._take_snapshot()
-        if landed and self._deferred and not planned:
-            # a copy slot came free and the last plan had swaps waiting for one: start them now,
-            # on the rates already observed, not an interval later (H100 box, 8 layers, uniform
-            # dummy router: 2 swaps per 16-step interval left batch-1 decode re-placing for its
-            # first ~100 steps, at 28-45 ms a step against 17.5 once settled)
+        # New evidence, or a copy slot came free while the last plan had swaps waiting for one:
+        # those start now, on the rates already observed, not an interval later (H100 box, 8
+        # layers, uniform dummy router: 2 swaps per 16-step interval left batch-1 decode
+        # re-placing for its first ~100 steps, at 28-45 ms a step against 17.5 once settled).
+        if observed or (landed and self._deferred):
             self._plan()
 
     # ---- counters -------------------------------------------------------------
@@ -180,8 +180,7 @@ class ExpertReplacer:
 
     def _read_snapshot(self) -> bool:
         """Reads the snapshot if its copy has landed (never waits: else the next step tries
-        again); the first one is the baseline, later ones are observed and planned on. Whether
-        it planned."""
+        again); the first one is the baseline, later ones go to the heat. Whether it observed."""
         if self._snapshot_ready is not None and not self._snapshot_ready.query():
             return False
         self._snapshot_unread = False
@@ -192,7 +191,6 @@ class ExpertReplacer:
             return False
         delta = [[max(0.0, n - b) for n, b in zip(row, base)] for row, base in zip(counts, baseline)]
         self.heat.observe_all(delta, steps=max(1, self._snapshot_step - since))
-        self._plan()
         return True
 
     # ---- planning and swaps ------------------------------------------------------
