@@ -159,3 +159,106 @@ def test_routed_steps_replay_the_streamed_graph(tokens, streamed):
         assert layer.streamed_weight_bytes > 0
     finally:
         runtime.shutdown()
+
+
+def routed_layer(runtime, gen, host_backing: bool):
+    w1, w3, w2 = random_experts(gen)
+    from vllm_fiddler.runtime.host_view import device_view
+
+    layer = HybridMoE(num_experts=E, top_k=K, hidden_size=H, intermediate_size=I, gpu_experts=(0, 3),
+                      dtype=torch.bfloat16, device=torch.device("cuda"), cpu_runtime=runtime,
+                      pin_memory=True, host_backing=host_backing)
+    load_experts(layer, w1, w3, w2)
+    layer.routed_max_tokens = MAX_TOKENS
+    layer.host_views = (device_view(layer.w13_cpu_chunks), device_view(layer.w2_cpu_chunks))
+    return layer, (w1, w3, w2)
+
+
+def routed_counters(layer) -> list:
+    torch.cuda.synchronize()  # the stream waited for the job, which counted before it signalled
+    return [layer.expert_tokens.cpu(), layer.expert_heat.cpu(), layer._routed_counts.clone(),
+            layer.routed_to_cpu, layer.routed_to_gpu]
+
+
+@pytest.mark.parametrize("host_backing", [False, True])
+@pytest.mark.parametrize("streamed", [(0, 0), (1, 0), (2, 1)])
+@pytest.mark.parametrize("tokens", [1, 3, MAX_TOKENS])
+def test_routed_graphs_equal_the_eager_routed_step(host_backing, streamed, tokens):
+    """A routed step replaying its whole GPU side (routing graph, experts graph with or without
+    streaming, result graph) gives the eager routed step's output bit for bit, counts the same
+    tokens, heat and host pairs, and matches the fp32 oracle; capturing counts nothing."""
+    runtime = CPUExpertRuntime(num_threads=2, inline=False, pin_memory=True, wait_on_device=True)
+    try:
+        if not runtime.takes_routed_jobs():
+            pytest.skip("routed jobs need stream memory operations and the native kernels")
+        gen = torch.Generator().manual_seed(tokens * 100 + sum(streamed))
+        layer, (w1, w3, w2) = routed_layer(runtime, gen, host_backing)
+        graphs = MoEGraphs(MAX_TOKENS, H, K, torch.bfloat16, torch.device("cuda"))
+        graphs.capture([layer], None, streamed_max_tokens=MAX_TOKENS)
+        info = graphs.capture_routed([layer], MAX_TOKENS, torch.bfloat16, heat_table_len=4)
+        assert info["graphs"] == MAX_TOKENS * 4  # routing, experts with and without streaming, result
+        assert not layer.expert_tokens.any() and not layer.expert_heat.any()
+        layer.set_heat_table([0.0, 1.0, 1.5, 2.0])  # after capture: rewritten in place, the graph follows
+        layer.set_streamed_chunks(streamed)
+        x = torch.randn(tokens, H, generator=gen).to(torch.bfloat16)
+        logits = torch.randn(tokens, E, generator=gen).to(torch.bfloat16)
+        logits[0, 1], logits[0, 2] = 9.0, 8.5  # two cold experts for the first token (no ties:
+        if tokens > 1:  # the oracle routes on the host, whose top-k may break them otherwise)
+            logits[-1, 0] = 9.0  # and a hot one for the last
+        before = routed_counters(layer)
+        eager = run(layer, None, x, logits)
+        after_eager = routed_counters(layer)
+        replays = graphs.replays
+        graphed = run(layer, graphs, x, logits)
+        after_graphed = routed_counters(layer)
+        assert graphs.replays - replays == 3
+        assert torch.equal(graphed, eager)
+        for b, e, g in zip(before, after_eager, after_graphed):
+            assert torch.equal(torch.as_tensor(g - e), torch.as_tensor(e - b))
+        assert after_eager[1].sum() > 0  # the heat table counted
+        assert_matches_oracle(graphed, x, logits, (w1, w3, w2))
+    finally:
+        runtime.shutdown()
+
+
+def assert_matches_oracle(out, x, logits, experts) -> None:
+    w1, w3, w2 = experts
+    weights, ids = reference.route(logits, K)
+    ref = reference.moe(x, torch.cat([w1, w3], dim=1).to(torch.bfloat16), w2.to(torch.bfloat16), weights, ids)
+    scale = ref.abs().max().item()
+    torch.testing.assert_close(out.float(), ref, atol=TOLERANCE[torch.bfloat16] * scale,
+                               rtol=TOLERANCE[torch.bfloat16])
+
+
+def test_routed_graphs_follow_re_placement_and_fall_back():
+    """After a swap the routed graphs serve the admitted expert from its slot and the evicted one
+    from the host; steps above the routed limit, or with logits of another dtype, launch
+    eagerly; consecutive graphed layers agree with eager ones."""
+    runtime = CPUExpertRuntime(num_threads=2, inline=False, pin_memory=True, wait_on_device=True)
+    try:
+        if not runtime.takes_routed_jobs():
+            pytest.skip("routed jobs need stream memory operations and the native kernels")
+        gen = torch.Generator().manual_seed(11)
+        layer, (w1, w3, w2) = routed_layer(runtime, gen, host_backing=True)
+        graphs = MoEGraphs(MAX_TOKENS, H, K, torch.bfloat16, torch.device("cuda"))
+        graphs.capture([layer], None, streamed_max_tokens=MAX_TOKENS)
+        graphs.capture_routed([layer], MAX_TOKENS, torch.bfloat16, heat_table_len=4)
+        layer.set_streamed_chunks((1, 1))
+        slot, _ = layer.begin_swap(evict=0, admit=5)
+        layer.finish_swap(5, slot)
+        x = torch.randn(2, H, generator=gen).to(torch.bfloat16)
+        logits = torch.randn(2, E, generator=gen).to(torch.bfloat16)
+        logits[:, 5] = logits[:, 0] = 9.0  # both tokens: the admitted expert (GPU) and the evicted one (host)
+        replays = graphs.replays
+        outs = [run(layer, graphs, x, logits) for _ in range(3)]  # the pinned buffers reused in turn
+        assert graphs.replays - replays == 9
+        eager = run(layer, None, x, logits)
+        assert all(torch.equal(o, eager) for o in outs)
+        assert_matches_oracle(outs[0], x, logits, (w1, w3, w2))
+        for tokens, dtype in ((MAX_TOKENS + 1, torch.bfloat16), (2, torch.float32)):
+            replays = graphs.replays
+            run(layer, graphs, torch.randn(tokens, H, generator=gen).to(torch.bfloat16),
+                torch.randn(tokens, E, generator=gen).to(dtype))
+            assert graphs.replays - replays <= 2  # at most the hot and streamed graphs, not the routed ones
+    finally:
+        runtime.shutdown()

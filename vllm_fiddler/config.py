@@ -14,6 +14,7 @@ process before anything is allocated, and unit-tested in CPU CI.
 | wait_on_device        | bool        | true    | the GPU waits for the CPU experts' results (CUDA), so the engine thread launches ahead; false: the engine thread waits |
 | cuda_graph_max_tokens | int >= 0    | 16      | the MoE op's GPU expert launches replay CUDA graphs for steps of up to this many tokens (CUDA; captured at load, independent of vLLM's own graphs and enforce_eager); 0: launch eagerly |
 | routed_max_tokens     | int >= 0    | 4       | steps of up to this many tokens hand the GPU's routing to the CPU experts straight from the stream (CUDA, with wait_on_device): no host sync, planning or weight copies, the GPU reading part of each cold expert from host memory in place; 0: the engine thread plans every step |
+| routed_graphs         | bool        | true    | routed steps replay their whole GPU side (routing, copies down, experts, the CPU's result added) from CUDA graphs captured at load (vllm_fiddler.runtime.moe_graphs; needs cuda_graph_max_tokens >= 1); false: those launches are eager |
 | streamed_chunks       | "auto" or list of int >= 0 | "auto" | per top-k position, how many of a cold expert's chunks (8 for Mixtral-8x7B) a routed step's GPU reads from host memory in place, the CPU computing the rest; "auto": the calibrated cost model decides, and decides again as the hit rate moves |
 | blocking_sync         | bool        | false   | the engine thread sleeps, instead of spinning on a core, while it waits for the GPU (CUDA; cuCtxSetFlags BLOCKING_SYNC), leaving the core to the CPU experts |
 | arrival_coalesce_ms   | float >= 0  | 2.0     | once requests have arrived in bursts, an idle engine waits for the rest of a burst until this long passes without one (vllm_fiddler.arrivals); 0: vLLM's scheduler unchanged |
@@ -77,6 +78,11 @@ class FiddlerConfig:
     # the rest. 0: every step syncs, and the cost model may split experts
     # between the CPU and copies.
     routed_max_tokens: int = 4
+    # Routed steps replay their whole GPU side from CUDA graphs (routing and its
+    # copies down, the experts, the CPU's result added; MoEGraphs.capture_routed):
+    # eagerly those were ~30 torch calls, ~0.6 ms of the engine thread a layer,
+    # and in a compiled batch-1 engine that thread was the step's critical path.
+    routed_graphs: bool = True
     # An idle engine holds its first step while requests of one burst are
     # still arriving, once a request has arrived just after such a step began
     # (vllm_fiddler.arrivals: LLM.beam_search's beams, one at a time from the
@@ -121,6 +127,7 @@ class FiddlerConfig:
             wait_on_device=_bool(raw, "wait_on_device", default=True),
             cuda_graph_max_tokens=_non_negative_int(raw, "cuda_graph_max_tokens", default=16),
             routed_max_tokens=_non_negative_int(raw, "routed_max_tokens", default=4),
+            routed_graphs=_bool(raw, "routed_graphs", default=True),
             arrival_coalesce_ms=_non_negative_float(raw, "arrival_coalesce_ms", unit="ms", default=2.0),
             blocking_sync=_bool(raw, "blocking_sync", default=False),
             streamed_chunks=_streamed_chunks(raw),

@@ -304,8 +304,14 @@ class HybridMoE(nn.Module):
 
     # ---- re-placement (vllm_fiddler.runtime.replacer) --------------------
     def set_heat_table(self, values) -> None:
-        """Starts counting expert_heat: each step adds values[min(n, len - 1)] for an expert's n tokens."""
-        self.heat_table = torch.tensor(values, dtype=torch.float64, device=self.device)
+        """Starts counting expert_heat: each step adds values[min(n, len - 1)] for an expert's n tokens.
+        A table of the same length is rewritten in place, on the current stream: the routed
+        steps' CUDA graphs (MoEGraphs.capture_routed) read it where it was at capture."""
+        table = torch.tensor(values, dtype=torch.float64)
+        if self.heat_table is not None and self.heat_table.numel() == table.numel():
+            self.heat_table.copy_(table)
+        else:
+            self.heat_table = table.to(self.device)
 
     def begin_swap(self, evict: int, admit: int, copier=None):
         """Between steps: serve `evict` from its host copy from now on, and start copying
@@ -381,7 +387,23 @@ class HybridMoE(nn.Module):
         if T == 0:
             return
         self.steps += 1
-        topk_weights, topk_ids = route(router_logits, self.top_k)  # [T, K] fp32, [T, K] int64
+        if self.device.type == "cuda":
+            start = time.perf_counter()
+            last_end = HybridMoE._last_op_end
+            if last_end is not None and start - last_end < IDLE_GAP_S:
+                self.gap_before_s += start - last_end
+            if not self._forward_routed_graphs(x, router_logits, out, start):
+                topk_weights, topk_ids = self.route_and_count(router_logits)
+                self._forward_cuda(x, topk_weights, topk_ids, out, start)
+            HybridMoE._last_op_end = end = time.perf_counter()
+            self.op_s += end - start
+        else:
+            self._forward_host(x, *self.route_and_count(router_logits), out)
+
+    def route_and_count(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """router_logits [T, E] -> (topk_weights [T, K] fp32, topk_ids [T, K] int64), counted
+        into expert_tokens and (once the replacer set a heat table) expert_heat."""
+        topk_weights, topk_ids = route(router_logits, self.top_k)
         # [E]; not torch.bincount, which syncs with the device to size its output (~33 us a
         # layer of host time on the H100 box: routing and counting took 153 us, now 120 us;
         # benchmarks/routing_overhead.py)
@@ -391,16 +413,7 @@ class HybridMoE(nn.Module):
         self.expert_tokens += counts
         if self.heat_table is not None:
             self.expert_heat += self.heat_table[counts.clamp(max=self.heat_table.numel() - 1)]
-        if self.device.type == "cuda":
-            start = time.perf_counter()
-            last_end = HybridMoE._last_op_end
-            if last_end is not None and start - last_end < IDLE_GAP_S:
-                self.gap_before_s += start - last_end
-            self._forward_cuda(x, topk_weights, topk_ids, out, start)
-            HybridMoE._last_op_end = end = time.perf_counter()
-            self.op_s += end - start
-        else:
-            self._forward_host(x, topk_weights, topk_ids, out)
+        return topk_weights, topk_ids
 
     def _count(self, cpu_ids: torch.Tensor) -> int:
         return self._count_pairs(int((cpu_ids >= 0).sum()), cpu_ids.numel())
@@ -503,15 +516,7 @@ class HybridMoE(nn.Module):
         the stream waits for that and adds the result. No weights are copied. False (nothing
         queued that matters) if the runtime does not take the job: the caller syncs instead."""
         T, K = topk_ids.shape
-        decision = self._streamed_decision
-        if self.routed_gpu_chunks is None or (decision is not None
-                                              and decision["steps"] >= STREAMED_DECISION_STEPS):
-            self._decide_streamed_chunks()
-            decision = self._streamed_decision
-        if decision is not None:
-            decision["steps"] += 1
-        streamed = self.routed_gpu_chunks if self.host_views is not None and any(self.routed_gpu_chunks) \
-            else None
+        streamed = self._routed_streamed_cut()
         host = self.cpu_runtime.host_buffers(T, K, self.hidden_size, x.dtype)
         slots = self.cpu_slot_of[topk_ids]  # [T, K] int32 host slot or -1
         host.ids.copy_(slots, non_blocking=True)
@@ -533,6 +538,52 @@ class HybridMoE(nn.Module):
                 part = self.streamed_share(x, topk_weights, slots)
             out.add_(part)
         out.add_(self.cpu_runtime.result_on_device(cold, x.device, x.dtype))
+        if OP_TRACE is not None:
+            trace_op(self, op_start, None, None, submitted)
+        return True
+
+    def _routed_streamed_cut(self) -> tuple[int, ...] | None:
+        """This routed step's streamed chunks per top-k position (None: the CPU takes every
+        chunk), decided again every STREAMED_DECISION_STEPS routed steps."""
+        decision = self._streamed_decision
+        if self.routed_gpu_chunks is None or (decision is not None
+                                              and decision["steps"] >= STREAMED_DECISION_STEPS):
+            self._decide_streamed_chunks()
+            decision = self._streamed_decision
+        if decision is not None:
+            decision["steps"] += 1
+        return self.routed_gpu_chunks if self.host_views is not None and any(self.routed_gpu_chunks) else None
+
+    def _forward_routed_graphs(self, x, router_logits, out, op_start: float) -> bool:
+        """A routed step (_forward_routed) whose GPU work replays three CUDA graphs captured at
+        load (MoEGraphs.capture_routed): routing, counting and the copies down; the hot and
+        streamed experts; the CPU's result added. The engine thread copies the inputs in,
+        replays, queues the routing mark and the CPU job, and copies the output out: ~10
+        host calls a layer against ~30 torch calls eagerly, whose ~0.6 ms a layer made the
+        engine thread, not the CPU experts, a compiled batch-1 step's critical path (H100
+        box, lease Z: 16 ms of engine-thread CPU time in a 17 ms step). False (nothing done)
+        where no graph covers the step."""
+        graphs = self.graphs
+        T, K = x.shape[0], self.top_k
+        if (graphs is None or T > self.routed_max_tokens
+                or not graphs.has_routed(self, T, router_logits.dtype)
+                or not self.cpu_experts or not self.cpu_runtime.takes_routed_jobs()):
+            return False
+        streamed = self._routed_streamed_cut()
+        if streamed:
+            self.streamed_below(streamed)  # before the experts' graph, which reads it
+        host = graphs.route(self, x, router_logits)  # [T, ...] pinned, filled in stream order
+        cold = self.cpu_runtime.submit_routed(host.x, self.w13_cpu_chunks, self.w2_cpu_chunks, host.ids,
+                                              host.weights, self.chunks, self._routed_counts,
+                                              first_chunks=streamed, out=host.result)
+        if cold is None:  # capture_routed checked that the native kernels take these buffers
+            raise RuntimeError("fiddler: the native CPU kernels refused a graphed routed job")
+        self._routed_pairs += T * K
+        submitted = time.perf_counter()
+        self.to_cpu_submit_s += submitted - op_start
+        graphs.experts(self, streamed is not None)
+        self.cpu_runtime.wait_on_stream(cold)
+        out.copy_(graphs.add_result())
         if OP_TRACE is not None:
             trace_op(self, op_start, None, None, submitted)
         return True

@@ -136,6 +136,14 @@ class FiddlerMixtralForCausalLM(vllm_mixtral.MixtralForCausalLM):
                                    vllm_config.model_config.dtype, device)
                 self.cuda_graphs = graphs.capture(self.moe_layers, stager,
                                                   streamed_max_tokens=self.moe_layers[0].routed_max_tokens)
+                if cfg.routed_graphs and cfg.routed_max_tokens:
+                    from vllm_fiddler.runtime.replacer import HEAT_TABLE_TOKENS
+
+                    routed = graphs.capture_routed(self.moe_layers, cfg.routed_max_tokens,
+                                                   vllm_config.model_config.dtype, HEAT_TABLE_TOKENS + 1)
+                    self.cuda_graphs = {"graphs": self.cuda_graphs["graphs"] + routed["graphs"],
+                                        "seconds": self.cuda_graphs["seconds"] + routed["seconds"],
+                                        "routed_graphs": routed["graphs"]}
                 for experts in self.moe_layers:
                     experts.graphs = graphs
         self.replacer = None

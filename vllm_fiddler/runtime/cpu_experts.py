@@ -225,7 +225,8 @@ class CPUExpertRuntime:
 
     def submit_routed(self, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, slots: torch.Tensor,
                       weights: torch.Tensor, chunks: int, counts: torch.Tensor,
-                      first_chunks: tuple[int, ...] | None = None) -> CPUJob | None:
+                      first_chunks: tuple[int, ...] | None = None,
+                      out: torch.Tensor | None = None) -> CPUJob | None:
         """A device-waited job whose routing is still on its way: x [T, H] bf16, slots [T, K]
         int32 (host slot or -1) and weights [T, K] fp32 are pinned buffers that copies already
         queued on the current stream fill. The stream marks when they have landed and the
@@ -235,13 +236,15 @@ class CPUExpertRuntime:
         adds the (token, k) pairs of host slots, the distinct chunk-experts of theirs the GPU
         streams, and those the CPU reads, to `counts` (int64 [3]). The result goes
         to the device through result_on_device. None (nothing queued) if the native kernels
-        do not take it; only call when takes_routed_jobs().
+        do not take it; only call when takes_routed_jobs(). out: the pinned fp32 [T, H] result
+        buffer (default: the runtime's shared one).
 
         The shared buffers are safe without the host waiting: the next job's routing copy
         into them is queued behind this job's stream wait and result copy."""
         self._raise_unchecked()
         signal = self._signal
-        out = self._buffer("result", tuple(x.shape), torch.float32)
+        if out is None:
+            out = self._buffer("result", tuple(x.shape), torch.float32)
         seq = signal.next_seq()
         self._routing_mark.mark(seq)
         if not cpu_kernels.moe_forward_routed_async(x, w13, w2, slots, weights, chunks, out,
@@ -288,11 +291,15 @@ class CPUExpertRuntime:
         device-waited job this returns at once (the stream waits for the worker's signal);
         otherwise the calling thread waits for the job here."""
         if job.seq is not None:
-            self._signal.wait(job.seq)
+            self.wait_on_stream(job)
             result = job.out
         else:
             result = job.result()
         return self.to_device(result, device, dtype)
+
+    def wait_on_stream(self, job: CPUJob) -> None:
+        """The current stream's later work waits (on the device) until the device-waited job is done."""
+        self._signal.wait(job.seq)
 
     def time_on_worker(self, fn, reps: int) -> float:
         """ms per call of fn() on the worker thread (after one warm-up call)."""

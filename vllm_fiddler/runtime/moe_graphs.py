@@ -25,6 +25,22 @@ For each token count T in 1..max_tokens, captured while the model loads:
                            read from host memory in place (HybridMoE.streamed_share; how many
                            chunks: the layer's streamed_below, a device tensor)
 
+And for each token count up to the routed steps' limit (HybridMoE._forward_routed_graphs,
+capture_routed), the whole GPU side of a routed step, in three graphs between which the
+engine thread queues the CPU job (its routing mark) and the stream's wait for its result:
+
+  inputs (per T, shared):  x [T, H], logits [T, E]                        (copied per op)
+  routing graph (per layer): route and count (expert_tokens, expert_heat), then copy the host
+                           slots, weights and x down into pinned buffers of their own
+  experts graph (per layer, with / without streaming): routed_out = hot [+ streamed]
+  result graph (one):      routed_out += the CPU's result, read from its pinned buffer
+
+The pinned buffers are the graphs' own (the runtime's shared ones grow, and a graph keeps
+the addresses it was captured with); the graphs reach them through CUDA views (plain device
+copies, nothing host-side to capture). Eagerly the routed step was ~30 torch calls, ~0.6 ms of
+the engine thread a layer; in a compiled batch-1 engine that thread, not the CPU experts,
+was the step's critical path (lease Z: 16 ms of engine-thread CPU time in a 17 ms step).
+
 The streamed graphs took the last eager `fused_moe` off routed (decode) steps:
 ~0.55 ms of the engine thread's time a layer, which in vLLM's eager mode kept
 that thread busy for the whole step (benchmarks/results/e2e-h100.json,
@@ -45,6 +61,7 @@ import torch
 
 from vllm_fiddler.layers.hybrid_moe import chunk_weights, staged_expert
 from vllm_fiddler.logger import logger
+from vllm_fiddler.runtime.host_view import device_view
 
 
 class _Inputs:
@@ -59,6 +76,30 @@ class _Inputs:
         self.hot_out = torch.zeros(T, H, dtype=dtype, device=device)  # [T, H]
         self.staged_out = torch.zeros(T, H, dtype=dtype, device=device)  # [T, H]
         self.streamed_out = torch.zeros(T, H, dtype=dtype, device=device)  # [T, H]
+        self.logits: torch.Tensor | None = None  # [T, E] routed steps' input (capture_routed)
+        self.routed_out: torch.Tensor | None = None  # [T, H] routed steps' output
+
+
+class _RoutedHost:
+    """The graphed routed steps' pinned buffers (max_tokens rows) and CUDA views of them."""
+
+    def __init__(self, T: int, H: int, K: int, dtype: torch.dtype):
+        def pinned(shape, dt):
+            return torch.zeros(shape, dtype=dt, device="cpu", pin_memory=True)
+
+        self.x = pinned((T, H), dtype)  # [T, H] the activations, for the CPU
+        self.ids = pinned((T, K), torch.int32)  # [T, K] host slot or -1
+        self.weights = pinned((T, K), torch.float32)  # [T, K]
+        self.result = pinned((T, H), torch.float32)  # [T, H] the CPU's share
+        self.views = {name: device_view(getattr(self, name)) for name in ("x", "ids", "weights", "result")}
+
+    def rows(self, T: int) -> "_RoutedHost":
+        """The first T rows (host tensors; the native job reads them)."""
+        view = object.__new__(_RoutedHost)
+        for name in ("x", "ids", "weights", "result"):
+            setattr(view, name, getattr(self, name)[:T])
+        view.views = {name: v[:T] for name, v in self.views.items()}
+        return view
 
 
 class MoEGraphs:
@@ -72,6 +113,14 @@ class MoEGraphs:
         self._pool = torch.cuda.graph_pool_handle()
         self._loaded: _Inputs | None = None
         self.replays = 0
+        # routed steps (capture_routed): (id(layer), T) / (id(layer), T, streamed) / T
+        self._routing: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self._routed_experts: dict[tuple[int, int, bool], torch.cuda.CUDAGraph] = {}
+        self._routed_result: dict[int, torch.cuda.CUDAGraph] = {}
+        self._routed_rows: dict[int, _RoutedHost] = {}  # T -> the first T rows of the pinned buffers
+        self._logits_dtype: torch.dtype | None = None
+        self._top_k = top_k
+        self._dtype = dtype
 
     # -- capture (model load) --------------------------------------------
     def capture(self, layers, stager, streamed_max_tokens: int = 0) -> dict:
@@ -92,6 +141,45 @@ class MoEGraphs:
         graphs = len(self._hot) + len(self._staged) + len(self._streamed)
         logger.info("fiddler: GPU expert launches of steps of 1-%d tokens replay CUDA graphs: %d captured "
                     "in %.1f s", self.max_tokens, graphs, seconds)
+        return {"graphs": graphs, "seconds": seconds}
+
+    def capture_routed(self, layers, max_tokens: int, logits_dtype: torch.dtype, heat_table_len: int) -> dict:
+        """Captures the routed steps' graphs (module docstring) for token counts up to
+        max_tokens (and this object's max_tokens), if the CPU runtime takes routed jobs and the
+        native kernels the model's dtype; returns {"graphs", "seconds"}. Layers without a heat
+        table get a zero one of heat_table_len entries, which the replacer rewrites in place."""
+        from vllm_fiddler.kernels import cpu as cpu_kernels
+
+        layers = [m for m in layers if m.cpu_experts or m.host_backing]
+        max_tokens = min(max_tokens, self.max_tokens)
+        if (not layers or max_tokens < 1 or self._dtype != torch.bfloat16 or cpu_kernels.isa() == "torch"
+                or not layers[0].cpu_runtime.takes_routed_jobs()):
+            return {"graphs": 0, "seconds": 0.0}
+        start = time.perf_counter()
+        first = layers[0]
+        self._logits_dtype = logits_dtype
+        pinned = _RoutedHost(max_tokens, first.hidden_size, self._top_k, self._dtype)
+        for T in range(1, max_tokens + 1):
+            s = self._inputs[T]
+            s.logits = torch.zeros(T, first.num_experts, dtype=logits_dtype, device=s.x.device)  # [T, E]
+            s.routed_out = torch.zeros_like(s.x)  # [T, H]
+            host = self._routed_rows[T] = pinned.rows(T)
+            for layer in layers:
+                if layer.heat_table is None:
+                    layer.set_heat_table([0.0] * heat_table_len)
+                # the eager warm-up launch counts its routing: give the counters back
+                counters = (layer.expert_tokens.clone(), layer.expert_heat.clone())
+                self._routing[(id(layer), T)] = self._capture(lambda: _routing_launch(layer, s, host))
+                layer.expert_tokens.copy_(counters[0])
+                layer.expert_heat.copy_(counters[1])
+                for streamed in (False, True) if layer.host_views is not None else (False,):
+                    self._routed_experts[(id(layer), T, streamed)] = self._capture(
+                        lambda: _routed_experts_launch(layer, s, streamed))
+            self._routed_result[T] = self._capture(lambda: _result_launch(s, host))
+        seconds = time.perf_counter() - start
+        graphs = len(self._routing) + len(self._routed_experts) + len(self._routed_result)
+        logger.info("fiddler: routed steps of 1-%d tokens replay their whole GPU side from CUDA graphs: "
+                    "%d captured in %.1f s", max_tokens, graphs, seconds)
         return {"graphs": graphs, "seconds": seconds}
 
     def _capture(self, launch) -> torch.cuda.CUDAGraph:
@@ -116,6 +204,31 @@ class MoEGraphs:
         s.ids.copy_(topk_ids)
         s.weights.copy_(topk_weights)
         return True
+
+    def has_routed(self, layer, T: int, logits_dtype: torch.dtype) -> bool:
+        """Whether capture_routed covers this layer's routed steps of T tokens."""
+        return (id(layer), T) in self._routing and logits_dtype == self._logits_dtype \
+            and not torch.cuda.is_current_stream_capturing()
+
+    def route(self, layer, x: torch.Tensor, router_logits: torch.Tensor) -> _RoutedHost:
+        """Copies a routed op's inputs in and replays its routing graph; returns the pinned
+        rows the stream fills (x, ids, weights) and the CPU's result goes to (result)."""
+        T = x.shape[0]
+        s = self._loaded = self._inputs[T]
+        s.x.copy_(x)
+        s.logits.copy_(router_logits)
+        self._replay(self._routing[(id(layer), T)], s.routed_out)
+        return self._routed_rows[T]
+
+    def experts(self, layer, streamed: bool) -> None:
+        """The routed op's hot [+ streamed] experts into routed_out (after route)."""
+        s = self._loaded
+        self._replay(self._routed_experts[(id(layer), s.x.shape[0], streamed)], s.routed_out)
+
+    def add_result(self) -> torch.Tensor:
+        """routed_out [T, H] += the CPU's result (queue after the stream's wait for the job)."""
+        s = self._loaded
+        return self._replay(self._routed_result[s.x.shape[0]], s.routed_out)
 
     def hot(self, layer) -> torch.Tensor | None:
         """The loaded op's hot experts (layer's device slots) [T, H], or None without a graph."""
@@ -151,6 +264,36 @@ def _hot_launch(layer, s: _Inputs) -> None:
 def _streamed_launch(layer, s: _Inputs) -> None:
     # the routing map read in place: re-placement rewrites it, the graph follows
     layer.streamed_share(s.x, s.weights, layer.cpu_slot_of[s.ids], s.streamed_out)
+
+
+def _routing_launch(layer, s: _Inputs, host: _RoutedHost) -> None:
+    """HybridMoE.route_and_count and _forward_routed's copies down, into the graphs' buffers."""
+    topk_weights, topk_ids = layer.route_and_count(s.logits)
+    s.ids.copy_(topk_ids)
+    s.weights.copy_(topk_weights)
+    v = host.views
+    # the routing map read in place: re-placement rewrites it, the graph follows
+    v["ids"].copy_(layer.cpu_slot_of[s.ids])
+    v["weights"].copy_(s.weights)
+    v["x"].copy_(s.x)
+
+
+def _routed_experts_launch(layer, s: _Inputs, streamed: bool) -> None:
+    """_forward_routed's GPU experts: the hot ones (zeros without device slots), plus the
+    leading chunks of the host ones read in place when streaming (how many: streamed_below)."""
+    if layer.w13_gpu.shape[0]:
+        layer.hot_experts(s.x, s.weights, s.ids, s.routed_out)
+    else:
+        s.routed_out.zero_()
+    if streamed:
+        s.routed_out.add_(layer.streamed_share(s.x, s.weights, layer.cpu_slot_of[s.ids], s.streamed_out))
+
+
+def _result_launch(s: _Inputs, host: _RoutedHost) -> None:
+    """CPUExpertRuntime.result_on_device's copy up and cast, added as _forward_routed adds it."""
+    result = torch.empty(host.result.shape, dtype=torch.float32, device=s.x.device)
+    result.copy_(host.views["result"])
+    s.routed_out.add_(result.to(s.routed_out.dtype))
 
 
 def _staged_launch(stager, s: _Inputs) -> None:
