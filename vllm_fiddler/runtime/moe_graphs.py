@@ -55,6 +55,7 @@ same configs, same inputs).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import torch
@@ -80,26 +81,29 @@ class _Inputs:
         self.routed_out: torch.Tensor | None = None  # [T, H] routed steps' output
 
 
+@dataclasses.dataclass
 class _RoutedHost:
-    """The graphed routed steps' pinned buffers (max_tokens rows) and CUDA views of them."""
+    """The graphed routed steps' pinned buffers and CUDA views of them (`views`, by name)."""
 
-    def __init__(self, T: int, H: int, K: int, dtype: torch.dtype):
-        def pinned(shape, dt):
+    x: torch.Tensor  # [T, H] the activations, for the CPU
+    ids: torch.Tensor  # [T, K] int32 host slot or -1
+    weights: torch.Tensor  # [T, K] fp32
+    result: torch.Tensor  # [T, H] fp32 the CPU's share
+    views: dict[str, torch.Tensor]
+
+    @classmethod
+    def pinned(cls, T: int, H: int, K: int, dtype: torch.dtype) -> "_RoutedHost":
+        def buffer(shape, dt):
             return torch.zeros(shape, dtype=dt, device="cpu", pin_memory=True)
 
-        self.x = pinned((T, H), dtype)  # [T, H] the activations, for the CPU
-        self.ids = pinned((T, K), torch.int32)  # [T, K] host slot or -1
-        self.weights = pinned((T, K), torch.float32)  # [T, K]
-        self.result = pinned((T, H), torch.float32)  # [T, H] the CPU's share
-        self.views = {name: device_view(getattr(self, name)) for name in ("x", "ids", "weights", "result")}
+        host = {"x": buffer((T, H), dtype), "ids": buffer((T, K), torch.int32),
+                "weights": buffer((T, K), torch.float32), "result": buffer((T, H), torch.float32)}
+        return cls(**host, views={name: device_view(t) for name, t in host.items()})
 
     def rows(self, T: int) -> "_RoutedHost":
-        """The first T rows (host tensors; the native job reads them)."""
-        view = object.__new__(_RoutedHost)
-        for name in ("x", "ids", "weights", "result"):
-            setattr(view, name, getattr(self, name)[:T])
-        view.views = {name: v[:T] for name, v in self.views.items()}
-        return view
+        """The first T rows (host tensors, which the native job reads, and their views)."""
+        return _RoutedHost(self.x[:T], self.ids[:T], self.weights[:T], self.result[:T],
+                           {name: v[:T] for name, v in self.views.items()})
 
 
 class MoEGraphs:
@@ -158,7 +162,7 @@ class MoEGraphs:
         start = time.perf_counter()
         first = layers[0]
         self._logits_dtype = logits_dtype
-        pinned = _RoutedHost(max_tokens, first.hidden_size, self._top_k, self._dtype)
+        pinned = _RoutedHost.pinned(max_tokens, first.hidden_size, self._top_k, self._dtype)
         for T in range(1, max_tokens + 1):
             s = self._inputs[T]
             s.logits = torch.zeros(T, first.num_experts, dtype=logits_dtype, device=s.x.device)  # [T, E]
@@ -207,8 +211,7 @@ class MoEGraphs:
 
     def has_routed(self, layer, T: int, logits_dtype: torch.dtype) -> bool:
         """Whether capture_routed covers this layer's routed steps of T tokens."""
-        return (id(layer), T) in self._routing and logits_dtype == self._logits_dtype \
-            and not torch.cuda.is_current_stream_capturing()
+        return (id(layer), T) in self._routing and logits_dtype == self._logits_dtype
 
     def route(self, layer, x: torch.Tensor, router_logits: torch.Tensor) -> _RoutedHost:
         """Copies a routed op's inputs in and replays its routing graph; returns the pinned
