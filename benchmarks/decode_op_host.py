@@ -43,7 +43,8 @@ H, I, E, K = 4096, 14336, 8, 2  # Mixtral-8x7B
 COUNTERS = ("op_s", "sync_wait_s", "cpu_wait_s", "to_cpu_submit_s")
 
 
-def build(layers: int, gpu_experts: int, threads: int, staging: int, wait_on_device: bool):
+def build(layers: int, gpu_experts: int, threads: int, staging: int, wait_on_device: bool,
+          routed_graphs: bool = True):
     runtime = CPUExpertRuntime(threads, inline=False, pin_memory=True, wait_on_device=wait_on_device)
     stager = WeightStager(staging, H, I, expert_chunks(I), torch.bfloat16, torch.device("cuda")) if staging else None
     moe = []
@@ -61,6 +62,10 @@ def build(layers: int, gpu_experts: int, threads: int, staging: int, wait_on_dev
     warm_up_kernels(moe, stager, 64)
     graphs = MoEGraphs(FiddlerConfig.cuda_graph_max_tokens, H, K, torch.bfloat16, torch.device("cuda"))
     graphs.capture(moe, stager, streamed_max_tokens=FiddlerConfig.routed_max_tokens)
+    if routed_graphs:  # as the model captures them (vllm_fiddler.models.mixtral)
+        from vllm_fiddler.runtime.replacer import HEAT_TABLE_TOKENS
+
+        graphs.capture_routed(moe, FiddlerConfig.routed_max_tokens, torch.bfloat16, HEAT_TABLE_TOKENS + 1)
     return runtime, stager, moe, graphs
 
 
@@ -183,6 +188,8 @@ def main() -> None:
     p.add_argument("--staging-slots", type=int, default=2)
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--host-wait", action="store_true", help="wait_on_device false")
+    p.add_argument("--no-routed-graphs", action="store_true", help="routed_graphs false: routed steps "
+                   "launch their GPU side eagerly (the model's default captures them)")
     p.add_argument("--profile", action="store_true", help="cProfile one more run of --steps")
     p.add_argument("--trace", action="store_true", help="one more run of --steps with the op and CPU-job "
                    "traces: where the CPU's idle time between jobs goes")
@@ -191,7 +198,7 @@ def main() -> None:
 
     start = time.perf_counter()
     runtime, stager, moe, graphs = build(args.layers, args.gpu_experts, args.threads, args.staging_slots,
-                                 not args.host_wait)
+                                         not args.host_wait, routed_graphs=not args.no_routed_graphs)
     get_step_planner(moe[0])  # calibrates (or loads the cached cost model)
     attention = AttentionStandIn(args.layers)
     h0 = torch.randn(1, H, device="cuda", dtype=torch.bfloat16)

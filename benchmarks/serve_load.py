@@ -322,7 +322,13 @@ def main(argv=None) -> int:
         model = build_tiny_mixtral(os.path.join(work, "tiny-mixtral"))
         device, gpu_total = f"cpu + {cpu_model_name()} ({os.cpu_count()} CPUs)", None
         env["VLLM_CPU_KVCACHE_SPACE"] = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")
-        note = "tiny random Mixtral (3 layers, 8 experts, top-2, H=128, bf16) on vLLM's CPU platform"
+        # The identity check needs batch-invariant CPU experts: on a CPU with AMX an expert
+        # with >= 8 of a step's tokens runs on AMX tiles, whose sums round differently from
+        # the per-token AVX512-BF16 path, and a greedy token can flip (an AMX dev box: 15 of
+        # 16 identical). --tiny checks the serving path, so it pins AVX512-BF16 unless set.
+        env["FIDDLER_CPU_ISA"] = os.environ.get("FIDDLER_CPU_ISA", "avx512_bf16")
+        note = ("tiny random Mixtral (3 layers, 8 experts, top-2, H=128, bf16) on vLLM's CPU platform, "
+                f"CPU experts on FIDDLER_CPU_ISA={env['FIDDLER_CPU_ISA']}")
     else:
         model = build_mixtral_8x7b_shapes(os.path.join(work, "mixtral-8x7b-shapes"), args.layers)
         gpu_name, gpu_total = gpu_info()

@@ -300,9 +300,9 @@ def test_calibration_times_the_in_place_reads():
 
 def test_routed_steps_decide_their_cut_again_as_the_hit_rate_moves(monkeypatch):
     """The streamed cut is decided at the first routed step and again every
-    STREAMED_DECISION_STEPS routed steps, from the pairs the host served since; each
-    decision is the cost model's for that share, and the chained steps still match the
-    fp32 oracle while the cut changes under them."""
+    STREAMED_DECISION_STEPS routed steps, from the routed tokens' cold positions since (the
+    native jobs' mask counts); each decision is the cost model's for those, and the chained
+    steps still match the fp32 oracle while the cut changes under them."""
     import dataclasses
     import types
 
@@ -328,7 +328,8 @@ def test_routed_steps_decide_their_cut_again_as_the_hit_rate_moves(monkeypatch):
 
         def spy():
             decide()
-            decisions.append((layer._streamed_decision["cold_share"], layer.routed_gpu_chunks))
+            decisions.append((layer._streamed_decision["cold_share"], layer._streamed_decision["cold_patterns"],
+                              layer.routed_gpu_chunks))
 
         monkeypatch.setattr(layer, "_decide_streamed_chunks", spy)
         gen = torch.Generator().manual_seed(3)
@@ -345,10 +346,15 @@ def test_routed_steps_decide_their_cut_again_as_the_hit_rate_moves(monkeypatch):
                                        rtol=TOLERANCE[torch.bfloat16])
         torch.cuda.synchronize()
         runtime._finish_native()
-        # steps 1, 3 and 5 decide; the first from the experts on the host (6 of 8)
-        assert [share for share, _ in decisions][0] == 0.75 and len(decisions) == 3
-        for share, cut in decisions:
-            assert cut == (cost_model.streamed_chunks(cost, layer.chunks, K, cold_share=share) if share else (0, 0))
-        assert decisions[0][1] == (1, 0) and decisions[-1] == (0.0, (0, 0))  # the cut did change
+        # steps 1, 3 and 5 decide; the first from the experts on the host (6 of 8), the others
+        # over the masks of the two routed tokens before them (each step's job has run: the
+        # output's copy to the host waited for it)
+        assert decisions[0][:2] == (0.75, None) and len(decisions) == 3
+        assert all(sum(patterns) == 2 for _, patterns, _ in decisions[1:])
+        assert decisions[2][1] == [2, 0, 0, 0]  # both of each token's experts on the GPU
+        for share, patterns, cut in decisions:
+            assert cut == (cost_model.streamed_chunks(cost, layer.chunks, K, cold_share=share, cold_patterns=patterns)
+                           if share else (0, 0))
+        assert decisions[0][2] == (1, 0) and decisions[-1][::2] == (0.0, (0, 0))  # the cut did change
     finally:
         runtime.shutdown()

@@ -318,8 +318,9 @@ def test_routed_jobs_wait_for_their_routing_then_match_the_planned_kernel():
     """A routed job (submit_routed) reads its routing only once the stream's mark says it has
     landed: buffers rewritten after the submit are what it computes with. Its result is bit-equal
     to the engine thread's chunk-id path (cpu_chunk_ids + moe_forward), it counts the pairs it ran
-    on the CPU, stores its number for the stream, and a job whose routing never comes is cancelled
-    at shutdown instead of hanging it."""
+    on the CPU and its tokens per cold-position mask (with counts of 3 + 2^K; 3 count no masks),
+    stores its number for the stream, and a job whose routing never comes is cancelled at
+    shutdown instead of hanging it."""
     from vllm_fiddler.kernels import cpu as cpu_kernels
 
     pool = CPUExpertRuntime(num_threads=2, inline=False, wait_on_device=True)
@@ -329,7 +330,9 @@ def test_routed_jobs_wait_for_their_routing_then_match_the_planned_kernel():
         cpu_kernels.async_take_error()
         layer, _, _ = make_layer(PLACEMENTS["mixed"], torch.bfloat16, runtime=pool)
         assert layer.chunks > 1  # the job expands slots into several chunk-experts
-        counts = torch.zeros(3, dtype=torch.int64)  # cold pairs, streamed and CPU chunk-experts
+        # cold pairs, streamed and CPU chunk-experts, then tokens per cold-position mask
+        counts = torch.zeros(3 + (1 << K), dtype=torch.int64)
+        expected_masks = [0] * (1 << K)
         gen = torch.Generator().manual_seed(5)
         expected_pairs = expected_streamed = expected_on_cpu = 0
         C = layer.chunks
@@ -363,7 +366,9 @@ def test_routed_jobs_wait_for_their_routing_then_match_the_planned_kernel():
             on_cpu_per_job.append(len({int(s) * C + c for row in slots for k, s in enumerate(row)
                                        if s >= 0 for c in range(first[k], C)}))
             expected_on_cpu += on_cpu_per_job[-1]
-            assert counts.tolist() == [expected_pairs, expected_streamed, expected_on_cpu]
+            for row in slots.tolist():
+                expected_masks[sum(1 << k for k, slot in enumerate(row) if slot >= 0)] += 1
+            assert counts.tolist() == [expected_pairs, expected_streamed, expected_on_cpu, *expected_masks]
             # the chunks below first[k] are the GPU's: the engine thread's chunk ids without them
             ids_c, wts_c = layer.cpu_chunk_ids(slots, weights)  # [T, K*C]
             gpu_side = torch.arange(C) < torch.tensor(first).view(K, 1)  # [K, C]
@@ -385,7 +390,21 @@ def test_routed_jobs_wait_for_their_routing_then_match_the_planned_kernel():
         job = pool.submit_routed(x_buf, layer.w13_cpu_chunks, layer.w2_cpu_chunks, slots_buf, wts_buf,
                                  layer.chunks, counts)
         mark.land()
-        assert not job.result().any() and counts.tolist() == [expected_pairs, expected_streamed, expected_on_cpu]
+        expected_masks[0] += slots_buf.shape[0]
+        assert not job.result().any()
+        assert counts.tolist() == [expected_pairs, expected_streamed, expected_on_cpu, *expected_masks]
+        assert 0 < expected_masks[0] < sum(expected_masks) and expected_masks[(1 << K) - 1] > 0
+        # three counts: the same sums, no masks
+        three = torch.zeros(3, dtype=torch.int64)
+        slots_buf[0, 0] = 1
+        job = pool.submit_routed(x_buf, layer.w13_cpu_chunks, layer.w2_cpu_chunks, slots_buf, wts_buf,
+                                 layer.chunks, three)
+        mark.land()
+        job.result()
+        assert three.tolist() == [1, 0, C]
+        with pytest.raises(RuntimeError, match="counts"):
+            pool.submit_routed(x_buf, layer.w13_cpu_chunks, layer.w2_cpu_chunks, slots_buf, wts_buf,
+                               layer.chunks, torch.zeros(4, dtype=torch.int64))
         # a mark past the job's number releases it too (the compare is cyclic, like the GPU's)
         job = pool.submit_routed(x_buf, layer.w13_cpu_chunks, layer.w2_cpu_chunks, slots_buf, wts_buf,
                                  layer.chunks, counts)
@@ -653,6 +672,53 @@ def test_routed_steps_decide_their_streamed_chunks_from_the_pairs_the_host_serve
     assert layer._streamed_decision["steps"] == 0
     layer.host_views = None  # no host views: the GPU cannot stream
     assert decide(100, 0) == (1.0, (0, 0))
+
+
+def test_routed_steps_price_their_streamed_chunks_over_the_tokens_cold_patterns(monkeypatch):
+    """With enough routed tokens since the last decision, the cut is priced over how those
+    tokens had their top-k positions on the host (the native jobs' mask counts), not over
+    independent positions at the share: exactly one cold expert a token on a slow CPU streams
+    (2, 2) where a 50% share independently would take (3, 2). Too few routed tokens: the pairs'
+    share, as before."""
+    import dataclasses
+    import types
+
+    from vllm_fiddler import cost_model as cm
+    from vllm_fiddler.layers import hybrid_moe
+
+    layer, _, _ = make_layer(PLACEMENTS["mixed"], torch.float32)
+    assert layer.routed_cold_patterns == [0] * (1 << K)
+    # CPU 3.3 ms an expert, in-place reads 7.12 ms, contention 1.22x / 1.25x: a slow host
+    slow = dataclasses.replace(cm.CostModel(cpu_points=((1, 3.3),), h2d_gb_s=1.0, copy_latency_ms=0.0,
+                                            expert_bytes=6_500_000, gpu_points=((1, 0.1),)),
+                               cpu_contended_slowdown=1.22, h2d_contended_slowdown=1.25,
+                               stream_gb_s=6.5 / 7.12)
+    monkeypatch.setattr(hybrid_moe, "get_step_planner", lambda layer: types.SimpleNamespace(cost=slow))
+    layer.stager, layer.host_views = object(), (None, None)
+    C = layer.chunks = 8  # the cut's grain as Mixtral's (the test layer's weights are not read)
+
+    def routed(masks, pairs_cold=None):
+        """`masks` routed tokens' cold-position masks, counted as the native jobs count them."""
+        for mask in masks:
+            layer._routed_counts[3 + mask] += 1
+            cold = bin(mask).count("1")
+            layer._routed_counts[0] += cold
+            layer._routed_pairs += K
+        layer._decide_streamed_chunks()
+        return layer.routed_gpu_chunks
+
+    routed([])  # the first decision: the share of experts on the host
+    assert layer.streamed_cold_patterns is None
+    assert routed([0b01, 0b10] * 20) == (2, 2) == cm.streamed_chunks(slow, C, K, cold_patterns=[0, 20, 20, 0])
+    assert layer.streamed_cold_share == 0.5 and layer.streamed_cold_patterns == [0.0, 0.5, 0.5, 0.0]
+    assert cm.streamed_chunks(slow, C, K, cold_share=0.5) == (3, 2)  # what independence would stream
+    assert routed([0b11] * 40) == cm.streamed_chunks(slow, C, K, cold_patterns=[0, 0, 0, 1])  # only since the last
+    assert layer.streamed_cold_share == 1.0
+    # 10 routed tokens (20 pairs) since: too few to price patterns over; the pairs' share (with
+    # 100 more host pairs from a prefill, say) instead
+    layer._to_cpu += 100
+    routed([0b01] * 10)
+    assert layer.streamed_cold_patterns is None and layer.streamed_cold_share == pytest.approx(110 / 120)
 
 
 @pytest.mark.parametrize("tokens", [1, 2, 5, 16])

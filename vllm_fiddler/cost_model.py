@@ -903,7 +903,7 @@ def _chunk_cached(whole: ColdPlan, cost: CostModel, chunks: int, gpu_busy_ms: fl
 
 
 def streamed_chunks(cost: CostModel, chunks: int, top_k: int = 1, tokens: float = 1.0,
-                    cold_share: float = 1.0) -> tuple[int, ...]:
+                    cold_share: float = 1.0, cold_patterns: Sequence[float] | None = None) -> tuple[int, ...]:
     """[top_k] of a cold expert's `chunks` chunks, how many a routed step (no host planning:
     HybridMoE._forward_routed) has the GPU compute straight from host memory while the CPU
     computes the rest, per top-k position of the (token, k) pair.
@@ -921,6 +921,16 @@ def streamed_chunks(cost: CostModel, chunks: int, top_k: int = 1, tokens: float 
     a step for their routing and decode ran 45.2 tok/s (e2e-h100.json lease X). (3, 2)
     never beat (2, 2) on one machine (benchmarks/results/routed-decode-h100.json).
 
+    cold_patterns [2^top_k] (counts or weights, any scale) replaces that independence with what
+    the layer's tokens did: entry `mask` is how often a token had exactly the positions of
+    `mask` (bit k: position k) cold. Settled batch-1 decode is far from independent: with
+    the dummy router each cold layer had exactly one cold expert a token (lease Y's engine
+    trace), where a 50% share priced independently puts a quarter of the weight on two cold
+    experts. With the CPU at 3.3 ms an expert (a slow host's ~105 GB/s; contention 1.22x /
+    1.25x) that picks (3, 2), where exactly one cold expert a token wants (2, 2): a lone
+    expert's 3 streamed chunks outlast the CPU's 5, and lease X's engines that streamed
+    (3, 2) waited 2.6-5.0 ms a step for their routing against 0.4-0.8 with (2, 2).
+
     The GPU's in-place reads are priced at their own measured rate (stream_ms; a copy's
     where a model lacks it): one calibration timed them at 50.1 GB/s against the copies'
     54.9. All 0 when streaming saves nothing.
@@ -930,6 +940,11 @@ def streamed_chunks(cost: CostModel, chunks: int, top_k: int = 1, tokens: float 
             raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
     if not 0.0 < cold_share <= 1.0:
         raise ValueError(f"cold_share must be in (0, 1], got {cold_share!r}")
+    if cold_patterns is not None:
+        cold_patterns = [float(w) for w in cold_patterns]
+        if len(cold_patterns) != 1 << top_k or min(cold_patterns) < 0 or not sum(cold_patterns) > 0:
+            raise ValueError(f"cold_patterns needs 2^top_k = {1 << top_k} non-negative weights, not all 0; "
+                             f"got {cold_patterns!r}")
     cpu, pcie = cost.cpu_ms(tokens), cost.stream_ms
 
     def layer_ms(gpu_chunks: int, cold: int) -> float:  # `cold` experts, the GPU taking gpu_chunks of theirs
@@ -940,6 +955,13 @@ def streamed_chunks(cost: CostModel, chunks: int, top_k: int = 1, tokens: float 
 
     def expected_ms(m: int) -> float:
         q, r = divmod(m, top_k)  # the first r positions stream q + 1 chunks, the others q
+        if cold_patterns is not None:
+            total = 0.0
+            for mask, weight in enumerate(cold_patterns):
+                if mask and weight:
+                    cold = [k for k in range(top_k) if mask >> k & 1]
+                    total += weight * layer_ms(sum(q + (k < r) for k in cold), len(cold))
+            return total / sum(cold_patterns)
         total = 0.0
         for a in range(r + 1):  # cold positions among the first r ...
             for b in range(top_k - r + 1):  # ... and among the others

@@ -49,7 +49,8 @@ def model_stats(model) -> dict:
         **thread_counters(),
         # not counters (delta() skips them): what routed steps stream now, and the cost model behind it
         "streamed": {"cuts": [list(m.routed_gpu_chunks or ()) for m in layers],
-                     "cold_shares": [m.streamed_cold_share for m in layers]},
+                     "cold_shares": [m.streamed_cold_share for m in layers],
+                     "cold_patterns": [m.streamed_cold_patterns for m in layers]},
         **({"cost_model": _cost_summary(planner.cost)} if planner is not None else {}),
     }
 

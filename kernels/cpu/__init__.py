@@ -336,7 +336,8 @@ def moe_forward_routed_async(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tenso
     chunks below are left to the GPU; None: all of them on the CPU), adds to `counts` (int64
     [3]) the (token, k) pairs of host slots, the distinct chunk-experts below first_chunks of
     those (what the GPU streams) and the distinct ones from there on (what the CPU reads),
-    and stores `seq` into `done_word`. Returns True,
+    and with `counts` of 3 + 2^K entries (K <= 12) each token at 3 + its cold-position mask
+    (bit k set: the pair (t, k) is on the host), and stores `seq` into `done_word`. Returns True,
     or False without doing anything when no native kernel takes these inputs. A job whose word
     does not come within 60 s, or that async_cancel_ready_waits cancels, fails
     (async_take_error) and still stores done_word."""

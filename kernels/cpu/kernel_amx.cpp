@@ -79,6 +79,19 @@ static_assert(sizeof(TileConfig) == 64, "AMX tile config must be 64 bytes");
 // the compiler around them where normal code reads/writes the same memory.
 FIDDLER_INLINE void compiler_fence() { __asm__ __volatile__("" ::: "memory"); }
 
+// ldtilecfg with the whole 64-byte config as the asm's input. gcc 12's _tile_loadconfig
+// names only the config's first 8 bytes (`"m"(*(const void**)p)`), so gcc 12.2 at -O3
+// dropped the stores of rows[] and colsb[] as dead: the config loaded had every tile
+// unconfigured, and the first tilezero raised #UD (SIGILL, the whole process) on a CPU
+// with AMX. CI's CPU has no AMX (its AMX runs are emulated); an AMX dev box caught it.
+FIDDLER_INLINE void load_tile_config(const TileConfig& cfg) {
+#ifdef FIDDLER_AMX_EMULATE
+  _tile_loadconfig(&cfg);
+#else
+  __asm__ __volatile__("ldtilecfg %0" : : "m"(cfg));
+#endif
+}
+
 void region_begin(void) {
   TileConfig cfg;
   memset(&cfg, 0, sizeof(cfg));
@@ -87,7 +100,7 @@ void region_begin(void) {
     cfg.rows[t] = 16;
     cfg.colsb[t] = 64;
   }
-  _tile_loadconfig(&cfg);
+  load_tile_config(cfg);
 }
 
 void region_end(void) { _tile_release(); }

@@ -603,6 +603,8 @@ constexpr auto kReadyTimeout = std::chrono::seconds(60);
 // Spin this long on the ready word before polling it with sleeps: the routing
 // of the next layer usually lands within ~0.2-0.5 ms of the previous job's end.
 constexpr auto kReadySpin = std::chrono::microseconds(2000);
+// Routed jobs count tokens per cold-position mask up to this top-k (2^12 counters).
+constexpr int64_t kMaxPatternTopK = 12;
 
 // (int32)(word - seq) >= 0: the word has reached seq, cyclically (as the GPU's
 // CU_STREAM_WAIT_VALUE_GEQ compares).
@@ -618,9 +620,12 @@ inline bool word_reached(const at::Tensor& word, int64_t seq) {
 // (token, k) pairs of host slots, to counts[1] the distinct chunk-experts below
 // first[k] of those, which the GPU streams from host memory, and to counts[2] the
 // distinct ones from first[k] on, which the CPU reads (a chunk-expert that several
-// of the step's tokens chose is read once). Returns the first.
+// of the step's tokens chose is read once). With n_counts = 3 + 2^K, also counts
+// each token under its cold-position mask (bit k: the pair (t, k) is on the host):
+// counts[3 + mask] += 1, what cost_model.streamed_chunks prices the streamed cut
+// over. Returns the first.
 int64_t expand_routing(const at::Tensor& slots, const at::Tensor& wts, int64_t C, const std::vector<int64_t>& first,
-                    at::Tensor* ids_out, at::Tensor* wts_out, int64_t* counts) {
+                    at::Tensor* ids_out, at::Tensor* wts_out, int64_t* counts, int64_t n_counts) {
   const int64_t T = slots.size(0), K = slots.size(1);
   *ids_out = at::empty({T, K * C}, slots.options());
   *wts_out = at::empty({T, K * C}, wts.options());
@@ -648,6 +653,13 @@ int64_t expand_routing(const at::Tensor& slots, const at::Tensor& wts, int64_t C
   __atomic_fetch_add(&counts[0], cold, __ATOMIC_RELAXED);
   __atomic_fetch_add(&counts[1], distinct(streamed), __ATOMIC_RELAXED);
   __atomic_fetch_add(&counts[2], distinct(on_cpu), __ATOMIC_RELAXED);
+  if (n_counts == 3 + (int64_t(1) << K)) {
+    for (int64_t t = 0; t < T; ++t) {
+      int64_t mask = 0;
+      for (int64_t k = 0; k < K; ++k) mask |= int64_t(s[t * K + k] >= 0) << k;
+      __atomic_fetch_add(&counts[3 + mask], 1, __ATOMIC_RELAXED);
+    }
+  }
   return cold;
 }
 
@@ -724,7 +736,8 @@ class AsyncRunner {
           at::Tensor ids, wts;
           int64_t* counts = job.counts.data_ptr<int64_t>();
           const int64_t before = __atomic_load_n(&counts[2], __ATOMIC_RELAXED);
-          const int64_t cold = expand_routing(job.ids, job.wts, job.chunks, job.first_chunks, &ids, &wts, counts);
+          const int64_t cold = expand_routing(job.ids, job.wts, job.chunks, job.first_chunks, &ids, &wts, counts,
+                                              job.counts.numel());
           cpu_chunks = __atomic_load_n(&counts[2], __ATOMIC_RELAXED) - before;  // one job thread: no race
           const bool cpu_share = *std::min_element(job.first_chunks.begin(), job.first_chunks.end()) < job.chunks;
           if (cold && cpu_share) moe_forward(job.x, job.w13, job.w2, ids, wts, job.out, job.mode, job.amx_min_tokens);
@@ -854,13 +867,14 @@ void moe_forward_routed_async(const at::Tensor& x, const at::Tensor& w13, const 
   for (const at::Tensor* word : {&ready_word, &done_word})
     FCHECK(word->device().is_cpu() && word->scalar_type() == at::kInt && word->numel() == 1,
            "fiddler_cpu.moe_forward_routed_async: ready_word and done_word must be one int32 each on the host");
-  FCHECK(counts.device().is_cpu() && counts.scalar_type() == at::kLong && counts.numel() == 3 &&
-             counts.is_contiguous(),
-         "fiddler_cpu.moe_forward_routed_async: counts must be three int64 on the host (cold pairs, streamed "
-         "chunk-experts, CPU chunk-experts)");
   FCHECK(slots.is_contiguous() && slots.scalar_type() == at::kInt && weights.is_contiguous() &&
              weights.scalar_type() == at::kFloat && slots.dim() == 2 && weights.sizes() == slots.sizes(),
          "fiddler_cpu.moe_forward_routed_async: slots [T, K] int32 and weights [T, K] float32, contiguous");
+  const int64_t K = slots.size(1);
+  FCHECK(counts.device().is_cpu() && counts.scalar_type() == at::kLong && counts.is_contiguous() &&
+             (counts.numel() == 3 || (K <= kMaxPatternTopK && counts.numel() == 3 + (int64_t(1) << K))),
+         "fiddler_cpu.moe_forward_routed_async: counts must be int64 on the host: three (cold pairs, streamed "
+         "chunk-experts, CPU chunk-experts), or those and 2^top_k tokens per cold-position mask (top_k <= 12)");
   FCHECK(chunks >= 1 && w13.size(0) % chunks == 0,
          "fiddler_cpu.moe_forward_routed_async: chunks must divide the chunk-experts of w13");
   FCHECK(int64_t(first_chunks.size()) == slots.size(1),

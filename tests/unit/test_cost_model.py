@@ -1141,3 +1141,72 @@ def test_streamed_chunks_price_the_measured_in_place_reads():
     for bad in (-1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="stream_gb_s"):
             dataclasses.replace(lease_n, stream_gb_s=bad)
+
+
+def _pattern_layer_ms(cut, patterns, chunks, cpu_ms, s_cpu, s_h2d, stream_ms=7.12):
+    """The expected max(CPU, PCIe) of a layer over tokens' cold-position masks (bit k: position
+    k cold), weighted by `patterns`: written out mask by mask, apart from the cost model's loop."""
+    total = 0.0
+    for mask, weight in enumerate(patterns):
+        cold = [k for k in range(len(cut)) if mask >> k & 1]
+        if not cold:
+            continue
+        gpu = sum(cut[k] for k in cold)
+        on_cpu = len(cold) * chunks - gpu
+        both = gpu > 0 and on_cpu > 0
+        total += weight * max(cpu_ms * on_cpu / chunks * (s_cpu if both else 1),
+                              stream_ms * gpu / chunks * (s_h2d if both else 1))
+    return total / sum(patterns)
+
+
+@pytest.mark.parametrize("patterns", [
+    [0, 1, 1, 0],  # exactly one cold expert a token (settled batch-1 decode)
+    [0, 1, 0, 0],  # always the first position
+    [0, 0, 0, 1],  # both, always
+    [3, 1, 1, 0],  # mostly none
+    [0, 5, 2, 9],
+])
+@pytest.mark.parametrize("cpu_ms,s_cpu,s_h2d", [(2.46, 1.22, 1.25), (3.3, 1.22, 1.25), (6.0, 1.3, 1.1)])
+def test_streamed_chunks_minimise_the_expected_layer_over_cold_patterns(patterns, cpu_ms, s_cpu, s_h2d):
+    """Given how often each set of top-k positions was cold together, the cut minimises the
+    layer's expected max(CPU, PCIe) over those sets, among the evenly spread cuts, and takes the
+    fewest chunks among equals."""
+    top_k, chunks = 2, 8
+    cost = dataclasses.replace(flat_model(cpu_ms, 6.5, 0.1), cpu_contended_slowdown=s_cpu,
+                               h2d_contended_slowdown=s_h2d, stream_gb_s=50.1 / 54.9)  # 7.12 ms an expert
+    spread = [tuple(m // top_k + (k < m % top_k) for k in range(top_k)) for m in range(chunks * top_k + 1)]
+    got = cm.streamed_chunks(cost, chunks, top_k, cold_patterns=patterns)
+    costs = [_pattern_layer_ms(c, patterns, chunks, cpu_ms, s_cpu, s_h2d) for c in spread]
+    best = min(costs)
+    assert got == spread[next(i for i, c in enumerate(costs) if c <= best * (1 + 1e-9))]
+    # counts or shares alike
+    assert cm.streamed_chunks(cost, chunks, top_k, cold_patterns=[10 * w for w in patterns]) == got
+
+
+def test_streamed_chunks_over_cold_patterns_of_independent_positions_equal_the_share():
+    """Masks weighted as independent positions cold at `cold_share` price the cut as the share
+    does."""
+    for cpu_ms in (2.46, 2.93, 3.3, 4.0, 6.0):
+        cost = dataclasses.replace(flat_model(cpu_ms, 6.5, 0.1), cpu_contended_slowdown=1.22,
+                                   h2d_contended_slowdown=1.25, stream_gb_s=50.1 / 54.9)
+        for top_k in (1, 2, 3):
+            for share in (0.1, 0.43, 0.5, 0.8, 1.0):
+                independent = [math.prod(share if mask >> k & 1 else 1 - share for k in range(top_k))
+                               for mask in range(1 << top_k)]
+                assert cm.streamed_chunks(cost, 8, top_k, cold_patterns=independent) == \
+                    cm.streamed_chunks(cost, 8, top_k, cold_share=share)
+
+
+def test_streamed_chunks_one_cold_expert_a_token_on_a_slow_cpu():
+    """The case behind pricing over patterns: a CPU at 3.3 ms an expert. Independent positions
+    at decode's 50% share weigh two cold experts a quarter and take (3, 2); with exactly one cold
+    expert a token, as settled decode has, a lone expert's 3 streamed chunks would outlast the
+    CPU's 5: (2, 2). No cold expert at all: nothing streamed."""
+    slow = dataclasses.replace(flat_model(3.3, 6.5, 0.1), cpu_contended_slowdown=1.22,
+                               h2d_contended_slowdown=1.25, stream_gb_s=50.1 / 54.9)
+    assert cm.streamed_chunks(slow, 8, 2, cold_share=0.5) == (3, 2)
+    assert cm.streamed_chunks(slow, 8, 2, cold_patterns=[0, 1, 1, 0]) == (2, 2)
+    assert cm.streamed_chunks(slow, 8, 2, cold_patterns=[5, 0, 0, 0]) == (0, 0)
+    for bad in ([0, 1, 1], [0, 1, 1, 0, 0], [0, -1, 2, 0], [0, 0, 0, 0]):
+        with pytest.raises(ValueError, match="cold_patterns"):
+            cm.streamed_chunks(slow, 8, 2, cold_patterns=bad)

@@ -120,9 +120,11 @@ class HybridMoE(nn.Module):
         self._streamed_below: list | None = None
         # (token, k) pairs of routed steps, and the native jobs' counts: of those pairs, the ones
         # of host experts, and the chunk-experts of theirs the GPU streamed from host memory
-        # and the CPU read
+        # and the CPU read; then (top_k <= COLD_PATTERN_MAX_TOP_K) the routed tokens per
+        # cold-position mask, [2^K], which the streamed cut is priced over
         self._routed_pairs = 0
-        self._routed_counts = torch.zeros(3, dtype=torch.int64, device="cpu")
+        patterns = 1 << top_k if top_k <= COLD_PATTERN_MAX_TOP_K else 0
+        self._routed_counts = torch.zeros(3 + patterns, dtype=torch.int64, device="cpu")
         # chunk-experts the CPU read in the other steps (each once a step)
         self._cpu_chunk_reads = 0
         self._last_cpu_pairs = 0
@@ -174,6 +176,12 @@ class HybridMoE(nn.Module):
     def routed_to_gpu(self) -> int:
         """(token, k) pairs computed from device memory so far."""
         return self._to_gpu + self._routed_pairs - int(self._routed_counts[0])
+
+    @property
+    def routed_cold_patterns(self) -> list[int] | None:
+        """[2^K] routed tokens so far whose host-served top-k positions were exactly those of
+        the mask (bit k: position k), or None where top_k is too large to count them."""
+        return self._routed_counts[3:].tolist() if self._routed_counts.numel() > 3 else None
 
     @property
     def streamed_weight_bytes(self) -> int:
@@ -594,6 +602,13 @@ class HybridMoE(nn.Module):
         not decided by the cost model)."""
         return self._streamed_decision["cold_share"] if self._streamed_decision else None
 
+    @property
+    def streamed_cold_patterns(self) -> list[float] | None:
+        """The share of routed tokens per cold-position mask behind the current streamed cut
+        ([2^K]; None: priced from cold_share alone, or not decided by the cost model)."""
+        shares = self._streamed_decision.get("cold_patterns") if self._streamed_decision else None
+        return [round(n / sum(shares), 4) for n in shares] if shares else None
+
     def set_streamed_chunks(self, cut: tuple[int, ...] | None) -> None:
         """Fixes the routed steps' streamed cut (chunks per top-k position; benchmarks and
         tests), or None: the cost model decides at the next routed step, and keeps deciding."""
@@ -601,25 +616,37 @@ class HybridMoE(nn.Module):
         self._streamed_decision = None
 
     def _decide_streamed_chunks(self) -> None:
-        """routed_gpu_chunks from the cost model (cost_model.streamed_chunks), given the share
-        of this layer's (token, k) pairs the host served since the last decision (prefill's
-        included: each top-k position's expert is cold that often); at the first decision, and
-        with too few pairs since, the share of experts on the host. Placement and re-placement
-        move it (H100 box, uniform router: 17% of the experts resident, a 57% hit rate after
-        512 decode tokens). The first decision does not go by the pairs before it: those are
-        mostly vLLM's profiling run, whose dummy tokens all pick the same experts."""
+        """routed_gpu_chunks from the cost model (cost_model.streamed_chunks), priced over how
+        this layer's routed tokens since the last decision had their top-k positions on the
+        host (routed_cold_patterns: settled batch-1 decode has a fixed number of cold experts
+        a token, not independent positions). With too few routed tokens since, over the share
+        of the layer's (token, k) pairs the host served since (prefill's included), each
+        position cold that often; at the first decision, and with too few pairs since, the
+        share of experts on the host. Placement and re-placement move these (H100 box, uniform
+        router: 17% of the experts resident, a 57% hit rate after 512 decode tokens). The first
+        decision does not go by the pairs before it: those are mostly vLLM's profiling run,
+        whose dummy tokens all pick the same experts."""
         K = self.top_k
-        to_cpu, to_gpu = self.routed_to_cpu, self.routed_to_gpu
+        to_cpu, to_gpu, patterns = self.routed_to_cpu, self.routed_to_gpu, self.routed_cold_patterns
         last = self._streamed_decision
         pairs = to_cpu - last["to_cpu"] + to_gpu - last["to_gpu"] if last else 0
-        cold_share = (to_cpu - last["to_cpu"]) / pairs if pairs >= STREAMED_DECISION_MIN_PAIRS \
-            else len(self.cpu_experts) / self.num_experts
+        since = [n - b for n, b in zip(patterns, last["patterns"])] if last and patterns else None
+        weights = None  # tokens per cold-position mask, when enough to price the cut over
+        if since is not None and sum(since) * K >= STREAMED_DECISION_MIN_PAIRS:
+            weights = since
+            cold_share = sum(bin(mask).count("1") * n for mask, n in enumerate(since)) / (sum(since) * K)
+        elif pairs >= STREAMED_DECISION_MIN_PAIRS:
+            cold_share = (to_cpu - last["to_cpu"]) / pairs
+        else:
+            cold_share = len(self.cpu_experts) / self.num_experts
         cut = (0,) * K
         if self.host_views is not None and self.stager is not None and cold_share > 0:
             from vllm_fiddler.cost_model import streamed_chunks
 
-            cut = streamed_chunks(get_step_planner(self).cost, self.chunks, K, cold_share=cold_share)
-        self._streamed_decision = {"to_cpu": to_cpu, "to_gpu": to_gpu, "steps": 0, "cold_share": cold_share}
+            cut = streamed_chunks(get_step_planner(self).cost, self.chunks, K, cold_share=cold_share,
+                                  cold_patterns=weights)
+        self._streamed_decision = {"to_cpu": to_cpu, "to_gpu": to_gpu, "patterns": patterns, "steps": 0,
+                                   "cold_share": cold_share, "cold_patterns": weights}
         if cut != self.routed_gpu_chunks:
             first = self.routed_gpu_chunks is None
             self.routed_gpu_chunks = cut
@@ -829,6 +856,9 @@ SMALL_STEP_PAIRS = 32
 # (fewer: the share of experts on the host).
 STREAMED_DECISION_STEPS = 256
 STREAMED_DECISION_MIN_PAIRS = 64
+# Routed jobs count their tokens per cold-position mask (2^top_k counters) up to this top-k,
+# the native kernels' limit (kMaxPatternTopK in kernels/cpu/ops.cpp).
+COLD_PATTERN_MAX_TOP_K = 12
 
 
 def small_chunk_ids(cpu_ids: list[list[int]], weights: list[list[float]], chunks: int,

@@ -234,7 +234,8 @@ class CPUExpertRuntime:
         first_chunks[k]..chunks-1 of w13 / w2 itself (k: the pair's top-k position; the GPU
         may compute the chunks below; None: none); nobody on the host waits for the copy. It
         adds the (token, k) pairs of host slots, the distinct chunk-experts of theirs the GPU
-        streams, and those the CPU reads, to `counts` (int64 [3]). The result goes
+        streams, and those the CPU reads, to `counts` (int64 [3]; [3 + 2^K]: then also each
+        token under its cold-position mask, HybridMoE.routed_cold_patterns). The result goes
         to the device through result_on_device. None (nothing queued) if the native kernels
         do not take it; only call when takes_routed_jobs(). out: the pinned fp32 [T, H] result
         buffer (default: the runtime's shared one).
