@@ -102,6 +102,22 @@ def spin_kernel():
     return _spin_until_kernel
 
 
+def release_after(idle_ms: float, word, seen, seq: int, what: str, before_release=None) -> dict:
+    """Busy-waits `idle_ms` (the CPU job's length), writes `seq` into the word the stream
+    waits on and spins until the stream's mark shows it: {"rtt_ms", "before_release": what
+    before_release() returned just before the write (None without one)}."""
+    deadline = time.perf_counter() + idle_ms / 1e3
+    while time.perf_counter() < deadline:
+        pass
+    sampled = before_release() if before_release else None
+    released = time.perf_counter()
+    word[0] = seq
+    while seen[0] != seq:
+        if time.perf_counter() - released > 10:
+            raise RuntimeError(f"{what}: the stream's mark never came (seq {seq})")
+    return {"rtt_ms": (time.perf_counter() - released) * 1e3, "before_release": sampled}
+
+
 def measure(mode: str, idles_ms, reps: int, chain: LayerChain, sm_clock) -> dict:
     from vllm_fiddler.runtime.device_wait import DeviceSignal, StreamMark
     from vllm_fiddler.runtime.host_view import device_view
@@ -125,16 +141,8 @@ def measure(mode: str, idles_ms, reps: int, chain: LayerChain, sm_clock) -> dict
             chain.run()
             end.record(stream)
             mark.mark(seq, stream)
-            deadline = time.perf_counter() + idle / 1e3
-            while time.perf_counter() < deadline:  # the CPU job's length
-                pass
-            mhz = sm_clock() if sm_clock else None
-            released = time.perf_counter()
-            word[0] = seq
-            while seen[0] != seq:
-                if time.perf_counter() - released > 10:
-                    raise RuntimeError(f"{mode}: the stream's mark never came (seq {seq})")
-            rtt = (time.perf_counter() - released) * 1e3
+            timed = release_after(idle, word, seen, seq, mode, before_release=sm_clock)
+            rtt, mhz = timed["rtt_ms"], timed["before_release"]
             end.synchronize()
             if i >= 2 * len(idles_ms):
                 gpu = begin.elapsed_time(end)
@@ -177,16 +185,9 @@ def measure_queued(chain_mode: str, idles_ms, reps: int, chain: LayerChain, laye
                 mark.mark(seq, stream)
                 seqs.append(seq)
             for seq in seqs:  # the CPU jobs, one after another
-                deadline = time.perf_counter() + idle / 1e3
-                while time.perf_counter() < deadline:
-                    pass
-                released = time.perf_counter()
-                word[0] = seq
-                while seen[0] != seq:
-                    if time.perf_counter() - released > 10:
-                        raise RuntimeError(f"queued {chain_mode}: the stream's mark never came (seq {seq})")
+                rtt = release_after(idle, word, seen, seq, f"queued {chain_mode}")["rtt_ms"]
                 if i >= 2 * len(idles_ms):
-                    rows[idle].append((time.perf_counter() - released) * 1e3)
+                    rows[idle].append(rtt)
             stream.synchronize()
     return {str(idle): {"rtt_ms": summary(v)} for idle, v in rows.items()}
 

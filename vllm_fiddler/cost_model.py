@@ -941,10 +941,12 @@ def streamed_chunks(cost: CostModel, chunks: int, top_k: int = 1, tokens: float 
     if not 0.0 < cold_share <= 1.0:
         raise ValueError(f"cold_share must be in (0, 1], got {cold_share!r}")
     if cold_patterns is not None:
-        cold_patterns = [float(w) for w in cold_patterns]
-        if len(cold_patterns) != 1 << top_k or min(cold_patterns) < 0 or not sum(cold_patterns) > 0:
+        weights = [float(w) for w in cold_patterns]
+        if len(weights) != 1 << top_k or min(weights) < 0 or not sum(weights) > 0:
             raise ValueError(f"cold_patterns needs 2^top_k = {1 << top_k} non-negative weights, not all 0; "
-                             f"got {cold_patterns!r}")
+                             f"got {weights!r}")
+        total_weight = sum(weights)
+        cold_patterns = [w / total_weight for w in weights]  # shares
     cpu, pcie = cost.cpu_ms(tokens), cost.stream_ms
 
     def layer_ms(gpu_chunks: int, cold: int) -> float:  # `cold` experts, the GPU taking gpu_chunks of theirs
@@ -961,7 +963,7 @@ def streamed_chunks(cost: CostModel, chunks: int, top_k: int = 1, tokens: float 
                 if mask and weight:
                     cold = [k for k in range(top_k) if mask >> k & 1]
                     total += weight * layer_ms(sum(q + (k < r) for k in cold), len(cold))
-            return total / sum(cold_patterns)
+            return total
         total = 0.0
         for a in range(r + 1):  # cold positions among the first r ...
             for b in range(top_k - r + 1):  # ... and among the others
