@@ -350,7 +350,8 @@ def run_system(args) -> None:
         import torch
 
         model = build_mixtral_8x7b_shapes(tempfile.mkdtemp(prefix="m8x7b-"), args.layers)
-        kwargs = gpu_system_kwargs(args.run_system, args.layers, torch.cuda.mem_get_info()[1] / GIB, args.eager)
+        kwargs = gpu_system_kwargs(args.run_system, args.layers, args.gpu_gib or torch.cuda.mem_get_info()[1] / GIB,
+                                   args.eager)
     if args.fiddler_options and kwargs.get("model_impl") == "fiddler":
         options = kwargs["additional_config"] = dict(kwargs.get("additional_config", {}))
         options["fiddler"] = {**options.get("fiddler", {}), **json.loads(args.fiddler_options)}
@@ -487,6 +488,7 @@ def child_flags(args) -> list[str]:
              "--serve-input-len", str(args.serve_input_len), "--serve-output-len", str(args.serve_output_len),
              "--system-timeout", str(args.system_timeout)]
     return (flags + (["--tiny"] if args.tiny else []) + (["--eager"] if args.eager else [])
+            + (["--gpu-gib", str(args.gpu_gib)] if args.gpu_gib else [])
             + (["--fiddler-options", args.fiddler_options] if args.fiddler_options else []))
 
 
@@ -701,6 +703,8 @@ def parse_args(argv=None):
     p.add_argument("--serve-input-len", type=int, default=128)
     p.add_argument("--serve-output-len", type=int, default=64)
     p.add_argument("--eager", action="store_true", help="enforce_eager for every system (tiny: always)")
+    p.add_argument("--gpu-gib", type=float, help="the GPU memory (GiB) the expert budgets are computed for "
+                   "(default: this GPU's); 79.18 keeps the H100 80GB's budgets on a bigger card")
     p.add_argument("--fiddler-options", help="JSON of fiddler options (README) over every fiddler row's own, "
                    "e.g. '{\"cpu_threads\": 14}'; the rows' kwargs record them")
     p.add_argument("--engine-in-process", action="store_true",

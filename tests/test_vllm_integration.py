@@ -59,11 +59,69 @@ def test_model_impl_selects_class(impl, expected):
 def test_fiddler_config_sets_piecewise_graphs(tiny_mixtral):
     from vllm.config import CUDAGraphMode
 
-    cfg = engine_config(tiny_mixtral, model_impl="fiddler")
-    assert cfg.model_config.architecture == "MixtralForCausalLM"
-    # On the CPU platform vLLM turns graphs off; fiddler must never ask for FULL.
-    assert not cfg.compilation_config.cudagraph_mode.has_full_cudagraphs()
-    assert cfg.compilation_config.cudagraph_mode in (CUDAGraphMode.NONE, CUDAGraphMode.PIECEWISE)
+    for options in ({}, {"full_cuda_graphs": False}):
+        cfg = engine_config(tiny_mixtral, model_impl="fiddler", additional_config={"fiddler": options})
+        assert cfg.model_config.architecture == "MixtralForCausalLM"
+        # on the CPU platform vLLM turns graphs off (FULL ones are kept from the op: test below)
+        assert cfg.compilation_config.cudagraph_mode in (CUDAGraphMode.NONE, CUDAGraphMode.PIECEWISE)
+
+
+@pytest.mark.parametrize("options, asked, chosen", [
+    ({}, None, "FULL_AND_PIECEWISE"),  # vLLM's own default, with graph steps
+    ({}, "FULL", "FULL_AND_PIECEWISE"),  # FULL prefill graphs would capture planned steps
+    ({}, "FULL_DECODE_ONLY", "FULL_DECODE_ONLY"),
+    ({}, "PIECEWISE", "PIECEWISE"),
+    ({"full_cuda_graphs": False}, None, "PIECEWISE"),
+    ({"full_cuda_graphs": False}, "FULL_AND_PIECEWISE", "PIECEWISE"),
+    ({"routed_max_tokens": 0}, None, "PIECEWISE"),  # graph steps are routed steps
+    ({"wait_on_device": False}, "FULL_DECODE_ONLY", "PIECEWISE"),
+])
+def test_cudagraph_mode_follows_the_graph_steps_option(options, asked, chosen):
+    from vllm.config import CUDAGraphMode
+
+    from vllm_fiddler.config import FiddlerConfig
+    from vllm_fiddler.vllm_hooks import _select_cudagraph_mode
+
+    cc = types.SimpleNamespace(cudagraph_mode=getattr(CUDAGraphMode, asked) if asked else None)
+    _select_cudagraph_mode(types.SimpleNamespace(compilation_config=cc),
+                           FiddlerConfig.from_additional_config({"fiddler": options}))
+    assert cc.cudagraph_mode == getattr(CUDAGraphMode, chosen)
+
+
+def test_full_cudagraphs_kept_only_for_graph_step_sizes():
+    """vLLM's dispatcher keys: FULL graphs of the sizes the model's graph steps serve, none when it
+    has none; piecewise keys untouched (those sizes dispatch to them instead)."""
+    from vllm.config import CUDAGraphMode
+    from vllm.forward_context import BatchDescriptor
+
+    from vllm_fiddler.runtime import graph_jobs
+    from vllm_fiddler.vllm_hooks import _limit_full_cudagraphs
+
+    def keys():
+        return {CUDAGraphMode.FULL: {BatchDescriptor(n, num_reqs=n, uniform=True) for n in (1, 2, 4, 8, 16)},
+                CUDAGraphMode.PIECEWISE: {BatchDescriptor(n) for n in (1, 2, 4, 8, 16)}}
+
+    before = graph_jobs.full_graph_max_tokens()
+    try:
+        for limit, kept in ((4, [1, 2, 4]), (0, []), (16, [1, 2, 4, 8, 16])):
+            graph_jobs.set_full_graph_max_tokens(limit)
+            k = keys()
+            _limit_full_cudagraphs(k)
+            assert sorted(d.num_tokens for d in k[CUDAGraphMode.FULL]) == kept
+            assert len(k[CUDAGraphMode.PIECEWISE]) == 5
+    finally:
+        graph_jobs.set_full_graph_max_tokens(before)
+
+
+def test_dispatcher_key_limit_installed_once():
+    from vllm.v1.cudagraph_dispatcher import CudagraphDispatcher
+
+    from vllm_fiddler.vllm_hooks import _install_full_cudagraph_limit
+
+    patched = CudagraphDispatcher.initialize_cudagraph_keys
+    assert getattr(patched, "_fiddler_patched", False)  # register() installed it
+    _install_full_cudagraph_limit()
+    assert CudagraphDispatcher.initialize_cudagraph_keys is patched
 
 
 def test_other_impls_untouched(tiny_mixtral):

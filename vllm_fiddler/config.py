@@ -15,6 +15,7 @@ process before anything is allocated, and unit-tested in CPU CI.
 | cuda_graph_max_tokens | int >= 0    | 16      | the MoE op's GPU expert launches replay CUDA graphs for steps of up to this many tokens (CUDA; captured at load, independent of vLLM's own graphs and enforce_eager); 0: launch eagerly |
 | routed_max_tokens     | int >= 0    | 4       | steps of up to this many tokens hand the GPU's routing to the CPU experts straight from the stream (CUDA, with wait_on_device): no host sync, planning or weight copies, the GPU reading part of each cold expert from host memory in place; 0: the engine thread plans every step |
 | routed_graphs         | bool        | true    | routed steps replay their whole GPU side (routing, copies down, experts, the CPU's result added) from CUDA graphs captured at load (vllm_fiddler.runtime.moe_graphs; needs cuda_graph_max_tokens >= 1); false: those launches are eager |
+| full_cuda_graphs      | bool        | true    | vLLM's FULL decode CUDA graphs (its default mode, without enforce_eager) take in steps of up to routed_max_tokens tokens, the CPU experts' jobs handed over by the graph itself (vllm_fiddler.runtime.graph_jobs; needs stream memory operations in graphs, else off with a warning); false: vLLM's piecewise graphs only, the op outside them |
 | streamed_chunks       | "auto" or list of int >= 0 | "auto" | per top-k position, how many of a cold expert's chunks (8 for Mixtral-8x7B) a routed step's GPU reads from host memory in place, the CPU computing the rest; "auto": the calibrated cost model decides from which top-k positions of the routed tokens were cold, and decides again as that moves |
 | blocking_sync         | bool        | false   | the engine thread sleeps, instead of spinning on a core, while it waits for the GPU (CUDA; cuCtxSetFlags BLOCKING_SYNC), leaving the core to the CPU experts |
 | arrival_coalesce_ms   | float >= 0  | 2.0     | once requests have arrived in bursts, an idle engine waits for the rest of a burst until this long passes without one (vllm_fiddler.arrivals); 0: vLLM's scheduler unchanged |
@@ -83,6 +84,13 @@ class FiddlerConfig:
     # eagerly those were ~30 torch calls, ~0.6 ms of the engine thread a layer,
     # and in a compiled batch-1 engine that thread was the step's critical path.
     routed_graphs: bool = True
+    # Steps of up to routed_max_tokens tokens run inside vLLM's FULL decode CUDA
+    # graphs, the graph handing the native job thread each layer's CPU work
+    # (vllm_fiddler.runtime.graph_jobs): with piecewise graphs every attention and
+    # MoE op still ran eagerly, ~1-1.7 ms of the engine thread's time a layer,
+    # which bounded batch-1 decode (lease AB: 16.8 ms a step against 12.7 ms of
+    # CPU expert work).
+    full_cuda_graphs: bool = True
     # An idle engine holds its first step while requests of one burst are
     # still arriving, once a request has arrived just after such a step began
     # (vllm_fiddler.arrivals: LLM.beam_search's beams, one at a time from the
@@ -128,6 +136,7 @@ class FiddlerConfig:
             cuda_graph_max_tokens=_non_negative_int(raw, "cuda_graph_max_tokens", default=16),
             routed_max_tokens=_non_negative_int(raw, "routed_max_tokens", default=4),
             routed_graphs=_bool(raw, "routed_graphs", default=True),
+            full_cuda_graphs=_bool(raw, "full_cuda_graphs", default=True),
             arrival_coalesce_ms=_non_negative_float(raw, "arrival_coalesce_ms", unit="ms", default=2.0),
             blocking_sync=_bool(raw, "blocking_sync", default=False),
             streamed_chunks=_streamed_chunks(raw),

@@ -45,6 +45,8 @@ def model_stats(model) -> dict:
         "kernel_warmup_configs": getattr(model, "kernel_warmup", {}).get("configs", 0),
         "cuda_graphs": getattr(model, "cuda_graphs", {}).get("graphs", 0),
         "cuda_graph_replays": getattr(getattr(layers[0], "graphs", None), "replays", 0),
+        # CPU jobs that FULL CUDA graphs handed the native thread themselves (runtime.graph_jobs)
+        "graph_step_jobs": _graph_step_jobs() if getattr(model, "graph_jobs", None) is not None else 0,
         **_arrival_stats(),
         **thread_counters(),
         # not counters (delta() skips them): what routed steps stream now, and the cost model behind it
@@ -138,3 +140,9 @@ def step_breakdown(after: dict, before: dict, prefix: str = "decode_") -> dict:
             **({"expert_threads": after["expert_threads"]} if "expert_threads" in after else {}),
             **{k: after[k] for k in ("streamed", "cost_model") if k in after},
             **{f"{prefix}{k}": d[k] for k in ("arrival_holds", "arrival_stragglers") if k in d}}
+
+
+def _graph_step_jobs() -> int:
+    from vllm_fiddler.kernels import cpu as cpu_kernels
+
+    return cpu_kernels.graph_jobs_served()

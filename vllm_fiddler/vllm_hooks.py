@@ -120,7 +120,7 @@ def check_vllm_config(vllm_config: Any) -> None:
                          "expert parallelism and EPLB options.")
     if vllm_config.lora_config is not None:
         raise ValueError("--model-impl fiddler does not support LoRA yet; remove --enable-lora.")
-    _select_piecewise_cudagraphs(vllm_config)
+    _select_cudagraph_mode(vllm_config, cfg)
     _select_coalescing_scheduler(vllm_config, cfg)
 
 
@@ -192,14 +192,56 @@ def _coalescing(base: type) -> type:
     return Coalescing
 
 
-def _select_piecewise_cudagraphs(vllm_config: Any) -> None:
-    # FULL graphs would capture the hybrid MoE op, freezing its host-side work
-    # (routing, CPU experts) at capture time; piecewise graphs leave it eager.
+def _select_cudagraph_mode(vllm_config: Any, cfg: Any) -> None:
+    # FULL graphs capture the hybrid MoE op, freezing its host-side work (routing,
+    # planning, CPU experts) at capture time. Steps of up to routed_max_tokens tokens
+    # can run inside them as graph steps (runtime.graph_jobs): the worker keeps FULL
+    # decode graphs of those sizes only (_limit_full_cudagraphs), piecewise graphs,
+    # with the op between their pieces, serve the rest. Otherwise piecewise only.
     from vllm.config import CUDAGraphMode
 
     cc = vllm_config.compilation_config
-    if cc.cudagraph_mode is None or cc.cudagraph_mode.has_full_cudagraphs():
+    if cfg.full_cuda_graphs and cfg.routed_max_tokens and cfg.wait_on_device:
+        if cc.cudagraph_mode is None or cc.cudagraph_mode == CUDAGraphMode.FULL:
+            cc.cudagraph_mode = CUDAGraphMode.FULL_AND_PIECEWISE
+    elif cc.cudagraph_mode is None or cc.cudagraph_mode.has_full_cudagraphs():
         cc.cudagraph_mode = CUDAGraphMode.PIECEWISE
+
+
+def _install_full_cudagraph_limit() -> None:
+    """The worker's CUDA graph keys: FULL graphs only of token counts that graph steps serve
+    (graph_jobs.full_graph_max_tokens, set by the model once its graph steps work; 0: none),
+    so every other size dispatches to a piecewise graph or runs eagerly."""
+    from vllm.v1.cudagraph_dispatcher import CudagraphDispatcher
+
+    original = CudagraphDispatcher.initialize_cudagraph_keys
+    if getattr(original, "_fiddler_patched", False):
+        return
+
+    def initialize_cudagraph_keys(self, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        if uses_fiddler(self.vllm_config.model_config):
+            _limit_full_cudagraphs(self.cudagraph_keys)
+
+    initialize_cudagraph_keys._fiddler_patched = True
+    CudagraphDispatcher.initialize_cudagraph_keys = initialize_cudagraph_keys
+
+
+def _limit_full_cudagraphs(keys: dict) -> None:
+    from vllm.config import CUDAGraphMode
+
+    from vllm_fiddler.logger import logger
+    from vllm_fiddler.runtime.graph_jobs import full_graph_max_tokens
+
+    limit = full_graph_max_tokens()
+    full = keys.get(CUDAGraphMode.FULL, set())
+    dropped = {d for d in full if d.num_tokens > limit}
+    full -= dropped
+    if full:
+        logger.info("fiddler: vLLM's FULL CUDA graphs serve steps of %s tokens (graph steps); %d larger "
+                    "sizes run piecewise", sorted({d.num_tokens for d in full}), len(dropped))
+    elif dropped:
+        logger.info("fiddler: no FULL CUDA graphs (the MoE op's graph steps are off here); piecewise only")
 
 
 def _install_config_hook() -> None:
@@ -234,5 +276,6 @@ def install() -> None:
 
     _install_registry()
     _install_config_hook()
+    _install_full_cudagraph_limit()
     install_dummy_router_skew()  # benchmarks only: FIDDLER_DUMMY_ROUTER_SKEW
     install_fast_host_dummy_init()  # benchmarks only: FIDDLER_FAST_DUMMY_INIT

@@ -357,6 +357,41 @@ def moe_forward_routed_async(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tenso
     return True
 
 
+def graph_jobs_attach(x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, first: torch.Tensor,
+                      out: torch.Tensor, mark_word: torch.Tensor, done_word: torch.Tensor,
+                      *, isa: str | None = None) -> bool:
+    """Graph steps (vllm_fiddler.runtime.graph_jobs): the native job thread serves routed steps
+    that a CUDA graph hands it without any Python. The graph fills rows [:T] of x [N, H] (bf16),
+    slots [N, K] (host slot or -1, int32), weights [N, K] (fp32) and first [K] (int32, per top-k
+    position the chunks below it are the GPU's), then writes ((layer slot + 1) << 16) | T into
+    mark_word (one pinned int32). The thread clears mark_word, runs the layer's cold chunk-experts
+    (graph_jobs_add_layer) into out[:T] (fp32, zeroed first), counts them as
+    moe_forward_routed_async does, and sets done_word to 1, which the graph waits for and
+    clears. Replaces buffers attached before, and their layers. False (nothing attached) where
+    no native kernel takes bf16 experts."""
+    path, forced = _resolve(isa)
+    if path == "torch" or x.dtype != torch.bfloat16:
+        return False
+    mode = _MODE["avx512_bf16"] if path == "avx512_bf16" else _MODE["amx_all" if forced else "amx_auto"]
+    torch.ops.fiddler_cpu.graph_jobs_attach(x, slots, weights, first, out, mark_word, done_word, mode,
+                                            _amx_min_tokens())
+    return True
+
+
+def graph_jobs_add_layer(slot: int, w13: torch.Tensor, w2: torch.Tensor, chunks: int, counts: torch.Tensor,
+                         pairs: torch.Tensor) -> None:
+    """The experts of layer slot `slot` of the attached graph steps: host chunk-experts w13 / w2
+    (slot s chunk c = chunk-expert s * chunks + c, bf16), its counts (int64 [3] or [3 + 2^K], as
+    moe_forward_routed_async's) and pairs (int64 [1]: (token, k) pairs its jobs saw)."""
+    torch.ops.fiddler_cpu.graph_jobs_add_layer(slot, w13, w2, chunks, counts, pairs)
+
+
+def graph_jobs_detach() -> None:
+    """No more graph steps: a stream waiting for one goes on, the job thread stops polling."""
+    if _native:
+        torch.ops.fiddler_cpu.graph_jobs_detach()
+
+
 def async_cancel_ready_waits() -> None:
     """Routed jobs still waiting for their routing give up (shutdown)."""
     if _native:
@@ -379,11 +414,16 @@ def async_stats() -> tuple[int, float, float, float]:
     jobs, seconds routed jobs then waited for their routing)."""
     if not _native:
         return 0, 0.0, 0.0, 0.0
-    jobs, busy_ns, queue_ns, routing_wait_ns = torch.ops.fiddler_cpu.async_stats()
+    jobs, busy_ns, queue_ns, routing_wait_ns = list(torch.ops.fiddler_cpu.async_stats())[:4]
     return int(jobs), busy_ns * 1e-9, queue_ns * 1e-9, routing_wait_ns * 1e-9
 
 
 ASYNC_TRACE_FIELDS = ("submitted", "started", "done", "picked", "cpu_chunk_experts")
+
+
+def graph_jobs_served() -> int:
+    """Graph steps' jobs the native job thread ran so far (graph_jobs_attach)."""
+    return int(torch.ops.fiddler_cpu.async_stats()[4]) if _native else 0
 
 
 def async_trace() -> list[tuple[int, ...]]:

@@ -24,6 +24,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <deque>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -603,6 +604,10 @@ constexpr auto kReadyTimeout = std::chrono::seconds(60);
 // Spin this long on the ready word before polling it with sleeps: the routing
 // of the next layer usually lands within ~0.2-0.5 ms of the previous job's end.
 constexpr auto kReadySpin = std::chrono::microseconds(2000);
+// With graph steps attached and none for this long, the idle job thread polls their mark
+// word every millisecond instead of every 50 us (an idle server's cost against the first
+// layer's wait after a pause).
+constexpr auto kGraphIdle = std::chrono::milliseconds(100);
 // Routed jobs count tokens per cold-position mask up to this top-k (2^12 counters).
 constexpr int64_t kMaxPatternTopK = 12;
 
@@ -663,6 +668,29 @@ int64_t expand_routing(const at::Tensor& slots, const at::Tensor& wts, int64_t C
   return cold;
 }
 
+// Graph steps (vllm_fiddler.runtime.graph_jobs): a routed step captured inside a CUDA graph
+// that the engine thread replays whole (vLLM's FULL decode graphs), so no Python runs per
+// layer to hand this thread a job. The graph copies the routing, the activations and the
+// streamed cut into the buffers attached here, then writes a fixed code into `mark`
+// ((layer + 1) << 16 | tokens, a driver memop, which orders the copies before it); this
+// thread sees the code, clears `mark`, runs the layer's cold chunk-experts into `out` and
+// sets `done` to 1; the graph waits for done == 1 and clears it (a memop ordered before
+// its next mark). Fixed values, so the captured memops replay unchanged:
+//   mark = 0 before done = 1 (this thread's program order, x86 keeps stores in order), so
+//   the graph's next mark, which follows its wait for done, is never overwritten;
+//   done = 0 (the graph's) before its next mark (the memop's barrier), so this thread's
+//   next done = 1 comes after it.
+// One job is in flight at a time: the graph waits for each before it marks the next.
+struct GraphLayer {
+  at::Tensor w13, w2, counts, pairs;  // pairs: int64 [1], (token, k) pairs this layer's graph jobs saw
+  int64_t chunks = 0;                 // 0: no layer in this slot
+};
+struct GraphJobs {
+  at::Tensor x, slots, wts, first, out, mark_word, done_word;  // [N, H] bf16, [N, K] i32, [N, K] f32, [K] i32, [N, H] f32
+  int64_t mode = 1, amx_min_tokens = 0;
+  std::vector<GraphLayer> layers;
+};
+
 class AsyncRunner {
  public:
   AsyncRunner() : pid_(getpid()), thread_([this] { loop(); }) {}
@@ -694,7 +722,7 @@ class AsyncRunner {
   }
   std::vector<int64_t> stats() {
     std::lock_guard<std::mutex> lk(mu_);
-    return {jobs_, busy_ns_, queue_ns_, routing_wait_ns_};
+    return {jobs_, busy_ns_, queue_ns_, routing_wait_ns_, graph_jobs_};
   }
   // The jobs done since the last call, oldest first (at most kTraceJobs): (submitted,
   // started, done, picked, CPU chunk-experts) per job; times in steady_clock ns
@@ -720,7 +748,15 @@ class AsyncRunner {
       AsyncJob job;
       {
         std::unique_lock<std::mutex> lk(mu_);
-        cv_.wait(lk, [&] { return !queue_.empty(); });
+        while (queue_.empty()) {
+          if (!graph()) {
+            cv_.wait(lk);
+            continue;
+          }
+          lk.unlock();
+          idle_poll();
+          lk.lock();
+        }
         job = std::move(queue_.front());
         queue_.pop_front();
         busy_ = true;
@@ -778,6 +814,8 @@ class AsyncRunner {
     const auto t0 = std::chrono::steady_clock::now();
     const uint64_t cancel_gen = cancel_gen_.load(std::memory_order_acquire);
     for (int spins = 0; !word_reached(job.ready_word, job.seq); ++spins) {
+      // a graph step queued before this job's routing (stream order) comes first
+      if (serve_graph()) continue;
       if ((spins & 63) != 0) {
         __builtin_ia32_pause();
         continue;
@@ -796,7 +834,93 @@ class AsyncRunner {
   // wait_idle returns at shutdown even if no stream will write their word.
   void cancel_ready_waits() { cancel_gen_.fetch_add(1, std::memory_order_acq_rel); }
 
+  // Graph steps: the buffers and words (replaces any before; null: none), and layer slots.
+  void set_graph(std::shared_ptr<GraphJobs> g) {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      std::atomic_store(&graph_, std::move(g));
+    }
+    cv_.notify_one();  // an idle loop starts polling the new mark word
+  }
+  std::shared_ptr<GraphJobs> graph() const { return std::atomic_load(&graph_); }
+  // A stream waiting for `done` goes on (shutdown: a graph that will not be served).
+  void release_graph() {
+    if (auto g = graph()) __atomic_store_n(g->done_word.data_ptr<int32_t>(), 1, __ATOMIC_RELEASE);
+  }
+
  private:
+  // Runs the graph job whose code is in the mark word, if any (this thread only).
+  bool serve_graph() {
+    const std::shared_ptr<GraphJobs> g = graph();
+    if (!g) return false;
+    int32_t* mark = g->mark_word.data_ptr<int32_t>();
+    const int32_t code = __atomic_load_n(mark, __ATOMIC_ACQUIRE);
+    if (code == 0) return false;
+    const auto t0 = std::chrono::steady_clock::now();
+    __atomic_store_n(mark, 0, __ATOMIC_RELAXED);  // before done = 1 (see GraphJobs)
+    const int64_t slot = int64_t(uint32_t(code) >> 16) - 1, T = code & 0xFFFF;
+    std::string error;
+    int64_t cpu_chunks = 0;
+    try {
+      FCHECK(slot >= 0 && slot < int64_t(g->layers.size()) && g->layers[size_t(slot)].chunks > 0 && T >= 1 &&
+                 T <= g->x.size(0),
+             "fiddler_cpu: a graph step marked an unknown layer or token count (code " + std::to_string(code) + ")");
+      const GraphLayer& layer = g->layers[size_t(slot)];
+      const int64_t K = g->slots.size(1);
+      at::Tensor out = g->out.narrow(0, 0, T), slots = g->slots.narrow(0, 0, T), wts = g->wts.narrow(0, 0, T);
+      std::memset(out.data_ptr(), 0, out.nbytes());
+      const int32_t* first_word = g->first.data_ptr<int32_t>();
+      std::vector<int64_t> first(static_cast<size_t>(K));
+      for (int64_t k = 0; k < K; ++k) first[size_t(k)] = std::min<int64_t>(std::max(first_word[k], 0), layer.chunks);
+      at::Tensor ids, chunk_wts;
+      int64_t* counts = layer.counts.data_ptr<int64_t>();
+      const int64_t before = __atomic_load_n(&counts[2], __ATOMIC_RELAXED);
+      const int64_t cold = expand_routing(slots, wts, layer.chunks, first, &ids, &chunk_wts, counts,
+                                          layer.counts.numel());
+      cpu_chunks = __atomic_load_n(&counts[2], __ATOMIC_RELAXED) - before;
+      __atomic_fetch_add(layer.pairs.data_ptr<int64_t>(), T * K, __ATOMIC_RELAXED);
+      if (cold && *std::min_element(first.begin(), first.end()) < layer.chunks)
+        moe_forward(g->x.narrow(0, 0, T), layer.w13, layer.w2, ids, chunk_wts, out, g->mode, g->amx_min_tokens);
+    } catch (const std::exception& e) {
+      error = e.what();
+    } catch (...) {
+      error = "fiddler_cpu: unknown error in a graph step's job";
+    }
+    const auto t1 = std::chrono::steady_clock::now();
+    // release: the result's stores (joined pool threads) before the word's; a failed job
+    // sets it too, a stream must never wait for a job that will not come
+    __atomic_store_n(g->done_word.data_ptr<int32_t>(), 1, __ATOMIC_RELEASE);
+    std::lock_guard<std::mutex> lk(mu_);
+    if (!error.empty() && error_.empty()) error_ = error;
+    ++jobs_;
+    ++graph_jobs_;
+    busy_ns_ += std::chrono::duration_cast<std::chrono::nanoseconds>(t1 - t0).count();
+    trace_[size_t(traced_++ % kTraceJobs)] = {ns(t0), ns(t0), ns(t1), ns(t0), cpu_chunks};
+    last_graph_job_ = t1;
+    return true;
+  }
+
+  // No queued job, graph steps attached: poll the mark word; spin for kReadySpin after the
+  // last graph job (a decode step's next layer marks within a millisecond or so), then
+  // sleep between polls, longer once idle for kGraphIdle (a replay after that waits at most
+  // one sleep for its first layer). Returns when a job is queued, or after serving one.
+  void idle_poll() {
+    for (int spins = 0;; ++spins) {
+      if (serve_graph()) return;
+      if ((spins & 63) == 0) {
+        std::unique_lock<std::mutex> lk(mu_);
+        if (!queue_.empty() || !graph()) return;
+        const auto idle = std::chrono::steady_clock::now() - last_graph_job_;
+        if (idle > kReadySpin) {
+          cv_.wait_for(lk, idle > kGraphIdle ? std::chrono::microseconds(1000) : std::chrono::microseconds(50));
+          if (!queue_.empty()) return;
+        }
+        continue;
+      }
+      __builtin_ia32_pause();
+    }
+  }
+
   static int64_t ns(std::chrono::steady_clock::time_point t) {
     return std::chrono::duration_cast<std::chrono::nanoseconds>(t.time_since_epoch()).count();
   }
@@ -816,6 +940,9 @@ class AsyncRunner {
   // routing wait: a routed job's wait for its ready word after that
   int64_t jobs_ = 0, busy_ns_ = 0, queue_ns_ = 0, routing_wait_ns_ = 0;
   std::atomic<uint64_t> cancel_gen_{0};
+  std::shared_ptr<GraphJobs> graph_;  // std::atomic_load / atomic_store only
+  int64_t graph_jobs_ = 0;
+  std::chrono::steady_clock::time_point last_graph_job_{};
   std::thread thread_;  // last: starts once the members above exist
 };
 
@@ -890,6 +1017,63 @@ void moe_forward_routed_async(const at::Tensor& x, const at::Tensor& w13, const 
   async_runner()->submit(std::move(job));
 }
 
+void graph_jobs_attach(const at::Tensor& x, const at::Tensor& slots, const at::Tensor& weights,
+                       const at::Tensor& first, const at::Tensor& out, const at::Tensor& mark_word,
+                       const at::Tensor& done_word, int64_t mode, int64_t amx_min_tokens) {
+  FCHECK(x.device().is_cpu() && x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.is_contiguous(),
+         "fiddler_cpu.graph_jobs_attach: x must be [N, H] bf16, contiguous, on the host");
+  const int64_t N = x.size(0);
+  FCHECK(slots.scalar_type() == at::kInt && slots.dim() == 2 && slots.size(0) == N && slots.is_contiguous() &&
+             weights.scalar_type() == at::kFloat && weights.sizes() == slots.sizes() && weights.is_contiguous(),
+         "fiddler_cpu.graph_jobs_attach: slots [N, K] int32 and weights [N, K] float32, contiguous");
+  FCHECK(slots.size(1) <= kMaxPatternTopK, "fiddler_cpu.graph_jobs_attach: top_k must be <= 12");
+  FCHECK(first.scalar_type() == at::kInt && first.numel() == slots.size(1) && first.is_contiguous(),
+         "fiddler_cpu.graph_jobs_attach: first must be [K] int32");
+  FCHECK(out.scalar_type() == at::kFloat && out.sizes() == x.sizes() && out.is_contiguous(),
+         "fiddler_cpu.graph_jobs_attach: out must be [N, H] float32, contiguous");
+  FCHECK(N >= 1 && N <= 0xFFFF, "fiddler_cpu.graph_jobs_attach: 1..65535 tokens");
+  for (const at::Tensor* word : {&mark_word, &done_word})
+    FCHECK(word->device().is_cpu() && word->scalar_type() == at::kInt && word->numel() == 1,
+           "fiddler_cpu.graph_jobs_attach: mark_word and done_word must be one int32 each on the host");
+  auto g = std::make_shared<GraphJobs>();
+  g->x = x;
+  g->slots = slots;
+  g->wts = weights;
+  g->first = first;
+  g->out = out;
+  g->mark_word = mark_word;
+  g->done_word = done_word;
+  g->mode = mode;
+  g->amx_min_tokens = amx_min_tokens;
+  async_runner()->set_graph(std::move(g));
+}
+
+void graph_jobs_add_layer(int64_t slot, const at::Tensor& w13, const at::Tensor& w2, int64_t chunks,
+                          const at::Tensor& counts, const at::Tensor& pairs) {
+  AsyncRunner* runner = async_runner();
+  const std::shared_ptr<GraphJobs> old = runner->graph();
+  FCHECK(old, "fiddler_cpu.graph_jobs_add_layer: attach the graph buffers first");
+  FCHECK(slot >= 0 && slot < 0x7FFE, "fiddler_cpu.graph_jobs_add_layer: slot must be in 0..32765");
+  FCHECK(chunks >= 1 && w13.size(0) % chunks == 0 && w2.size(0) == w13.size(0),
+         "fiddler_cpu.graph_jobs_add_layer: chunks must divide the chunk-experts of w13 and w2");
+  const int64_t K = old->slots.size(1);
+  FCHECK(counts.device().is_cpu() && counts.scalar_type() == at::kLong && counts.is_contiguous() &&
+             (counts.numel() == 3 || counts.numel() == 3 + (int64_t(1) << K)),
+         "fiddler_cpu.graph_jobs_add_layer: counts must be int64 [3] or [3 + 2^K]");
+  FCHECK(pairs.device().is_cpu() && pairs.scalar_type() == at::kLong && pairs.numel() == 1,
+         "fiddler_cpu.graph_jobs_add_layer: pairs must be one int64 on the host");
+  // copy on write: the job thread keeps reading the table it loaded
+  auto g = std::make_shared<GraphJobs>(*old);
+  if (int64_t(g->layers.size()) <= slot) g->layers.resize(size_t(slot + 1));
+  g->layers[size_t(slot)] = GraphLayer{w13, w2, counts, pairs, chunks};
+  runner->set_graph(std::move(g));
+}
+
+void graph_jobs_detach() {
+  async_runner()->release_graph();
+  async_runner()->set_graph(nullptr);
+}
+
 void async_wait_idle() { async_runner()->wait_idle(); }
 void async_cancel_ready_waits() { async_runner()->cancel_ready_waits(); }
 std::string async_take_error() { return async_runner()->take_error(); }
@@ -962,6 +1146,12 @@ TORCH_LIBRARY(fiddler_cpu, m) {
         "int[] first_chunks, Tensor(a!) out, int mode, int amx_min_tokens, Tensor ready_word, Tensor(b!) done_word, int seq, "
         "Tensor(c!) counts) -> ()",
         &fiddler_cpu::moe_forward_routed_async);
+  m.def("graph_jobs_attach(Tensor x, Tensor slots, Tensor weights, Tensor first, Tensor(a!) out, "
+        "Tensor(b!) mark_word, Tensor(c!) done_word, int mode, int amx_min_tokens) -> ()",
+        &fiddler_cpu::graph_jobs_attach);
+  m.def("graph_jobs_add_layer(int slot, Tensor w13, Tensor w2, int chunks, Tensor(a!) counts, Tensor(b!) pairs) -> ()",
+        &fiddler_cpu::graph_jobs_add_layer);
+  m.def("graph_jobs_detach() -> ()", &fiddler_cpu::graph_jobs_detach);
   m.def("async_wait_idle() -> ()", &fiddler_cpu::async_wait_idle);
   m.def("async_cancel_ready_waits() -> ()", &fiddler_cpu::async_cancel_ready_waits);
   m.def("async_take_error() -> str", &fiddler_cpu::async_take_error);

@@ -153,3 +153,31 @@ def test_bf16_logprobs_close_to_hugging_face(tiny_mixtral):
     """
     outs = generate(tiny_mixtral, "fiddler", {}, dtype="bfloat16")
     assert_close_to_hf(outs, hf_first_token_logprobs(tiny_mixtral), 0.1, "bf16, even placement")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_full_cuda_graph_steps_equal_piecewise_graphs(tiny_mixtral):
+    """vLLM's default compiled mode on CUDA: decode steps of up to routed_max_tokens tokens replay
+    FULL graphs whose MoE layers hand the CPU its jobs themselves (runtime.graph_jobs). Their
+    greedy tokens equal those of piecewise graphs, where the op runs eagerly between the pieces
+    (same compiled code, same expert kernels; vLLM's attention may pick another decode kernel
+    for FULL graphs, so logprobs agree to bf16's precision, not bit for bit), and the graphs
+    served CPU jobs."""
+    global ENGINE
+    saved = ENGINE
+    ENGINE = dict(saved, enforce_eager=False, max_num_seqs=4, attention_backend="TRITON_ATTN")
+    try:
+        base = {"gpu_expert_budget_gb": 0.002, "adaptation": False}  # of 3.5 MB: some experts on each side
+        full = generate(tiny_mixtral, "fiddler", {**base, "full_cuda_graphs": True}, dtype="bfloat16",
+                        stats_key="full")
+        piecewise = generate(tiny_mixtral, "fiddler", {**base, "full_cuda_graphs": False}, dtype="bfloat16",
+                             stats_key="piecewise")
+    finally:
+        ENGINE = saved
+    assert STATS["full"]["graph_step_jobs"] > 0 and STATS["piecewise"]["graph_step_jobs"] == 0
+    assert STATS["full"]["cpu_experts"] > 0 and STATS["full"]["gpu_experts"] > 0
+    for i, ((f_ids, f_lp), (p_ids, p_lp)) in enumerate(zip(full, piecewise)):
+        assert f_ids == p_ids, f"prompt {i}"
+        for a, b in zip(f_lp, p_lp):
+            for token in a.keys() & b.keys():
+                assert abs(a[token].logprob - b[token].logprob) < 0.05, f"prompt {i}"

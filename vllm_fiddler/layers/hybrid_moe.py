@@ -123,6 +123,10 @@ class HybridMoE(nn.Module):
         # and the CPU read; then (top_k <= COLD_PATTERN_MAX_TOP_K) the routed tokens per
         # cold-position mask, [2^K], which the streamed cut is priced over
         self._routed_pairs = 0
+        # (token, k) pairs of routed steps inside FULL CUDA graphs, counted by the native job
+        # thread (runtime.graph_jobs); graph_jobs: set by the model where those graphs are on
+        self.graph_pairs = torch.zeros(1, dtype=torch.int64, device="cpu")
+        self.graph_jobs = None
         patterns = 1 << top_k if top_k <= COLD_PATTERN_MAX_TOP_K else 0
         self._routed_counts = torch.zeros(3 + patterns, dtype=torch.int64, device="cpu")
         # chunk-experts the CPU read in the other steps (each once a step)
@@ -175,7 +179,7 @@ class HybridMoE(nn.Module):
     @property
     def routed_to_gpu(self) -> int:
         """(token, k) pairs computed from device memory so far."""
-        return self._to_gpu + self._routed_pairs - int(self._routed_counts[0])
+        return self._to_gpu + self._routed_pairs + int(self.graph_pairs[0]) - int(self._routed_counts[0])
 
     @property
     def routed_cold_patterns(self) -> list[int] | None:
@@ -400,13 +404,43 @@ class HybridMoE(nn.Module):
             last_end = HybridMoE._last_op_end
             if last_end is not None and start - last_end < IDLE_GAP_S:
                 self.gap_before_s += start - last_end
-            if not self._forward_routed_graphs(x, router_logits, out, start):
+            if torch.cuda.is_current_stream_capturing() and self._capture_graph_step(x, router_logits, out):
+                pass
+            elif not self._forward_routed_graphs(x, router_logits, out, start):
                 topk_weights, topk_ids = self.route_and_count(router_logits)
                 self._forward_cuda(x, topk_weights, topk_ids, out, start)
             HybridMoE._last_op_end = end = time.perf_counter()
             self.op_s += end - start
         else:
             self._forward_host(x, *self.route_and_count(router_logits), out)
+
+    def _capture_graph_step(self, x, router_logits, out) -> bool:
+        """Under a CUDA graph capture (vLLM's FULL decode graphs): the whole routed step on the
+        stream, the CPU's job handed over by the graph itself (runtime.graph_jobs). False for a
+        layer the capture may take as is (every expert on the device for good). Raises for what
+        a graph cannot replay: its host-side planning would be frozen at capture."""
+        if not self.cpu_experts and not self.host_backing:
+            return False
+        jobs = self.graph_jobs
+        if jobs is None or x.shape[0] > jobs.max_tokens or x.dtype != torch.bfloat16:
+            raise RuntimeError(
+                f"fiddler: a CUDA graph is capturing the hybrid MoE op for {x.shape[0]} tokens, which only "
+                f"graph steps of up to {jobs.max_tokens if jobs else 0} bf16 tokens can replay; the plugin "
+                "limits vLLM's FULL graphs to those (vllm_hooks), so some other capture reached the op")
+        jobs.queue(self, x, router_logits, out)
+        return True
+
+    def after_graph_step(self) -> None:
+        """Between two replays of a FULL graph holding this layer's routed step: the streamed
+        cut, decided as a routed step decides it (_routed_streamed_cut), written where the
+        graph reads it (streamed_below, on the device, in stream order)."""
+        if self.graph_jobs is None:
+            return
+        self.steps += 1  # the op's Python did not run for it
+        if not (self.cpu_experts or self.host_backing):
+            return
+        cut = self._routed_streamed_cut()
+        self.streamed_below(cut or (0,) * self.top_k)
 
     def route_and_count(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """router_logits [T, E] -> (topk_weights [T, K] fp32, topk_ids [T, K] int64), counted

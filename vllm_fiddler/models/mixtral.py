@@ -26,8 +26,9 @@ from vllm_fiddler.logger import logger
 from vllm_fiddler.metrics import StatsWriter
 from vllm_fiddler.placement import MoEShape, Placement
 from vllm_fiddler.preflight import check_streamed_chunks
-from vllm_fiddler.runtime import device_wait
+from vllm_fiddler.runtime import device_wait, graph_jobs
 from vllm_fiddler.runtime.cpu_experts import CPUExpertRuntime, get_cpu_runtime
+from vllm_fiddler.runtime.graph_jobs import GraphJobs
 from vllm_fiddler.runtime.host_view import device_view
 from vllm_fiddler.runtime.kernel_warmup import warm_up_kernels
 from vllm_fiddler.runtime.moe_graphs import MoEGraphs
@@ -146,6 +147,8 @@ class FiddlerMixtralForCausalLM(vllm_mixtral.MixtralForCausalLM):
                                         "routed_graphs": routed["graphs"]}
                 for experts in self.moe_layers:
                     experts.graphs = graphs
+        self.graph_jobs = self._graph_steps(cfg, vllm_config, on_cuda, hf)
+        self._forward_ran = False  # this step's forward ran in Python (not a FULL graph replay)
         self.replacer = None
         if adapt:
             copier = None
@@ -154,11 +157,63 @@ class FiddlerMixtralForCausalLM(vllm_mixtral.MixtralForCausalLM):
                                       vllm_config.model_config.dtype, device)
             self.replacer = ExpertReplacer(self.moe_layers, cfg.adaptation, copier)
 
+    def _graph_steps(self, cfg: FiddlerConfig, vllm_config: VllmConfig, on_cuda: bool, hf) -> GraphJobs | None:
+        """Which steps vLLM's FULL decode graphs may take (graph_jobs.set_full_graph_max_tokens,
+        read by vllm_hooks): every size when no layer needs the CPU, else steps of up to
+        routed_max_tokens as graph steps, whose GraphJobs this returns (None: none)."""
+        graph_jobs.set_full_graph_max_tokens(0)  # until this model says otherwise
+        cc = vllm_config.compilation_config
+        if not (on_cuda and cfg.full_cuda_graphs and not vllm_config.model_config.enforce_eager
+                and cc.cudagraph_mode is not None and cc.cudagraph_mode.has_full_cudagraphs()):
+            return None
+        layers = [m for m in self.moe_layers if m.cpu_experts or m.host_backing]
+        if not layers:  # the op is GPU work only: any capture replays it
+            graph_jobs.set_full_graph_max_tokens(vllm_config.scheduler_config.max_num_batched_tokens)
+            return None
+        from vllm_fiddler.kernels import cpu as cpu_kernels
+        from vllm_fiddler.runtime.replacer import HEAT_TABLE_TOKENS
+
+        if not (cfg.routed_max_tokens and vllm_config.model_config.dtype == torch.bfloat16
+                and cpu_kernels.isa() != "torch" and layers[0].cpu_runtime.takes_routed_jobs()
+                and graph_jobs.available()):
+            logger.info("fiddler: the MoE op stays out of FULL CUDA graphs here (it needs routed steps, bf16, "
+                        "the native CPU kernels and stream memory operations in graphs); piecewise graphs only")
+            return None
+        jobs = GraphJobs(cfg.routed_max_tokens, hf.hidden_size, hf.num_experts_per_tok)
+        for experts in layers:
+            # made before any capture: the graphs read them where they are (rewritten in place)
+            if experts.heat_table is None:
+                experts.set_heat_table([0.0] * (HEAT_TABLE_TOKENS + 1))
+            experts.streamed_below()
+        for experts in self.moe_layers:  # all of them: each counts the graph's steps
+            experts.graph_jobs = jobs
+        graph_jobs.set_full_graph_max_tokens(cfg.routed_max_tokens)
+        logger.info("fiddler: steps of up to %d tokens run inside vLLM's FULL CUDA graphs, which hand the CPU "
+                    "experts their jobs themselves (graph steps)", cfg.routed_max_tokens)
+        return jobs
+
     def forward(self, *args, **kwargs):
         # vLLM compiles self.model, not this method: the stats file is written
         # in plain Python, at most once a second (vllm_fiddler.metrics).
+        self._forward_ran = True
         hidden_states = super().forward(*args, **kwargs)
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return hidden_states
         if self.replacer is not None and is_real_step():
             self.replacer.on_step()  # between steps: re-placement (runtime/replacer.py)
         self._stats_writer.maybe_write(self)
         return hidden_states
+
+    def compute_logits(self, hidden_states: torch.Tensor, *args, **kwargs):
+        # Runs every real step, outside the forward (and its FULL graph): a step whose forward
+        # did not run in Python was a graph replay, and gets the housekeeping forward does.
+        logits = super().compute_logits(hidden_states, *args, **kwargs)
+        if self._forward_ran:
+            self._forward_ran = False
+        elif self.graph_jobs is not None and not torch.cuda.is_current_stream_capturing():
+            for experts in self.moe_layers:
+                experts.after_graph_step()
+            if self.replacer is not None:
+                self.replacer.on_step()
+            self._stats_writer.maybe_write(self)
+        return logits

@@ -325,6 +325,7 @@ class CPUExpertRuntime:
         return on_device.to(dtype)
 
     def shutdown(self) -> None:
+        cpu_kernels.graph_jobs_detach()  # graph steps (runtime.graph_jobs): a waiting stream goes on
         if self._native_jobs:  # queued native jobs read this runtime's buffers
             if self._routing_mark is not None:  # no stream may come to mark their routing now
                 cpu_kernels.async_cancel_ready_waits()
