@@ -372,7 +372,7 @@ def graph_jobs_attach(x: torch.Tensor, slots: torch.Tensor, weights: torch.Tenso
     path, forced = _resolve(isa)
     if path == "torch" or x.dtype != torch.bfloat16:
         return False
-    mode = _MODE["avx512_bf16"] if path == "avx512_bf16" else _MODE["amx_all" if forced else "amx_auto"]
+    mode = _native_mode(path, forced)
     torch.ops.fiddler_cpu.graph_jobs_attach(x, slots, weights, first, out, mark_word, done_word, mode,
                                             _amx_min_tokens())
     return True
@@ -455,8 +455,12 @@ def _native_args(x, w13, w2, topk_ids, topk_weights, isa):
         x = x.to(torch.bfloat16)
     if x.stride(-1) != 1:
         x = x.contiguous()
-    mode = _MODE["avx512_bf16"] if path == "avx512_bf16" else _MODE["amx_all" if forced else "amx_auto"]
-    return x, topk_ids, topk_weights, mode
+    return x, topk_ids, topk_weights, _native_mode(path, forced)
+
+
+def _native_mode(path: str, forced: bool) -> int:
+    """The native op's ISA mode for a resolved (non-torch) path."""
+    return _MODE["avx512_bf16"] if path == "avx512_bf16" else _MODE["amx_all" if forced else "amx_auto"]
 
 
 def _torch_moe_forward(x, w13, w2, topk_ids, topk_weights, out) -> None:

@@ -668,6 +668,22 @@ int64_t expand_routing(const at::Tensor& slots, const at::Tensor& wts, int64_t C
   return cold;
 }
 
+// A routed job's work once its routing is there (queued routed jobs and graph steps):
+// expand the host slots into chunk-expert ids (counting them), then run the chunks from
+// first[k] on, if any are cold, into `out` (already zeroed). Returns the CPU's chunk-experts.
+int64_t run_routed(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w2, const at::Tensor& slots,
+                   const at::Tensor& wts, int64_t chunks, const std::vector<int64_t>& first, const at::Tensor& out,
+                   const at::Tensor& counts, int64_t mode, int64_t amx_min_tokens) {
+  at::Tensor ids, chunk_wts;
+  int64_t* c = counts.data_ptr<int64_t>();
+  const int64_t before = __atomic_load_n(&c[2], __ATOMIC_RELAXED);
+  const int64_t cold = expand_routing(slots, wts, chunks, first, &ids, &chunk_wts, c, counts.numel());
+  const int64_t cpu_chunks = __atomic_load_n(&c[2], __ATOMIC_RELAXED) - before;  // one job thread: no race
+  if (cold && *std::min_element(first.begin(), first.end()) < chunks)
+    moe_forward(x, w13, w2, ids, chunk_wts, out, mode, amx_min_tokens);
+  return cpu_chunks;
+}
+
 // Graph steps (vllm_fiddler.runtime.graph_jobs): a routed step captured inside a CUDA graph
 // that the engine thread replays whole (vLLM's FULL decode graphs), so no Python runs per
 // layer to hand this thread a job. The graph copies the routing, the activations and the
@@ -769,14 +785,8 @@ class AsyncRunner {
       try {
         std::memset(job.out.data_ptr(), 0, job.out.nbytes());
         if (error.empty() && job.ready_word.defined()) {
-          at::Tensor ids, wts;
-          int64_t* counts = job.counts.data_ptr<int64_t>();
-          const int64_t before = __atomic_load_n(&counts[2], __ATOMIC_RELAXED);
-          const int64_t cold = expand_routing(job.ids, job.wts, job.chunks, job.first_chunks, &ids, &wts, counts,
-                                              job.counts.numel());
-          cpu_chunks = __atomic_load_n(&counts[2], __ATOMIC_RELAXED) - before;  // one job thread: no race
-          const bool cpu_share = *std::min_element(job.first_chunks.begin(), job.first_chunks.end()) < job.chunks;
-          if (cold && cpu_share) moe_forward(job.x, job.w13, job.w2, ids, wts, job.out, job.mode, job.amx_min_tokens);
+          cpu_chunks = run_routed(job.x, job.w13, job.w2, job.ids, job.wts, job.chunks, job.first_chunks, job.out,
+                                  job.counts, job.mode, job.amx_min_tokens);
         } else if (error.empty()) {
           moe_forward(job.x, job.w13, job.w2, job.ids, job.wts, job.out, job.mode, job.amx_min_tokens);
         }
@@ -872,15 +882,9 @@ class AsyncRunner {
       const int32_t* first_word = g->first.data_ptr<int32_t>();
       std::vector<int64_t> first(static_cast<size_t>(K));
       for (int64_t k = 0; k < K; ++k) first[size_t(k)] = std::min<int64_t>(std::max(first_word[k], 0), layer.chunks);
-      at::Tensor ids, chunk_wts;
-      int64_t* counts = layer.counts.data_ptr<int64_t>();
-      const int64_t before = __atomic_load_n(&counts[2], __ATOMIC_RELAXED);
-      const int64_t cold = expand_routing(slots, wts, layer.chunks, first, &ids, &chunk_wts, counts,
-                                          layer.counts.numel());
-      cpu_chunks = __atomic_load_n(&counts[2], __ATOMIC_RELAXED) - before;
+      cpu_chunks = run_routed(g->x.narrow(0, 0, T), layer.w13, layer.w2, slots, wts, layer.chunks, first, out,
+                              layer.counts, g->mode, g->amx_min_tokens);
       __atomic_fetch_add(layer.pairs.data_ptr<int64_t>(), T * K, __ATOMIC_RELAXED);
-      if (cold && *std::min_element(first.begin(), first.end()) < layer.chunks)
-        moe_forward(g->x.narrow(0, 0, T), layer.w13, layer.w2, ids, chunk_wts, out, g->mode, g->amx_min_tokens);
     } catch (const std::exception& e) {
       error = e.what();
     } catch (...) {

@@ -404,9 +404,8 @@ class HybridMoE(nn.Module):
             last_end = HybridMoE._last_op_end
             if last_end is not None and start - last_end < IDLE_GAP_S:
                 self.gap_before_s += start - last_end
-            if torch.cuda.is_current_stream_capturing() and self._capture_graph_step(x, router_logits, out):
-                pass
-            elif not self._forward_routed_graphs(x, router_logits, out, start):
+            graph_step = torch.cuda.is_current_stream_capturing() and self._capture_graph_step(x, router_logits, out)
+            if not graph_step and not self._forward_routed_graphs(x, router_logits, out, start):
                 topk_weights, topk_ids = self.route_and_count(router_logits)
                 self._forward_cuda(x, topk_weights, topk_ids, out, start)
             HybridMoE._last_op_end = end = time.perf_counter()

@@ -44,6 +44,7 @@ import torch
 from vllm_fiddler.logger import logger
 from vllm_fiddler.runtime import device_wait
 from vllm_fiddler.runtime.host_view import device_view
+from vllm_fiddler.runtime.moe_graphs import add_host_result, routed_device_experts
 
 CU_STREAM_WAIT_VALUE_EQ = 0x1
 MAX_LAYER_SLOTS = 0x7FFE  # the mark's high half holds slot + 1
@@ -115,25 +116,18 @@ class GraphJobs:
         code = mark_code(self.slot(layer), T)
         stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
         topk_weights, topk_ids = layer.route_and_count(router_logits)
-        slots = layer.cpu_slot_of[topk_ids]  # [T, K] int32; the map read in place: re-placement follows
         v = self.views
-        v.slots[:T].copy_(slots)
+        v.slots[:T].copy_(layer.cpu_slot_of[topk_ids])  # [T, K] the map read in place: re-placement follows
         v.weights[:T].copy_(topk_weights)
         v.x[:T].copy_(x)
         v.first.copy_(layer.streamed_below().view(K))
         self._check(self._driver.write_value32(stream, self._mark_ptr, code, 0), "cuStreamWriteValue32")
-        if layer.w13_gpu.shape[0]:
-            layer.hot_experts(x, topk_weights, topk_ids, out)
-        else:
-            out.zero_()
-        if layer.host_views is not None:  # the leading chunks streamed_below says (none: no pairs)
-            out.add_(layer.streamed_share(x, topk_weights, slots))
+        # streamed whenever the layer can: the cut, rewritten between replays, may be none
+        routed_device_experts(layer, x, topk_weights, topk_ids, out, streamed=layer.host_views is not None)
         self._check(self._driver.wait_value32(stream, self._done_ptr, 1, CU_STREAM_WAIT_VALUE_EQ),
                     "cuStreamWaitValue32")
         self._check(self._driver.write_value32(stream, self._done_ptr, 0, 0), "cuStreamWriteValue32")
-        result = torch.empty((T, x.shape[1]), dtype=torch.float32, device=x.device)
-        result.copy_(v.result[:T])
-        out.add_(result.to(out.dtype))
+        add_host_result(out, v.result[:T])
 
     @staticmethod
     def _check(rc: int, what: str) -> None:

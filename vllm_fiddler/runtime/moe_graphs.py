@@ -282,21 +282,31 @@ def _routing_launch(layer, s: _Inputs, host: _RoutedHost) -> None:
 
 
 def _routed_experts_launch(layer, s: _Inputs, streamed: bool) -> None:
-    """_forward_routed's GPU experts: the hot ones (zeros without device slots), plus the
-    leading chunks of the host ones read in place when streaming (how many: streamed_below)."""
+    routed_device_experts(layer, s.x, s.weights, s.ids, s.routed_out, streamed, s.streamed_out)
+
+
+def routed_device_experts(layer, x, topk_weights, topk_ids, out, streamed: bool, streamed_out=None) -> None:
+    """_forward_routed's GPU experts into out [T, H]: the hot ones (zeros without device
+    slots), plus the leading chunks of the host ones read in place when streaming (how many:
+    streamed_below). Also a graph step's (runtime.graph_jobs)."""
     if layer.w13_gpu.shape[0]:
-        layer.hot_experts(s.x, s.weights, s.ids, s.routed_out)
+        layer.hot_experts(x, topk_weights, topk_ids, out)
     else:
-        s.routed_out.zero_()
+        out.zero_()
     if streamed:
-        s.routed_out.add_(layer.streamed_share(s.x, s.weights, layer.cpu_slot_of[s.ids], s.streamed_out))
+        out.add_(layer.streamed_share(x, topk_weights, layer.cpu_slot_of[topk_ids], streamed_out))
 
 
 def _result_launch(s: _Inputs, host: _RoutedHost) -> None:
-    """CPUExpertRuntime.result_on_device's copy up and cast, added as _forward_routed adds it."""
-    result = torch.empty(host.result.shape, dtype=torch.float32, device=s.x.device)
-    result.copy_(host.views["result"])
-    s.routed_out.add_(result.to(s.routed_out.dtype))
+    add_host_result(s.routed_out, host.views["result"])
+
+
+def add_host_result(out: torch.Tensor, result_view: torch.Tensor) -> None:
+    """out [T, H] += the CPU's fp32 result, read through a CUDA view of its pinned buffer:
+    CPUExpertRuntime.result_on_device's copy up and cast, added as _forward_routed adds it."""
+    result = torch.empty(result_view.shape, dtype=torch.float32, device=out.device)
+    result.copy_(result_view)
+    out.add_(result.to(out.dtype))
 
 
 def _staged_launch(stager, s: _Inputs) -> None:
