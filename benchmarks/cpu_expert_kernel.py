@@ -18,14 +18,10 @@ Writes a JSON (--out-json, or under --out-dir) and a PNG plot of GB/s against to
   python benchmarks/cpu_expert_kernel.py                # full run (a few minutes)
   python benchmarks/cpu_expert_kernel.py --quick        # small smoke run
 
-A/B mode (--ab), for tuning the AMX kernel on its target host in one run (~2 min
-on 16 cores): the Mixtral expert (4096x14336) at 1, 16, 32, 64, 128 tokens, for
-  - each setting of the AMX kernel's tuning knobs (AB_SETTINGS, or --ab-settings
-    "label:KC=8,DIRECT=1;label2:..." with FIDDLER_CPU_AMX_ / FIDDLER_CPU_ names or
-    short ones), re-read in this process through cpu._reload_tuning_knobs(),
-    forced isa="amx" (first, v1 = FIDDLER_CPU_AMX_PIPE=0 = the kernel before the
-    pipelining); avx512_bf16 and auto (default knobs) at few tokens; torch bf16;
-  - three weight placements (row field "layout" / "weights"):
+Layouts mode (--layouts), for the AMX kernel on its target host in one run
+(~1 min on 16 cores): the Mixtral expert (4096x14336) at 1, 16, 32, 64, 128
+tokens, for forced isa="amx", avx512_bf16 (up to 16 tokens), auto (1 token) and
+torch bf16, each in three weight placements (row field "layout" / "weights"):
       full/dram     one expert [2I, H] + [H, I], rotating over experts >= 4x the L3;
       chunked8/dram the host layout fiddler's runtime calls the kernel with: the
                     expert as 8 chunk-experts of I/8 (every token routed to all 8);
@@ -36,9 +32,9 @@ on 16 cores): the Mixtral expert (4096x14336) at 1, 16, 32, 64, 128 tokens, for
                     directly comparable with the DRAM rows.
   AMX rows are skipped (with a note) where the CPU has no AMX or AMX is only
   emulated (FIDDLER_CPU_AMX_EMULATE=1). A summary (per token count: the DRAM
-  floor, v1, best setting, torch, compute-bound time) is printed and saved.
+  floor, AMX, torch, compute-bound time) is printed and saved.
 
-  python benchmarks/cpu_expert_kernel.py --ab --out-dir "$OUT"
+  python benchmarks/cpu_expert_kernel.py --layouts --out-dir "$OUT"
 """
 
 from __future__ import annotations
@@ -209,17 +205,17 @@ def main() -> int:
     ap.add_argument("--out-json", default=None)
     ap.add_argument("--out-png", default=None)
     ap.add_argument("--out-dir", default=None, help="directory for the JSON and PNG (default benchmarks/results)")
-    ap.add_argument("--ab", action="store_true", help="A/B run of the AMX kernel's knob settings (see above)")
-    ap.add_argument("--ab-settings", default=None,
-                    help='"label:KEY=VAL,KEY=VAL;label2:..." (default: AB_SETTINGS; "label:" = defaults)')
-    ap.add_argument("--ab-time-emulated", action="store_true",
-                    help="time the emulated AMX kernels too (FIDDLER_CPU_AMX_EMULATE=1; tests of this script only)")
+    ap.add_argument("--layouts", action="store_true",
+                    help="the AMX kernel in three weight placements (see above)")
+    ap.add_argument("--time-emulated", action="store_true",
+                    help="--layouts: time the emulated AMX kernels too (FIDDLER_CPU_AMX_EMULATE=1; tests of "
+                         "this script only)")
     args = ap.parse_args()
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     host = socket.gethostname().split(".")[0] or "host"
-    if args.ab:
-        return run_ab(ap, args, host)
+    if args.layouts:
+        return run_layouts(ap, args, host)
     if args.quick:
         args.tokens = "1,4,16,64" if args.tokens == ap.get_default("tokens") else args.tokens
         args.dram_gib = min(args.dram_gib, 1.0)
@@ -318,49 +314,9 @@ def main() -> int:
     return write_result(result, out_json, out_png)
 
 
-# ----------------------------------------------------------------------------- A/B mode
-# AMX kernel knob settings measured by --ab, in this order (v1 first: the default
-# kernel, FIDDLER_CPU_AMX_PIPE=0; v2 = the pipelined one, opt-in). Knob names without a prefix
-# are FIDDLER_CPU_AMX_<name>.
-AB_SETTINGS = [
-    ("v1", {"PIPE": "0"}),  # the kernel before the pipelining (copy a panel, then multiply it)
-    ("v1-pfnext", {"PIPE": "0", "PF_NEXT_KB": "512"}),  # + its experimental next-panel prefetch
-    ("v2", {"PIPE": "1"}),  # pipelined with its defaults: KC=32, GROUPS=4, PF_AHEAD=1, ILV=8, DIRECT=0
-    ("v2-kc8", {"PIPE": "1", "KC": "8"}),  # k-chunks of 256 elements: A reused from L1 by the second token-block pair
-    ("v2-kc128", {"PIPE": "1", "KC": "128"}),  # k-chunks of 4096 elements (whole rows for K = H)
-    ("v2-g1", {"PIPE": "1", "GROUPS": "1"}),  # no reuse of the activation chunk across row groups (v1's down split)
-    ("v2-pf0", {"PIPE": "1", "PF_AHEAD": "0"}),  # no software prefetch to L2 (hardware prefetchers only)
-    ("v2-pf2", {"PIPE": "1", "PF_AHEAD": "2"}),
-    ("v2-ilv1", {"PIPE": "1", "ILV": "1"}),  # weight rows streamed one at a time instead of 8 together
-    ("v2-direct", {"PIPE": "1", "DIRECT": "1"}),  # A tiles straight from the weight rows (no copy)
-    ("v2-direct-kc8", {"PIPE": "1", "DIRECT": "1", "KC": "8"}),
-]
-AB_TOKENS = "1,16,32,64,128"
-AB_FEW_TOKENS = 16  # below this, only v1 and v2 of the AMX settings (AMX is not used there in auto mode)
-
-
-def _knob_env(name: str) -> str:
-    name = name.strip().upper()
-    if name.startswith("FIDDLER_CPU_"):
-        return name
-    return ("FIDDLER_CPU_" if name == "PREFETCH" else "FIDDLER_CPU_AMX_") + name
-
-
-def parse_ab_settings(spec: str | None) -> list[tuple[str, dict[str, str]]]:
-    raw = AB_SETTINGS
-    if spec:
-        raw = []
-        for entry in spec.split(";"):
-            if not entry.strip():
-                continue
-            label, _, kvs = entry.partition(":")
-            knobs = {}
-            for kv in kvs.split(","):
-                if kv.strip():
-                    k, _, v = kv.partition("=")
-                    knobs[k] = v.strip()
-            raw.append((label.strip(), knobs))
-    return [(label, {_knob_env(k): v for k, v in knobs.items()}) for label, knobs in raw]
+# ----------------------------------------------------------------------------- layouts mode
+LAYOUT_TOKENS = "1,16,32,64,128"
+FEW_TOKENS = 16  # up to this, avx512_bf16 too (auto mode uses AMX from FIDDLER_CPU_AMX_MIN_TOKENS)
 
 
 def cache_chunks(H: int, I: int, l3: int) -> int:
@@ -371,11 +327,11 @@ def cache_chunks(H: int, I: int, l3: int) -> int:
     return c if I % c == 0 else 1
 
 
-def run_ab(ap, args, host: str) -> int:
+def run_layouts(ap, args, host: str) -> int:
     from vllm_fiddler.kernels import cpu as fcpu
 
     if args.tokens == ap.get_default("tokens"):
-        args.tokens = AB_TOKENS if not args.quick else "1,16,64"
+        args.tokens = LAYOUT_TOKENS if not args.quick else "1,16,64"
     if args.shapes == ap.get_default("shapes"):
         args.shapes = "4096x14336"
     if args.min_time == ap.get_default("min_time"):
@@ -383,23 +339,17 @@ def run_ab(ap, args, host: str) -> int:
     if args.quick:
         args.dram_gib = min(args.dram_gib, 1.0)
         args.min_time = min(args.min_time, 0.1)
-    out_json, out_png, threads, tokens, shapes = run_plan(args, f"cpu-expert-kernel-ab-{host}")
-    settings = parse_ab_settings(args.ab_settings)
+    out_json, out_png, threads, tokens, shapes = run_plan(args, f"cpu-expert-kernel-layouts-{host}")
     l3 = l3_bytes()
     notes = []
 
-    # Knobs from the caller's environment would leak into every setting: start clean.
-    stray = {k: os.environ.pop(k) for k in fcpu._TUNING_ENV if k in os.environ}
-    if stray:
-        notes.append(f"ignored tuning knobs set in the environment: {stray}")
     fcpu.set_num_threads(threads)
     torch.set_num_threads(threads)
     avail = fcpu.available_isas()
-    fcpu._reload_tuning_knobs()
     emulated = os.environ.get("FIDDLER_CPU_AMX_EMULATE") == "1"
-    amx_ok = "amx" in avail and (not emulated or args.ab_time_emulated)
+    amx_ok = "amx" in avail and (not emulated or args.time_emulated)
     if amx_ok and emulated:
-        notes.append("AMX rows are the EMULATED kernels (--ab-time-emulated): meaningless timings")
+        notes.append("AMX rows are the EMULATED kernels (--time-emulated): meaningless timings")
     if not amx_ok:
         why = "emulated (FIDDLER_CPU_AMX_EMULATE=1): not timed" if "amx" in avail else "not available on this CPU"
         notes.append(f"AMX rows skipped: AMX {why}")
@@ -417,19 +367,13 @@ def run_ab(ap, args, host: str) -> int:
 
     rows = []
 
-    def record(impl, isa, shape, T, sec, wbytes, setting, knobs, layout, weights, chunks):
+    def record(impl, isa, shape, T, sec, wbytes, layout, weights, chunks):
         row = {"impl": impl, "isa": isa, "shape": f"{shape[0]}x{shape[1]}", "tokens": T,
                "ms": round(sec * 1e3, 4), "gb_s": round(wbytes / sec / 1e9, 2),
-               "setting": setting, "knobs": knobs, "layout": layout, "weights": weights, "chunks": chunks}
+               "layout": layout, "weights": weights, "chunks": chunks}
         rows.append(row)
-        print(f"{row['shape']:>11} T={T:<4} {layout:>8}/{weights:<5} {impl:>7} {isa:>11} {setting:<14}: "
+        print(f"{row['shape']:>11} T={T:<4} {layout:>8}/{weights:<5} {impl:>7} {isa:>11}: "
               f"{row['ms']:9.3f} ms {row['gb_s']:8.1f} GB/s", flush=True)
-
-    def use_knobs(knobs):
-        for k in fcpu._TUNING_ENV:
-            os.environ.pop(k, None)
-        os.environ.update(knobs)
-        fcpu._reload_tuning_knobs()
 
     t_start = time.perf_counter()
     for H, I in shapes:
@@ -469,18 +413,12 @@ def run_ab(ap, args, host: str) -> int:
                     return time_rotating(fn, n_rot, args.min_time)
 
                 if amx_ok:
-                    for label, knobs in settings:
-                        if T < AB_FEW_TOKENS and label not in ("v1", "v2"):
-                            continue
-                        use_knobs(knobs)
-                        record("fiddler", "amx", (H, I), T, bench("amx"), wbytes, label, knobs, layout, weights,
-                               chunks)
-                    use_knobs({})
-                if avx and T <= AB_FEW_TOKENS:
-                    record("fiddler", "avx512_bf16", (H, I), T, bench("avx512_bf16"), wbytes, "", {}, layout,
-                           weights, chunks)
+                    record("fiddler", "amx", (H, I), T, bench("amx"), wbytes, layout, weights, chunks)
+                if avx and T <= FEW_TOKENS:
+                    record("fiddler", "avx512_bf16", (H, I), T, bench("avx512_bf16"), wbytes, layout, weights,
+                           chunks)
                 if T == 1 and len([i for i in avail if i != "torch"]) > 1:
-                    record("fiddler", "auto", (H, I), T, bench("auto"), wbytes, "", {}, layout, weights, chunks)
+                    record("fiddler", "auto", (H, I), T, bench("auto"), wbytes, layout, weights, chunks)
                 # torch: the full expert from DRAM, and the cache-resident chunk Cc times
                 if "torch" in args.impls and (layout == "full" or weights == "cache"):
                     def torch_ffn(e, x=x, a13=a13, a2=a2, cached=weights == "cache", n_parts=chunks):
@@ -494,22 +432,18 @@ def run_ab(ap, args, host: str) -> int:
                         return y
 
                     record("torch", "bf16", (H, I), T, time_rotating(torch_ffn, n_rot, args.min_time), wbytes,
-                           "", {}, layout, weights, chunks)
+                           layout, weights, chunks)
         del w13, w2, w13c, w2c, w13r, w2r, w13rx, w2rx
-    use_knobs({})
-    for k, v in stray.items():
-        os.environ[k] = v
 
-    summary = ab_summary(rows, dram)
+    summary = layouts_summary(rows, dram)
     result = {
         "device": {"cpu": cpu_model(), "cpus": os.cpu_count(), "threads": threads, "l3_bytes": l3,
                    "flags": cpu_flags(), "host": host},
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-        "mode": "ab",
+        "mode": "layouts",
         "torch": torch.__version__,
         "fiddler_isas": avail,
         "amx_min_tokens": int(os.environ.get("FIDDLER_CPU_AMX_MIN_TOKENS", "8") or 8),
-        "ab_settings": [{"setting": label, "knobs": knobs} for label, knobs in settings],
         "notes": notes,
         "dram_read_gb_s": round(dram, 2),
         "dram_read_by_method_gb_s": {k: round(v, 2) for k, v in dram_ways.items()},
@@ -550,57 +484,45 @@ def write_result(result: dict, out_json: str, out_png: str, note: str = "") -> i
     return 0
 
 
-def ab_summary(rows: list[dict], dram_gb_s: float) -> list[dict]:
-    """Per shape and token count: the DRAM floor, v1, the best AMX setting, torch, and the
-    compute-bound (cache) time of the same settings; printed as a table."""
+def layouts_summary(rows: list[dict], dram_gb_s: float) -> list[dict]:
+    """Per shape and token count: the DRAM floor, the fastest 1-token call, torch, avx512_bf16,
+    and AMX from DRAM (whole expert and the chunked layout) and with the weights in cache
+    (compute bound); printed as a table."""
     out = []
-    keyed = {}
-    for r in rows:
-        keyed[(r["shape"], r["tokens"], r["layout"], r["weights"], r["impl"], r["isa"], r["setting"])] = r["ms"]
+    keyed = {(r["shape"], r["tokens"], r["layout"], r["weights"], r["impl"], r["isa"]): r["ms"] for r in rows}
     for shape, T in sorted({(r["shape"], r["tokens"]) for r in rows}, key=lambda k: (k[0], k[1])):
         H, I = (int(v) for v in shape.split("x"))
         floor = 3 * H * I * 2 / (dram_gb_s * 1e9) * 1e3
 
-        def get(layout_prefix, weights, impl, isa, setting=""):
-            for (sh, t, lay, w, im, i, st), ms in keyed.items():
-                if (sh, t, w, im, i, st) == (shape, T, weights, impl, isa, setting) and lay.startswith(layout_prefix):
+        def get(layout_prefix, weights, impl, isa):
+            for (sh, t, lay, w, im, i), ms in keyed.items():
+                if (sh, t, w, im, i) == (shape, T, weights, impl, isa) and lay.startswith(layout_prefix):
                     return ms
             return None
 
-        amx_full = {st: ms for (sh, t, lay, w, im, i, st), ms in keyed.items()
-                    if (sh, t, lay, w, im, i) == (shape, T, "full", "dram", "fiddler", "amx")}
-        amx_chunk = {st: ms for (sh, t, lay, w, im, i, st), ms in keyed.items()
-                     if (sh, t, w, im, i) == (shape, T, "dram", "fiddler", "amx") and lay.startswith("chunked")}
-        amx_cache = {st: ms for (sh, t, lay, w, im, i, st), ms in keyed.items()
-                     if (sh, t, w, im, i) == (shape, T, "cache", "fiddler", "amx")}
-        best = min(amx_full, key=amx_full.get) if amx_full else None
+        amx_ms = get("full", "dram", "fiddler", "amx")
         torch_ms = get("full", "dram", "torch", "bf16")
         t1 = [r["ms"] for r in rows if r["shape"] == shape and r["tokens"] == 1 and r["impl"] == "fiddler"
               and r["layout"] == "full" and r["weights"] == "dram"]
-        entry = {
+        out.append({
             "shape": shape, "tokens": T, "dram_floor_ms": round(floor, 3),
             "stream_floor_ms": min(t1) if t1 else None,  # the fastest 1-token call: weights streamed, no compute
             "torch_ms": torch_ms, "torch_cache_ms": get("chunked", "cache", "torch", "bf16"),
             "avx512_ms": get("full", "dram", "fiddler", "avx512_bf16"),
-            "amx_v1_ms": amx_full.get("v1"), "amx_v2_ms": amx_full.get("v2"),
-            "best_setting": best, "best_ms": amx_full.get(best) if best else None,
-            "best_torch_ratio": round(torch_ms / amx_full[best], 2) if best and torch_ms else None,
-            "chunked_dram_ms": amx_chunk, "cache_ms": amx_cache, "full_dram_ms": amx_full,
-        }
-        out.append(entry)
+            "amx_ms": amx_ms, "amx_chunked_dram_ms": get("chunked", "dram", "fiddler", "amx"),
+            "amx_cache_ms": get("chunked", "cache", "fiddler", "amx"),
+            "torch_amx_ratio": round(torch_ms / amx_ms, 2) if amx_ms and torch_ms else None,
+        })
     print("# summary (ms per expert; floor = expert bytes / DRAM read; T=1 = fastest 1-token call, the weight "
           "stream alone; cache = weights in cache, compute bound)")
-    print(f"# {'shape':>11} {'T':>4} {'floor':>6} {'T=1':>6} {'torch':>7} {'avx512':>7} {'amx v1':>7} {'amx v2':>7} "
-          f"{'best':>14} {'torch/best':>10} {'v2 chunk8':>9} {'v2 cache':>8} {'torch cache':>11}")
+    print(f"# {'shape':>11} {'T':>4} {'floor':>6} {'T=1':>6} {'torch':>7} {'avx512':>7} {'amx':>7} "
+          f"{'torch/amx':>9} {'amx chunked':>11} {'amx cache':>9} {'torch cache':>11}")
     fmt = lambda v: f"{v:7.2f}" if isinstance(v, (int, float)) else f"{'-':>7}"  # noqa: E731
     for e in out:
-        best = f"{e['best_setting']} {e['best_ms']:.2f}" if e["best_setting"] else "-"
         print(f"# {e['shape']:>11} {e['tokens']:>4} {e['dram_floor_ms']:6.2f} {fmt(e['stream_floor_ms'])[1:]} "
-              f"{fmt(e['torch_ms'])} "
-              f"{fmt(e['avx512_ms'])} {fmt(e['amx_v1_ms'])} {fmt(e['amx_v2_ms'])} {best:>14} "
-              f"{(str(e['best_torch_ratio']) + 'x') if e['best_torch_ratio'] else '-':>10} "
-              f"{fmt(e['chunked_dram_ms'].get('v2')):>9} {fmt(e['cache_ms'].get('v2')):>8} "
-              f"{fmt(e['torch_cache_ms']):>11}")
+              f"{fmt(e['torch_ms'])} {fmt(e['avx512_ms'])} {fmt(e['amx_ms'])} "
+              f"{(str(e['torch_amx_ratio']) + 'x') if e['torch_amx_ratio'] else '-':>9} "
+              f"{fmt(e['amx_chunked_dram_ms']):>11} {fmt(e['amx_cache_ms']):>9} {fmt(e['torch_cache_ms']):>11}")
     return out
 
 
@@ -613,11 +535,11 @@ def plot(result: dict, path: str) -> None:
     except ImportError:
         print("# matplotlib not installed: no plot")
         return
-    def panel_of(r):  # A/B rows also carry a layout and a weight placement
+    def panel_of(r):  # --layouts rows also carry a layout and a weight placement
         return (r["shape"],) + tuple(r[k] for k in ("layout", "weights") if k in r)
 
     def line_of(r):
-        return (r["impl"], r["isa"]) + ((r["setting"],) if r.get("setting") else ())
+        return (r["impl"], r["isa"])
 
     panels = sorted({panel_of(r) for r in result["rows"]},
                     key=lambda p: (-int(p[0].split("x")[0]), p[2:] == ("cache",), p[1:2] != ("full",)) + p[1:])
@@ -629,7 +551,7 @@ def plot(result: dict, path: str) -> None:
         rows = [r for r in result["rows"] if panel_of(r) == panel]
         for key in sorted({line_of(r) for r in rows}):
             pts = sorted((r["tokens"], r["gb_s"]) for r in rows if line_of(r) == key)
-            label = f"{key[0]} ({key[1]})" + (f" {key[2]}" if len(key) > 2 else "")
+            label = f"{key[0]} ({key[1]})"
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
         ax.axhline(result["dram_read_gb_s"], color="k", ls="--", lw=1,
                    label=f"DRAM read {result['dram_read_gb_s']:.0f} GB/s")

@@ -68,7 +68,7 @@ the same gpu_memory_utilization; stock_prefetch holds 1.9x the expert budget
 with 8 layers), stock_prefetch_budget (prefetch offload within the budget:
 gpu_e2e.prefetch_within_budget), stock_uva_experts_coalesced (stock_uva_experts
 with fiddler's arrival-coalescing scheduler, `--scheduler-cls
-vllm_fiddler.vllm_hooks.CoalescingScheduler`, which fiddler rows get by default:
+vllm_fiddler.plugin.CoalescingScheduler`, which fiddler rows get by default:
 beam steps then run as one engine step on both sides, so beam ratios measure
 the MoE layer, not the scheduler; counted as a stock system in the ratios,
 the conservative choice); `--tiny`: the tiny

@@ -33,7 +33,7 @@ import sys
 import tempfile
 import time
 
-from vllm_fiddler.vllm_hooks import COALESCING_SCHEDULER
+from vllm_fiddler.plugin import COALESCING_SCHEDULER
 
 GIB = 1024**3
 UTIL = 0.30

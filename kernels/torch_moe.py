@@ -12,19 +12,20 @@ set, K = top-k.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from vllm_fiddler.kernels.reference import SILU, ExpertMath
 
 
 def moe_forward(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: torch.Tensor,
-                topk_weights: torch.Tensor, out: torch.Tensor) -> None:
+                topk_weights: torch.Tensor, out: torch.Tensor, math: ExpertMath = SILU,
+                b13: torch.Tensor | None = None, b2: torch.Tensor | None = None) -> None:
     """out += sum_k topk_weights[t, k] * ffn_{topk_ids[t, k]}(x[t]); ids of -1 are skipped.
 
     x [T, H]; w13 [Ex, 2I, H]; w2 [Ex, H, I]; topk_ids [T, K] local ids or -1;
-    topk_weights [T, K] fp32; out [T, H] fp32.
+    topk_weights [T, K] fp32; out [T, H] fp32; with math.has_bias, b13 [Ex, 2I] and b2 [Ex, H].
     """
     if x.shape[0] == 0 or topk_ids.numel() == 0:
         return
-    inter = w2.shape[-1]
     flat_ids = topk_ids.reshape(-1)  # [T*K]
     if int(flat_ids.min()) < -1 or int(flat_ids.max()) >= w13.shape[0]:
         raise ValueError(f"topk_ids out of range [-1, {w13.shape[0]})")
@@ -41,6 +42,11 @@ def moe_forward(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: 
         start += n
         tokens = slots // topk_ids.shape[1]  # [n]
         gate_up = x[tokens].to(w13.dtype) @ w13[e].t()  # [n, 2I]
-        act = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]  # [n, I]
-        y = (act @ w2[e].t()).float()  # [n, H]
+        if b13 is not None:
+            gate_up = gate_up + b13[e].to(gate_up.dtype)
+        act = math.act(gate_up)  # [n, I]
+        y = act @ w2[e].t()  # [n, H]
+        if b2 is not None:
+            y = y + b2[e].to(y.dtype)
+        y = y.float()
         out.index_add_(0, tokens, y * topk_weights.reshape(-1)[slots, None].float())

@@ -1,4 +1,4 @@
-"""HybridMoE alone against the fp32 oracle of Mixtral's sparse MoE block.
+"""HybridMoE alone against the fp32 oracle of an MoE block's routed experts.
 
 Tolerances, per dtype, relative to the output's scale (max |ref|):
 - fp32: same math in another order; 1e-5 covers fp32 summation order.
@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from vllm_fiddler.kernels import reference
-from vllm_fiddler.layers.hybrid_moe import HybridMoE, cold_token_counts
+from vllm_fiddler.moe.layer import HybridMoE, cold_token_counts
 from vllm_fiddler.runtime.cpu_experts import CPUExpertRuntime
 
 
@@ -46,8 +46,10 @@ def random_experts(gen: torch.Generator):
 
 
 def load_experts(layer, w1, w3, w2) -> None:
-    layer.load_weights((f"{e}.{name}.weight", w[e]) for e in range(E)
-                       for name, w in (("w1", w1), ("w2", w2), ("w3", w3)))
+    """Each expert's tensors as vLLM's loaders hand them over (FiddlerMoEMethod.weight_loader)."""
+    for e in range(E):
+        for name, w in (("w1", w1), ("w2", w2), ("w3", w3)):
+            layer.load_expert(e, name, w[e])
 
 
 def make_layer(gpu_experts, dtype, runtime=None, seed=0, host_backing=False):
@@ -61,8 +63,14 @@ def make_layer(gpu_experts, dtype, runtime=None, seed=0, host_backing=False):
     return layer, w13, w2.to(dtype)
 
 
+def routed(layer, x, logits):
+    """The layer on Mixtral's routing of `logits` (vLLM's router does this in a model)."""
+    weights, ids = reference.route(logits, layer.top_k)
+    return layer(x, weights, ids.to(torch.int32))
+
+
 def check(layer, w13, w2, x, logits, dtype):
-    out = layer(x, logits)
+    out = routed(layer, x, logits)
     weights, ids = reference.route(logits, K)
     ref = reference.moe(x, w13, w2, weights, ids)
     assert out.dtype == dtype and out.shape == x.shape
@@ -107,9 +115,9 @@ def test_every_pair_runs_on_exactly_one_side(monkeypatch):
     seen = {"cpu": [], "gpu": []}
     original_submit = layer.cpu_runtime.submit
 
-    def spy_submit(x, w13, w2, ids, weights):
+    def spy_submit(x, w13, w2, ids, weights, **kw):
         seen["cpu"].append(ids.clone())
-        return original_submit(x, w13, w2, ids, weights)
+        return original_submit(x, w13, w2, ids, weights, **kw)
 
     original_device = layer._device_experts
 
@@ -120,7 +128,7 @@ def test_every_pair_runs_on_exactly_one_side(monkeypatch):
     monkeypatch.setattr(layer.cpu_runtime, "submit", spy_submit)
     monkeypatch.setattr(layer, "_device_experts", spy_device)
     logits = torch.randn(50, E)
-    layer(torch.randn(50, H), logits)
+    routed(layer, torch.randn(50, H), logits)
     _, ids = reference.route(logits, K)
     chunk_ids, gpu_ids = seen["cpu"][0], seen["gpu"][0]
     C = layer.chunks
@@ -145,7 +153,7 @@ def test_every_pair_runs_on_exactly_one_side(monkeypatch):
 def test_all_gpu_never_calls_cpu(monkeypatch):
     layer, _, _ = make_layer(PLACEMENTS["all_gpu"], torch.float32)
     monkeypatch.setattr(layer.cpu_runtime, "submit", lambda *a: pytest.fail("CPU path used"))
-    layer(torch.randn(9, H), torch.randn(9, E))
+    routed(layer, torch.randn(9, H), torch.randn(9, E))
 
 
 def test_cpu_fault_fails_the_step():
@@ -155,7 +163,7 @@ def test_cpu_fault_fails_the_step():
         layer, _, _ = make_layer(PLACEMENTS["all_cpu"], torch.float32, runtime=pool)
         layer.w2_cpu_chunks = layer.w2_cpu_chunks[:, :, :5]  # wrong shape: the worker's matmul raises
         with pytest.raises(RuntimeError):
-            layer(torch.randn(4, H), torch.randn(4, E))
+            routed(layer, torch.randn(4, H), torch.randn(4, E))
     finally:
         pool.shutdown()
 
@@ -434,7 +442,7 @@ def test_dummy_init_is_placement_independent():
 
 @pytest.mark.parametrize("inter,chunks", [(14336, 8), (160, 2), (192, 4), (96, 2), (48, 1), (100, 1), (64, 2)])
 def test_expert_chunks(inter, chunks):
-    from vllm_fiddler.layers.hybrid_moe import expert_chunks
+    from vllm_fiddler.moe.layer import expert_chunks
 
     assert expert_chunks(inter) == chunks
 
@@ -490,7 +498,7 @@ def test_split_expert_parts_add_up(gpu_chunks, tokens):
 def test_cuda_copy_and_split_paths_match_oracle(monkeypatch, plan, tokens):
     """HybridMoE on CUDA with the planner forced: whole copies, a split expert, more copies than
     staging slots (slots reused within the step); against the fp32 oracle."""
-    from vllm_fiddler.layers import hybrid_moe
+    from vllm_fiddler.moe import layer as hybrid_moe
     from vllm_fiddler.runtime.weight_stager import WeightStager
 
     dtype = torch.bfloat16
@@ -516,7 +524,7 @@ def test_cuda_copy_and_split_paths_match_oracle(monkeypatch, plan, tokens):
         x = torch.randn(tokens, H, generator=gen).to(dtype)
         logits = torch.randn(tokens, E, generator=gen)
         logits[:, 0] = logits[:, 3] = -9.0  # every pair cold: the copy paths see all of them
-        out = layer(x.cuda(), logits.cuda()).cpu()
+        out = routed(layer, x.cuda(), logits.cuda()).cpu()
         weights, ids = reference.route(logits, K)
         w13 = torch.cat([w1, w3], dim=1).to(dtype)
         ref = reference.moe(x, w13, w2.to(dtype), weights, ids)
@@ -531,7 +539,7 @@ def test_cuda_split_sizes_share_compiled_kernels(monkeypatch):
     """Every split size n (the first n of C chunks copied) launches the same kernel variants,
     which warm_up_kernels compiles at load: no step compiles, and each n matches the oracle."""
     from vllm_fiddler.kernels.triton import compiled_variants
-    from vllm_fiddler.layers import hybrid_moe
+    from vllm_fiddler.moe import layer as hybrid_moe
     from vllm_fiddler.runtime.kernel_warmup import warm_up_kernels
     from vllm_fiddler.runtime.weight_stager import WeightStager
 
@@ -562,7 +570,7 @@ def test_cuda_split_sizes_share_compiled_kernels(monkeypatch):
             split["n"] = n
             x = torch.randn(tokens, H, generator=gen).to(dtype)
             logits = torch.randn(tokens, E, generator=gen)
-            out = layer(x.cuda(), logits.cuda()).cpu()
+            out = routed(layer, x.cuda(), logits.cuda()).cpu()
             weights, ids = reference.route(logits, K)
             ref = reference.moe(x, w13, w2.to(dtype), weights, ids)
             scale = ref.abs().max().item()
@@ -587,9 +595,9 @@ def test_beams_batch_into_one_call_per_cold_expert(monkeypatch, beams):
     calls = []
     original_submit = layer.cpu_runtime.submit
 
-    def spy_submit(x, w13_, w2_, ids, weights):
+    def spy_submit(x, w13_, w2_, ids, weights, **kw):
         calls.append(ids.clone())
-        return original_submit(x, w13_, w2_, ids, weights)
+        return original_submit(x, w13_, w2_, ids, weights, **kw)
 
     monkeypatch.setattr(layer.cpu_runtime, "submit", spy_submit)
     x = torch.randn(beams, H)
@@ -646,7 +654,7 @@ def test_routed_steps_decide_their_streamed_chunks_from_the_pairs_the_host_serve
     import types
 
     from vllm_fiddler import cost_model as cm
-    from vllm_fiddler.layers import hybrid_moe
+    from vllm_fiddler.moe import layer as hybrid_moe
 
     layer, _, _ = make_layer(PLACEMENTS["mixed"], torch.float32)  # 5 of 8 experts on the host
     # CPU 2.5 ms an expert, 6.5 ms to read it over PCIe: one of the 2 chunks of the first
@@ -684,7 +692,7 @@ def test_routed_steps_price_their_streamed_chunks_over_the_tokens_cold_patterns(
     import types
 
     from vllm_fiddler import cost_model as cm
-    from vllm_fiddler.layers import hybrid_moe
+    from vllm_fiddler.moe import layer as hybrid_moe
 
     layer, _, _ = make_layer(PLACEMENTS["mixed"], torch.float32)
     assert layer.routed_cold_patterns == [0] * (1 << K)
@@ -729,7 +737,7 @@ def test_small_step_host_plan_matches_tensor_path(monkeypatch, tokens, copy_gb_s
     import dataclasses
 
     from vllm_fiddler.cost_model import default_for_shape
-    from vllm_fiddler.layers import hybrid_moe
+    from vllm_fiddler.moe import layer as hybrid_moe
     from vllm_fiddler.runtime.cpu_experts import HostBuffers
     from vllm_fiddler.runtime.step_planner import StepPlanner
 
@@ -762,7 +770,7 @@ def test_small_step_host_plan_matches_tensor_path(monkeypatch, tokens, copy_gb_s
 
 
 def test_small_chunk_ids_matches_tensor_version():
-    from vllm_fiddler.layers.hybrid_moe import small_chunk_ids
+    from vllm_fiddler.moe.layer import small_chunk_ids
 
     layer, _, _ = make_layer(PLACEMENTS["mixed"], torch.float32)
     C = layer.chunks
@@ -784,7 +792,7 @@ def test_cuda_gap_counters_time_the_work_between_ops(monkeypatch):
     than IDLE_GAP_S is idle time and is not counted."""
     import time
 
-    from vllm_fiddler.layers import hybrid_moe
+    from vllm_fiddler.moe import layer as hybrid_moe
 
     monkeypatch.setattr(hybrid_moe, "IDLE_GAP_S", 0.2)
     monkeypatch.setattr(HybridMoE, "_last_op_end", None)
@@ -820,7 +828,7 @@ def test_trace_op_writes_the_engine_trace(tmp_path, monkeypatch):
 
     from conftest import load_benchmark
 
-    from vllm_fiddler.layers import hybrid_moe
+    from vllm_fiddler.moe import layer as hybrid_moe
 
     monkeypatch.setattr(hybrid_moe, "TRACE_DIR", str(tmp_path))
     monkeypatch.setattr(hybrid_moe, "TRACE_FLUSH_OPS", 3)
@@ -837,3 +845,44 @@ def test_trace_op_writes_the_engine_trace(tmp_path, monkeypatch):
     trace = load_benchmark("engine_trace").load(str(tmp_path))
     assert [op[0] for op in trace["ops"]] == [0, 1] * 3
     assert trace["chunk_bytes"] == 64 and trace["cpu_threads"] == 5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("placement", ["all_gpu", "all_cpu", "mixed"])
+@pytest.mark.parametrize("tokens", [1, 7, 33])
+def test_gpt_oss_experts_match_oracle(tokens, placement, dtype):
+    """gpt-oss's experts: clamped SwiGLU (alpha 1.702, limit 7) with per-expert biases, loaded as
+    vLLM hands them over (w13 and b13 with gate and up interleaved, all experts at once). Biases
+    scaled so the clamp bites; b2 counts once per expert although host experts are chunked."""
+    math = reference.ExpertMath(activation="swigluoai", has_bias=True)
+    gen = torch.Generator().manual_seed(tokens)
+    w1, w3, w2 = random_experts(gen)
+    b1, b3, b2 = (torch.randn(E, n, generator=gen) * 4 for n in (I, I, H))
+    layer = HybridMoE(num_experts=E, top_k=K, hidden_size=H, intermediate_size=I,
+                      gpu_experts=PLACEMENTS[placement], dtype=dtype, device=torch.device("cpu"),
+                      cpu_runtime=CPUExpertRuntime(num_threads=1, inline=True), pin_memory=False, math=math)
+    assert layer.chunks > 1
+    interleave = lambda g, u: torch.stack([g, u], dim=2).flatten(1, 2)  # [E, 2I, ...] gate, up, gate, ...
+    for e in range(E):
+        layer.load_expert(e, "w13", interleave(w1, w3)[e])
+        layer.load_expert(e, "b13", interleave(b1.unsqueeze(-1), b3.unsqueeze(-1))[e].squeeze(-1))
+        layer.load_expert(e, "w2", w2[e])
+        layer.load_expert(e, "b2", b2[e])
+    x = torch.randn(tokens, H, generator=gen).to(dtype)
+    logits = torch.randn(tokens, E, generator=gen)
+    out = routed(layer, x, logits)
+    weights, ids = reference.route(logits, K)
+    ref = reference.moe(x, torch.cat([w1, w3], dim=1).to(dtype), w2.to(dtype), weights, ids, math,
+                        torch.cat([b1, b3], dim=1).to(dtype), b2.to(dtype))
+    scale = ref.abs().max().item()
+    torch.testing.assert_close(out.float(), ref, atol=TOLERANCE[dtype] * scale, rtol=TOLERANCE[dtype])
+
+
+def test_swigluoai_clamps_as_vllm_does():
+    """The oracle's activation against vLLM's own reference for gpt-oss (interleaved input)."""
+    from vllm.model_executor.layers.fused_moe.cpu_fused_moe import _swigluoai_forward_native
+
+    gate_up = torch.randn(5, 2 * 16) * 6  # past the clamp at 7
+    interleaved = torch.stack([gate_up[:, :16], gate_up[:, 16:]], dim=2).flatten(1)
+    ours = reference.ExpertMath(activation="swigluoai", has_bias=True).act(gate_up)
+    torch.testing.assert_close(ours, _swigluoai_forward_native(interleaved))

@@ -16,9 +16,9 @@ import dataclasses
 import pytest
 import torch
 
-from test_hybrid_moe import E, H, I, K, check, load_experts, make_layer, random_experts
+from test_hybrid_moe import E, H, I, K, check, load_experts, make_layer, random_experts, routed
 from vllm_fiddler.config import AdaptationSettings
-from vllm_fiddler.layers.hybrid_moe import HybridMoE
+from vllm_fiddler.moe.layer import HybridMoE
 from vllm_fiddler.runtime.cpu_experts import CPUExpertRuntime
 from vllm_fiddler.runtime.replacer import ExpertReplacer
 
@@ -238,7 +238,7 @@ def test_cuda_swap_with_copier_and_copy_path(monkeypatch, tokens):
     before, during and after the swap matches the oracle."""
     from test_hybrid_moe import TOLERANCE
     from vllm_fiddler.kernels import reference
-    from vllm_fiddler.layers import hybrid_moe
+    from vllm_fiddler.moe import layer as hybrid_moe
     from vllm_fiddler.runtime.replacer import ExpertCopier
     from vllm_fiddler.runtime.weight_stager import WeightStager
 
@@ -267,7 +267,7 @@ def test_cuda_swap_with_copier_and_copy_path(monkeypatch, tokens):
     scale = ref.abs().max().item()
 
     def forward_matches():
-        out = layer(x.to(cuda), logits.to(cuda)).cpu()
+        out = routed(layer, x.to(cuda), logits.to(cuda)).cpu()
         torch.testing.assert_close(out.float(), ref, atol=TOLERANCE[dtype] * scale, rtol=TOLERANCE[dtype])
 
     target = int(ids[0, 0]) if int(ids[0, 0]) not in (0, 3) else 7  # a routed host expert
@@ -317,5 +317,5 @@ def test_heat_counts_on_cuda():
     layer.set_heat_table([0.0, 1.0, 1.5, 2.0])
     logits = torch.full((6, E), -9.0)
     logits[:, 2], logits[:, 3], logits[0, 4] = 5.0, 4.0, 6.0
-    layer(torch.randn(6, H).cuda(), logits.cuda())
+    routed(layer, torch.randn(6, H).cuda(), logits.cuda())
     assert layer.expert_heat.cpu().tolist() == [0.0, 0.0, 2.0, 2.0, 1.0, 0.0, 0.0, 0.0]

@@ -1,7 +1,7 @@
 """When an idle engine should wait a moment for requests still arriving.
 
 Pure Python (no torch, no vLLM), so the policy is unit-tested in CPU CI; the
-vLLM scheduler that consults it is ``vllm_hooks.CoalescingScheduler``.
+vLLM scheduler that consults it is ``plugin.CoalescingScheduler``.
 
 Why: a fiddler step costs about as much for one token as for sixteen, since
 each cold expert's weights are read once per step whatever its token count.

@@ -1,24 +1,21 @@
 """Fiddler's options: ``--additional-config '{"fiddler": {...}}'``.
 
 Pure Python (no torch, no vLLM import), so it is validated in the frontend
-process before anything is allocated, and unit-tested in CPU CI.
+process before anything is allocated, and unit-tested in CPU CI. What a user
+decides: how much GPU memory the experts get, which experts go there, how
+many CPU threads compute the rest, and whether placement adapts while
+serving. docs/options.md lists every option, the advanced ones included.
 
 | key                   | type        | default | meaning |
 |-----------------------|-------------|---------|---------|
-| gpu_expert_budget_gb  | float >= 0  | auto    | GPU memory for resident experts |
-| kv_cache_reserve_gb   | float >= 0  | auto    | kept free for KV cache when the budget is auto |
+| gpu_expert_budget_gb  | float >= 0  | auto    | GPU memory for resident experts (GiB) |
 | placement             | str         | "even"  | "even", or a JSON file of GPU experts per layer |
 | cpu_threads           | int >= 1    | auto    | threads computing cold experts |
-| staging_slots         | int >= 0    | 2       | GPU slots for copying cold experts (CUDA); 0 = CPU only |
-| adaptation            | "auto", bool or object | "auto" | online re-placement of experts while serving (see below) |
-| wait_on_device        | bool        | true    | the GPU waits for the CPU experts' results (CUDA), so the engine thread launches ahead; false: the engine thread waits |
-| cuda_graph_max_tokens | int >= 0    | 16      | the MoE op's GPU expert launches replay CUDA graphs for steps of up to this many tokens (CUDA; captured at load, independent of vLLM's own graphs and enforce_eager); 0: launch eagerly |
-| routed_max_tokens     | int >= 0    | 4       | steps of up to this many tokens hand the GPU's routing to the CPU experts straight from the stream (CUDA, with wait_on_device): no host sync, planning or weight copies, the GPU reading part of each cold expert from host memory in place; 0: the engine thread plans every step |
-| routed_graphs         | bool        | true    | routed steps replay their whole GPU side (routing, copies down, experts, the CPU's result added) from CUDA graphs captured at load (vllm_fiddler.runtime.moe_graphs; needs cuda_graph_max_tokens >= 1); false: those launches are eager |
-| full_cuda_graphs      | bool        | true    | vLLM's FULL decode CUDA graphs (its default mode, without enforce_eager) take in steps of up to routed_max_tokens tokens, the CPU experts' jobs handed over by the graph itself (vllm_fiddler.runtime.graph_jobs; needs stream memory operations in graphs, else off with a warning); false: vLLM's piecewise graphs only, the op outside them |
-| streamed_chunks       | "auto" or list of int >= 0 | "auto" | per top-k position, how many of a cold expert's chunks (8 for Mixtral-8x7B) a routed step's GPU reads from host memory in place, the CPU computing the rest; "auto": the calibrated cost model decides from which top-k positions of the routed tokens were cold, and decides again as that moves |
-| blocking_sync         | bool        | false   | the engine thread sleeps, instead of spinning on a core, while it waits for the GPU (CUDA; cuCtxSetFlags BLOCKING_SYNC), leaving the core to the CPU experts |
-| arrival_coalesce_ms   | float >= 0  | 2.0     | once requests have arrived in bursts, an idle engine waits for the rest of a burst until this long passes without one (vllm_fiddler.arrivals); 0: vLLM's scheduler unchanged |
+| adaptation            | "auto", bool or object | "auto" | online re-placement of experts while serving |
+| kv_cache_reserve_gb   | float >= 0  | auto    | advanced: kept free for KV cache when the budget is auto |
+| staging_slots         | int >= 0    | 2       | advanced: GPU slots for copying cold experts; 0 = CPU only |
+| streamed_chunks       | "auto" or list of int >= 0 | "auto" | advanced: per top-k position, chunks of a cold expert decode steps read from host memory on the GPU |
+| arrival_coalesce_ms   | float >= 0  | 2.0     | advanced: an idle engine waits this long for the rest of a burst of requests; 0: vLLM's scheduler |
 
 ``adaptation``: ``true`` / ``false``; ``"auto"`` = on with a GPU when host
 memory can also hold a copy of every GPU-resident expert (which re-placement
@@ -59,48 +56,12 @@ class FiddlerConfig:
     # budget; two let one copy run while the previous expert computes.
     staging_slots: int = 2
     adaptation: "AdaptationSettings" = dataclasses.field(default_factory=lambda: AdaptationSettings())
-    # The compute stream waits for each layer's CPU experts (a driver wait on a
-    # host-set flag, vllm_fiddler.runtime.device_wait) instead of the engine
-    # thread, which launches the next attention block meanwhile; false keeps
-    # the host wait (for comparison, or a driver without stream memory ops,
-    # which falls back by itself).
-    wait_on_device: bool = True
-    # Steps of up to this many tokens (decode, beams, small batches) replay the
-    # op's GPU expert launches from CUDA graphs (vllm_fiddler.runtime.moe_graphs):
-    # eager launches took ~0.5 ms of the engine thread's time each, twice a
-    # decode layer, on the step's critical path. 0 launches eagerly.
-    cuda_graph_max_tokens: int = 16
-    # Steps of up to this many tokens do not stop the engine thread at all: the
-    # stream copies the routing down and marks a pinned word, the native CPU
-    # job waits for that word and reads the routing itself, and the stream
-    # waits for the job (vllm_fiddler.runtime.device_wait.StreamMark). Such
-    # steps copy no weights: the GPU reads the first chunks of each cold expert
-    # from host memory in place (cost_model.streamed_chunks), the CPU computes
-    # the rest. 0: every step syncs, and the cost model may split experts
-    # between the CPU and copies.
-    routed_max_tokens: int = 4
-    # Routed steps replay their whole GPU side from CUDA graphs (routing and its
-    # copies down, the experts, the CPU's result added; MoEGraphs.capture_routed):
-    # eagerly those were ~30 torch calls, ~0.6 ms of the engine thread a layer,
-    # and in a compiled batch-1 engine that thread was the step's critical path.
-    routed_graphs: bool = True
-    # Steps of up to routed_max_tokens tokens run inside vLLM's FULL decode CUDA
-    # graphs, the graph handing the native job thread each layer's CPU work
-    # (vllm_fiddler.runtime.graph_jobs): with piecewise graphs every attention and
-    # MoE op still ran eagerly, ~1-1.7 ms of the engine thread's time a layer,
-    # which bounded batch-1 decode (lease AB: 16.8 ms a step against 12.7 ms of
-    # CPU expert work).
-    full_cuda_graphs: bool = True
     # An idle engine holds its first step while requests of one burst are
     # still arriving, once a request has arrived just after such a step began
     # (vllm_fiddler.arrivals: LLM.beam_search's beams, one at a time from the
     # client, ran 1.86 engine steps per beam step at width 8 on the H100).
     # The gap that ends a burst; 0 keeps vLLM's scheduler.
     arrival_coalesce_ms: float = 2.0
-    # The engine thread's waits for the GPU (the step's sampled tokens, host
-    # syncs) sleep in the driver instead of spinning on a core
-    # (vllm_fiddler.runtime.device_wait.block_on_host_syncs).
-    blocking_sync: bool = False
     # None = auto: routed steps' streamed chunks per top-k position come from the
     # cost model (cost_model.streamed_chunks) and the layer's hit rate; a tuple
     # fixes them (checked against the model's top-k and chunks before loading).
@@ -132,13 +93,7 @@ class FiddlerConfig:
             cpu_threads=_positive_int(raw, "cpu_threads"),
             staging_slots=_non_negative_int(raw, "staging_slots", default=2),
             adaptation=AdaptationSettings.parse(raw.get("adaptation", "auto")),
-            wait_on_device=_bool(raw, "wait_on_device", default=True),
-            cuda_graph_max_tokens=_non_negative_int(raw, "cuda_graph_max_tokens", default=16),
-            routed_max_tokens=_non_negative_int(raw, "routed_max_tokens", default=4),
-            routed_graphs=_bool(raw, "routed_graphs", default=True),
-            full_cuda_graphs=_bool(raw, "full_cuda_graphs", default=True),
             arrival_coalesce_ms=_non_negative_float(raw, "arrival_coalesce_ms", unit="ms", default=2.0),
-            blocking_sync=_bool(raw, "blocking_sync", default=False),
             streamed_chunks=_streamed_chunks(raw),
         )
 
@@ -249,13 +204,6 @@ def _non_negative_int(raw: Mapping[str, Any], key: str, default: int) -> int:
     value = raw.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise FiddlerConfigError(f"fiddler option {key} must be an integer >= 0, got {value!r}")
-    return value
-
-
-def _bool(raw: Mapping[str, Any], key: str, default: bool) -> bool:
-    value = raw.get(key, default)
-    if not isinstance(value, bool):
-        raise FiddlerConfigError(f"fiddler option {key} must be true or false, got {value!r}")
     return value
 
 

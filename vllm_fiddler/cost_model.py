@@ -393,8 +393,10 @@ def default_for_shape(hidden_size: int = MIXTRAL_H, intermediate_size: int = MIX
 
 
 def cache_dir() -> str:
-    """$VLLM_FIDDLER_CACHE_DIR, else $XDG_CACHE_HOME/vllm_fiddler, else ~/.cache/vllm_fiddler."""
-    d = os.environ.get("VLLM_FIDDLER_CACHE_DIR")
+    """$FIDDLER_CACHE_DIR, else $XDG_CACHE_HOME/vllm_fiddler, else ~/.cache/vllm_fiddler."""
+    from vllm_fiddler import envs
+
+    d = envs.FIDDLER_CACHE_DIR
     if d:
         return d
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")

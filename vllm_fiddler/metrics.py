@@ -29,6 +29,8 @@ import os
 import tempfile
 import time
 
+from vllm_fiddler import envs
+
 METRICS_ENV = "FIDDLER_METRICS_FILE"
 WRITE_INTERVAL_S = 1.0
 
@@ -95,7 +97,7 @@ def install_frontend_collector() -> None:
     global _collector
     if _collector is not None:
         return
-    path = os.environ.get(METRICS_ENV)
+    path = envs.FIDDLER_METRICS_FILE
     if not path:
         path = os.path.join(tempfile.gettempdir(), f"vllm-fiddler-metrics-{os.getpid()}.json")
         os.environ[METRICS_ENV] = path
@@ -111,7 +113,7 @@ class StatsWriter:
     """Worker side: rewrites the stats file at most every WRITE_INTERVAL_S."""
 
     def __init__(self):
-        self.path = os.environ.get(METRICS_ENV)
+        self.path = envs.FIDDLER_METRICS_FILE
         self._last = 0.0
 
     def maybe_write(self, model) -> None:

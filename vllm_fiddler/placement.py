@@ -20,30 +20,67 @@ GIB = 1024**3
 
 @dataclasses.dataclass(frozen=True)
 class MoEShape:
-    """The sizes placement and budgets need, read off a Hugging Face config."""
+    """The sizes placement and budgets need: a model's MoE layers (L of them; dense layers
+    are not counted), each with E experts of the same shape."""
 
-    num_layers: int  # L
+    num_layers: int  # L: MoE layers
     num_experts: int  # E
     hidden_size: int  # H
     intermediate_size: int  # I (per expert)
     top_k: int
     dtype_bytes: int
-    non_expert_bytes: int  # attention, norms, router gates, embeddings, lm_head
+    non_expert_bytes: int  # attention, norms, router gates, shared experts, dense layers, embeddings
     kv_bytes_per_token: int
+    layer_ids: tuple[int, ...] = ()  # [L] each MoE layer's index in the model (default 0..L-1)
+    has_bias: bool = False  # experts carry biases (gpt-oss)
+
+    def __post_init__(self) -> None:
+        if not self.layer_ids:
+            object.__setattr__(self, "layer_ids", tuple(range(self.num_layers)))
+        if len(self.layer_ids) != self.num_layers:
+            raise ValueError(f"{len(self.layer_ids)} layer ids for {self.num_layers} MoE layers")
 
     @property
     def expert_bytes(self) -> int:
-        # w1 and w3 are [I, H], w2 is [H, I]
-        return 3 * self.hidden_size * self.intermediate_size * self.dtype_bytes
+        # w1 and w3 are [I, H], w2 is [H, I]; biases [2I] and [H]
+        bias = 2 * self.intermediate_size + self.hidden_size if self.has_bias else 0
+        return (3 * self.hidden_size * self.intermediate_size + bias) * self.dtype_bytes
 
     @property
     def all_experts_bytes(self) -> int:
         return self.num_layers * self.num_experts * self.expert_bytes
 
     @classmethod
+    def from_layers(cls, layers: Sequence[Any], dtype_bytes: int, non_expert_bytes: int,
+                    kv_bytes_per_token: int) -> "MoEShape":
+        """From the MoE layers vLLM built (objects with layer_index, num_experts, top_k,
+        hidden_size, intermediate_size, has_bias), in model order."""
+        if not layers:
+            raise FiddlerConfigError("fiddler: the model has no MoE layers")
+        first = layers[0]
+        keys = ("num_experts", "top_k", "hidden_size", "intermediate_size", "has_bias")
+        for layer in layers[1:]:
+            if any(getattr(layer, k) != getattr(first, k) for k in keys):
+                raise FiddlerConfigError(
+                    f"fiddler: MoE layers {first.layer_index} and {layer.layer_index} differ in shape "
+                    f"({', '.join(f'{k}={getattr(first, k)}/{getattr(layer, k)}' for k in keys)}); "
+                    "fiddler places experts of one shape per model for now")
+        return cls(num_layers=len(layers), num_experts=first.num_experts, hidden_size=first.hidden_size,
+                   intermediate_size=first.intermediate_size, top_k=first.top_k, dtype_bytes=dtype_bytes,
+                   non_expert_bytes=non_expert_bytes, kv_bytes_per_token=kv_bytes_per_token,
+                   layer_ids=tuple(layer.layer_index for layer in layers), has_bias=first.has_bias)
+
+    @classmethod
     def from_hf_config(cls, hf: Any, dtype_bytes: int) -> "MoEShape":
-        """Mixtral-style config (MixtralConfig attribute names)."""
-        H, L, E = hf.hidden_size, hf.num_hidden_layers, hf.num_local_experts
+        """An estimate from a Hugging Face config, for tools and benchmarks that plan before
+        any model is built (the engine uses from_layers). Raises FiddlerConfigError for a
+        config that names no routed experts."""
+        layout = moe_layout(hf)
+        if layout is None:
+            raise FiddlerConfigError(f"fiddler: {type(hf).__name__} names no routed experts")
+        layer_ids, E, K = layout
+        H, L = hf.hidden_size, hf.num_hidden_layers
+        I = _first_attr(hf, ("moe_intermediate_size", "intermediate_size"))
         heads = hf.num_attention_heads
         kv_heads = getattr(hf, "num_key_value_heads", None) or heads
         head_dim = getattr(hf, "head_dim", None) or H // heads
@@ -53,11 +90,40 @@ class MoEShape:
         lm_head = 0 if getattr(hf, "tie_word_embeddings", False) else hf.vocab_size * H
         non_expert = (L * per_layer + embed + lm_head + H) * dtype_bytes
         return cls(
-            num_layers=L, num_experts=E, hidden_size=H,
-            intermediate_size=hf.intermediate_size, top_k=hf.num_experts_per_tok,
+            num_layers=len(layer_ids), num_experts=E, hidden_size=H, intermediate_size=I, top_k=K,
             dtype_bytes=dtype_bytes, non_expert_bytes=non_expert,
-            kv_bytes_per_token=2 * L * kv_heads * head_dim * dtype_bytes,
-        )
+            kv_bytes_per_token=2 * L * kv_heads * head_dim * dtype_bytes, layer_ids=layer_ids,
+            has_bias=getattr(hf, "model_type", "") == "gpt_oss")
+
+
+# Hugging Face config attributes naming the routed experts, across families.
+_EXPERT_ATTRS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+_TOP_K_ATTRS = ("num_experts_per_tok", "moe_topk", "top_k")
+
+
+def _first_attr(hf: Any, names: Sequence[str]) -> Any:
+    for name in names:
+        value = getattr(hf, name, None)
+        if value:
+            return value
+    return None
+
+
+def moe_layout(hf: Any) -> tuple[tuple[int, ...], int, int] | None:
+    """(indices of the MoE layers, experts per layer, top-k) read off a Hugging Face config,
+    or None if it names no routed experts (a dense model). Covers first_k_dense_replace
+    (DeepSeek, GLM), decoder_sparse_step and mlp_only_layers (Qwen), moe_layer_freq."""
+    E = _first_attr(hf, _EXPERT_ATTRS)
+    K = _first_attr(hf, _TOP_K_ATTRS)
+    if not isinstance(E, int) or not isinstance(K, int) or E < 1:
+        return None
+    first_dense = getattr(hf, "first_k_dense_replace", 0) or 0
+    dense = set(getattr(hf, "mlp_only_layers", None) or ())
+    sparse_step = getattr(hf, "decoder_sparse_step", None) or 1  # Qwen: layer i+1 divisible
+    freq = getattr(hf, "moe_layer_freq", None) or 1  # DeepSeek: layer i divisible
+    ids = tuple(i for i in range(hf.num_hidden_layers)
+                if i >= first_dense and i not in dense and (i + 1) % sparse_step == 0 and i % freq == 0)
+    return ids, E, K
 
 
 def auto_expert_budget_bytes(*, gpu_total_bytes: int, gpu_memory_utilization: float,
@@ -102,19 +168,34 @@ class Placement:
     def num_cpu(self) -> int:
         return self.num_layers * self.num_experts - self.num_gpu
 
-    def report(self, expert_bytes: int, source: str) -> str:
-        """The one-time startup log: experts on GPU per layer, GB on each side."""
-        per_layer = [len(g) for g in self.gpu_experts]
+    def report(self, expert_bytes: int, source: str, layer_ids: Sequence[int] = ()) -> str:
+        """The one-time startup log: experts on GPU per (MoE) layer, GB on each side; rows are
+        labelled with the model's layer indices (`layer_ids`, default 0..L-1)."""
         rows = [f"fiddler placement ({source}): {self.num_gpu}/{self.num_gpu + self.num_cpu} "
                 f"experts on GPU = {format_bytes(self.num_gpu * expert_bytes)}, "
                 f"{self.num_cpu} on CPU = {format_bytes(self.num_cpu * expert_bytes)}"]
+        ids = layer_ids or tuple(range(self.num_layers))
         rows.append("  layer | gpu experts")
         for start in range(0, self.num_layers, 8):
             chunk = range(start, min(start + 8, self.num_layers))
-            rows.append(f"  {start:>2}-{chunk[-1]:<2} | " + " ".join(
-                f"{per_layer[l]}/{self.num_experts}:[{','.join(map(str, self.gpu_experts[l]))}]"
-                for l in chunk))
+            rows.append(f"  {ids[start]:>2}-{ids[chunk[-1]]:<2} | " + " ".join(
+                _expert_list(self.gpu_experts[l], self.num_experts) for l in chunk))
         return "\n".join(rows)
+
+
+def _expert_list(experts: Sequence[int], num_experts: int) -> str:
+    """"n/E:[ids]", ranges of consecutive ids folded ("0-63") so 512-expert layers stay short."""
+    parts, run = [], []
+    for e in experts:
+        if run and e == run[-1] + 1:
+            run.append(e)
+            continue
+        if run:
+            parts.append(f"{run[0]}-{run[-1]}" if len(run) > 2 else ",".join(map(str, run)))
+        run = [e]
+    if run:
+        parts.append(f"{run[0]}-{run[-1]}" if len(run) > 2 else ",".join(map(str, run)))
+    return f"{len(experts)}/{num_experts}:[{','.join(parts)}]"
 
 
 def plan_even(num_layers: int, num_experts: int, num_gpu_experts: int) -> Placement:
@@ -131,17 +212,23 @@ def plan_even(num_layers: int, num_experts: int, num_gpu_experts: int) -> Placem
         tuple(range(base + (1 if l < extra else 0))) for l in range(num_layers)))
 
 
-def placement_from_mapping(data: Any, num_layers: int, num_experts: int,
+def placement_from_mapping(data: Any, layers: int | Sequence[int], num_experts: int,
                            source: str = "placement") -> Placement:
-    """Validates ``{"gpu_experts": [[e, ...] per layer] or {"layer": [e, ...]}}``."""
+    """Validates ``{"gpu_experts": [[e, ...] per MoE layer]}`` or ``{"gpu_experts": {"layer":
+    [e, ...]}}``. `layers`: the model's MoE layer indices (an int L: 0..L-1). The list names MoE
+    layers in order; the object's keys are model layer indices (for DeepSeek's first dense
+    layers, its first key is 3, say), and layers left out keep no expert on the GPU."""
+    layer_ids = tuple(range(layers)) if isinstance(layers, int) else tuple(layers)
+    num_layers = len(layer_ids)
+    ordinal = {layer: i for i, layer in enumerate(layer_ids)}
     if not isinstance(data, Mapping) or "gpu_experts" not in data:
         raise FiddlerConfigError(f"{source}: expected an object with key \"gpu_experts\"")
     raw = data["gpu_experts"]
     if isinstance(raw, Sequence) and not isinstance(raw, str):
-        items = list(enumerate(raw))
+        items = [(layer_ids[i] if i < num_layers else None, experts) for i, experts in enumerate(raw)]
         if len(raw) > num_layers:
             raise FiddlerConfigError(
-                f"{source}: lists {len(raw)} layers, the model has {num_layers}")
+                f"{source}: lists {len(raw)} layers, the model has {num_layers} MoE layers")
     elif isinstance(raw, Mapping):
         items = []
         for key, experts in raw.items():
@@ -151,11 +238,12 @@ def placement_from_mapping(data: Any, num_layers: int, num_experts: int,
                 raise FiddlerConfigError(f"{source}: layer key {key!r} is not an integer") from None
     else:
         raise FiddlerConfigError(f"{source}: \"gpu_experts\" must be a list or an object")
-    layers: list[tuple[int, ...]] = [() for _ in range(num_layers)]
+    chosen: list[tuple[int, ...]] = [() for _ in range(num_layers)]
     for layer, experts in items:
-        if not 0 <= layer < num_layers:
+        if layer not in ordinal:
             raise FiddlerConfigError(
-                f"{source}: layer {layer} does not exist (the model has layers 0..{num_layers - 1})")
+                f"{source}: layer {layer} is not an MoE layer of this model (its MoE layers: "
+                f"{_ranges(layer_ids)})")
         if not isinstance(experts, Sequence) or isinstance(experts, str):
             raise FiddlerConfigError(f"{source}: layer {layer} must list expert ids")
         for e in experts:
@@ -165,17 +253,30 @@ def placement_from_mapping(data: Any, num_layers: int, num_experts: int,
                     f"(experts are 0..{num_experts - 1})")
         if len(set(experts)) != len(experts):
             raise FiddlerConfigError(f"{source}: layer {layer} lists an expert twice")
-        layers[layer] = tuple(sorted(experts))
-    return Placement(num_experts, tuple(layers))
+        chosen[ordinal[layer]] = tuple(sorted(experts))
+    return Placement(num_experts, tuple(chosen))
 
 
-def load_placement_file(path: str, num_layers: int, num_experts: int) -> Placement:
+def _ranges(ids: Sequence[int]) -> str:
+    """"0-2, 5, 7-9": sorted ids with runs folded."""
+    parts, start, prev = [], None, None
+    for i in list(ids) + [None]:
+        if start is not None and i is not None and i == prev + 1:
+            prev = i
+            continue
+        if start is not None:
+            parts.append(str(start) if start == prev else f"{start}-{prev}")
+        start = prev = i
+    return ", ".join(parts)
+
+
+def load_placement_file(path: str, layers: int | Sequence[int], num_experts: int) -> Placement:
     try:
         with open(path) as f:
             data = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise FiddlerConfigError(f"cannot read fiddler placement file {path!r}: {e}") from e
-    return placement_from_mapping(data, num_layers, num_experts, source=f"placement file {path!r}")
+    return placement_from_mapping(data, layers, num_experts, source=f"placement file {path!r}")
 
 
 def resolve_placement(cfg: FiddlerConfig, shape: MoEShape, budget_bytes: int) -> tuple[Placement, str]:
@@ -187,7 +288,7 @@ def resolve_placement(cfg: FiddlerConfig, shape: MoEShape, budget_bytes: int) ->
     if cfg.placement == PLACEMENT_EVEN:
         return plan_even(shape.num_layers, shape.num_experts, fit), (
             f"even, budget {format_bytes(budget_bytes)}")
-    placement = load_placement_file(cfg.placement, shape.num_layers, shape.num_experts)
+    placement = load_placement_file(cfg.placement, shape.layer_ids, shape.num_experts)
     if placement.num_gpu > fit:
         raise FiddlerConfigError(
             f"placement file {cfg.placement!r} puts {placement.num_gpu} experts "

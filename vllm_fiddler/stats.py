@@ -7,7 +7,7 @@ from __future__ import annotations
 
 
 def model_stats(model) -> dict:
-    layers = [m for m in getattr(model, "moe_layers", []) if hasattr(m, "routed_to_gpu")]
+    layers = [m for m in getattr(model, "fiddler_layers", []) if hasattr(m, "routed_to_gpu")]
     if not layers:
         return {}
     runtime = layers[0].cpu_runtime
@@ -76,7 +76,7 @@ def _arrival_stats() -> dict:
 
 def expert_tokens(model) -> list[list[int]]:
     """Tokens routed to each expert so far, per MoE layer: [L][E] (for profiling)."""
-    return [m.expert_tokens.tolist() for m in getattr(model, "moe_layers", []) if hasattr(m, "expert_tokens")]
+    return [m.expert_tokens.tolist() for m in getattr(model, "fiddler_layers", []) if hasattr(m, "expert_tokens")]
 
 
 def delta(after: dict, before: dict) -> dict:

@@ -30,20 +30,22 @@ UVA ones (host memory behind a CUDA pointer) keep vLLM's fill.
 
 from __future__ import annotations
 
-import os
 import random
 import re
+
+from vllm_fiddler import envs
 
 SKEW_ENV = "FIDDLER_DUMMY_ROUTER_SKEW"
 FAST_INIT_ENV = "FIDDLER_FAST_DUMMY_INIT"
 # host parameters at least this big are tiled from a pool (smaller ones keep vLLM's draw)
 FAST_INIT_MIN_NUMEL = 1 << 22
 FAST_INIT_POOL = 1 << 22
-_GATE = re.compile(r"(?:^|\.)layers\.(\d+)\.block_sparse_moe\.gate$")
+# a MoE block's router gate, as vLLM's models name it (Mixtral, Qwen, DeepSeek, GLM, OLMoE; gpt-oss)
+_GATE = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:block_sparse_moe|mlp)\.(?:gate|router)$")
 
 
 def skew_strength() -> float | None:
-    raw = os.environ.get(SKEW_ENV, "").strip()
+    raw = (envs.FIDDLER_DUMMY_ROUTER_SKEW or "").strip()
     if not raw:
         return None
     try:
@@ -123,7 +125,7 @@ def fill_tiled_uniform(param, low: float, high: float, seed: int, pool_size: int
 
 def install_fast_host_dummy_init() -> None:
     """Wraps vLLM's per-parameter dummy fill when FAST_INIT_ENV=1 (idempotent)."""
-    if os.environ.get(FAST_INIT_ENV, "") not in ("1", "true", "yes"):
+    if not envs.FIDDLER_FAST_DUMMY_INIT:
         return
     from vllm.model_executor.model_loader import weight_utils
 

@@ -20,20 +20,8 @@ Environment:
   FIDDLER_CPU_THREADS        worker threads (default: CPUs in the affinity mask)
   FIDDLER_CPU_AMX_MIN_TOKENS tokens per expert from which ``auto`` uses AMX
   FIDDLER_CPU_SPIN_US        how long idle workers spin before sleeping (1000)
-  FIDDLER_CPU_PHASE_BARRIER  1: the gate/up and down projections run as two pool runs
-                             with a barrier between them, as before (A/B benchmarks;
-                             default 0: one run, down items wait per expert)
   FIDDLER_CPU_BUILD          0 disables building the native kernels
   FIDDLER_CPU_BUILD_VERBOSE  1 shows the compiler output
-  FIDDLER_CPU_PREFETCH       software prefetch distance on weight rows (elements, 512)
-  FIDDLER_CPU_AMX_PF_NEXT_KB experimental: AMX v1 prefetches the next weight panel (0 = off)
-  FIDDLER_CPU_AMX_PIPE       0 (default): the v1 AMX kernels; 1: the pipelined (v2) ones
-  FIDDLER_CPU_AMX_KC         AMX v2: k-steps (32 elements of K) per k-chunk (32)
-  FIDDLER_CPU_AMX_GROUPS     AMX v2: 32-row groups sharing one pass over the activation (4)
-  FIDDLER_CPU_AMX_PF_AHEAD   AMX v2: k-chunk units prefetched to L2 ahead of the copy (1; 0 = none)
-  FIDDLER_CPU_AMX_DIRECT     AMX v2: 1 = A tiles loaded straight from the weight rows, no copy (0)
-  FIDDLER_CPU_AMX_ILV        AMX v2: weight rows streamed together by the copy / prefetch (8)
-                             (tuning knobs are read when the kernels are loaded)
   FIDDLER_CPU_AMX_EMULATE    1: on a CPU without AMX, test the AMX kernels with the
                              tile instructions emulated in scalar code (tests only)
 """
@@ -68,12 +56,9 @@ _COMMON_CFLAGS = ["-O3", "-DNDEBUG"]
 _MODE = {"avx512_bf16": 1, "amx_all": 2, "amx_auto": 3}
 
 _HEADERS = ("kernel_api.h", "vec_avx512.h", "amx_emu.h")
-_TUNING_ENV = ("FIDDLER_CPU_PREFETCH", "FIDDLER_CPU_AMX_PF_NEXT_KB", "FIDDLER_CPU_AMX_PIPE", "FIDDLER_CPU_AMX_KC",
-               "FIDDLER_CPU_AMX_GROUPS", "FIDDLER_CPU_AMX_PF_AHEAD", "FIDDLER_CPU_AMX_DIRECT", "FIDDLER_CPU_AMX_ILV")
 
 _lock = threading.RLock()
 _native: list[str] | None = None  # native ISAs loaded, best first
-_registered: list[tuple[str, str]] = []  # (register_isa_library name, library path), in load order
 _num_threads: int | None = None
 _logged: set[str] = set()
 
@@ -180,7 +165,6 @@ def _load_native_locked() -> list[str]:
                               _ISA_FLAGS[name] + ["-fvisibility=hidden"])
             if torch.ops.fiddler_cpu.register_isa_library(name, path):
                 loaded.append(name)
-                _registered.append((name, path))
         except Exception as exc:
             logger.warning("vllm_fiddler CPU kernel: %s kernels unavailable (%s: %s)", name,
                            type(exc).__name__, str(exc).strip().splitlines()[-1] if str(exc).strip() else "")
@@ -193,7 +177,6 @@ def _load_native_locked() -> list[str]:
                               _ISA_FLAGS["avx512_bf16"] + ["-DFIDDLER_AMX_EMULATE", "-fvisibility=hidden"])
             if torch.ops.fiddler_cpu.register_isa_library("amx_emulated", path):
                 loaded.append("amx")
-                _registered.append(("amx_emulated", path))
                 logger.warning("vllm_fiddler CPU kernel: AMX tile instructions EMULATED "
                                "(FIDDLER_CPU_AMX_EMULATE=1, for tests only: slow)")
         except Exception as exc:
@@ -205,17 +188,6 @@ def _load_native_locked() -> list[str]:
     logger.info("vllm_fiddler CPU kernel: native kernels %s ready in %.1f s (cpu features 0x%x, %d threads)",
                 loaded or "none", time.perf_counter() - t0, feats, torch.ops.fiddler_cpu.get_num_threads())
     return [i for i in _ISA_ORDER if i in loaded]
-
-
-def _reload_tuning_knobs() -> dict[str, str]:
-    """Re-reads the tuning knobs (FIDDLER_CPU_PREFETCH, FIDDLER_CPU_AMX_*) from the
-    environment into the loaded native kernels, as if they were loaded now; unset
-    ones go back to their defaults. For benchmarks and tests (A/B of the knobs in
-    one process); not while a call is running. Returns the knobs that are set."""
-    with _lock:
-        for name, path in _registered:
-            torch.ops.fiddler_cpu.register_isa_library(name, path)
-    return {k: os.environ[k] for k in _TUNING_ENV if os.environ.get(k)}
 
 
 def available_isas() -> list[str]:

@@ -13,7 +13,6 @@
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
-#include <stdlib.h>
 #include <string.h>
 
 #include "kernel_api.h"
@@ -25,9 +24,9 @@ using fiddler_cpu::ExpertWork;
 using fiddler_cpu::KernelTable;
 using fiddler_cpu::MoeProblem;
 
-// Distance (in bf16 elements) of the software prefetch ahead of each weight row
-// stream; 0 disables it. Tunable with FIDDLER_CPU_PREFETCH (read once at load).
-int64_t g_prefetch = 512;
+// Distance (bf16 elements, a multiple of 32) of the software prefetch ahead of
+// each weight row stream.
+constexpr int64_t kPrefetch = 512;
 
 // res[m * NR + r] = sum_k w[r][k] * x[m][k]
 template <int NR, int NM>
@@ -45,13 +44,12 @@ __attribute__((noinline)) void dot_tile(const uint16_t* const* w, const uint16_t
 #pragma GCC unroll 8
   for (int m = 0; m < NM; ++m) xp[m] = x[m];
 
-  const int64_t pf = g_prefetch;
   int64_t k = 0;
   for (; k + 32 <= K; k += 32) {
     __m512i wv[NR];
 #pragma GCC unroll 8
     for (int r = 0; r < NR; ++r) {
-      if (pf) _mm_prefetch((const char*)(wp[r] + k + pf), _MM_HINT_T0);
+      _mm_prefetch((const char*)(wp[r] + k + kPrefetch), _MM_HINT_T0);
       wv[r] = _mm512_loadu_si512((const void*)(wp[r] + k));
     }
 #pragma GCC unroll 8
@@ -173,9 +171,5 @@ const KernelTable kTable = {
 }  // namespace
 
 extern "C" __attribute__((visibility("default"))) const fiddler_cpu::KernelTable* fiddler_cpu_kernel_table(void) {
-  // Read at every registration (unset: the default again).
-  const char* v = getenv("FIDDLER_CPU_PREFETCH");
-  const long pf = v && *v ? atol(v) : 512;
-  g_prefetch = pf > 0 ? (pf + 31) / 32 * 32 : 0;
   return &kTable;
 }

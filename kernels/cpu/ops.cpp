@@ -296,8 +296,7 @@ struct Ctx {
   const std::vector<int32_t>* active;  // experts with tokens, in order
   const std::vector<Item1>* items1;
   int64_t rows2;  // down phase: output rows per item
-  // Per expert: its gate/up items not finished yet. Null: the two projections
-  // run as two pool runs (FIDDLER_CPU_PHASE_BARRIER=1), so there is nothing to wait for.
+  // Per expert: its gate/up items not finished yet (a down item waits for 0).
   int32_t* gate_up_left = nullptr;
 };
 
@@ -340,7 +339,7 @@ void body_gate_up(void* vctx, int64_t item) {
   if (ew.amx) amx_on();
   table_for(ew)->gate_up(&ctx->prob, it.e, it.n0, it.n1);
   // release: this item's act stores before a down item sees the count drop
-  if (ctx->gate_up_left) __atomic_fetch_sub(&ctx->gate_up_left[it.e], 1, __ATOMIC_RELEASE);
+  __atomic_fetch_sub(&ctx->gate_up_left[it.e], 1, __ATOMIC_RELEASE);
 }
 
 void body_down(void* vctx, int64_t item) {
@@ -351,8 +350,7 @@ void body_down(void* vctx, int64_t item) {
     // Every gate/up item was handed out before any down item, and none of them
     // waits, so this spin ends; it is short because the experts' gate/up items
     // come in the order this loop visits them.
-    if (ctx->gate_up_left)
-      while (__atomic_load_n(&ctx->gate_up_left[e], __ATOMIC_ACQUIRE) != 0) __builtin_ia32_pause();
+    while (__atomic_load_n(&ctx->gate_up_left[e], __ATOMIC_ACQUIRE) != 0) __builtin_ia32_pause();
     const ExpertWork& ew = (*ctx->experts)[e];
     if (ew.amx) amx_on();
     table_for(ew)->down(&ctx->prob, e, h0, h1);
@@ -551,14 +549,7 @@ void moe_forward(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w
   // One pool run, not one per projection: a barrier between them left every
   // thread idle for the tail of the last gate/up items, once per layer; now a
   // down item waits only for the experts it is about to read (body_down).
-  // FIDDLER_CPU_PHASE_BARRIER=1 restores the two runs, for A/B benchmarks.
   const int64_t n_down = (H + rows2 - 1) / rows2;
-  const char* barrier_env = std::getenv("FIDDLER_CPU_PHASE_BARRIER");
-  if (barrier_env && std::atoi(barrier_env) != 0) {
-    pool->run(int64_t(items1.size()), body_gate_up, fini_amx, &ctx);
-    pool->run(n_down, body_down, fini_amx, &ctx);
-    return;
-  }
   static std::vector<int32_t> gate_up_left;
   gate_up_left.assign(E, 0);
   for (const Item1& it : items1) ++gate_up_left[it.e];

@@ -2,7 +2,7 @@
 
 vLLM's LLM.beam_search adds a beam step's `width` requests one at a time from
 the client process, and an idle engine core starts its step on the first; the
-rest wait a whole step. fiddler's scheduler (vllm_hooks.CoalescingScheduler,
+rest wait a whole step. fiddler's scheduler (plugin.CoalescingScheduler,
 policy in vllm_fiddler.arrivals) holds an idle engine's step while such a
 burst is still arriving. Engine steps are counted by the first MoE layer
 (stats.model_stats' layer0_steps). The engine's default process layout is

@@ -24,14 +24,19 @@ def test_valid_options(tmp_path):
     assert cfg.resolved_cpu_threads() == 7
     assert parse({"gpu_expert_budget_gb": 0}).gpu_expert_budget_gb == 0.0
     assert parse({}).staging_slots == 2 and parse({"staging_slots": 0}).staging_slots == 0
-    assert parse({}).wait_on_device is True and parse({"wait_on_device": False}).wait_on_device is False
-    assert parse({}).cuda_graph_max_tokens == 16 and parse({"cuda_graph_max_tokens": 0}).cuda_graph_max_tokens == 0
-    assert parse({}).routed_max_tokens == 4 and parse({"routed_max_tokens": 0}).routed_max_tokens == 0
     assert parse({}).arrival_coalesce_ms == 2.0 and parse({"arrival_coalesce_ms": 0}).arrival_coalesce_ms == 0.0
     assert parse({"arrival_coalesce_ms": 0.5}).arrival_coalesce_ms == 0.5
-    assert parse({}).blocking_sync is False and parse({"blocking_sync": True}).blocking_sync is True
     assert parse({}).streamed_chunks is None and parse({"streamed_chunks": "auto"}).streamed_chunks is None
     assert parse({"streamed_chunks": [2, 1]}).streamed_chunks == (2, 1)
+
+
+@pytest.mark.parametrize("retired", ["wait_on_device", "blocking_sync", "cuda_graph_max_tokens",
+                                     "routed_max_tokens", "routed_graphs", "full_cuda_graphs"])
+def test_retired_switches_are_unknown(retired):
+    """The A/B switches of the execution paths are gone: each step size takes the path that
+    measured fastest."""
+    with pytest.raises(FiddlerConfigError, match="unknown fiddler option"):
+        parse({retired: True})
 
 
 def test_json_string_is_accepted():
@@ -49,12 +54,6 @@ def test_json_string_is_accepted():
     ({"cpu_threads": 2.5}, ["cpu_threads"]),
     ({"staging_slots": -1}, ["staging_slots", ">= 0"]),
     ({"placement": ""}, ["placement"]),
-    ({"wait_on_device": 1}, ["wait_on_device", "true or false"]),
-    ({"blocking_sync": "yes"}, ["blocking_sync", "true or false"]),
-    ({"cuda_graph_max_tokens": -1}, ["cuda_graph_max_tokens", ">= 0"]),
-    ({"cuda_graph_max_tokens": 1.5}, ["cuda_graph_max_tokens", "integer"]),
-    ({"routed_max_tokens": -1}, ["routed_max_tokens", ">= 0"]),
-    ({"routed_max_tokens": "4"}, ["routed_max_tokens", "integer"]),
     ({"streamed_chunks": 2}, ["streamed_chunks", "list of integers"]),
     ({"streamed_chunks": []}, ["streamed_chunks", "one per top-k"]),
     ({"streamed_chunks": [2, -1]}, ["streamed_chunks", ">= 0"]),

@@ -54,7 +54,7 @@ def test_file_formats(tmp_path):
 
 @pytest.mark.parametrize("data, words", [
     ({"gpu_experts": [[0, 8]]}, ["expert 8", "does not exist", "0..7"]),
-    ({"gpu_experts": {"5": [0]}}, ["layer 5 does not exist"]),
+    ({"gpu_experts": {"5": [0]}}, ["layer 5 is not an MoE layer", "0-2"]),
     ({"gpu_experts": [[0], [1], [2], [3], [4], [5]]}, ["6 layers", "has 3"]),
     ({"gpu_experts": [[1, 1]]}, ["twice"]),
     ({"gpu_experts": [["a"]]}, ["'a'"]),
@@ -63,7 +63,7 @@ def test_file_formats(tmp_path):
 ])
 def test_bad_placement_files(data, words):
     with pytest.raises(FiddlerConfigError) as e:
-        placement_from_mapping(data, num_layers=3, num_experts=8)
+        placement_from_mapping(data, layers=3, num_experts=8)
     for w in words:
         assert w in str(e.value)
 
@@ -105,3 +105,19 @@ def test_report_names_every_layer():
     text = Placement(8, ((0, 1), (), (7,))).report(expert_bytes=GIB, source="test")
     assert "3/24 experts on GPU = 3.00 GiB" in text and "21 on CPU = 21.00 GiB" in text
     assert "2/8:[0,1]" in text and "0/8:[]" in text and "1/8:[7]" in text
+
+
+def test_placement_files_address_moe_layers_by_model_index():
+    """DeepSeek-like: layers 0-2 dense. The object form keys by model layer index, the list
+    form lists MoE layers in order; both give the same placement."""
+    by_index = placement_from_mapping({"gpu_experts": {"3": [0, 1], "5": [7]}}, layers=(3, 4, 5), num_experts=8)
+    by_order = placement_from_mapping({"gpu_experts": [[0, 1], [], [7]]}, layers=(3, 4, 5), num_experts=8)
+    assert by_index == by_order and by_index.gpu_experts == ((0, 1), (), (7,))
+    with pytest.raises(FiddlerConfigError, match=r"layer 0 is not an MoE layer .*3-5"):
+        placement_from_mapping({"gpu_experts": {"0": [1]}}, layers=(3, 4, 5), num_experts=8)
+
+
+def test_report_labels_rows_with_model_layers_and_folds_ranges():
+    p = Placement(512, (tuple(range(64)), (), (0, 1, 7)))
+    text = p.report(1 << 20, "test", layer_ids=(3, 4, 5))
+    assert "   3-5  | 64/512:[0-63] 0/512:[] 3/512:[0,1,7]" in text

@@ -318,22 +318,7 @@ def cache_key(layer, threads: int) -> str:
             + f"_C{layer.chunks}_{CACHE_VERSION}")
 
 
-# FIDDLER_COST_CONTENTION=0 plans as if the CPU and the copies did not slow each
-# other down (factors 1.0), whatever was measured: an A/B switch for benchmarks.
-CONTENTION_ENV = "FIDDLER_COST_CONTENTION"
-
-
 def load_or_measure(layer, runtime, stager, threads: int):
-    model = _load_or_measure(layer, runtime, stager, threads)
-    if os.environ.get(CONTENTION_ENV, "1") == "0" and model.contended:
-        import dataclasses
-
-        logger.info("fiddler: %s=0: planning without host DRAM contention", CONTENTION_ENV)
-        model = dataclasses.replace(model, cpu_contended_slowdown=1.0, h2d_contended_slowdown=1.0)
-    return model
-
-
-def _load_or_measure(layer, runtime, stager, threads: int):
     from vllm_fiddler import cost_model
 
     key = cache_key(layer, threads)

@@ -33,12 +33,20 @@ import time
 import torch
 
 from vllm_fiddler.kernels import cpu as cpu_kernels  # light: builds its native code on first use
+from vllm_fiddler.kernels.reference import SILU, ExpertMath
 from vllm_fiddler.logger import logger
 
 
 def cpu_moe_forward(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: torch.Tensor,
-                    topk_weights: torch.Tensor, out: torch.Tensor) -> None:
-    """out [T, H] fp32 += the cold experts' weighted outputs (ids: local slot or -1)."""
+                    topk_weights: torch.Tensor, out: torch.Tensor, math: ExpertMath = SILU,
+                    biases: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    """out [T, H] fp32 += the cold experts' weighted outputs (ids: local slot or -1); biases
+    (b13 [Ex, 2I], b2 [Ex, H]) where math.has_bias."""
+    if not math.plain_silu:  # the native kernels compute SiLU-gated experts without biases
+        from vllm_fiddler.kernels.torch_moe import moe_forward
+
+        moe_forward(x, w13, w2, topk_ids.long(), topk_weights.float(), out, math, *(biases or (None, None)))
+        return
     # The native kernels are bf16-only; other dtypes take the torch path.
     isa = None if w13.dtype == torch.bfloat16 else "torch"
     cpu_kernels.moe_forward(x.contiguous(), w13, w2, topk_ids.to(torch.int32).contiguous(),
@@ -156,7 +164,8 @@ class CPUExpertRuntime:
         return self._signal if self.wait_on_device else None
 
     def submit(self, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: torch.Tensor,
-               topk_weights: torch.Tensor, device_wait: bool = False) -> CPUJob:
+               topk_weights: torch.Tensor, device_wait: bool = False, math: ExpertMath = SILU,
+               biases: tuple[torch.Tensor, torch.Tensor] | None = None) -> CPUJob:
         """Starts the cold experts; the job's result is fp32 [T, H] on the host.
 
         device_wait: the result will go to the device through ``result_on_device``, whose
@@ -173,7 +182,7 @@ class CPUExpertRuntime:
         # the previous result's H2D, taken now: the one to_device records after this submit
         # is this job's own, which (device-waited) runs only after this job signals
         in_flight = self._result_in_flight
-        if seq is not None:
+        if seq is not None and math.plain_silu:
             native = self._submit_native(x, w13, w2, topk_ids, topk_weights, out, in_flight, signal, seq)
             if native is not None:
                 return native
@@ -189,7 +198,7 @@ class CPUExpertRuntime:
                     in_flight.synchronize()
                     self.result_wait_s += time.perf_counter() - start
                 out.zero_()
-                cpu_moe_forward(x, w13, w2, topk_ids, topk_weights, out)
+                cpu_moe_forward(x, w13, w2, topk_ids, topk_weights, out, math, biases)
                 self._busy_s += time.perf_counter() - start
                 self._calls += 1
                 return out

@@ -41,8 +41,6 @@ from vllm_fiddler.logger import logger
 
 CU_STREAM_WAIT_VALUE_GEQ = 0x0  # (int32_t)(*addr - value) >= 0: a cyclic compare
 CU_POINTER_ATTRIBUTE_DEVICE_POINTER = 3
-CU_CTX_SCHED_MASK = 0x07
-CU_CTX_SCHED_BLOCKING_SYNC = 0x04
 _CUDA_SUCCESS = 0
 
 
@@ -185,31 +183,4 @@ def _self_test() -> bool:
     except (OSError, AttributeError, RuntimeError) as e:
         logger.warning("fiddler: the GPU cannot wait for the CPU experts on the device (%s); "
                        "the engine thread waits instead", e)
-        return False
-
-
-def block_on_host_syncs() -> bool:
-    """Makes the current CUDA context's host waits sleep instead of spinning (cuCtxSetFlags).
-
-    By default (CU_CTX_SCHED_AUTO with fewer contexts than cores) a thread
-    waiting in a stream or event sync, or a blocking copy, spins on its core.
-    The engine thread waits so at every step's end for the sampled tokens:
-    with compiled attention it has queued the whole step within a few
-    milliseconds and then spins for the rest of it, on a core the CPU
-    experts could use. A blocking wait costs a wake-up instead (tens of
-    microseconds). Applies to every thread using this context; False (with a
-    warning) where the driver lacks the call (before CUDA 12.1) or no context
-    is current."""
-    try:
-        torch.cuda.current_stream().query()  # makes the primary context current on this thread
-        lib = ctypes.CDLL("libcuda.so.1")
-        flags = ctypes.c_uint(0)
-        rc = lib.cuCtxGetFlags(ctypes.byref(flags))
-        if rc == _CUDA_SUCCESS:
-            rc = lib.cuCtxSetFlags(ctypes.c_uint((flags.value & ~CU_CTX_SCHED_MASK) | CU_CTX_SCHED_BLOCKING_SYNC))
-        if rc != _CUDA_SUCCESS:
-            raise RuntimeError(f"CUDA driver error {rc}")
-        return True
-    except (OSError, AttributeError, RuntimeError) as e:
-        logger.warning("fiddler: host syncs keep spinning, blocking_sync is not available here (%s)", e)
         return False

@@ -31,7 +31,7 @@ What the engine thread still does between steps (HybridMoE.after_graph_step):
 the cost model's streamed cut (written into streamed_below on the device, in
 stream order), re-placement, stats. Rows padded by vLLM up to a captured size
 are computed like real ones (a FULL graph cannot see the real count), so only
-sizes up to `routed_max_tokens` are captured FULL (vllm_hooks).
+sizes up to `routed_max_tokens` are captured FULL (vllm_fiddler.plugin).
 """
 
 from __future__ import annotations
@@ -107,15 +107,17 @@ class GraphJobs:
         return slot
 
     # -- one layer's step, queued on the current stream (captured, or eager in tests) ---------
-    def queue(self, layer, x: torch.Tensor, router_logits: torch.Tensor, out: torch.Tensor) -> None:
-        """out [T, H] = the layer's MoE of x [T, H] (bf16, T <= max_tokens), all on the stream:
-        the CPU's share comes from the native job thread without the engine thread."""
+    def queue(self, layer, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+              out: torch.Tensor) -> None:
+        """out [T, H] = the layer's routed experts of x [T, H] (bf16, T <= max_tokens) for vLLM's
+        routing topk_weights / topk_ids [T, K], all on the stream: the CPU's share comes from
+        the native job thread without the engine thread."""
         T, K = x.shape[0], self.top_k
         if not 1 <= T <= self.max_tokens:
             raise ValueError(f"fiddler: a graph step of {T} tokens (1..{self.max_tokens} captured)")
         code = mark_code(self.slot(layer), T)
         stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
-        topk_weights, topk_ids = layer.route_and_count(router_logits)
+        layer.count(topk_ids)
         v = self.views
         v.slots[:T].copy_(layer.cpu_slot_of[topk_ids])  # [T, K] the map read in place: re-placement follows
         v.weights[:T].copy_(topk_weights)
@@ -142,7 +144,7 @@ class GraphJobs:
 
 
 # Steps of up to this many tokens run as graph steps in this process's model (0: none, or no
-# model yet): vLLM's dispatcher keeps FULL graphs of those sizes only (vllm_hooks).
+# model yet): vLLM's dispatcher keeps FULL graphs of those sizes only (vllm_fiddler.plugin).
 _full_graph_max_tokens = 0
 
 

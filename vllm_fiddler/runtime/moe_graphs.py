@@ -20,18 +20,14 @@ For each token count T in 1..max_tokens, captured while the model loads:
   hot graph (per layer):   hot_out    = fused_moe(x, w13_gpu, w2_gpu, weights, gpu_slot_of[ids])
   staged graph (one):      staged_out = fused_moe over the staging slots' chunk-experts,
                            of `expert`'s (token, k) pairs only, chunks from stager row `row`
-  streamed graph (per layer with host views, T <= streamed_max_tokens):
-                           streamed_out = a routed step's leading chunks of its host experts,
-                           read from host memory in place (HybridMoE.streamed_share; how many
-                           chunks: the layer's streamed_below, a device tensor)
 
 And for each token count up to the routed steps' limit (HybridMoE._forward_routed_graphs,
 capture_routed), the whole GPU side of a routed step, in three graphs between which the
 engine thread queues the CPU job (its routing mark) and the stream's wait for its result:
 
-  inputs (per T, shared):  x [T, H], logits [T, E]                        (copied per op)
-  routing graph (per layer): route and count (expert_tokens, expert_heat), then copy the host
-                           slots, weights and x down into pinned buffers of their own
+  inputs (per T, shared):  x [T, H], ids [T, K], weights [T, K]   (vLLM's routing, copied per op)
+  routing graph (per layer): count (expert_tokens, expert_heat), then copy the host slots,
+                           weights and x down into pinned buffers of their own
   experts graph (per layer, with / without streaming): routed_out = hot [+ streamed]
   result graph (one):      routed_out += the CPU's result, read from its pinned buffer
 
@@ -60,7 +56,7 @@ import time
 
 import torch
 
-from vllm_fiddler.layers.hybrid_moe import chunk_weights, staged_expert
+from vllm_fiddler.moe.layer import chunk_weights, staged_expert
 from vllm_fiddler.logger import logger
 from vllm_fiddler.runtime.host_view import device_view
 
@@ -77,7 +73,6 @@ class _Inputs:
         self.hot_out = torch.zeros(T, H, dtype=dtype, device=device)  # [T, H]
         self.staged_out = torch.zeros(T, H, dtype=dtype, device=device)  # [T, H]
         self.streamed_out = torch.zeros(T, H, dtype=dtype, device=device)  # [T, H]
-        self.logits: torch.Tensor | None = None  # [T, E] routed steps' input (capture_routed)
         self.routed_out: torch.Tensor | None = None  # [T, H] routed steps' output
 
 
@@ -113,7 +108,6 @@ class MoEGraphs:
         self._inputs = {T: _Inputs(T, hidden_size, top_k, dtype, device) for T in range(1, max_tokens + 1)}
         self._hot: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (id(layer), T)
         self._staged: dict[int, torch.cuda.CUDAGraph] = {}  # T
-        self._streamed: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (id(layer), T)
         self._pool = torch.cuda.graph_pool_handle()
         self._loaded: _Inputs | None = None
         self.replays = 0
@@ -122,32 +116,27 @@ class MoEGraphs:
         self._routed_experts: dict[tuple[int, int, bool], torch.cuda.CUDAGraph] = {}
         self._routed_result: dict[int, torch.cuda.CUDAGraph] = {}
         self._routed_rows: dict[int, _RoutedHost] = {}  # T -> the first T rows of the pinned buffers
-        self._logits_dtype: torch.dtype | None = None
         self._top_k = top_k
         self._dtype = dtype
 
     # -- capture (model load) --------------------------------------------
-    def capture(self, layers, stager, streamed_max_tokens: int = 0) -> dict:
-        """Captures for each token count the hot graph of every layer with device expert slots,
-        the staged graph (when there is a stager), and up to `streamed_max_tokens` (the routed
-        steps' limit) the streamed graph of every layer with host views; returns {"graphs",
-        "seconds"}."""
+    def capture(self, layers, stager) -> dict:
+        """Captures for each token count the hot graph of every layer with device expert slots
+        and the staged graph (when there is a stager); returns {"graphs", "seconds"}."""
         start = time.perf_counter()
         for T, s in self._inputs.items():
             for layer in layers:
                 if layer.w13_gpu.shape[0]:
                     self._hot[(id(layer), T)] = self._capture(lambda: _hot_launch(layer, s))
-                if T <= streamed_max_tokens and layer.host_views is not None:
-                    self._streamed[(id(layer), T)] = self._capture(lambda: _streamed_launch(layer, s))
             if stager is not None:
                 self._staged[T] = self._capture(lambda: _staged_launch(stager, s))
         seconds = time.perf_counter() - start
-        graphs = len(self._hot) + len(self._staged) + len(self._streamed)
+        graphs = len(self._hot) + len(self._staged)
         logger.info("fiddler: GPU expert launches of steps of 1-%d tokens replay CUDA graphs: %d captured "
                     "in %.1f s", self.max_tokens, graphs, seconds)
         return {"graphs": graphs, "seconds": seconds}
 
-    def capture_routed(self, layers, max_tokens: int, logits_dtype: torch.dtype, heat_table_len: int) -> dict:
+    def capture_routed(self, layers, max_tokens: int, heat_table_len: int) -> dict:
         """Captures the routed steps' graphs (module docstring) for token counts up to
         max_tokens (and this object's max_tokens), if the CPU runtime takes routed jobs and the
         native kernels the model's dtype; returns {"graphs", "seconds"}. Layers without a heat
@@ -161,11 +150,9 @@ class MoEGraphs:
             return {"graphs": 0, "seconds": 0.0}
         start = time.perf_counter()
         first = layers[0]
-        self._logits_dtype = logits_dtype
         pinned = _RoutedHost.pinned(max_tokens, first.hidden_size, self._top_k, self._dtype)
         for T in range(1, max_tokens + 1):
             s = self._inputs[T]
-            s.logits = torch.zeros(T, first.num_experts, dtype=logits_dtype, device=s.x.device)  # [T, E]
             s.routed_out = torch.zeros_like(s.x)  # [T, H]
             host = self._routed_rows[T] = pinned.rows(T)
             for layer in layers:
@@ -209,17 +196,18 @@ class MoEGraphs:
         s.weights.copy_(topk_weights)
         return True
 
-    def has_routed(self, layer, T: int, logits_dtype: torch.dtype) -> bool:
+    def has_routed(self, layer, T: int) -> bool:
         """Whether capture_routed covers this layer's routed steps of T tokens."""
-        return (id(layer), T) in self._routing and logits_dtype == self._logits_dtype
+        return (id(layer), T) in self._routing
 
-    def route(self, layer, x: torch.Tensor, router_logits: torch.Tensor) -> _RoutedHost:
+    def route(self, layer, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> _RoutedHost:
         """Copies a routed op's inputs in and replays its routing graph; returns the pinned
         rows the stream fills (x, ids, weights) and the CPU's result goes to (result)."""
         T = x.shape[0]
         s = self._loaded = self._inputs[T]
         s.x.copy_(x)
-        s.logits.copy_(router_logits)
+        s.ids.copy_(topk_ids)
+        s.weights.copy_(topk_weights)
         self._replay(self._routing[(id(layer), T)], s.routed_out)
         return self._routed_rows[T]
 
@@ -236,10 +224,6 @@ class MoEGraphs:
     def hot(self, layer) -> torch.Tensor | None:
         """The loaded op's hot experts (layer's device slots) [T, H], or None without a graph."""
         return self._replay(self._hot.get((id(layer), self._loaded.x.shape[0])), self._loaded.hot_out)
-
-    def streamed(self, layer) -> torch.Tensor | None:
-        """The loaded op's streamed chunks (HybridMoE.streamed_share) [T, H], or None without a graph."""
-        return self._replay(self._streamed.get((id(layer), self._loaded.x.shape[0])), self._loaded.streamed_out)
 
     def _replay(self, graph: torch.cuda.CUDAGraph | None, out: torch.Tensor) -> torch.Tensor | None:
         if graph is None:
@@ -264,16 +248,9 @@ def _hot_launch(layer, s: _Inputs) -> None:
     layer.hot_experts(s.x, s.weights, s.ids, s.hot_out)
 
 
-def _streamed_launch(layer, s: _Inputs) -> None:
-    # the routing map read in place: re-placement rewrites it, the graph follows
-    layer.streamed_share(s.x, s.weights, layer.cpu_slot_of[s.ids], s.streamed_out)
-
-
 def _routing_launch(layer, s: _Inputs, host: _RoutedHost) -> None:
-    """HybridMoE.route_and_count and _forward_routed's copies down, into the graphs' buffers."""
-    topk_weights, topk_ids = layer.route_and_count(s.logits)
-    s.ids.copy_(topk_ids)
-    s.weights.copy_(topk_weights)
+    """HybridMoE.count and the routed step's copies down, into the graphs' buffers."""
+    layer.count(s.ids)
     v = host.views
     # the routing map read in place: re-placement rewrites it, the graph follows
     v["ids"].copy_(layer.cpu_slot_of[s.ids])

@@ -256,15 +256,3 @@ class ExpertReplacer:
         landed = len(self.in_flight) - len(still)
         self.in_flight = still
         return landed
-
-
-def is_real_step() -> bool:
-    """A step of real requests: vLLM's dummy runs (profiling, warm-up, graph capture) carry
-    no attention metadata, and nothing may change while a CUDA graph is being captured."""
-    try:
-        from vllm.forward_context import get_forward_context, is_forward_context_available
-    except ImportError:
-        return False
-    if not is_forward_context_available() or get_forward_context().attn_metadata is None:
-        return False
-    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())

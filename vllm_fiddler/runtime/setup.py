@@ -6,8 +6,6 @@ so an impossible budget fails here, not after allocating tens of GB.
 
 from __future__ import annotations
 
-
-
 import torch
 
 from vllm_fiddler.config import FiddlerConfig, FiddlerConfigError
@@ -80,7 +78,7 @@ def resolve_model_placement(cfg: FiddlerConfig, shape: MoEShape, vllm_config) ->
     adapt, why = decide_adaptation(cfg, shape, placement, on_cuda)
     logger.info("%s", placement.report(
         shape.expert_bytes, f"{source}; budget {how}; {staging} staging slots for copied experts; "
-                            f"online re-placement {'on' if adapt else 'off'} ({why})"))
+                            f"online re-placement {'on' if adapt else 'off'} ({why})", shape.layer_ids))
     for warning in run_preflight(shape, placement, device_is_host=not on_cuda, host_backing=adapt):
         logger.warning("%s", warning)
     return placement, staging, adapt

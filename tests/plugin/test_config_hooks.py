@@ -26,14 +26,13 @@ def engine_config(model, **kwargs):
 
 
 def test_register_is_idempotent_and_lazy():
-    from vllm import ModelRegistry
+    from vllm.config import VllmConfig
     from vllm.model_executor.models.registry import _ModelRegistry
 
-    wrapped = _ModelRegistry.inspect_model_cls
+    wrapped = _ModelRegistry.resolve_model_cls, VllmConfig.try_verify_and_update_config
     vllm_fiddler.register()
     vllm_fiddler.register.__wrapped__()  # even bypassing the lru_cache guard
-    assert _ModelRegistry.inspect_model_cls is wrapped
-    assert "FiddlerMixtralForCausalLM" in ModelRegistry.get_supported_archs()
+    assert (_ModelRegistry.resolve_model_cls, VllmConfig.try_verify_and_update_config) == wrapped
     assert vllm_fiddler.register.__wrapped__.__module__ == "vllm_fiddler"
 
 
@@ -44,47 +43,41 @@ def test_entry_point_is_declared():
     assert eps.get("fiddler") == "vllm_fiddler:register"
 
 
-@pytest.mark.parametrize("impl, expected", [
-    ("fiddler", "FiddlerMixtralForCausalLM"), ("auto", "MixtralForCausalLM"), ("vllm", "MixtralForCausalLM")])
-def test_model_impl_selects_class(impl, expected):
+@pytest.mark.parametrize("arch", ["MixtralForCausalLM", "Qwen3MoeForCausalLM", "DeepseekV3ForCausalLM",
+                                  "GptOssForCausalLM", "LlamaForCausalLM"])
+@pytest.mark.parametrize("impl", ["fiddler", "auto", "vllm"])
+def test_model_impl_selects_class(impl, arch):
+    """fiddler wraps vLLM's own class of any architecture (one wrapper, no class per model);
+    other impls get vLLM's class untouched; the architecture name stays vLLM's."""
     from vllm import ModelRegistry
+
+    from vllm_fiddler.moe.model import FiddlerModel
 
     mc = types.SimpleNamespace(model_impl=impl, convert_type="none", runner_type="generate",
                                hf_config=None)
-    cls, arch = ModelRegistry.resolve_model_cls(["MixtralForCausalLM"], mc)
-    assert cls.__name__ == expected
-    assert arch == "MixtralForCausalLM"  # the original name, for vLLM's name-keyed logic
+    cls, resolved = ModelRegistry.resolve_model_cls([arch], mc)
+    assert resolved == arch  # the original name, for vLLM's name-keyed logic
+    base = cls.__mro__[2] if impl == "fiddler" else cls
+    assert base.__name__ == arch
+    assert issubclass(cls, FiddlerModel) == (impl == "fiddler")
+    if impl == "fiddler":
+        assert ModelRegistry.resolve_model_cls([arch], mc)[0] is cls  # one class per base
 
 
-def test_fiddler_config_sets_piecewise_graphs(tiny_mixtral):
-    from vllm.config import CUDAGraphMode
-
-    for options in ({}, {"full_cuda_graphs": False}):
-        cfg = engine_config(tiny_mixtral, model_impl="fiddler", additional_config={"fiddler": options})
-        assert cfg.model_config.architecture == "MixtralForCausalLM"
-        # on the CPU platform vLLM turns graphs off (FULL ones are kept from the op: test below)
-        assert cfg.compilation_config.cudagraph_mode in (CUDAGraphMode.NONE, CUDAGraphMode.PIECEWISE)
-
-
-@pytest.mark.parametrize("options, asked, chosen", [
-    ({}, None, "FULL_AND_PIECEWISE"),  # vLLM's own default, with graph steps
-    ({}, "FULL", "FULL_AND_PIECEWISE"),  # FULL prefill graphs would capture planned steps
-    ({}, "FULL_DECODE_ONLY", "FULL_DECODE_ONLY"),
-    ({}, "PIECEWISE", "PIECEWISE"),
-    ({"full_cuda_graphs": False}, None, "PIECEWISE"),
-    ({"full_cuda_graphs": False}, "FULL_AND_PIECEWISE", "PIECEWISE"),
-    ({"routed_max_tokens": 0}, None, "PIECEWISE"),  # graph steps are routed steps
-    ({"wait_on_device": False}, "FULL_DECODE_ONLY", "PIECEWISE"),
+@pytest.mark.parametrize("asked, chosen", [
+    (None, "FULL_AND_PIECEWISE"),  # vLLM's own default, with graph steps
+    ("FULL", "FULL_AND_PIECEWISE"),  # FULL prefill graphs would capture planned steps
+    ("FULL_DECODE_ONLY", "FULL_DECODE_ONLY"),
+    ("PIECEWISE", "PIECEWISE"),
+    ("NONE", "NONE"),
 ])
-def test_cudagraph_mode_follows_the_graph_steps_option(options, asked, chosen):
+def test_cudagraph_mode(asked, chosen):
     from vllm.config import CUDAGraphMode
 
-    from vllm_fiddler.config import FiddlerConfig
-    from vllm_fiddler.vllm_hooks import _select_cudagraph_mode
+    from vllm_fiddler.plugin import _select_cudagraph_mode
 
     cc = types.SimpleNamespace(cudagraph_mode=getattr(CUDAGraphMode, asked) if asked else None)
-    _select_cudagraph_mode(types.SimpleNamespace(compilation_config=cc),
-                           FiddlerConfig.from_additional_config({"fiddler": options}))
+    _select_cudagraph_mode(types.SimpleNamespace(compilation_config=cc))
     assert cc.cudagraph_mode == getattr(CUDAGraphMode, chosen)
 
 
@@ -95,7 +88,7 @@ def test_full_cudagraphs_kept_only_for_graph_step_sizes():
     from vllm.forward_context import BatchDescriptor
 
     from vllm_fiddler.runtime import graph_jobs
-    from vllm_fiddler.vllm_hooks import _limit_full_cudagraphs
+    from vllm_fiddler.plugin import _limit_full_cudagraphs
 
     def keys():
         return {CUDAGraphMode.FULL: {BatchDescriptor(n, num_reqs=n, uniform=True) for n in (1, 2, 4, 8, 16)},
@@ -106,7 +99,7 @@ def test_full_cudagraphs_kept_only_for_graph_step_sizes():
         for limit, kept in ((4, [1, 2, 4]), (0, []), (16, [1, 2, 4, 8, 16])):
             graph_jobs.set_full_graph_max_tokens(limit)
             k = keys()
-            _limit_full_cudagraphs(k)
+            _limit_full_cudagraphs(types.SimpleNamespace(model_config=types.SimpleNamespace(model_impl="fiddler")), k)
             assert sorted(d.num_tokens for d in k[CUDAGraphMode.FULL]) == kept
             assert len(k[CUDAGraphMode.PIECEWISE]) == 5
     finally:
@@ -116,11 +109,12 @@ def test_full_cudagraphs_kept_only_for_graph_step_sizes():
 def test_dispatcher_key_limit_installed_once():
     from vllm.v1.cudagraph_dispatcher import CudagraphDispatcher
 
-    from vllm_fiddler.vllm_hooks import _install_full_cudagraph_limit
+    from vllm_fiddler import compat
+    from vllm_fiddler.plugin import _limit_full_cudagraphs
 
     patched = CudagraphDispatcher.initialize_cudagraph_keys
     assert getattr(patched, "_fiddler_patched", False)  # register() installed it
-    _install_full_cudagraph_limit()
+    compat.patch_cudagraph_keys(_limit_full_cudagraphs)
     assert CudagraphDispatcher.initialize_cudagraph_keys is patched
 
 
@@ -135,7 +129,7 @@ def test_fiddler_gets_the_coalescing_scheduler_unless_told_otherwise(tiny_mixtra
     from vllm.v1.core.sched.async_scheduler import AsyncScheduler
     from vllm.v1.core.sched.scheduler import Scheduler
 
-    from vllm_fiddler.vllm_hooks import COALESCING_SCHEDULER, _coalescing
+    from vllm_fiddler.plugin import COALESCING_SCHEDULER, _coalescing
 
     cfg = engine_config(tiny_mixtral, model_impl="fiddler")
     assert cfg.scheduler_config.scheduler_cls == COALESCING_SCHEDULER
@@ -144,7 +138,7 @@ def test_fiddler_gets_the_coalescing_scheduler_unless_told_otherwise(tiny_mixtra
     # the subclass keeps vLLM's base, async or not
     assert issubclass(_coalescing(AsyncScheduler), AsyncScheduler)
     assert issubclass(_coalescing(Scheduler), Scheduler) and not issubclass(_coalescing(Scheduler), AsyncScheduler)
-    # the scheduler surface the subclass relies on (vllm_hooks' porting notes)
+    # the scheduler surface the subclass relies on (vllm_fiddler.compat)
     from vllm.v1.core.sched.interface import PauseState
 
     assert PauseState.PAUSED_NEW in PauseState
@@ -179,10 +173,23 @@ def test_placement_file_naming_missing_expert(tiny_mixtral, tmp_path):
     assert "layer 1 names expert 9, which does not exist" in str(e.value)
 
 
-def test_unsupported_architecture(tiny_llama):
+def test_dense_model_fails_at_config_time(tiny_llama):
     with pytest.raises(Exception) as e:
         engine_config(tiny_llama, model_impl="fiddler")
-    assert "does not support architecture(s) ['LlamaForCausalLM']" in str(e.value)
-    assert "MixtralForCausalLM" in str(e.value)
+    assert "LlamaForCausalLM has no routed experts" in str(e.value)
+    assert "dense model" in str(e.value) and "--model-impl auto" in str(e.value)
     # and without fiddler the same model resolves as usual
     assert engine_config(tiny_llama, model_impl="auto").model_config.architecture == "LlamaForCausalLM"
+
+
+def test_placement_file_names_a_dense_layer(tmp_path):
+    """DeepSeek's first layers are dense: a placement file keyed by model layer index may not
+    name them (checked in the frontend from the config's first_k_dense_replace)."""
+    from helpers.families import build_family
+
+    model = build_family("deepseek_v3", str(tmp_path / "model"))
+    f = tmp_path / "placement.json"
+    f.write_text(json.dumps({"gpu_experts": {"0": [1]}}))
+    with pytest.raises(Exception) as e:
+        engine_config(model, model_impl="fiddler", additional_config={"fiddler": {"placement": str(f)}})
+    assert "layer 0 is not an MoE layer of this model (its MoE layers: 1-3)" in str(e.value)

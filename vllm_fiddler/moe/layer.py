@@ -40,12 +40,15 @@ import time
 import torch
 from torch import nn
 
-from vllm_fiddler.kernels.reference import route
+from vllm_fiddler import envs
+from vllm_fiddler.compat import num_actual_tokens
+from vllm_fiddler.kernels.reference import SILU, ExpertMath
 from vllm_fiddler.logger import logger
 from vllm_fiddler.runtime.cpu_experts import CPUExpertRuntime
 from vllm_fiddler.runtime.step_planner import get_step_planner
 
-# Checkpoint names of Mixtral's expert weights: w1 (gate) and w3 (up) fill w13, w2 is down.
+# Expert tensors as vLLM's loaders name them: w1 (gate) and w3 (up) fill w13, w2 is down;
+# b1 / b3 / b2 their biases; w13 / b13 gate and up together, in vLLM's layout.
 _W1, _W2, _W3 = "w1", "w2", "w3"
 
 
@@ -76,14 +79,16 @@ class HybridMoE(nn.Module):
 
     def __init__(self, *, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int,
                  gpu_experts: tuple[int, ...], dtype: torch.dtype, device: torch.device,
-                 cpu_runtime: CPUExpertRuntime, pin_memory: bool, host_backing: bool = False):
-        """host_backing: host memory keeps every expert (host slot e = expert e), not only the
+                 cpu_runtime: CPUExpertRuntime, pin_memory: bool, host_backing: bool = False,
+                 math: ExpertMath = SILU):
+        """math: the expert activation and biases (kernels.reference.ExpertMath). host_backing: host memory keeps every expert (host slot e = expert e), not only the
         cold ones, so a device-resident expert can be evicted at no cost and any expert can be
         copied in (online re-placement, vllm_fiddler.runtime.replacer); otherwise host slot s
         holds the s-th cold expert."""
         super().__init__()
         E, H, I = num_experts, hidden_size, intermediate_size
         self.num_experts, self.top_k, self.hidden_size, self.intermediate_size = E, top_k, H, I
+        self.math = math
         gpu_experts = tuple(sorted(gpu_experts))
         cold = tuple(e for e in range(E) if e not in set(gpu_experts))
         self.device = torch.device(device)
@@ -142,6 +147,14 @@ class HybridMoE(nn.Module):
         # the host experts' chunks as experts: slot s chunk c is chunk-expert s * C + c
         self.w13_cpu_chunks = self.w13_cpu.view(Eh * C, 2 * Ic, H)  # [Eh*C, 2Ic, H]
         self.w2_cpu_chunks = self.w2_cpu.view(Eh * C, H, Ic)  # [Eh*C, H, Ic]
+        # biases (math.has_bias): a host chunk-expert's b13 chunk, and b2 in chunk 0 only (an
+        # expert's output is the sum of its chunks')
+        self.b13_gpu = self.b2_gpu = self.b13_cpu = self.b2_cpu = None
+        if math.has_bias:
+            self.b13_gpu = torch.zeros(Eg, 2 * I, dtype=dtype, device=self.device)  # [Eg, 2I]
+            self.b2_gpu = torch.zeros(Eg, H, dtype=dtype, device=self.device)  # [Eg, H]
+            self.b13_cpu = torch.zeros(Eh, C, 2 * Ic, dtype=dtype, device="cpu", pin_memory=pin_memory)
+            self.b2_cpu = torch.zeros(Eh, C, H, dtype=dtype, device="cpu", pin_memory=pin_memory)
         # Counters for metrics and tests: (token, k) pairs computed on each side (routed
         # steps' pairs are added in the properties below).
         self._to_gpu = 0
@@ -250,33 +263,49 @@ class HybridMoE(nn.Module):
             return self.w13_gpu[slot], self.w2_gpu[slot]
         return self.cold_expert_plain(self.host_slot[expert])
 
+    @property
+    def host_biases(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The host chunk-experts' biases (b13 [Eh*C, 2Ic], b2 [Eh*C, H]), or None."""
+        if self.b13_cpu is None:
+            return None
+        return self.b13_cpu.view(-1, self.b13_cpu.shape[-1]), self.b2_cpu.view(-1, self.hidden_size)
+
     def load_expert(self, expert: int, name: str, weight: torch.Tensor) -> None:
-        """Writes one checkpoint tensor of `expert` into its device slot and/or its host slot."""
+        """Writes one of `expert`'s tensors, as vLLM's loaders name them (w1 / w3 [I, H], w2
+        [H, I], w13 [2I, H] in vLLM's layout, and biases b1 / b3 [I], b2 [H], b13 [2I]), into its
+        device slot and/or its host slot."""
+        if name in ("w13", "b13"):
+            gate, up = self.math.split_w13(weight)
+            self.load_expert(expert, name[0] + "1", gate)
+            self.load_expert(expert, name[0] + "3", up)
+            return
+        if name not in (_W1, _W2, _W3, "b1", "b2", "b3"):
+            raise KeyError(f"unknown expert tensor {name!r}")
+        if name[0] == "b" and self.b13_cpu is None:
+            raise ValueError(f"expert bias {name!r} given to a layer without biases")
         C, H, I = self.chunks, self.hidden_size, self.intermediate_size
         Ic = I // C
-        if name not in (_W1, _W2, _W3):
-            raise KeyError(f"unknown expert weight {name!r}")
         slot = self.device_slot[expert]
         if slot >= 0:
-            w13, w2 = self.w13_gpu[slot], self.w2_gpu[slot]
-            dst = {_W1: w13[:I], _W3: w13[I:], _W2: w2}[name]
+            if name[0] == "w":
+                w13, w2 = self.w13_gpu[slot], self.w2_gpu[slot]
+            else:
+                w13, w2 = self.b13_gpu[slot], self.b2_gpu[slot]
+            dst = {"1": w13[:I], "3": w13[I:], "2": w2}[name[1]]
             dst.copy_(weight)
         slot = self.host_slot[expert]
         if slot >= 0:
-            chunked = self.w13_cpu[slot]  # [C, 2Ic, H]
-            dst, src = {_W1: (chunked[:, :Ic], weight.view(C, Ic, H)),
-                        _W3: (chunked[:, Ic:], weight.view(C, Ic, H)),
-                        _W2: (self.w2_cpu[slot], weight.view(H, C, Ic).transpose(0, 1))}[name]
-            dst.copy_(src)
+            chunked = (self.w13_cpu if name[0] == "w" else self.b13_cpu)[slot]  # [C, 2Ic, H] / [C, 2Ic]
+            if name == _W2:
+                self.w2_cpu[slot].copy_(weight.reshape(H, C, Ic).transpose(0, 1))
+            elif name == "b2":
+                self.b2_cpu[slot, 0].copy_(weight)  # chunk 0 only: an expert's output sums its chunks'
+            else:  # gate rows go first in each chunk, up rows after them
+                half = slice(None, Ic) if name[1] == "1" else slice(Ic, None)
+                chunked[:, half].copy_(weight.reshape(C, Ic, *weight.shape[1:]))
 
-    def load_weights(self, weights) -> set[str]:
-        """Takes vLLM's names relative to this module: ``"{expert}.w1.weight"``."""
-        loaded = set()
-        for name, weight in weights:
-            expert, kind, _ = name.split(".", 2)
-            self.load_expert(int(expert), kind, weight)
-            loaded.add(name)
-        return loaded
+    def after_loading(self) -> None:
+        """Once every weight is in (vLLM's process_weights_after_loading)."""
 
     def init_random(self, seed: int, scale: float = 1e-3, pool_size: int = 1 << 24) -> None:
         """uniform(-scale, scale)-valued weights for --load-format dummy.
@@ -284,13 +313,29 @@ class HybridMoE(nn.Module):
         Drawing 90 GB one value at a time runs at ~0.4 GB/s on the host (torch's
         CPU generator is serial): minutes for Mixtral. Instead one pool of
         `pool_size` random values per layer is tiled into every expert at copy
-        speed, rotated per (expert, tensor) so experts differ. The values depend
-        on (seed, expert) only, never on the placement.
+        speed, starting at an offset per (expert, tensor) so experts differ. The
+        values depend on (seed, expert) only, never on the placement.
         """
         gen = torch.Generator(device="cpu").manual_seed(seed)
         dtype = self.w13_cpu.dtype
         pool = torch.empty(pool_size, dtype=torch.float32, device="cpu")
         pool = pool.uniform_(-scale, scale, generator=gen).to(dtype)
+        pools = {torch.device("cpu"): torch.cat([pool, pool])}  # [2N]: any window of N is a view
+
+        def fill(dst: torch.Tensor, shift: int) -> None:
+            twice = pools.get(dst.device)
+            if twice is None:
+                twice = pools[dst.device] = pools[torch.device("cpu")].to(dst.device)
+            flat = dst.view(-1)
+            n = flat.numel()
+            if n <= pool_size:
+                flat.copy_(twice[shift:shift + n])
+                return
+            rolled = twice[shift:shift + pool_size]
+            whole = n // pool_size * pool_size
+            flat[:whole].view(-1, pool_size).copy_(rolled.expand(whole // pool_size, pool_size))
+            flat[whole:].copy_(rolled[:n - whole])
+
         H, I = self.hidden_size, self.intermediate_size
         plain = None  # host staging of one expert in the plain layout
         for e in range(self.num_experts):
@@ -301,18 +346,17 @@ class HybridMoE(nn.Module):
                     plain = (torch.empty(2 * I, H, dtype=dtype), torch.empty(H, I, dtype=dtype))
                 dsts = plain
             for j, dst in enumerate(dsts):
-                shift = (2 * e + j) * 104729 % pool_size
-                rolled = torch.cat([pool[shift:], pool[:shift]]).to(dst.device)
-                flat = dst.view(-1)
-                whole = flat.numel() // pool_size * pool_size
-                if whole:
-                    flat[:whole].view(-1, pool_size).copy_(rolled.expand(whole // pool_size, pool_size))
-                flat[whole:].copy_(rolled[:flat.numel() - whole])
+                fill(dst, (2 * e + j) * 104729 % pool_size)
             if self.host_slot[e] >= 0:
                 if self.device_slot[e] >= 0:  # host backing of a device-resident expert
                     self.store_cold(self.host_slot[e], *(d.cpu() for d in dsts))
                 else:
                     self.store_cold(self.host_slot[e], *plain)
+        if self.math.has_bias:  # small: straight from the pool
+            for e in range(self.num_experts):
+                for j, (name, n) in enumerate((("b1", I), ("b3", I), ("b2", H))):
+                    shift = (3 * e + j) * 7919 % (pool_size - n)
+                    self.load_expert(e, name, pool[shift:shift + n])
 
     # ---- re-placement (vllm_fiddler.runtime.replacer) --------------------
     def set_heat_table(self, values) -> None:
@@ -344,6 +388,7 @@ class HybridMoE(nn.Module):
                              f"and expert {admit} host-served")
         self._serve(evict, -1)
         host = self.host_slot[admit]
+        self._copy_biases_in(host, slot)
         if copier is not None:
             return slot, copier.copy_expert(self.w13_cpu[host], self.w2_cpu[host],
                                             self.w13_gpu[slot], self.w2_gpu[slot])
@@ -351,6 +396,17 @@ class HybridMoE(nn.Module):
         self.w13_gpu[slot].copy_(w13)
         self.w2_gpu[slot].copy_(w2)
         return slot, None
+
+    def _copy_biases_in(self, host: int, slot: int) -> None:
+        """Device slot `slot`'s biases from host slot `host` (small: copied in stream order)."""
+        if self.b13_cpu is None:
+            return
+        I = self.intermediate_size
+        Ic = I // self.chunks
+        chunked = self.b13_cpu[host]  # [C, 2Ic]
+        self.b13_gpu[slot, :I].copy_(chunked[:, :Ic].reshape(I), non_blocking=True)
+        self.b13_gpu[slot, I:].copy_(chunked[:, Ic:].reshape(I), non_blocking=True)
+        self.b2_gpu[slot].copy_(self.b2_cpu[host, 0], non_blocking=True)
 
     def finish_swap(self, admit: int, slot: int) -> None:
         """Serve `admit` from device slot `slot` (its copy has landed)."""
@@ -385,35 +441,39 @@ class HybridMoE(nn.Module):
         return ids, topk_weights.unsqueeze(-1).expand(T, K, C).reshape(T, K * C)
 
     # ---- compute -------------------------------------------------------
-    def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
-        """x [T, H], router_logits [T, E] -> [T, H] in x.dtype."""
+    def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        """x [T, H], topk_weights [T, K], topk_ids [T, K] (vLLM's router) -> [T, H] in x.dtype."""
         out = torch.empty_like(x)
-        self.forward_into(x, router_logits, out)
+        self.forward_into(x, topk_weights, topk_ids, out)
         return out
 
-    def forward_into(self, x: torch.Tensor, router_logits: torch.Tensor, out: torch.Tensor) -> None:
+    def forward_into(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                     out: torch.Tensor) -> None:
         T = num_actual_tokens(x.shape[0])
         if T < x.shape[0]:  # CUDA-graph padding: no expert work for padded rows
             out[T:].zero_()
-            x, router_logits, out = x[:T], router_logits[:T], out[:T]
+            x, topk_weights, topk_ids, out = x[:T], topk_weights[:T], topk_ids[:T], out[:T]
         if T == 0:
             return
         self.steps += 1
+        topk_weights = topk_weights.float()
         if self.device.type == "cuda":
             start = time.perf_counter()
             last_end = HybridMoE._last_op_end
             if last_end is not None and start - last_end < IDLE_GAP_S:
                 self.gap_before_s += start - last_end
-            graph_step = torch.cuda.is_current_stream_capturing() and self._capture_graph_step(x, router_logits, out)
-            if not graph_step and not self._forward_routed_graphs(x, router_logits, out, start):
-                topk_weights, topk_ids = self.route_and_count(router_logits)
+            graph_step = torch.cuda.is_current_stream_capturing() and self._capture_graph_step(
+                x, topk_weights, topk_ids, out)
+            if not graph_step and not self._forward_routed_graphs(x, topk_weights, topk_ids, out, start):
+                self.count(topk_ids)
                 self._forward_cuda(x, topk_weights, topk_ids, out, start)
             HybridMoE._last_op_end = end = time.perf_counter()
             self.op_s += end - start
         else:
-            self._forward_host(x, *self.route_and_count(router_logits), out)
+            self.count(topk_ids)
+            self._forward_host(x, topk_weights, topk_ids, out)
 
-    def _capture_graph_step(self, x, router_logits, out) -> bool:
+    def _capture_graph_step(self, x, topk_weights, topk_ids, out) -> bool:
         """Under a CUDA graph capture (vLLM's FULL decode graphs): the whole routed step on the
         stream, the CPU's job handed over by the graph itself (runtime.graph_jobs). False for a
         layer the capture may take as is (every expert on the device for good). Raises for what
@@ -425,8 +485,8 @@ class HybridMoE(nn.Module):
             raise RuntimeError(
                 f"fiddler: a CUDA graph is capturing the hybrid MoE op for {x.shape[0]} tokens, which only "
                 f"graph steps of up to {jobs.max_tokens if jobs else 0} bf16 tokens can replay; the plugin "
-                "limits vLLM's FULL graphs to those (vllm_hooks), so some other capture reached the op")
-        jobs.queue(self, x, router_logits, out)
+                "limits vLLM's FULL graphs to those (vllm_fiddler.plugin), so some other capture reached the op")
+        jobs.queue(self, x, topk_weights, topk_ids, out)
         return True
 
     def after_graph_step(self) -> None:
@@ -441,20 +501,17 @@ class HybridMoE(nn.Module):
         cut = self._routed_streamed_cut()
         self.streamed_below(cut or (0,) * self.top_k)
 
-    def route_and_count(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """router_logits [T, E] -> (topk_weights [T, K] fp32, topk_ids [T, K] int64), counted
-        into expert_tokens and (once the replacer set a heat table) expert_heat."""
-        topk_weights, topk_ids = route(router_logits, self.top_k)
+    def count(self, topk_ids: torch.Tensor) -> None:
+        """Counts a step's routing [T, K] into expert_tokens and (once the replacer set a heat
+        table) expert_heat."""
         # [E]; not torch.bincount, which syncs with the device to size its output (~33 us a
-        # layer of host time on the H100 box: routing and counting took 153 us, now 120 us;
-        # benchmarks/routing_overhead.py)
+        # layer of host time on the H100 box; benchmarks/routing_overhead.py)
         flat = topk_ids.flatten()
         counts = torch.zeros(self.num_experts, dtype=torch.int64, device=flat.device).index_add_(
-            0, flat, flat.new_ones(()).expand_as(flat))
+            0, flat, flat.new_ones((), dtype=torch.int64).expand_as(flat))
         self.expert_tokens += counts
         if self.heat_table is not None:
             self.expert_heat += self.heat_table[counts.clamp(max=self.heat_table.numel() - 1)]
-        return topk_weights, topk_ids
 
     def _count(self, cpu_ids: torch.Tensor) -> int:
         return self._count_pairs(int((cpu_ids >= 0).sum()), cpu_ids.numel())
@@ -473,7 +530,8 @@ class HybridMoE(nn.Module):
         if n_cpu:
             self._cpu_chunk_reads += self.chunks * len(cold_token_counts(cpu_ids, self.num_host_slots))
             cold = self.cpu_runtime.submit(x, self.w13_cpu_chunks, self.w2_cpu_chunks,
-                                           *self.cpu_chunk_ids(cpu_ids, topk_weights))
+                                           *self.cpu_chunk_ids(cpu_ids, topk_weights), math=self.math,
+                                           biases=self.host_biases)
         acc = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # [T, H]
         if n_cpu < cpu_ids.numel():
             self._device_experts(x, gpu_ids, topk_weights, acc)
@@ -485,7 +543,8 @@ class HybridMoE(nn.Module):
                         acc: torch.Tensor) -> None:
         from vllm_fiddler.kernels.torch_moe import moe_forward
 
-        moe_forward(x, self.w13_gpu, self.w2_gpu, gpu_ids, topk_weights, acc)
+        moe_forward(x, self.w13_gpu, self.w2_gpu, gpu_ids, topk_weights, acc, self.math, self.b13_gpu,
+                    self.b2_gpu)
 
     # -- CUDA: hot experts on the GPU || cold experts on the CPU || copies --
     def hot_experts(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
@@ -501,9 +560,6 @@ class HybridMoE(nn.Module):
             self.hot_experts(x, topk_weights, topk_ids, out)
             self._to_gpu += T * K
             return
-        if T <= self.routed_max_tokens and self.cpu_runtime.takes_routed_jobs():
-            if self._forward_routed(x, topk_weights, topk_ids, out, op_start):
-                return
         # 1. What the host needs, in one D2H on the compute stream: ids,
         #    weights and the activations (KB per token).
         host = self.cpu_runtime.host_buffers(T, K, self.hidden_size, x.dtype)
@@ -548,41 +604,6 @@ class HybridMoE(nn.Module):
         if OP_TRACE is not None:
             trace_op(self, op_start, sync_start, sync_end, submitted)
 
-    def _forward_routed(self, x, topk_weights, topk_ids, out, op_start: float) -> bool:
-        """Small steps: the CPU job takes its routing from the stream, the host never waits.
-
-        The stream copies the routing (host slot or -1 per (token, k), mapped on the device,
-        so it follows re-placement in stream order) and the activations down and marks a
-        word; the native job thread waits for the word, runs the cold experts and signals;
-        the stream waits for that and adds the result. No weights are copied. False (nothing
-        queued that matters) if the runtime does not take the job: the caller syncs instead."""
-        T, K = topk_ids.shape
-        streamed = self._routed_streamed_cut()
-        host = self.cpu_runtime.host_buffers(T, K, self.hidden_size, x.dtype)
-        slots = self.cpu_slot_of[topk_ids]  # [T, K] int32 host slot or -1
-        host.ids.copy_(slots, non_blocking=True)
-        host.weights.copy_(topk_weights, non_blocking=True)
-        host.x.copy_(x, non_blocking=True)
-        cold = self.cpu_runtime.submit_routed(host.x, self.w13_cpu_chunks, self.w2_cpu_chunks, host.ids,
-                                              host.weights, self.chunks, self._routed_counts,
-                                              first_chunks=streamed)
-        if cold is None:
-            return False
-        self._routed_pairs += T * K
-        submitted = time.perf_counter()
-        self.to_cpu_submit_s += submitted - op_start
-        graphs = self._hot_share(x, topk_weights, topk_ids, out)
-        if streamed:
-            self.streamed_below(streamed)
-            part = graphs.streamed(self) if graphs is not None else None
-            if part is None:
-                part = self.streamed_share(x, topk_weights, slots)
-            out.add_(part)
-        out.add_(self.cpu_runtime.result_on_device(cold, x.device, x.dtype))
-        if OP_TRACE is not None:
-            trace_op(self, op_start, None, None, submitted)
-        return True
-
     def _routed_streamed_cut(self) -> tuple[int, ...] | None:
         """This routed step's streamed chunks per top-k position (None: the CPU takes every
         chunk), decided again every STREAMED_DECISION_STEPS routed steps."""
@@ -595,7 +616,7 @@ class HybridMoE(nn.Module):
             decision["steps"] += 1
         return self.routed_gpu_chunks if self.host_views is not None and any(self.routed_gpu_chunks) else None
 
-    def _forward_routed_graphs(self, x, router_logits, out, op_start: float) -> bool:
+    def _forward_routed_graphs(self, x, topk_weights, topk_ids, out, op_start: float) -> bool:
         """A routed step (_forward_routed) whose GPU work replays three CUDA graphs captured at
         load (MoEGraphs.capture_routed): routing, counting and the copies down; the hot and
         streamed experts; the CPU's result added. The engine thread copies the inputs in,
@@ -607,13 +628,13 @@ class HybridMoE(nn.Module):
         graphs = self.graphs
         T, K = x.shape[0], self.top_k
         if (graphs is None or T > self.routed_max_tokens
-                or not graphs.has_routed(self, T, router_logits.dtype)
+                or not graphs.has_routed(self, T)
                 or not self.cpu_experts or not self.cpu_runtime.takes_routed_jobs()):
             return False
         streamed = self._routed_streamed_cut()
         if streamed:
             self.streamed_below(streamed)  # before the experts' graph, which reads it
-        host = graphs.route(self, x, router_logits)  # [T, ...] pinned, filled in stream order
+        host = graphs.route(self, x, topk_weights, topk_ids)  # [T, ...] pinned, filled in stream order
         cold = self.cpu_runtime.submit_routed(host.x, self.w13_cpu_chunks, self.w2_cpu_chunks, host.ids,
                                               host.weights, self.chunks, self._routed_counts,
                                               first_chunks=streamed, out=host.result)
@@ -851,7 +872,7 @@ OP_TRACE: list | None = None
 # benchmarks/engine_trace.py. The engine core is its own process, so this is how its
 # timeline leaves it; a flush takes a few ms of the engine thread, once in 64 batch-1
 # steps of 8 layers.
-TRACE_DIR = os.environ.get("FIDDLER_TRACE_DIR") or None
+TRACE_DIR = envs.FIDDLER_TRACE_DIR
 TRACE_FLUSH_OPS = 512
 if TRACE_DIR:
     OP_TRACE = []
@@ -912,21 +933,3 @@ def small_chunk_ids(cpu_ids: list[list[int]], weights: list[list[float]], chunks
         ids.append(row_ids)
         ws.append(row_ws)
     return torch.tensor(ids, dtype=torch.int32), torch.tensor(ws, dtype=torch.float32)
-
-
-def num_actual_tokens(padded: int) -> int:
-    """Real tokens in this step (vLLM pads batches to CUDA-graph sizes)."""
-    try:
-        from vllm.forward_context import get_forward_context, is_forward_context_available
-
-        if not is_forward_context_available():
-            return padded
-        meta = get_forward_context().attn_metadata
-    except ImportError:
-        return padded
-    if isinstance(meta, list):
-        meta = meta[0] if meta else None
-    if isinstance(meta, dict):
-        meta = next(iter(meta.values()), None)
-    n = getattr(meta, "num_actual_tokens", None)
-    return min(padded, n) if isinstance(n, int) else padded

@@ -1,0 +1,216 @@
+"""Batch-1 decode and time to first token of any MoE shape: fiddler against stock vLLM's offload.
+
+Real shapes with ``--load-format dummy`` at the GPU budget of a smaller card
+(``--gpu-gib``, default 24: a 24 GB GPU, whatever card runs it), for the
+systems named; each runs in its own process, one after another, so pinned
+memory is gone before the next starts. The host's bandwidth is measured in the
+same run, first (benchmarks/host_bandwidth.py).
+
+    source .gpu/install.sh; R=$PWD; cd /tmp
+    python3 $R/benchmarks/decode.py --shape qwen3-30b-a3b --systems fiddler,stock_uva_experts \\
+        --out $OUT/decode-qwen3.json
+
+Budget: the card's memory is gpu_memory_utilization = gpu_gib / total of the
+device; the experts get what is left after the non-expert weights, a 3 GiB KV
+reserve and 1 GiB of runtime overhead. With --layers below the model's, that
+expert budget is scaled by the share of layers kept, so a trimmed model
+simulates the same card, not a bigger one.
+
+Systems: fiddler (defaults: even placement, online re-placement on, vLLM's
+compiled mode with CUDA graphs unless --eager); stock_uva_experts: stock vLLM
+with expert-only UVA offload (--cpu-offload-gb of the experts that do not fit,
+--cpu-offload-params w13_weight w2_weight): kernels read offloaded experts over
+PCIe in place, stock vLLM's best offload at a budget where whole layers do not
+fit. Both with FIDDLER_FAST_DUMMY_INIT=1 (host weights filled at copy speed).
+
+Figures per system: decode tok/s at temperature 1.0 (the headline: random
+tokens, so routing has no memory) and 0 (greedy: a random-weight model loops
+on a few tokens, routing repeats and re-placement looks better than real
+workloads allow); N / (time(1 + N tokens) - time(1 token)), 32-token prompt;
+TTFT of --prefill-lens prompts (best of 2). For fiddler, per decode run: the GPU
+hit rate and the host bytes read per token (CPU reads + PCIe reads of expert
+weights, from fiddler's counters), and the roofline: host bytes per token over
+the best host read bandwidth measured in this run (CPU and PCIe together, or
+either alone), and the share of it reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import shapes  # noqa: E402
+
+GIB = 1024**3
+KV_RESERVE_GIB = 3.0
+OVERHEAD_GIB = 1.0
+PROMPT_LEN = 32
+SYSTEMS = ("fiddler", "stock_uva_experts")
+
+
+def budget(shape_name: str, layers: int, gpu_gib: float) -> dict:
+    """Expert GiB resident on the GPU and offloaded, at a card of gpu_gib."""
+    from vllm_fiddler.placement import MoEShape
+
+    full = MoEShape.from_hf_config(shapes.config(shape_name), 2)
+    trimmed = MoEShape.from_hf_config(shapes.config(shape_name, layers), 2)
+    resident_full = gpu_gib - full.non_expert_bytes / GIB - KV_RESERVE_GIB - OVERHEAD_GIB
+    share = max(0.0, min(1.0, resident_full / (full.all_experts_bytes / GIB)))
+    experts = trimmed.all_experts_bytes / GIB
+    return {"expert_gib": round(experts, 2), "resident_gib": round(experts * share, 2),
+            "offloaded_gib": round(experts * (1 - share), 2), "resident_share": round(share, 4),
+            "expert_mib": round(trimmed.expert_bytes / 2**20, 2), "moe_layers": trimmed.num_layers,
+            "top_k": trimmed.top_k}
+
+
+def system_kwargs(name: str, b: dict, util: float, eager: bool) -> dict:
+    base = dict(load_format="dummy", gpu_memory_utilization=util, max_model_len=4096,
+                max_num_batched_tokens=2048, max_num_seqs=8, enable_prefix_caching=False, seed=0,
+                attention_backend="TRITON_ATTN", enforce_eager=eager)
+    if name == "fiddler":
+        return {**base, "model_impl": "fiddler", "additional_config": {"fiddler": {
+            "gpu_expert_budget_gb": b["resident_gib"], "kv_cache_reserve_gb": KV_RESERVE_GIB}}}
+    if name == "stock_uva_experts":
+        return {**base, "cpu_offload_gb": b["offloaded_gib"], "cpu_offload_params": {"w13_weight", "w2_weight"}}
+    raise ValueError(f"unknown system {name!r}")
+
+
+def time_generate(llm, prompt: list[int], max_tokens: int, temperature: float) -> float:
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(temperature=temperature, max_tokens=max_tokens, ignore_eos=True, seed=0)
+    start = time.perf_counter()
+    llm.generate([TokensPrompt(prompt_token_ids=prompt)], params, use_tqdm=False)
+    return time.perf_counter() - start
+
+
+def run_system(args) -> None:
+    """Child: one system's engine, its scenarios; rewrites --system-out after each."""
+    import torch
+    from vllm import LLM
+
+    model = shapes.build(args.shape, tempfile.mkdtemp(prefix="shape-"), args.layers)
+    util = args.gpu_gib / (torch.cuda.mem_get_info()[1] / GIB)
+    kwargs = system_kwargs(args.run_system, budget(args.shape, args.layers, args.gpu_gib), util, args.eager)
+    row = {"system": args.run_system, "kwargs": {k: sorted(v) if isinstance(v, set) else v
+                                                 for k, v in kwargs.items()}, "decode": {}, "ttft_s": {}}
+
+    def save():
+        with open(args.system_out, "w") as f:
+            json.dump(row, f, indent=1)
+
+    t0 = time.perf_counter()
+    llm = LLM(model=model, **kwargs)
+    row["load_s"] = time.perf_counter() - t0
+    save()
+    fiddler = args.run_system == "fiddler"
+    rng = random.Random(0)
+    vocab = shapes.config(args.shape).vocab_size
+    prompt = lambda n: [rng.randrange(100, vocab) for _ in range(n)]  # noqa: E731
+    time_generate(llm, prompt(PROMPT_LEN), args.warmup_tokens, 1.0)
+    for temperature in args.temperatures:
+        stats = _stats(llm) if fiddler else {}
+        t1 = time_generate(llm, prompt(PROMPT_LEN), 1, temperature)
+        tn = time_generate(llm, prompt(PROMPT_LEN), 1 + args.decode_tokens, temperature)
+        figure = {"tok_s": args.decode_tokens / max(tn - t1, 1e-9), "tokens": args.decode_tokens}
+        if fiddler:
+            from vllm_fiddler.stats import delta
+
+            d = delta(_stats(llm), stats)
+            pairs = d["routed_to_gpu"] + d["routed_to_cpu"]
+            host_bytes = d["cpu_weight_bytes"] + d["streamed_weight_bytes"] + d["h2d_weight_bytes"]
+            # the 1-token run's prefill and the n-token run's: the decode tokens' share of the pairs
+            figure.update(gpu_hit_rate=d["routed_to_gpu"] / max(1, pairs), host_gb_per_token=host_bytes / 1e9 / (
+                args.decode_tokens + 1), replacements=d["replacements"])
+        row["decode"][f"t{temperature:g}"] = figure
+        save()
+    for n in args.prefill_lens:
+        row["ttft_s"][str(n)] = min(time_generate(llm, prompt(n), 1, 1.0) for _ in range(2))
+        save()
+
+
+def _stats(llm) -> dict:
+    from vllm_fiddler.stats import model_stats
+
+    return llm.apply_model(model_stats)[0]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shape", default="qwen3-30b-a3b", choices=sorted(shapes.SHAPES))
+    p.add_argument("--layers", type=int, default=None, help="keep this many layers (default: all)")
+    p.add_argument("--gpu-gib", type=float, default=24.0, help="the card simulated (GiB)")
+    p.add_argument("--systems", default=",".join(SYSTEMS))
+    p.add_argument("--decode-tokens", type=int, default=128)
+    p.add_argument("--warmup-tokens", type=int, default=64)
+    p.add_argument("--temperatures", default="1.0,0")
+    p.add_argument("--prefill-lens", default="2048")
+    p.add_argument("--eager", action="store_true")
+    p.add_argument("--system-timeout", type=float, default=480)
+    p.add_argument("--out", required=True)
+    p.add_argument("--run-system", help=argparse.SUPPRESS)
+    p.add_argument("--system-out", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    args.layers = args.layers or shapes.config(args.shape).num_hidden_layers
+    args.temperatures = [float(t) for t in str(args.temperatures).split(",") if t]
+    args.prefill_lens = [int(n) for n in str(args.prefill_lens).split(",") if n]
+    os.environ["FIDDLER_FAST_DUMMY_INIT"] = "1"
+    if args.run_system:
+        run_system(args)
+        return
+    import host_bandwidth
+
+    out = {"shape": args.shape, "layers": args.layers, "gpu_gib": args.gpu_gib,
+           "budget": budget(args.shape, args.layers, args.gpu_gib), "command": " ".join(sys.argv),
+           "host_bandwidth": _bandwidth(host_bandwidth.__file__), "rows": []}
+    bw = out["host_bandwidth"] or {}
+    best_read = max(bw.get("cpu_read_gb_s") or 0, bw.get("pcie_h2d_gb_s") or 0,
+                    (bw.get("together") or {}).get("sum_gb_s") or 0)
+    for system in args.systems.split(","):
+        path = tempfile.mktemp(suffix=".json")
+        cmd = [sys.executable, __file__, *sys.argv[1:], "--run-system", system, "--system-out", path]
+        try:
+            subprocess.run(cmd, timeout=args.system_timeout, check=False)
+        except subprocess.TimeoutExpired:
+            pass
+        row = json.load(open(path)) if os.path.exists(path) else {"system": system, "error": "no result"}
+        for figure in row.get("decode", {}).values():
+            if figure.get("host_gb_per_token") and best_read:
+                figure["roofline_tok_s"] = best_read / figure["host_gb_per_token"]
+                figure["roofline_share"] = figure["tok_s"] / figure["roofline_tok_s"]
+        out["rows"].append(row)
+        with open(args.out, "w") as f:
+            json.dump(out, f, indent=1)
+    rows = {r["system"]: r for r in out["rows"]}
+    if "fiddler" in rows and "stock_uva_experts" in rows:
+        out["ratios"] = {t: rows["fiddler"]["decode"][t]["tok_s"] / rows["stock_uva_experts"]["decode"][t]["tok_s"]
+                         for t in rows["fiddler"].get("decode", {}) if t in rows["stock_uva_experts"].get("decode", {})}
+    with open(args.out, "w") as f:
+        json.dump(out, f, indent=1)
+    print(json.dumps({k: out.get(k) for k in ("shape", "layers", "budget", "ratios")}, indent=1))
+    for r in out["rows"]:
+        print(r["system"], json.dumps(r.get("decode")), json.dumps(r.get("ttft_s")))
+
+
+def _bandwidth(script: str) -> dict | None:
+    """host_bandwidth.py in its own process (it pins GiBs), 2 rounds of 2 s."""
+    path = tempfile.mktemp(suffix=".json")
+    try:
+        subprocess.run([sys.executable, script, "--out", path, "--seconds", "2", "--rounds", "2"],
+                       capture_output=True, timeout=120, check=True)
+        with open(path) as f:
+            return json.load(f)
+    except Exception:  # noqa: BLE001 - a run without its bandwidth still has its rows
+        return None
+
+
+if __name__ == "__main__":
+    main()

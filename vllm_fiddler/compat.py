@@ -1,0 +1,281 @@
+"""Every vLLM internal fiddler touches, in one place.
+
+Checked against vLLM 0.26.0. Porting to another release means reading this
+file against that release (and running tests/plugin). Each entry says what
+fiddler needs it for:
+
+| internal | for |
+| --- | --- |
+| ``RoutedExperts._get_quant_method`` | a fiddler model's FusedMoE layers get ``FiddlerMoEMethod`` |
+| ``FusedMoEMethodBase``, ``MoEActivation`` | the method's contract; which expert math a layer asks for |
+| ``cpu_fused_moe.select_experts`` | routing on vLLM's CPU platform, as its own CPU MoE method routes |
+| ``MoERunner._forward_entry``, ``._forward_impl`` | the layer's custom op: ours, with a caller-allocated output |
+| ``_ModelRegistry.resolve_model_cls`` | ``--model-impl fiddler`` builds vLLM's own class, wrapped |
+| ``VllmConfig.try_verify_and_update_config`` | options checked in the frontend, before any weight |
+| ``CudagraphDispatcher.initialize_cudagraph_keys`` | FULL graphs only of the sizes graph steps serve |
+| ``Scheduler``/``AsyncScheduler``, ``PauseState`` | the coalescing scheduler |
+| ``ForwardContext`` (``no_compile_layers``, ``attn_metadata``) | the op finds its layer and the real token count |
+| ``direct_register_custom_op`` | registering the op |
+| ``extract_layer_index`` | a layer's index in logs and placement files |
+| ``AttentionLayerBase.get_kv_cache_spec`` | KV bytes per token, for the auto budget |
+
+Everything here imports vLLM lazily: the pure modules (config, placement,
+cost model) import nothing from vLLM, and ``register()`` must not start CUDA.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+# vLLM releases this module was checked against.
+TESTED_VLLM = ("0.26.0",)
+
+
+def vllm_version() -> str:
+    import vllm
+
+    return vllm.__version__
+
+
+# ---------------------------------------------------------------- FusedMoE
+def fused_moe_method_base() -> type:
+    from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEMethodBase
+
+    return FusedMoEMethodBase
+
+
+def moe_runner_class() -> type:
+    from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
+
+    return MoERunner
+
+
+def activation_name(activation: Any) -> str:
+    """A MoEActivation (or its string) as a lower-case name: "silu", "swigluoai", ..."""
+    value = getattr(activation, "value", activation)
+    return str(value).lower()
+
+
+def patch_quant_method_selection(choose: Callable[[Any, str, Any, Any], Any]) -> None:
+    """``choose(routed_experts, prefix, quant_config, moe_config)`` picks each FusedMoE layer's
+    method first; None leaves vLLM's choice. Installed once per process."""
+    from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
+
+    original = RoutedExperts._get_quant_method
+    if getattr(original, "_fiddler_patched", False):
+        return
+
+    def _get_quant_method(self, prefix, quant_config, moe_config):
+        method = choose(self, prefix, quant_config, moe_config)
+        return method if method is not None else original(self, prefix, quant_config, moe_config)
+
+    _get_quant_method._fiddler_patched = True
+    _get_quant_method.__wrapped__ = original
+    RoutedExperts._get_quant_method = _get_quant_method
+
+
+def on_cpu_platform() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def cpu_platform_routing(layer: Any, x, router_logits):
+    """vLLM's routing on its CPU platform (its CUDA routers have no CPU kernels): what its own
+    CPU MoE method computes, from the layer's routing settings -> (topk_weights, topk_ids)."""
+    from vllm.model_executor.layers.fused_moe.cpu_fused_moe import select_experts
+
+    return select_experts(
+        hidden_states=x, router_logits=router_logits, top_k=layer.top_k,
+        use_grouped_topk=layer.use_grouped_topk, renormalize=layer.renormalize,
+        topk_group=layer.topk_group, num_expert_group=layer.num_expert_group,
+        custom_routing_function=layer.custom_routing_function, scoring_func=layer.scoring_func,
+        routed_scaling_factor=layer.routed_scaling_factor,
+        e_score_correction_bias=layer.e_score_correction_bias)
+
+
+def runner_forward_impl(runner: Any, hidden_states, router_logits, shared_experts_input, input_ids):
+    """vLLM's MoE layer body (gate, shared experts, routing, the routed experts' method),
+    which vLLM's own ``moe_forward`` op calls."""
+    return runner._forward_impl(hidden_states, router_logits, shared_experts_input, input_ids)
+
+
+def set_runner_entry(runner: Any, entry: Callable) -> None:
+    """Replaces the custom op a MoERunner's forward calls (vLLM's ``moe_forward``) with
+    ``entry(hidden_states, router_logits, shared_experts_input, input_ids, layer_name,
+    hidden_dim_unpadded)``."""
+    runner._forward_entry = entry
+
+
+def runner_has_shared_experts(runner: Any) -> bool:
+    return runner.shared_experts is not None
+
+
+def register_custom_op(namespace_lib: Any, name: str, func: Callable, mutates_args: list[str],
+                       fake_impl: Callable) -> None:
+    from vllm.utils.torch_utils import direct_register_custom_op
+
+    direct_register_custom_op(name, func, mutates_args=mutates_args, fake_impl=fake_impl,
+                              target_lib=namespace_lib)
+
+
+def extract_layer_index(prefix: str) -> int:
+    from vllm.model_executor.models.utils import extract_layer_index as extract
+
+    return extract(prefix)
+
+
+# ---------------------------------------------------------------- forward context
+def layer_by_name(name: str) -> Any:
+    from vllm.forward_context import get_forward_context
+
+    return get_forward_context().no_compile_layers[name]
+
+
+def num_actual_tokens(padded: int) -> int:
+    """Real tokens in this step (vLLM pads batches to CUDA-graph sizes)."""
+    try:
+        from vllm.forward_context import get_forward_context, is_forward_context_available
+
+        if not is_forward_context_available():
+            return padded
+        meta = get_forward_context().attn_metadata
+    except ImportError:
+        return padded
+    if isinstance(meta, list):
+        meta = meta[0] if meta else None
+    if isinstance(meta, dict):
+        meta = next(iter(meta.values()), None)
+    n = getattr(meta, "num_actual_tokens", None)
+    return min(padded, n) if isinstance(n, int) else padded
+
+
+def is_real_step() -> bool:
+    """A step of real requests: vLLM's dummy runs (profiling, warm-up, graph capture) carry
+    no attention metadata, and nothing may change while a CUDA graph is being captured."""
+    import torch
+    from vllm.forward_context import get_forward_context, is_forward_context_available
+
+    if not is_forward_context_available() or get_forward_context().attn_metadata is None:
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+# ---------------------------------------------------------------- config
+def current_vllm_config() -> Any:
+    from vllm.config import get_current_vllm_config
+
+    return get_current_vllm_config()
+
+
+def cudagraph_mode() -> Any:
+    from vllm.config import CUDAGraphMode
+
+    return CUDAGraphMode
+
+
+def patch_config_verification(check: Callable[[Any], None]) -> None:
+    """``check(vllm_config)`` runs in every process while ``VllmConfig`` is built, after
+    vLLM's per-architecture hooks, before anything is allocated."""
+    from vllm.config import VllmConfig
+
+    original = VllmConfig.try_verify_and_update_config
+    if getattr(original, "_fiddler_patched", False):
+        return
+
+    def try_verify_and_update_config(self):
+        first = self.model_config is not None and not getattr(self.model_config, "config_updated", False)
+        original(self)
+        if first:
+            check(self)
+
+    try_verify_and_update_config._fiddler_patched = True
+    try_verify_and_update_config.__wrapped__ = original
+    VllmConfig.try_verify_and_update_config = try_verify_and_update_config
+
+
+def patch_model_resolution(wrap: Callable[[type, Any], type]) -> None:
+    """``wrap(model_class, model_config)`` replaces the class vLLM resolved for a model (the
+    worker builds what it returns); the architecture name stays vLLM's, so its name-keyed
+    logic keeps working."""
+    from vllm.model_executor.models.registry import _ModelRegistry
+
+    original = _ModelRegistry.resolve_model_cls
+    if getattr(original, "_fiddler_patched", False):
+        return
+
+    def resolve_model_cls(self, architectures, model_config):
+        cls, arch = original(self, architectures, model_config)
+        return wrap(cls, model_config), arch
+
+    resolve_model_cls._fiddler_patched = True
+    resolve_model_cls.__wrapped__ = original
+    _ModelRegistry.resolve_model_cls = resolve_model_cls
+
+
+def patch_cudagraph_keys(limit: Callable[[Any, dict], None]) -> None:
+    """``limit(vllm_config, keys)`` edits the worker's CUDA graph keys ({mode: {descriptor}})
+    after vLLM chose them."""
+    from vllm.v1.cudagraph_dispatcher import CudagraphDispatcher
+
+    original = CudagraphDispatcher.initialize_cudagraph_keys
+    if getattr(original, "_fiddler_patched", False):
+        return
+
+    def initialize_cudagraph_keys(self, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        limit(self.vllm_config, self.cudagraph_keys)
+
+    initialize_cudagraph_keys._fiddler_patched = True
+    CudagraphDispatcher.initialize_cudagraph_keys = initialize_cudagraph_keys
+
+
+# ---------------------------------------------------------------- scheduler
+def scheduler_base(async_scheduling: bool) -> type:
+    if async_scheduling:
+        from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+
+        return AsyncScheduler
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    return Scheduler
+
+
+@functools.cache
+def pause_state() -> Any:
+    from vllm.v1.core.sched.interface import PauseState
+
+    return PauseState
+
+
+def waiting_requests(scheduler: Any) -> bool:
+    """Whether vLLM's scheduler holds requests not yet running."""
+    return bool(scheduler.waiting or getattr(scheduler, "skipped_waiting", ()))
+
+
+# ---------------------------------------------------------------- model
+def kv_cache_bytes_per_token(model: Any, vllm_config: Any) -> int:
+    """KV-cache bytes one token takes over every attention layer of a built model, from
+    vLLM's own KV-cache specs (MLA, sliding windows and GQA included); 0 if none report one."""
+    from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
+
+    total = 0
+    for module in model.modules():
+        if not isinstance(module, AttentionLayerBase):
+            continue
+        try:
+            spec = module.get_kv_cache_spec(vllm_config)
+        except Exception:  # a layer kind without a spec here: leave it out
+            continue
+        if spec is not None and getattr(spec, "block_size", 0):
+            total += spec.page_size_bytes // spec.block_size
+    return total
+
+
+def is_dummy_load(vllm_config: Any) -> bool:
+    return vllm_config.load_config.load_format == "dummy"
+
+
+def text_hf_config(model_config: Any) -> Any:
+    return getattr(model_config, "hf_text_config", None) or model_config.hf_config
