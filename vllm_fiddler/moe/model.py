@@ -135,7 +135,9 @@ class FiddlerModel:
         for experts in layers:
             experts.stager = stager
             experts.routed_max_tokens = routed_max_tokens
-            if on_cuda and routed_max_tokens and stager is not None:  # on CUDA host experts are pinned
+            # on CUDA host experts are pinned; a layer holding none (every expert on the GPU, no
+            # host backing) has nothing to stream
+            if on_cuda and routed_max_tokens and stager is not None and experts.num_host_slots:
                 experts.host_views = (device_view(experts.w13_cpu_chunks), device_view(experts.w2_cpu_chunks))
                 if cfg.streamed_chunks is not None:
                     experts.set_streamed_chunks(cfg.streamed_chunks)
