@@ -28,16 +28,6 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable
 
-# vLLM releases this module was checked against.
-TESTED_VLLM = ("0.26.0",)
-
-
-def vllm_version() -> str:
-    import vllm
-
-    return vllm.__version__
-
-
 # ---------------------------------------------------------------- FusedMoE
 def fused_moe_method_base() -> type:
     from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEMethodBase
@@ -163,12 +153,6 @@ def is_real_step() -> bool:
 
 
 # ---------------------------------------------------------------- config
-def current_vllm_config() -> Any:
-    from vllm.config import get_current_vllm_config
-
-    return get_current_vllm_config()
-
-
 def cudagraph_mode() -> Any:
     from vllm.config import CUDAGraphMode
 

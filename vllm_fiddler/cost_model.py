@@ -907,7 +907,7 @@ def _chunk_cached(whole: ColdPlan, cost: CostModel, chunks: int, gpu_busy_ms: fl
 def streamed_chunks(cost: CostModel, chunks: int, top_k: int = 1, tokens: float = 1.0,
                     cold_share: float = 1.0, cold_patterns: Sequence[float] | None = None) -> tuple[int, ...]:
     """[top_k] of a cold expert's `chunks` chunks, how many a routed step (no host planning:
-    HybridMoE._forward_routed) has the GPU compute straight from host memory while the CPU
+    HybridMoE._forward_routed_graphs and graph steps) has the GPU compute straight from host memory while the CPU
     computes the rest, per top-k position of the (token, k) pair.
 
     The total m over the top_k positions is spread as evenly as the positions allow (the

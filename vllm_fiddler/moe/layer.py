@@ -1,7 +1,7 @@
 """HybridMoE: one MoE layer's experts split between device and host memory.
 
-Architecture (per step, inside one opaque custom op):
-  route (softmax top-k, renormalised, fp32)
+Architecture (per step, inside the layer's opaque custom op, vllm_fiddler.moe.ops):
+  vLLM's router gives topk_weights / topk_ids [T, K]
     -> cold part: tokens routed to host-resident experts go to the CPU
        expert runtime (submit; runs while the GPU works)
     -> hot part: device-resident experts on the device (Triton on CUDA,
@@ -75,14 +75,14 @@ IDLE_GAP_S = 0.5
 class HybridMoE(nn.Module):
     # the end of the last MoE op in this process, any layer's (gap_before_s)
     _last_op_end: float | None = None
-    _routed_logged = False  # the routed steps' streamed chunks were logged (_forward_routed)
+    _routed_logged = False  # the routed steps' streamed chunks were logged (_decide_streamed_chunks)
 
     def __init__(self, *, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int,
                  gpu_experts: tuple[int, ...], dtype: torch.dtype, device: torch.device,
                  cpu_runtime: CPUExpertRuntime, pin_memory: bool, host_backing: bool = False,
                  math: ExpertMath = SILU):
-        """math: the expert activation and biases (kernels.reference.ExpertMath). host_backing: host memory keeps every expert (host slot e = expert e), not only the
-        cold ones, so a device-resident expert can be evicted at no cost and any expert can be
+        """math: the expert activation and biases (kernels.reference.ExpertMath).
+        host_backing: host memory keeps every expert (host slot e = expert e), not only the cold ones, so a device-resident expert can be evicted at no cost and any expert can be
         copied in (online re-placement, vllm_fiddler.runtime.replacer); otherwise host slot s
         holds the s-th cold expert."""
         super().__init__()
@@ -111,7 +111,7 @@ class HybridMoE(nn.Module):
         self.cpu_slot_of = self.cpu_slot_of_host.to(self.device)  # [E] host slot if served there, or -1
         self.stager = None  # WeightStager on CUDA (set by the model), else no copy path
         self.graphs = None  # MoEGraphs on CUDA (set by the model): small steps' GPU launches replay graphs
-        # steps of up to this many tokens hand the CPU its routing from the stream (_forward_routed)
+        # steps of up to this many tokens hand the CPU its routing from the stream (_forward_routed_graphs)
         self.routed_max_tokens = 0
         # CUDA views of the host chunks (runtime.host_view, set by the model) and, per top-k
         # position, how many of a cold expert's chunks a routed step computes on the GPU
@@ -295,17 +295,14 @@ class HybridMoE(nn.Module):
             dst.copy_(weight)
         slot = self.host_slot[expert]
         if slot >= 0:
-            chunked = (self.w13_cpu if name[0] == "w" else self.b13_cpu)[slot]  # [C, 2Ic, H] / [C, 2Ic]
             if name == _W2:
                 self.w2_cpu[slot].copy_(weight.reshape(H, C, Ic).transpose(0, 1))
             elif name == "b2":
                 self.b2_cpu[slot, 0].copy_(weight)  # chunk 0 only: an expert's output sums its chunks'
             else:  # gate rows go first in each chunk, up rows after them
+                chunked = (self.w13_cpu if name[0] == "w" else self.b13_cpu)[slot]  # [C, 2Ic, H] / [C, 2Ic]
                 half = slice(None, Ic) if name[1] == "1" else slice(Ic, None)
                 chunked[:, half].copy_(weight.reshape(C, Ic, *weight.shape[1:]))
-
-    def after_loading(self) -> None:
-        """Once every weight is in (vLLM's process_weights_after_loading)."""
 
     def init_random(self, seed: int, scale: float = 1e-3, pool_size: int = 1 << 24) -> None:
         """uniform(-scale, scale)-valued weights for --load-format dummy.
@@ -617,13 +614,17 @@ class HybridMoE(nn.Module):
         return self.routed_gpu_chunks if self.host_views is not None and any(self.routed_gpu_chunks) else None
 
     def _forward_routed_graphs(self, x, topk_weights, topk_ids, out, op_start: float) -> bool:
-        """A routed step (_forward_routed) whose GPU work replays three CUDA graphs captured at
-        load (MoEGraphs.capture_routed): routing, counting and the copies down; the hot and
+        """A routed step: the stream copies the routing (host slot or -1 per (token, k), mapped on
+        the device, so it follows re-placement in stream order) and the activations down and
+        marks a word; the native job thread waits for the word, runs the cold experts and
+        signals; the stream waits for that and adds the result, and the host never waits. Its
+        GPU work replays three CUDA graphs captured at
+        load (MoEGraphs.capture_routed): counting and the copies down; the hot and
         streamed experts; the CPU's result added. The engine thread copies the inputs in,
         replays, queues the routing mark and the CPU job, and copies the output out: ~10
         host calls a layer against ~30 torch calls eagerly, whose ~0.6 ms a layer made the
         engine thread, not the CPU experts, a compiled batch-1 step's critical path (H100
-        box, lease Z: 16 ms of engine-thread CPU time in a 17 ms step). False (nothing done)
+        box: 16 ms of engine-thread CPU time in a 17 ms step). False (nothing done)
         where no graph covers the step."""
         graphs = self.graphs
         T, K = x.shape[0], self.top_k

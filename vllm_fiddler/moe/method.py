@@ -156,7 +156,6 @@ class FiddlerMoEMethod(compat.fused_moe_method_base()):
         if self.dummy_init_seed is not None:
             # vLLM's dummy loader fills Parameters only: the experts are fiddler's own tensors
             self._hybrid().init_random(seed=self.dummy_init_seed)
-        self._hybrid().after_loading()
 
     # ---- compute ------------------------------------------------------------
     @property

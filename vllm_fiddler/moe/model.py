@@ -123,7 +123,6 @@ class FiddlerModel:
                 intermediate_size=shape.intermediate_size, gpu_experts=placement.on_gpu(ordinal),
                 dtype=method.spec.dtype, device=device, cpu_runtime=runtime, pin_memory=on_cuda,
                 host_backing=adapt, math=math)
-            hybrid.layer_name = method.prefix
             method.hybrid = hybrid
             if dummy:  # vLLM's dummy loader fills Parameters only: the experts are plain tensors
                 method.dummy_init_seed = 1234 + method.spec.layer_index
@@ -227,8 +226,8 @@ class FiddlerModel:
 
 # Decode-sized steps (batch-1 to 4) take the routed path: the stream hands the CPU its
 # routing, so the engine thread never waits (moe.layer, runtime.graph_jobs). Measured on
-# the H100 box, lease AC: batch-1 decode 64.4 tok/s this way against 54.9 with the host
-# syncing each layer (benchmarks/results/e2e-h100.json).
+# the H100 box (Mixtral-8x7B shapes, 8 layers): batch-1 decode 64.4 tok/s as graph steps,
+# 54.9 eager (benchmarks/results/e2e-h100.json).
 ROUTED_MAX_TOKENS = 4
 # Steps of up to this many tokens replay the hot and copied experts' launches from CUDA
 # graphs (runtime.moe_graphs): an eager fused_moe is ~0.5 ms of engine-thread time.

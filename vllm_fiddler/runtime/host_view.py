@@ -1,6 +1,6 @@
 """A CUDA tensor that reads pinned host memory in place (zero-copy, over PCIe).
 
-Routed decode steps (HybridMoE._forward_routed) let the GPU compute the first
+Routed decode steps (HybridMoE._forward_routed_graphs, graph steps) let the GPU compute the first
 chunks of each cold expert straight from the host copy while the CPU computes
 the rest: no staging copy, no host decision, nothing to wait for on the host.
 Kernels reading such a view pull the bytes over PCIe as they need them, the

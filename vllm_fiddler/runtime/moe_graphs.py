@@ -263,7 +263,7 @@ def _routed_experts_launch(layer, s: _Inputs, streamed: bool) -> None:
 
 
 def routed_device_experts(layer, x, topk_weights, topk_ids, out, streamed: bool, streamed_out=None) -> None:
-    """_forward_routed's GPU experts into out [T, H]: the hot ones (zeros without device
+    """A routed step's GPU experts into out [T, H]: the hot ones (zeros without device
     slots), plus the leading chunks of the host ones read in place when streaming (how many:
     streamed_below). Also a graph step's (runtime.graph_jobs)."""
     if layer.w13_gpu.shape[0]:
@@ -280,7 +280,7 @@ def _result_launch(s: _Inputs, host: _RoutedHost) -> None:
 
 def add_host_result(out: torch.Tensor, result_view: torch.Tensor) -> None:
     """out [T, H] += the CPU's fp32 result, read through a CUDA view of its pinned buffer:
-    CPUExpertRuntime.result_on_device's copy up and cast, added as _forward_routed adds it."""
+    CPUExpertRuntime.result_on_device's copy up and cast, added as the synced path adds it."""
     result = torch.empty(result_view.shape, dtype=torch.float32, device=out.device)
     result.copy_(result_view)
     out.add_(result.to(out.dtype))
