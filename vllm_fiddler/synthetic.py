@@ -90,22 +90,16 @@ def install_dummy_router_skew() -> None:
     strength = skew_strength()
     if strength is None:
         return
-    from vllm.model_executor.model_loader.dummy_loader import DummyModelLoader
+    from vllm_fiddler import compat
 
-    if getattr(DummyModelLoader.load_weights, "_fiddler_skew", False):
-        return
-    original = DummyModelLoader.load_weights
-
-    def load_weights(self, model, model_config):
-        original(self, model, model_config)
+    def after(model) -> None:
         from vllm_fiddler.logger import logger
 
         n = skew_router(model, strength)
         logger.warning("fiddler: %s=%g: %d MoE gates skewed (synthetic router, benchmarks only)",
                        SKEW_ENV, strength, n)
 
-    load_weights._fiddler_skew = True
-    DummyModelLoader.load_weights = load_weights
+    compat.patch_dummy_load(after)
 
 
 def fill_tiled_uniform(param, low: float, high: float, seed: int, pool_size: int = FAST_INIT_POOL) -> None:
@@ -127,21 +121,16 @@ def install_fast_host_dummy_init() -> None:
     """Wraps vLLM's per-parameter dummy fill when FAST_INIT_ENV=1 (idempotent)."""
     if not envs.FIDDLER_FAST_DUMMY_INIT:
         return
-    from vllm.model_executor.model_loader import weight_utils
+    import torch
 
-    original = weight_utils.initialize_single_dummy_weight
-    if getattr(original, "_fiddler_fast", False):
-        return
+    from vllm_fiddler import compat
 
-    def initialize_single_dummy_weight(param, low: float = -1e-3, high: float = 1e-3, seed: int = 1234):
-        import torch
-
+    def fill(param, low: float, high: float, seed: int) -> bool:
         if (param.device.type == "cpu" and torch.is_floating_point(param) and param.is_contiguous()
                 and param.numel() >= FAST_INIT_MIN_NUMEL and torch.finfo(param.dtype).bits >= 16):
             with torch.no_grad():
                 fill_tiled_uniform(param, low, high, seed)
-            return
-        original(param, low, high, seed)
+            return True
+        return False
 
-    initialize_single_dummy_weight._fiddler_fast = True
-    weight_utils.initialize_single_dummy_weight = initialize_single_dummy_weight
+    compat.patch_dummy_fill(fill)

@@ -236,10 +236,12 @@ def _topk_sum_kernel(
     h_mask = offs_h < H
     acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
     for k in tl.static_range(TOP_K):
-        eid = tl.load(topk_ids_ptr + t * TOP_K + k)
-        valid = (eid >= 0) & (eid < num_experts)
+        # the id broadcast to [BLOCK_H] first: Triton 3.9's interpreter takes no mask made by
+        # and-ing a scalar into a vector
+        eid = tl.load(topk_ids_ptr + t * TOP_K + k) + tl.zeros((BLOCK_H,), dtype=tl.int32)  # [BLOCK_H]
+        valid = h_mask & (eid >= 0) & (eid < num_experts)
         row = partial_ptr + (t * TOP_K + k) * stride_pm
-        acc += tl.load(row + offs_h, mask=h_mask & valid, other=0.0)
+        acc += tl.load(row + offs_h, mask=valid, other=0.0)
     tl.store(out_ptr + t * stride_om + offs_h * stride_on, acc.to(out_ptr.dtype.element_ty), mask=h_mask)
 
 

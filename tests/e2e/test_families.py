@@ -15,7 +15,9 @@ prefilled in two chunks).
 gpt-oss runs in bf16 only here: vLLM's CPU attention keeps its sinks in bf16, and its
 fp32 attention kernel refuses them (stock too). Its greedy tokens are compared with
 stock's as vLLM's own tests compare bf16 runs (check_tokens_close). DeepSeek runs
-vLLM's MHA form of its attention (VLLM_MLA_DISABLE): the CPU platform has no MLA kernel.
+vLLM's MHA form of its attention (VLLM_MLA_DISABLE): the CPU platform has no MLA kernel;
+there a prompt's results depend on which prompts share its steps, so DeepSeek's engines
+take one sequence at a time (Family.max_num_seqs).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ def prompts() -> list[list[int]]:
 _RUNS: dict[tuple, list] = {}  # (model, impl, dtype) -> outputs: each engine runs once per module
 
 
-def generate(model: str, model_impl: str, dtype: str, fiddler: dict | None = None):
+def generate(model: str, model_impl: str, dtype: str, fiddler: dict | None = None, max_num_seqs: int = 16):
     key = (model, model_impl, dtype)
     if key in _RUNS:
         return _RUNS[key]
@@ -53,7 +55,8 @@ def generate(model: str, model_impl: str, dtype: str, fiddler: dict | None = Non
     from vllm.inputs import TokensPrompt
 
     llm = LLM(model=model, model_impl=model_impl, dtype=dtype,
-              additional_config={"fiddler": fiddler} if fiddler is not None else {}, **ENGINE)
+              additional_config={"fiddler": fiddler} if fiddler is not None else {},
+              **{**ENGINE, "max_num_seqs": max_num_seqs})
     try:
         params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=5, ignore_eos=True)
         outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts()], params)
@@ -86,10 +89,10 @@ def family(request, tmp_path_factory):
 def test_greedy_runs_match_stock_vllm(family):
     name, fam, path, options = family
     dtype = "float32" if fam.fp32 else "bfloat16"
-    stock = generate(path, "auto", dtype)
-    ours = generate(path, "fiddler", dtype, options)
+    stock = generate(path, "auto", dtype, max_num_seqs=fam.max_num_seqs)
+    ours = generate(path, "fiddler", dtype, options, fam.max_num_seqs)
     if fam.fp32:
-        check_same_distributions(ours, stock, name, atol=1e-3, steps=None if fam.compare_decode else 1)
+        check_same_distributions(ours, stock, name, atol=1e-3)
     else:
         check_tokens_close(ours, stock, name)
 
@@ -109,8 +112,8 @@ def test_bf16_logprobs_as_close_to_hugging_face_as_stock(family):
     expert, bias, routing weight or scaling factor shifts most positions by tenths to whole
     nats."""
     name, fam, path, options = family
-    ours = generate(path, "fiddler", "bfloat16", options)
-    stock = generate(path, "auto", "bfloat16")
+    ours = generate(path, "fiddler", "bfloat16", options, fam.max_num_seqs)
+    stock = generate(path, "auto", "bfloat16", max_num_seqs=fam.max_num_seqs)
     f = logprob_diffs(ours, hf_logprobs(fam, path, ours))
     s = logprob_diffs(stock, hf_logprobs(fam, path, stock))
     f_mean, f_p90, s_mean, s_p90 = f.mean().item(), f.quantile(0.9).item(), s.mean().item(), s.quantile(0.9).item()
@@ -140,17 +143,15 @@ def logprob_diffs(outs, refs) -> torch.Tensor:
     return torch.tensor(diffs)
 
 
-def check_same_distributions(ours, theirs, what: str, atol: float, steps: int | None = None) -> None:
+def check_same_distributions(ours, theirs, what: str, atol: float) -> None:
     """fp32 greedy runs: at every generated position up to the first token the two runs chose
     differently, the same top-5 tokens with log-probabilities within `atol`; tokens must match
     except where the distributions agree. fp32 summation order moves them by ~1e-5 here, a
     wrong expert or routing weight by 1e-2 or more. vLLM's CPU sampler now and then emits a
-    token other than the one its own logprobs rank first (DeepSeek-V3 tiny, stock and fiddler
-    alike depending on the process: 463 at -3.79 nats sampled over 461 at -3.41), so after a
-    differing token only the distributions up to it are compared. `steps`: only the first ones
-    (the first is every prompt's prefill, chunked and batched)."""
+    token other than the one its own logprobs rank first, so after a differing token only
+    the distributions up to it are compared."""
     for i, ((a_ids, a_lp), (b_ids, b_lp)) in enumerate(zip(ours, theirs)):
-        for step, (a, b) in enumerate(zip(a_ids[:steps], b_ids[:steps])):
+        for step, (a, b) in enumerate(zip(a_ids, b_ids)):
             top_a = {t: lp.logprob for t, lp in a_lp[step].items()}
             top_b = {t: lp.logprob for t, lp in b_lp[step].items()}
             for t in top_a.keys() & top_b.keys():
@@ -169,3 +170,4 @@ def check_tokens_close(ours, theirs, what: str) -> None:
             if a != b:
                 assert a in b_lp[step] and b in a_lp[step], f"{what}, prompt {i} step {step}: {a} vs {b}"
                 break
+

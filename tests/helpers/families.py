@@ -35,11 +35,12 @@ class Family:
     # fp32 summation order (thread counts) flipped whole expert groups between two stock
     # engines; scaled gates spread the scores over (0, 1).
     gate_scale: float = 1.0
-    # fp32 runs are compared beyond the first generated token. Not for DeepSeek on the CPU
-    # platform: in vLLM's MHA form of its attention there, two engines on the same weights
-    # (stock and fiddler alike) disagreed from the second token on by 0.17 nats in a full
-    # test session while their prefill logprobs agreed to 1e-5, and agreed run alone.
-    compare_decode: bool = True
+    # Sequences an engine step may hold. DeepSeek runs one at a time on the CPU platform: in
+    # vLLM's MHA form of its attention there, a prompt's logprobs depend on which other
+    # prompts share its steps, which depends on when each request reached the engine: two
+    # stock engines on the same weights differed by up to 0.44 nats at prefill with 16, and
+    # agreed exactly with 1 (fiddler within 2e-6 of both, every position).
+    max_num_seqs: int = 16
 
     def placement(self) -> dict:
         """One MoE layer all on the GPU, one all on the CPU, one split, by model layer index."""
@@ -78,13 +79,13 @@ FAMILIES: dict[str, Family] = {
         n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1, n_group=4, topk_group=2,
         topk_method="group_limited_greedy", kv_lora_rank=32, q_lora_rank=48, qk_rope_head_dim=16,
         qk_nope_head_dim=16, v_head_dim=32, routed_scaling_factor=1.0), (1, 2, 3), 8, _NO_MLA,
-        compare_decode=False),
+        max_num_seqs=1),
     "deepseek_v3": Family("DeepseekV3ForCausalLM", lambda: _with(_tf().DeepseekV3Config(
         **COMMON, num_hidden_layers=4, intermediate_size=256, moe_intermediate_size=64, n_routed_experts=16,
         n_shared_experts=1, num_experts_per_tok=4, first_k_dense_replace=1, n_group=4, topk_group=2,
         kv_lora_rank=32, q_lora_rank=48, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=32,
         routed_scaling_factor=2.5, norm_topk_prob=True), topk_method="noaux_tc", scoring_func="sigmoid"),
-        (1, 2, 3), 16, _NO_MLA, gate_scale=8.0, compare_decode=False),
+        (1, 2, 3), 16, _NO_MLA, gate_scale=8.0, max_num_seqs=1),
     "glm4_moe": Family("Glm4MoeForCausalLM", lambda: _tf().Glm4MoeConfig(
         **COMMON, num_hidden_layers=4, head_dim=32, intermediate_size=256, moe_intermediate_size=64,
         n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1, n_group=1,

@@ -81,6 +81,27 @@ def test_cudagraph_mode(asked, chosen):
     assert cc.cudagraph_mode == getattr(CUDAGraphMode, chosen)
 
 
+@pytest.mark.parametrize("asked, chosen", [
+    (None, "PIECEWISE"), ("FULL", "PIECEWISE"), ("FULL_AND_PIECEWISE", "PIECEWISE"),
+    ("FULL_DECODE_ONLY", "PIECEWISE"), ("PIECEWISE", "PIECEWISE"), ("NONE", "NONE"),
+])
+def test_cudagraph_mode_on_model_runner_v2(asked, chosen, caplog):
+    """Model Runner V2 has no dispatcher to limit FULL graphs to graph-step sizes: any FULL
+    mode falls back to piecewise, with a warning that names the way back."""
+    import logging
+
+    from vllm.config import CUDAGraphMode
+
+    from vllm_fiddler.plugin import _select_cudagraph_mode
+
+    cc = types.SimpleNamespace(cudagraph_mode=getattr(CUDAGraphMode, asked) if asked else None)
+    with caplog.at_level(logging.WARNING):
+        _select_cudagraph_mode(types.SimpleNamespace(compilation_config=cc, use_v2_model_runner=True))
+    assert cc.cudagraph_mode == getattr(CUDAGraphMode, chosen)
+    warned = "VLLM_USE_V2_MODEL_RUNNER=0" in caplog.text
+    assert warned == (asked != chosen or asked is None)
+
+
 def test_full_cudagraphs_kept_only_for_graph_step_sizes():
     """vLLM's dispatcher keys: FULL graphs of the sizes the model's graph steps serve, none when it
     has none; piecewise keys untouched (those sizes dispatch to them instead)."""
@@ -142,8 +163,15 @@ def test_fiddler_gets_the_coalescing_scheduler_unless_told_otherwise(tiny_mixtra
     from vllm.v1.core.sched.interface import PauseState
 
     assert PauseState.PAUSED_NEW in PauseState
-    for name in ("add_request", "schedule", "set_pause_state", "pause_state"):
+    for name in ("add_request", "schedule", "pause_state"):
         assert hasattr(Scheduler, name), name
+    bare = Scheduler.__new__(Scheduler)  # the state the hold sets is the one vLLM's scheduler reads
+    from vllm_fiddler import compat
+
+    compat.hold_new_requests(bare, True)
+    assert bare.pause_state == PauseState.PAUSED_NEW
+    compat.hold_new_requests(bare, False)
+    assert bare.pause_state == PauseState.UNPAUSED
     off = engine_config(tiny_mixtral, model_impl="fiddler", additional_config={"fiddler": {"arrival_coalesce_ms": 0}})
     assert off.scheduler_config.scheduler_cls is None
     mine = "vllm.v1.core.sched.scheduler.Scheduler"

@@ -69,9 +69,14 @@ def test_fill_tiled_uniform_range_and_determinism():
 
 
 def test_fast_host_dummy_init_hook(monkeypatch):
-    from vllm.model_executor.model_loader import weight_utils
+    """Off unless asked; then vLLM's dummy loader tiles big host parameters and draws the rest."""
+    from vllm.model_executor.model_loader import dummy_loader, weight_utils
 
-    monkeypatch.setattr(weight_utils, "initialize_single_dummy_weight", weight_utils.initialize_single_dummy_weight)
+    from vllm_fiddler import compat
+
+    for module in (weight_utils, dummy_loader):  # undone after the test
+        if hasattr(module, "initialize_single_dummy_weight"):
+            monkeypatch.setattr(module, "initialize_single_dummy_weight", module.initialize_single_dummy_weight)
     original = weight_utils.initialize_single_dummy_weight
     monkeypatch.delenv(synthetic.FAST_INIT_ENV, raising=False)
     synthetic.install_fast_host_dummy_init()
@@ -79,14 +84,12 @@ def test_fast_host_dummy_init_hook(monkeypatch):
     monkeypatch.setenv(synthetic.FAST_INIT_ENV, "1")
     synthetic.install_fast_host_dummy_init()
     synthetic.install_fast_host_dummy_init()  # idempotent
-    hooked = weight_utils.initialize_single_dummy_weight
-    assert hooked is not original and hooked._fiddler_fast
     calls = []
     monkeypatch.setattr(synthetic, "fill_tiled_uniform", lambda p, lo, hi, seed: calls.append(p.numel()))
     big = torch.zeros(synthetic.FAST_INIT_MIN_NUMEL, dtype=torch.bfloat16)
     small = torch.zeros(64, 64, dtype=torch.bfloat16)
     model = nn.Module()
     model.big, model.small = nn.Parameter(big, requires_grad=False), nn.Parameter(small, requires_grad=False)
-    weight_utils.initialize_dummy_weights(model, model_config=None)
-    assert calls == [synthetic.FAST_INIT_MIN_NUMEL]  # the big host parameter: tiled
+    compat.dummy_load(model)
+    assert calls == [synthetic.FAST_INIT_MIN_NUMEL]  # the big host parameter: tiled, once
     assert model.small.abs().max() > 0 and model.small.abs().max() <= 1e-3  # the small one: vLLM's draw
