@@ -31,7 +31,9 @@ TTFT of --prefill-lens prompts (best of 2). For fiddler, per decode run: the GPU
 hit rate and the host bytes read per token (CPU reads + PCIe reads of expert
 weights, from fiddler's counters), and the roofline: host bytes per token over
 the best host read bandwidth measured in this run (CPU and PCIe together, or
-either alone), and the share of it reached.
+either alone), and the share of it reached. The output's "flat" list holds one
+results_io row per figure (system, scenario, value, unit, hit rate, roofline
+share, device, vLLM version, command, commit).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import results_io  # noqa: E402
 import shapes  # noqa: E402
 
 GIB = 1024**3
@@ -107,6 +110,7 @@ def run_system(args) -> None:
         with open(args.system_out, "w") as f:
             json.dump(row, f, indent=1)
 
+    row["device"] = torch.cuda.get_device_name()
     t0 = time.perf_counter()
     llm = LLM(model=model, **kwargs)
     row["load_s"] = time.perf_counter() - t0
@@ -189,6 +193,9 @@ def main() -> None:
         out["rows"].append(row)
         with open(args.out, "w") as f:
             json.dump(out, f, indent=1)
+    import vllm
+
+    out["flat"] = flat_rows(out, vllm.__version__, results_io.git_commit(os.path.dirname(__file__)))
     rows = {r["system"]: r for r in out["rows"]}
     if "fiddler" in rows and "stock_uva_experts" in rows:
         out["ratios"] = {t: rows["fiddler"]["decode"][t]["tok_s"] / rows["stock_uva_experts"]["decode"][t]["tok_s"]
@@ -198,6 +205,20 @@ def main() -> None:
     print(json.dumps({k: out.get(k) for k in ("shape", "layers", "budget", "ratios")}, indent=1))
     for r in out["rows"]:
         print(r["system"], json.dumps(r.get("decode")), json.dumps(r.get("ttft_s")))
+
+
+def flat_rows(out: dict, vllm_version: str, commit: str | None) -> list[dict]:
+    """One results_io row per system and figure: decode at each temperature, TTFT per length."""
+    flat = []
+    for r in out["rows"]:
+        meta = dict(device=r.get("device"), vllm_version=vllm_version, command=out["command"], commit=commit)
+        for name, fig in r.get("decode", {}).items():  # "t1", "t0"
+            flat.append(results_io.row(r["system"], f"decode_batch1_temperature_{name[1:]}", fig["tok_s"], "tok/s",
+                                       gpu_hit_rate=fig.get("gpu_hit_rate"),
+                                       roofline_share=fig.get("roofline_share"), **meta))
+        for n, seconds in r.get("ttft_s", {}).items():
+            flat.append(results_io.row(r["system"], f"ttft_{n}_tokens", seconds, "s", **meta))
+    return flat
 
 
 def _bandwidth(script: str) -> dict | None:

@@ -182,3 +182,48 @@ def test_engine_trace_splits_the_cpu_idle_time(tmp_path):
     assert summary["routing_wait_ms_per_step"] == pytest.approx(0.8, abs=1e-3)
     assert summary["per_layer"][1]["queued_ms"] == pytest.approx(2.6 - 1.09, abs=1e-3)
     assert summary["cpu_read_gb_s_over_busy"] == pytest.approx(5e6 / 3e-3 / 1e9, rel=1e-3)
+
+
+def test_decode_results_are_flat_rows():
+    """decode.py's "flat" list: one row per system and figure, every results_io field present,
+    the temperature and prompt length in the scenario, provenance on every row."""
+    decode = load_benchmark("decode")
+    results_io = load_benchmark("results_io")
+    out = {"command": "python benchmarks/decode.py --shape qwen3-30b-a3b", "rows": [
+        {"system": "fiddler", "device": "NVIDIA H100 80GB HBM3",
+         "decode": {"t1": {"tok_s": 30.0, "gpu_hit_rate": 0.2, "roofline_share": 0.9}, "t0": {"tok_s": 35.0}},
+         "ttft_s": {"2048": 0.5}},
+        {"system": "stock_uva_experts", "device": "NVIDIA H100 80GB HBM3", "decode": {"t1": {"tok_s": 10.0}},
+         "ttft_s": {}},
+        {"system": "broken", "error": "no result"},
+    ]}
+    flat = decode.flat_rows(out, "0.26.0", "abc123")
+    assert [(r["system"], r["scenario"], r["value"], r["unit"]) for r in flat] == [
+        ("fiddler", "decode_batch1_temperature_1", 30.0, "tok/s"),
+        ("fiddler", "decode_batch1_temperature_0", 35.0, "tok/s"),
+        ("fiddler", "ttft_2048_tokens", 0.5, "s"),
+        ("stock_uva_experts", "decode_batch1_temperature_1", 10.0, "tok/s")]
+    for r in flat:
+        assert tuple(r) == results_io.ROW_FIELDS
+        assert r["vllm_version"] == "0.26.0" and r["commit"] == "abc123" and r["command"] == out["command"]
+        assert r["device"] == "NVIDIA H100 80GB HBM3"
+    assert flat[0]["gpu_hit_rate"] == 0.2 and flat[0]["roofline_share"] == 0.9
+    assert flat[3]["gpu_hit_rate"] is None
+    with pytest.raises(ValueError):
+        results_io.row("x", "y", 1.0, "s", lease="Z")
+
+
+def test_replacement_grid_cells_gain_only_where_routing_allows():
+    """The simulated grid's cells: re-placement from the even placement wins under popularity
+    skew and on the greedy loop, and cannot win in the memoryless uniform corner."""
+    grid = load_benchmark("replacement_grid")
+    from vllm_fiddler.routing_model import SyntheticRouting, greedy_loop_trace
+
+    layers, steps, gpu = 4, 800, 6  # 6 of 32 experts on the GPU
+    flat = grid.cell(SyntheticRouting(8, 2, skew=0.0, locality=0.0).trace(layers, steps), layers, 8, gpu)
+    assert abs(flat["replacement"] - flat["even_static"]) < 0.03
+    skewed = grid.cell(SyntheticRouting(8, 2, skew=1.5, locality=0.15).trace(layers, steps), layers, 8, gpu)
+    assert skewed["replacement"] > skewed["even_static"] + 0.1 and skewed["swaps"] > 0
+    assert skewed["best_static_hindsight"] >= skewed["replacement"] - 0.05
+    loop = grid.cell(greedy_loop_trace(SyntheticRouting(8, 2), layers, steps), layers, 8, gpu)
+    assert loop["replacement"] > loop["even_static"] + 0.1
