@@ -21,7 +21,8 @@ def moe_forward(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: 
                 b13: torch.Tensor | None = None, b2: torch.Tensor | None = None) -> None:
     """out += sum_k topk_weights[t, k] * ffn_{topk_ids[t, k]}(x[t]); ids of -1 are skipped.
 
-    x [T, H]; w13 [Ex, 2I, H]; w2 [Ex, H, I]; topk_ids [T, K] local ids or -1;
+    x [T, H]; w13 [Ex, 2I, H]; w2 [Ex, H, I] (tensors, or quant.QuantizedExperts: a routed
+    expert is dequantized when it is used); topk_ids [T, K] local ids or -1;
     topk_weights [T, K] fp32; out [T, H] fp32; with math.has_bias, b13 [Ex, 2I] and b2 [Ex, H].
     """
     if x.shape[0] == 0 or topk_ids.numel() == 0:

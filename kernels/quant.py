@@ -1,0 +1,136 @@
+"""Quantized expert weights as checkpoints ship them: dequantization (the reference) and the
+quantizers test checkpoints are written with. Pure torch, any device.
+
+Formats (a weight is [N, K]: N output rows, K inputs):
+- **FP8 block** (DeepSeek-V3 / R1 / V3.1, Kimi-K2, Qwen3 FP8): ``weight`` float8_e4m3fn [N, K]
+  and ``weight_scale_inv`` float32 [ceil(N / bn), ceil(K / bk)], a scale per bn x bk block
+  (128 x 128 in those checkpoints; edge blocks are partial): W = weight * scale.
+- **MXFP4** (gpt-oss, OCP microscaling): ``blocks`` uint8 [N, K / 32, 16], two e2m1 values a
+  byte (low nibble first), and ``scales`` uint8 [N, K / 32], an e8m0 exponent (bias 127)
+  per 32 inputs: W = e2m1 * 2 ** (scale - 127). gpt-oss stores its experts as
+  ``*_blocks`` / ``*_scales`` with a leading expert dimension.
+
+Shape legend: N rows, K inputs, G groups (of 32 for MXFP4), E experts.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+# e2m1 values by 4-bit code: sign bit 3, then 2 exponent bits and 1 mantissa bit
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+MXFP4_GROUP = 32
+
+
+# ---------------------------------------------------------------- FP8, block scales
+def dequant_fp8_block(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128),
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[..., N, K] weights from fp8 [..., N, K] and scales [..., ceil(N/bn), ceil(K/bk)]."""
+    bn, bk = block
+    n, k = weight.shape[-2:]
+    expect = (*weight.shape[:-2], math.ceil(n / bn), math.ceil(k / bk))
+    if tuple(scale_inv.shape) != expect:
+        raise ValueError(f"FP8 block scales: expected shape {list(expect)} for weights {list(weight.shape)} "
+                         f"and {bn}x{bk} blocks, got {list(scale_inv.shape)}")
+    scale = scale_inv.to(torch.float32).repeat_interleave(bn, dim=-2)[..., :n, :]
+    scale = scale.repeat_interleave(bk, dim=-1)[..., :k]  # [..., N, K]
+    return (weight.to(torch.float32) * scale).to(dtype)
+
+
+def quant_fp8_block(w: torch.Tensor, block: tuple[int, int] = (128, 128)) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp8 [..., N, K], float32 scales [..., ceil(N/bn), ceil(K/bk)]): each block scaled so its
+    largest magnitude is FP8_MAX, as DeepSeek's checkpoints are."""
+    bn, bk = block
+    n, k = w.shape[-2:]
+    gn, gk = math.ceil(n / bn), math.ceil(k / bk)
+    padded = torch.zeros(*w.shape[:-2], gn * bn, gk * bk, dtype=torch.float32, device=w.device)
+    padded[..., :n, :k] = w.float()
+    tiles = padded.unflatten(-2, (gn, bn)).unflatten(-1, (gk, bk))  # [..., gn, bn, gk, bk]
+    amax = tiles.abs().amax(dim=(-3, -1))  # [..., gn, gk]
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    q = (tiles / scale[..., :, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q.flatten(-4, -3).flatten(-2, -1)[..., :n, :k].contiguous(), scale
+
+
+# ---------------------------------------------------------------- MXFP4
+def dequant_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[..., N, K] weights from blocks uint8 [..., N, G, 16] and e8m0 scales uint8 [..., N, G]
+    (K = 32 G)."""
+    if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8:
+        raise ValueError(f"MXFP4 blocks and scales must be uint8, got {blocks.dtype} and {scales.dtype}")
+    if blocks.shape[-1] != MXFP4_GROUP // 2 or tuple(blocks.shape[:-1]) != tuple(scales.shape):
+        raise ValueError(f"MXFP4: blocks [..., N, G, 16] and scales [..., N, G] expected, got "
+                         f"{list(blocks.shape)} and {list(scales.shape)}")
+    lut = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=blocks.device)
+    values = torch.stack([lut[(blocks & 0x0F).long()], lut[(blocks >> 4).long()]], dim=-1)  # [..., N, G, 16, 2]
+    values = values.flatten(-2)  # [..., N, G, 32]
+    out = torch.ldexp(values, scales.to(torch.int32)[..., None] - 127)
+    return out.flatten(-2).to(dtype)  # [..., N, K]
+
+
+def quant_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(blocks uint8 [..., N, K/32, 16], scales uint8 [..., N, K/32]): per 32 inputs the
+    smallest power-of-two scale that keeps the group within e2m1's +-6, values rounded to the
+    nearest e2m1 (ties to the lower magnitude)."""
+    n, k = w.shape[-2:]
+    if k % MXFP4_GROUP:
+        raise ValueError(f"MXFP4 needs K a multiple of {MXFP4_GROUP}, got {k}")
+    groups = w.float().unflatten(-1, (k // MXFP4_GROUP, MXFP4_GROUP))  # [..., N, G, 32]
+    amax = groups.abs().amax(dim=-1)  # [..., N, G]
+    exp = torch.where(amax > 0, torch.ceil(torch.log2(amax / 6.0)), torch.zeros_like(amax)).clamp(-127, 127)
+    scaled = groups / torch.ldexp(torch.ones_like(exp), exp.to(torch.int32))[..., None]
+    magnitudes = torch.tensor(E2M1_VALUES[:8], device=w.device)
+    code = (scaled.abs()[..., None] - magnitudes).abs().argmin(dim=-1)  # [..., N, G, 32] in 0..7
+    code = code | ((scaled < 0).long() << 3)
+    pairs = code.unflatten(-1, (MXFP4_GROUP // 2, 2))
+    blocks = (pairs[..., 0] | (pairs[..., 1] << 4)).to(torch.uint8)
+    return blocks.contiguous(), (exp.to(torch.int32) + 127).to(torch.uint8)
+
+
+# ---------------------------------------------------------------- experts of one projection
+class QuantizedExperts:
+    """One projection's weights of Ex experts, kept in their checkpoint format; ``[e]`` is expert
+    e dequantized [N, K] in ``dtype``. Stands where the grouped-expert code indexes a dense
+    [Ex, N, K] tensor (kernels/torch_moe.py): only routed experts are expanded, one at a time.
+
+    fmt "fp8_block": tensors ``weight`` [Ex, N, K] float8_e4m3fn, ``weight_scale_inv``
+    [Ex, ceil(N/bn), ceil(K/bk)]; fmt "mxfp4": ``blocks`` [Ex, N, K/32, 16], ``scales``
+    [Ex, N, K/32], both uint8.
+    """
+
+    FORMATS = ("fp8_block", "mxfp4")
+
+    def __init__(self, fmt: str, tensors: dict[str, torch.Tensor], dtype: torch.dtype = torch.bfloat16,
+                 block: tuple[int, int] = (128, 128)):
+        if fmt not in self.FORMATS:
+            raise ValueError(f"unknown expert format {fmt!r} (known: {', '.join(self.FORMATS)})")
+        self.fmt, self.tensors, self.dtype, self.block = fmt, dict(tensors), dtype, tuple(block)
+        if fmt == "fp8_block":
+            w = tensors["weight"]
+            dequant_fp8_block(w[:1], tensors["weight_scale_inv"][:1], self.block)  # checks the scales' shape
+            self.shape = tuple(w.shape)
+        else:
+            b = tensors["blocks"]
+            dequant_mxfp4(b[:1], tensors["scales"][:1])
+            self.shape = (b.shape[0], b.shape[1], b.shape[2] * MXFP4_GROUP)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes as stored: what a token's read of these experts costs in host memory."""
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    def __getitem__(self, e: int) -> torch.Tensor:
+        t = self.tensors
+        if self.fmt == "fp8_block":
+            return dequant_fp8_block(t["weight"][e], t["weight_scale_inv"][e], self.block, self.dtype)
+        return dequant_mxfp4(t["blocks"][e], t["scales"][e], self.dtype)
+
+    def dequantized(self) -> torch.Tensor:
+        """[Ex, N, K] all experts (tests and references only)."""
+        return torch.stack([self[e] for e in range(len(self))])
