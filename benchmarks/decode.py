@@ -33,7 +33,9 @@ weights, from fiddler's counters), and the roofline: host bytes per token over
 the best host read bandwidth measured in this run (CPU and PCIe together, or
 either alone), and the share of it reached. The output's "flat" list holds one
 results_io row per figure (system, scenario, value, unit, hit rate, roofline
-share, device, vLLM version, command, commit).
+share, device, vLLM version, command, commit); "predicted" the throughput
+model's figures for the same budget (MoE time only, even placement, uniform
+routing), next to the measured ones.
 """
 
 from __future__ import annotations
@@ -193,6 +195,8 @@ def main() -> None:
         out["rows"].append(row)
         with open(args.out, "w") as f:
             json.dump(out, f, indent=1)
+    out["predicted"] = predicted(args.shape, args.layers, out["budget"], calibrated_cost(args.shape, args.layers),
+                                 args.prefill_lens)
     import vllm
 
     out["flat"] = flat_rows(out, vllm.__version__, results_io.git_commit(os.path.dirname(__file__)))
@@ -202,9 +206,40 @@ def main() -> None:
                          for t in rows["fiddler"].get("decode", {}) if t in rows["stock_uva_experts"].get("decode", {})}
     with open(args.out, "w") as f:
         json.dump(out, f, indent=1)
-    print(json.dumps({k: out.get(k) for k in ("shape", "layers", "budget", "ratios")}, indent=1))
+    print(json.dumps({k: out.get(k) for k in ("shape", "layers", "budget", "ratios", "predicted")}, indent=1))
     for r in out["rows"]:
         print(r["system"], json.dumps(r.get("decode")), json.dumps(r.get("ttft_s")))
+
+
+def predicted(shape_name: str, layers: int, b: dict, cost=None, prefill_lens=(), batched_tokens: int = 2048) -> dict:
+    """The throughput model's figures for this run's even placement under uniform routing
+    (vllm_fiddler/throughput.py): MoE time only, no attention or engine overhead, no
+    re-placement; `cost` is the engine's calibrated cost model where its cache has one
+    (cost_model.cache_dir()), else the prior for the shape."""
+    from vllm_fiddler.cost_model import default_for_shape
+    from vllm_fiddler.placement import MoEShape, plan_even
+    from vllm_fiddler.throughput import StepModel
+
+    shape = MoEShape.from_hf_config(shapes.config(shape_name, layers), 2)
+    cost = cost or default_for_shape(shape.hidden_size, shape.intermediate_size, 2)
+    gpu = round(b["resident_share"] * shape.num_layers * shape.num_experts)
+    model = StepModel(cost, plan_even(shape.num_layers, shape.num_experts, gpu).gpu_experts,
+                      (tuple([1.0] * shape.num_experts),) * shape.num_layers, shape.top_k)
+    return {"cost_model": cost.machine, "gpu_hit_rate": model.hit_rate(), "decode_tok_s": model.decode_tok_s(1),
+            "ttft_s": {str(n): model.ttft_s(n, batched_tokens) for n in prefill_lens}}
+
+
+def calibrated_cost(shape_name: str, layers: int):
+    """The newest cost model the engines calibrated for this shape, if any."""
+    import glob
+
+    from vllm_fiddler import cost_model
+    from vllm_fiddler.placement import MoEShape
+
+    shape = MoEShape.from_hf_config(shapes.config(shape_name, layers), 2)
+    tag = cost_model.shape_tag(shape.hidden_size, shape.intermediate_size, 2)
+    files = sorted(glob.glob(os.path.join(cost_model.cache_dir(), f"cost_model-*{tag}*.json")), key=os.path.getmtime)
+    return cost_model.load(files[-1]) if files else None
 
 
 def flat_rows(out: dict, vllm_version: str, commit: str | None) -> list[dict]:

@@ -227,3 +227,15 @@ def test_replacement_grid_cells_gain_only_where_routing_allows():
     assert skewed["best_static_hindsight"] >= skewed["replacement"] - 0.05
     loop = grid.cell(greedy_loop_trace(SyntheticRouting(8, 2), layers, steps), layers, 8, gpu)
     assert loop["replacement"] > loop["even_static"] + 0.1
+
+
+def test_decode_prediction_of_the_run_budget():
+    """decode.py's "predicted": the throughput model's batch-1 decode and TTFT at the run's
+    budget (even placement, uniform routing); more GPU share, a faster prediction."""
+    decode = load_benchmark("decode")
+    b = decode.budget("mixtral-8x7b", 2, 24.0)
+    p = decode.predicted("mixtral-8x7b", 2, b, prefill_lens=(512, 2048))
+    assert 0 < p["gpu_hit_rate"] < 0.5 and p["decode_tok_s"] > 0
+    assert p["ttft_s"]["2048"] > p["ttft_s"]["512"] > 0 and p["cost_model"]
+    bigger = decode.predicted("mixtral-8x7b", 2, {**b, "resident_share": 0.75})
+    assert bigger["decode_tok_s"] > p["decode_tok_s"] and bigger["gpu_hit_rate"] > p["gpu_hit_rate"]
