@@ -9,8 +9,9 @@ cd "$ROOT"
 # pytest (not `python -m pytest`): the repo root must not be on sys.path, or the
 # kernels/ folder would shadow Hugging Face's `kernels` package.
 "$VENV/bin/pytest" -q -rs --durations=15 "$@" tests
-# CI's CPU has AVX512-BF16 but no AMX: run the AMX kernel code once more with
-# its tile instructions emulated in scalar code, so every ISA path is tested.
-if ! grep -q amx_tile /proc/cpuinfo 2>/dev/null; then
+# On a CPU with AVX512-BF16 but no AMX (some CI machines), run the AMX kernel code
+# once more with its tile instructions emulated in scalar code (the emulation is
+# built on the AVX512-BF16 kernels), so every ISA path is tested.
+if grep -q avx512_bf16 /proc/cpuinfo 2>/dev/null && ! grep -q amx_tile /proc/cpuinfo 2>/dev/null; then
   FIDDLER_CPU_AMX_EMULATE=1 "$VENV/bin/pytest" -q -rs tests/kernels/test_cpu_expert_kernel.py
 fi
