@@ -10,6 +10,12 @@ Formats (a weight is [N, K]: N output rows, K inputs):
   per 32 inputs: W = e2m1 * 2 ** (scale - 127). gpt-oss stores its experts as
   ``*_blocks`` / ``*_scales`` with a leading expert dimension.
 
+- **INT4 groups, W4A16** (compressed-tensors' ``pack-quantized``, what vLLM's
+  ``compressed-tensors`` config loads for GPTQ-style symmetric int4): ``weight_packed``
+  int32 [N, ceil(K / 8)], eight 4-bit values an int32 along K (value i of a word in bits
+  4i..4i+3, stored plus 8), and ``weight_scale`` [N, ceil(K / g)] per group of g inputs:
+  W = (nibble - 8) * scale.
+
 Shape legend: N rows, K inputs, G groups (of 32 for MXFP4), E experts.
 """
 
@@ -90,6 +96,46 @@ def quant_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return blocks.contiguous(), (exp.to(torch.int32) + 127).to(torch.uint8)
 
 
+# ---------------------------------------------------------------- INT4 groups (W4A16)
+INT4_PER_WORD = 8
+
+
+def dequant_int4_group(packed: torch.Tensor, scale: torch.Tensor, k: int, group: int,
+                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[..., N, K] weights from int32 words [..., N, ceil(K/8)] and scales [..., N, ceil(K/g)]."""
+    if packed.dtype != torch.int32:
+        raise ValueError(f"INT4 weights must be packed in int32, got {packed.dtype}")
+    n = packed.shape[-2]
+    if packed.shape[-1] != math.ceil(k / INT4_PER_WORD) or tuple(scale.shape) != (
+            *packed.shape[:-1], math.ceil(k / group)):
+        raise ValueError(f"INT4 groups of {group}: for K = {k} expected words [..., {n}, {math.ceil(k / 8)}] and "
+                         f"scales [..., {n}, {math.ceil(k / group)}], got {list(packed.shape)} and "
+                         f"{list(scale.shape)}")
+    shifts = torch.arange(INT4_PER_WORD, dtype=torch.int32, device=packed.device) * 4
+    nibbles = (packed[..., None] >> shifts) & 0xF  # [..., N, K/8, 8]
+    q = nibbles.flatten(-2)[..., :k].to(torch.float32) - 8.0  # [..., N, K]
+    per_input = scale.to(torch.float32).repeat_interleave(group, dim=-1)[..., :k]
+    return (q * per_input).to(dtype)
+
+
+def quant_int4_group(w: torch.Tensor, group: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int32 words [..., N, ceil(K/8)], float32 scales [..., N, ceil(K/g)]): symmetric, each
+    group's largest magnitude at 7 (codes -8..7, stored plus 8)."""
+    k = w.shape[-1]
+    groups = math.ceil(k / group)
+    padded = torch.zeros(*w.shape[:-1], groups * group, dtype=torch.float32, device=w.device)
+    padded[..., :k] = w.float()
+    amax = padded.unflatten(-1, (groups, group)).abs().amax(-1)  # [..., N, G]
+    scale = torch.where(amax > 0, amax / 7.0, torch.ones_like(amax))
+    q = torch.round(padded / scale.repeat_interleave(group, -1)).clamp(-8, 7)[..., :k].to(torch.int32) + 8
+    words = math.ceil(k / INT4_PER_WORD)
+    q = torch.nn.functional.pad(q, (0, words * INT4_PER_WORD - k))  # padding codes are 0
+    shifts = torch.arange(INT4_PER_WORD, dtype=torch.int32, device=w.device) * 4
+    packed = (q.unflatten(-1, (words, INT4_PER_WORD)) << shifts).sum(-1, dtype=torch.int64)
+    packed = torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)  # the words' bits as int32
+    return packed.contiguous(), scale
+
+
 # ---------------------------------------------------------------- experts of one projection
 class QuantizedExperts:
     """One projection's weights of Ex experts, kept in their checkpoint format; ``[e]`` is expert
@@ -98,20 +144,26 @@ class QuantizedExperts:
 
     fmt "fp8_block": tensors ``weight`` [Ex, N, K] float8_e4m3fn, ``weight_scale_inv``
     [Ex, ceil(N/bn), ceil(K/bk)]; fmt "mxfp4": ``blocks`` [Ex, N, K/32, 16], ``scales``
-    [Ex, N, K/32], both uint8.
+    [Ex, N, K/32], both uint8; fmt "int4_group": ``weight_packed`` int32 [Ex, N, ceil(K/8)],
+    ``weight_scale`` [Ex, N, ceil(K/group)], and ``k`` (K: the words may pad it).
     """
 
-    FORMATS = ("fp8_block", "mxfp4")
+    FORMATS = ("fp8_block", "mxfp4", "int4_group")
 
     def __init__(self, fmt: str, tensors: dict[str, torch.Tensor], dtype: torch.dtype = torch.bfloat16,
-                 block: tuple[int, int] = (128, 128)):
+                 block: tuple[int, int] = (128, 128), group: int = 128, k: int | None = None):
         if fmt not in self.FORMATS:
             raise ValueError(f"unknown expert format {fmt!r} (known: {', '.join(self.FORMATS)})")
-        self.fmt, self.tensors, self.dtype, self.block = fmt, dict(tensors), dtype, tuple(block)
+        self.fmt, self.tensors, self.dtype, self.block, self.group = fmt, dict(tensors), dtype, tuple(block), group
         if fmt == "fp8_block":
             w = tensors["weight"]
             dequant_fp8_block(w[:1], tensors["weight_scale_inv"][:1], self.block)  # checks the scales' shape
             self.shape = tuple(w.shape)
+        elif fmt == "int4_group":
+            packed = tensors["weight_packed"]
+            self.k = k if k is not None else packed.shape[-1] * INT4_PER_WORD
+            dequant_int4_group(packed[:1], tensors["weight_scale"][:1], self.k, group)
+            self.shape = (packed.shape[0], packed.shape[1], self.k)
         else:
             b = tensors["blocks"]
             dequant_mxfp4(b[:1], tensors["scales"][:1])
@@ -129,6 +181,8 @@ class QuantizedExperts:
         t = self.tensors
         if self.fmt == "fp8_block":
             return dequant_fp8_block(t["weight"][e], t["weight_scale_inv"][e], self.block, self.dtype)
+        if self.fmt == "int4_group":
+            return dequant_int4_group(t["weight_packed"][e], t["weight_scale"][e], self.k, self.group, self.dtype)
         return dequant_mxfp4(t["blocks"][e], t["scales"][e], self.dtype)
 
     def dequantized(self) -> torch.Tensor:

@@ -91,11 +91,21 @@ def quantized_experts(fmt: str, E: int, H: int, I: int, dtype: torch.dtype, seed
     """(w13, w2) QuantizedExperts of random experts [E, 2I, H] and [E, H, I]."""
     gen = torch.Generator().manual_seed(seed)
     w13, w2 = torch.randn(E, 2 * I, H, generator=gen) * 0.05, torch.randn(E, H, I, generator=gen) * 0.05
+    if fmt == "int4_group":
+        q13, q2 = quant.quant_int4_group(w13, 64), quant.quant_int4_group(w2, 64)
+        return (quant.QuantizedExperts(fmt, dict(zip(("weight_packed", "weight_scale"), q13)), dtype, group=64, k=H),
+                quant.QuantizedExperts(fmt, dict(zip(("weight_packed", "weight_scale"), q2)), dtype, group=64, k=I))
     if fmt == "fp8_block":
         make = lambda w: dict(zip(("weight", "weight_scale_inv"), quant.quant_fp8_block(w)))  # noqa: E731
     else:
         make = lambda w: dict(zip(("blocks", "scales"), quant.quant_mxfp4(w)))  # noqa: E731
     return quant.QuantizedExperts(fmt, make(w13), dtype), quant.QuantizedExperts(fmt, make(w2), dtype)
+
+
+def f32(experts):
+    """The same experts, dequantized to fp32."""
+    return quant.QuantizedExperts(experts.fmt, experts.tensors, torch.float32, experts.block, experts.group,
+                                  getattr(experts, "k", None)).dequantized()
 
 
 # bf16 activations: 8-bit mantissa, relative rounding 2^-9 per operand; over sums of 64-200 terms and
@@ -105,7 +115,8 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 
 @pytest.mark.parametrize("tokens", TOKENS)
-@pytest.mark.parametrize("fmt, H, I", [("fp8_block", 200, 72), ("fp8_block", 256, 384), ("mxfp4", 96, 64)])
+@pytest.mark.parametrize("fmt, H, I", [("fp8_block", 200, 72), ("fp8_block", 256, 384), ("mxfp4", 96, 64),
+                                       ("int4_group", 204, 72)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_quantized_experts_match_the_fp32_oracle(tokens, fmt, H, I, dtype):
     """torch's grouped experts on QuantizedExperts (each routed expert dequantized when used)
@@ -124,11 +135,10 @@ def test_quantized_experts_match_the_fp32_oracle(tokens, fmt, H, I, dtype):
     seen = []
     w13_seen = type("Seen", (quant.QuantizedExperts,), {
         "__getitem__": lambda self, e: seen.append(int(e)) or quant.QuantizedExperts.__getitem__(self, e)})(
-        w13.fmt, w13.tensors, dtype)
+        w13.fmt, w13.tensors, dtype, w13.block, w13.group, getattr(w13, "k", None))
     torch_moe.moe_forward(x.to(dtype), w13_seen, w2, ids, weights, out)
     assert E - 1 not in seen and len(seen) == len(set(seen))  # each routed expert expanded once
-    ref = reference.moe(x, quant.QuantizedExperts(w13.fmt, w13.tensors, torch.float32).dequantized(),
-                        quant.QuantizedExperts(w2.fmt, w2.tensors, torch.float32).dequantized(), weights, ids)
+    ref = reference.moe(x, f32(w13), f32(w2), weights, ids)
     scale = ref.abs().max().item()
     torch.testing.assert_close(out, ref, atol=TOL[dtype] * scale, rtol=TOL[dtype])
 
@@ -161,3 +171,30 @@ def test_quantized_experts_report_their_stored_bytes_and_refuse_unknown_formats(
     with pytest.raises(ValueError, match="expected shape"):
         quant.QuantizedExperts("fp8_block", {"weight": torch.zeros(2, 256, 256, dtype=torch.float8_e4m3fn),
                                              "weight_scale_inv": torch.ones(2, 1, 2)})
+
+
+@pytest.mark.parametrize("n, k, group", [(3, 8, 8), (5, 204, 64), (16, 256, 128), (2, 9, 4)])
+def test_int4_groups_match_compressed_tensors_packing(n, k, group):
+    """Words packed as compressed-tensors' pack-quantized packs them (its own pack_to_int32 and
+    unpack_from_int32 are the reference), K not a multiple of 8 and a partial last group."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
+
+    gen = torch.Generator().manual_seed(n * k)
+    codes = torch.randint(-8, 8, (n, k), generator=gen, dtype=torch.int8)
+    words = pack_to_int32(codes, 4)
+    scale = torch.rand(n, -(-k // group), generator=gen) + 0.01
+    ref = unpack_from_int32(words, 4, torch.Size((n, k))).float() * scale.repeat_interleave(group, -1)[:, :k]
+    torch.testing.assert_close(quant.dequant_int4_group(words, scale, k, group), ref, rtol=0, atol=0)
+    w = torch.randn(n, k, generator=gen)
+    ours, s = quant.quant_int4_group(w, group)
+    back = quant.dequant_int4_group(ours, s, k, group)
+    assert torch.equal(ours, pack_to_int32((torch.round(back / s.repeat_interleave(group, -1)[:, :k])).to(torch.int8), 4))
+    half_step = s.repeat_interleave(group, -1)[:, :k] / 2
+    assert bool(((back - w).abs() <= half_step * (1 + 1e-6)).all())  # round to nearest, nothing clipped
+
+
+def test_int4_bad_layouts_are_refused():
+    with pytest.raises(ValueError, match="int32"):
+        quant.dequant_int4_group(torch.zeros(2, 1, dtype=torch.int64), torch.ones(2, 1), 8, 8)
+    with pytest.raises(ValueError, match="groups of 64"):
+        quant.dequant_int4_group(torch.zeros(2, 2, dtype=torch.int32), torch.ones(2, 2), 16, 64)
