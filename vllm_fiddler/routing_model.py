@@ -80,7 +80,7 @@ class SyntheticRouting:
                 chosen: list[int] = []
                 for slot in range(self.top_k):
                     keep = prev is not None and rng.random() < self.locality and prev[layer][slot] not in chosen
-                    chosen.append(prev[layer][slot] if keep else _draw(rng, shares[layer], chosen))
+                    chosen.append(prev[layer][slot] if keep else draw_expert(rng, shares[layer], chosen))
                 row.append(tuple(chosen))
             out.append(row)
             prev = row
@@ -101,8 +101,8 @@ class SyntheticRouting:
         return trace
 
 
-def _draw(rng: random.Random, share: Sequence[float], exclude: Sequence[int]) -> int:
-    """One expert by share, never one of `exclude`."""
+def draw_expert(rng: random.Random, share: Sequence[float], exclude: Sequence[int]) -> int:
+    """One expert by share, never one of `exclude` (a token's top-k experts are distinct)."""
     total = sum(p for e, p in enumerate(share) if e not in exclude)
     x = rng.random() * total
     for e, p in enumerate(share):

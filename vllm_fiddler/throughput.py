@@ -28,6 +28,7 @@ import random
 from typing import Sequence
 
 from vllm_fiddler.cost_model import CostModel, plan_cold_experts
+from vllm_fiddler.routing_model import draw_expert
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,13 +122,8 @@ def route_counts(rng: random.Random, share: Sequence[float], top_k: int, tokens:
     for _ in range(tokens):
         picked: list[int] = []
         for _ in range(top_k):
-            total = sum(p for e, p in enumerate(share) if e not in picked)
-            x = rng.random() * total
-            choice = next((e for e, p in enumerate(share) if e not in picked and (x := x - p) < 0), None)
-            if choice is None:  # rounding at the end of the range
-                choice = max((e for e in range(len(share)) if e not in picked), key=lambda e: share[e])
-            picked.append(choice)
-            counts[choice] += 1
+            picked.append(draw_expert(rng, share, picked))
+            counts[picked[-1]] += 1
     return counts
 
 
