@@ -60,12 +60,16 @@ PROMPT_LEN = 32
 SYSTEMS = ("fiddler", "stock_uva_experts")
 
 
-def budget(shape_name: str, layers: int, gpu_gib: float) -> dict:
-    """Expert GiB resident on the GPU and offloaded, at a card of gpu_gib."""
+def moe_shape(shape_name: str, layers: int | None = None):
+    """The bf16 MoE sizes of a shape in shapes.py (trimmed to `layers`)."""
     from vllm_fiddler.placement import MoEShape
 
-    full = MoEShape.from_hf_config(shapes.config(shape_name), 2)
-    trimmed = MoEShape.from_hf_config(shapes.config(shape_name, layers), 2)
+    return MoEShape.from_hf_config(shapes.config(shape_name, layers), 2)
+
+
+def budget(shape_name: str, layers: int, gpu_gib: float) -> dict:
+    """Expert GiB resident on the GPU and offloaded, at a card of gpu_gib."""
+    full, trimmed = moe_shape(shape_name), moe_shape(shape_name, layers)
     resident_full = gpu_gib - full.non_expert_bytes / GIB - KV_RESERVE_GIB - OVERHEAD_GIB
     share = max(0.0, min(1.0, resident_full / (full.all_experts_bytes / GIB)))
     experts = trimmed.all_experts_bytes / GIB
@@ -217,10 +221,10 @@ def predicted(shape_name: str, layers: int, b: dict, cost=None, prefill_lens=(),
     re-placement; `cost` is the engine's calibrated cost model where its cache has one
     (cost_model.cache_dir()), else the prior for the shape."""
     from vllm_fiddler.cost_model import default_for_shape
-    from vllm_fiddler.placement import MoEShape, plan_even
+    from vllm_fiddler.placement import plan_even
     from vllm_fiddler.throughput import StepModel
 
-    shape = MoEShape.from_hf_config(shapes.config(shape_name, layers), 2)
+    shape = moe_shape(shape_name, layers)
     cost = cost or default_for_shape(shape.hidden_size, shape.intermediate_size, 2)
     gpu = round(b["resident_share"] * shape.num_layers * shape.num_experts)
     model = StepModel(cost, plan_even(shape.num_layers, shape.num_experts, gpu).gpu_experts,
@@ -234,9 +238,8 @@ def calibrated_cost(shape_name: str, layers: int):
     import glob
 
     from vllm_fiddler import cost_model
-    from vllm_fiddler.placement import MoEShape
 
-    shape = MoEShape.from_hf_config(shapes.config(shape_name, layers), 2)
+    shape = moe_shape(shape_name, layers)
     tag = cost_model.shape_tag(shape.hidden_size, shape.intermediate_size, 2)
     files = sorted(glob.glob(os.path.join(cost_model.cache_dir(), f"cost_model-*{tag}*.json")), key=os.path.getmtime)
     return cost_model.load(files[-1]) if files else None

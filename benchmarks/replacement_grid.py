@@ -33,17 +33,12 @@ LOCALITIES = (0.0, 0.15, 0.3, 0.6)
 
 
 def policy_and_settings():
-    from vllm_fiddler.adaptation import AdaptationPolicy, step_saving_ms
+    from vllm_fiddler.adaptation import AdaptationPolicy
     from vllm_fiddler.config import AdaptationSettings
     from vllm_fiddler.cost_model import default_for_shape
 
-    s = AdaptationSettings()
-    cost = default_for_shape()  # Mixtral-8x7B bf16
-    policy = AdaptationPolicy(
-        copy_ms=cost.copy_ms, saved_ms_per_token=max(1e-3, step_saving_ms(cost.cpu_ms, cost.gpu_ms, cost.copy_ms, 1)),
-        horizon_steps=s.horizon_steps, min_gain_ratio=s.min_gain_ratio, max_swaps_per_round=s.max_swaps_in_flight,
-        min_rate_margin=s.min_rate_margin, cooldown_steps=s.cooldown_steps, noise_z=s.noise_z)
-    return policy, s
+    settings = AdaptationSettings()
+    return AdaptationPolicy.priced(default_for_shape(), settings), settings  # Mixtral-8x7B bf16 prior
 
 
 def cell(trace, num_layers: int, num_experts: int, gpu_experts: int) -> dict:

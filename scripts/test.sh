@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The test suite (what CI runs after scripts/install-cpu.sh):
-#   bash scripts/install-cpu.sh && bash scripts/test.sh
+#   bash scripts/install-cpu.sh && bash scripts/test.sh         # vLLM 0.26.0 (.venv)
+#   FIDDLER_VLLM=0.32.0 bash scripts/test.sh                     # .venv-0.32.0
 # Extra arguments go to the main pytest run, e.g. `bash scripts/test.sh -m "not slow"`.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-VENV=${FIDDLER_VENV:-$ROOT/.venv}
+source "$ROOT/scripts/vllm-release.sh"  # VENV: this release's (FIDDLER_VLLM), or FIDDLER_VENV
 cd "$ROOT"
 # pytest (not `python -m pytest`): the repo root must not be on sys.path, or the
 # kernels/ folder would shadow Hugging Face's `kernels` package.

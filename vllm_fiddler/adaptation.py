@@ -40,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 
 class AdaptationError(ValueError):
@@ -287,6 +288,16 @@ class AdaptationPolicy:
             v = getattr(self, name)
             if not _is_int(v) or v < 0:
                 raise AdaptationError(f"{name} must be an integer >= 0, got {v!r}")
+
+    @classmethod
+    def priced(cls, cost: Any, settings: Any) -> "AdaptationPolicy":
+        """The runtime's policy: `settings` (config.AdaptationSettings) priced by a cost model
+        (cost_model.CostModel); the heat counters' unit is one token's saving in a step."""
+        return cls(copy_ms=cost.copy_ms,
+                   saved_ms_per_token=max(1e-3, step_saving_ms(cost.cpu_ms, cost.gpu_ms, cost.copy_ms, 1)),
+                   horizon_steps=settings.horizon_steps, min_gain_ratio=settings.min_gain_ratio,
+                   max_swaps_per_round=settings.max_swaps_in_flight, min_rate_margin=settings.min_rate_margin,
+                   cooldown_steps=settings.cooldown_steps, noise_z=settings.noise_z)
 
     @property
     def min_rate_gap(self) -> float:

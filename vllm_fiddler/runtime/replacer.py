@@ -48,7 +48,7 @@ import dataclasses
 
 import torch
 
-from vllm_fiddler.adaptation import AdaptationPolicy, ExpertHeat, plan_swaps, step_saving_ms
+from vllm_fiddler.adaptation import AdaptationPolicy, ExpertHeat, plan_swaps
 from vllm_fiddler.config import AdaptationSettings
 from vllm_fiddler.logger import logger
 
@@ -208,15 +208,7 @@ class ExpertReplacer:
         return default_for_shape(layer.hidden_size, layer.intermediate_size, layer.w13_cpu.element_size())
 
     def _price(self) -> AdaptationPolicy:
-        cost = self._cost()
-        s = self.settings
-        return AdaptationPolicy(
-            # the 1-token saving, the unit of the heat counters (adaptation.step_value_table)
-            copy_ms=cost.copy_ms,
-            saved_ms_per_token=max(1e-3, step_saving_ms(cost.cpu_ms, cost.gpu_ms, cost.copy_ms, 1)),
-            horizon_steps=s.horizon_steps, min_gain_ratio=s.min_gain_ratio,
-            max_swaps_per_round=s.max_swaps_in_flight, min_rate_margin=s.min_rate_margin,
-            cooldown_steps=s.cooldown_steps, noise_z=s.noise_z)
+        return AdaptationPolicy.priced(self._cost(), self.settings)
 
     def resident(self) -> list[tuple[int, ...]]:
         """[L] GPU experts per layer once the copies in flight have landed."""
