@@ -388,7 +388,7 @@ def roofline(row: dict, out: dict) -> dict:
     measurements right before and after this row's engine where there are any,
     else the JSON's. The host's bandwidth drifts by more than 10% over minutes:
     each figure is the higher of the two, as each is already the best of its
-    rounds (lease X's table engine had 121.6 GB/s together right after it,
+    rounds (one engine had 121.6 GB/s together right after it,
     141.4-143.6 after the machine's two engines before it). `_independent`
     adds the two links' solo figures, as if they did not share DRAM (not
     reachable here: `host_read_together_gb_s` is far below that sum);
@@ -705,7 +705,7 @@ def parse_args(argv=None):
     p.add_argument("--eager", action="store_true", help="enforce_eager for every system (tiny: always)")
     p.add_argument("--gpu-gib", type=float, help="the GPU memory (GiB) the expert budgets are computed for "
                    "(default: this GPU's); 79.18 keeps the H100 80GB's budgets on a bigger card")
-    p.add_argument("--fiddler-options", help="JSON of fiddler options (README) over every fiddler row's own, "
+    p.add_argument("--fiddler-options", help="JSON of fiddler options (docs/options.md) over every fiddler row's own, "
                    "e.g. '{\"cpu_threads\": 14}'; the rows' kwargs record them")
     p.add_argument("--engine-in-process", action="store_true",
                    help="VLLM_ENABLE_V1_MULTIPROCESSING=0 for every system: generate() then adds all of "
@@ -718,7 +718,7 @@ def parse_args(argv=None):
     p.add_argument("--bandwidth-per-row", action="store_true",
                    help="measure the host's DRAM / PCIe bandwidth again right before and after each fiddler "
                         "decode row's engine (~40 s each) and take that row's roofline from them: the VM's bandwidth "
-                        "drifts by more than 10%% within a lease")
+                        "drifts by more than 10%% over minutes")
     p.add_argument("--measure-bandwidth", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.decode_tokens is None:

@@ -11,7 +11,7 @@ CPU reads use the fiddler CPU kernel's read loop (all threads) when it is
 built, else torch.sum; buffers are several GB so the L3 is not measured.
 With CUDA they come from torch's pinned allocator, like the cold experts: on
 the H100 box the same loop read pinned GiBs at a median 161 GB/s and fresh
-pageable ones at 127 (benchmarks/host_memory_map.py, one process, alternating
+pageable ones at 127 (benchmarks/investigations/host_memory_map.py, one process, alternating
 rounds), so a pageable probe understated the experts' read bound by ~20%.
 """
 
@@ -49,7 +49,7 @@ def h2d(src, dst, seconds: float) -> float:
     A spinning sync (the default) held a core beside the CPU readers' one per core when
     both ran at once, and the preempted readers understated the CPU's share: the H100
     box's batch-1 decode then moved its cold bytes faster than this "together" figure
-    allowed (41.9 tok/s against a 40.2 roofline, e2e-h100.json lease W)."""
+    allowed (41.9 tok/s against a 40.2 roofline, e2e-h100.json repeats)."""
     stream = torch.cuda.Stream()
     copied = torch.cuda.Event(blocking=True)
     done, start = 0, time.perf_counter()
@@ -65,7 +65,7 @@ def h2d(src, dst, seconds: float) -> float:
 def measure(seconds: float = 3.0, cpu_gib: float = 4.0, rounds: int = 3) -> dict:
     """CPU read and pinned H2D GB/s, each alone and both at once (all threads), each
     figure the best of `rounds`: the VM's figures move by 10-15% from one round to the
-    next (H100 box: the CPU read alone 132-161 GB/s within one lease), and a roofline
+    next (H100 box: the CPU read alone 132-161 GB/s on one machine), and a roofline
     takes the most the host can deliver."""
     threads = os.cpu_count()
     torch.set_num_threads(threads)

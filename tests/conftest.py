@@ -11,8 +11,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_benchmark(name: str):
-    """benchmarks/<name>.py as a module (the folder is not a package)."""
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "benchmarks", f"{name}.py"))
+    """benchmarks/<name>.py as a module (the folder is not a package); `name` may name a
+    subfolder's script, e.g. "investigations/engine_trace"."""
+    spec = importlib.util.spec_from_file_location(os.path.basename(name),
+                                                  os.path.join(REPO, "benchmarks", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

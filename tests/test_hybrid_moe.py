@@ -822,7 +822,7 @@ def test_cuda_gap_counters_time_the_work_between_ops(monkeypatch):
 def test_trace_op_writes_the_engine_trace(tmp_path, monkeypatch):
     """FIDDLER_TRACE_DIR's writer: every TRACE_FLUSH_OPS ops, a JSON file of the ops (layers
     numbered by first appearance) and the CPU jobs done meanwhile, which
-    benchmarks/engine_trace.py loads."""
+    benchmarks/investigations/engine_trace.py loads."""
     import os
     import types
 
@@ -842,7 +842,7 @@ def test_trace_op_writes_the_engine_trace(tmp_path, monkeypatch):
             hybrid_moe.trace_op(layer, t, None, None, t)
     files = sorted(os.listdir(tmp_path))
     assert len(files) == 2 and hybrid_moe.OP_TRACE == []
-    trace = load_benchmark("engine_trace").load(str(tmp_path))
+    trace = load_benchmark("investigations/engine_trace").load(str(tmp_path))
     assert [op[0] for op in trace["ops"]] == [0, 1] * 3
     assert trace["chunk_bytes"] == 64 and trace["cpu_threads"] == 5
 

@@ -920,17 +920,17 @@ def streamed_chunks(cost: CostModel, chunks: int, top_k: int = 1, tokens: float 
     model), the H100 box took (3, 2) of 8 chunks for Mixtral's top-2 where (2, 2) was 4%
     slower; at decode's measured 57% hit rate most cold layers had one cold expert, whose 3
     streamed chunks outlasted the CPU's 5 (3.2 against 2.3 ms): the CPU jobs waited 5.0 ms
-    a step for their routing and decode ran 45.2 tok/s (e2e-h100.json lease X). (3, 2)
+    a step for their routing and decode ran 45.2 tok/s (e2e-h100.json repeats). (3, 2)
     never beat (2, 2) on one machine (benchmarks/results/routed-decode-h100.json).
 
     cold_patterns [2^top_k] (counts or weights, any scale) replaces that independence with what
     the layer's tokens did: entry `mask` is how often a token had exactly the positions of
     `mask` (bit k: position k) cold. Settled batch-1 decode is far from independent: with
-    the dummy router each cold layer had exactly one cold expert a token (lease Y's engine
-    trace), where a 50% share priced independently puts a quarter of the weight on two cold
+    the dummy router each cold layer had exactly one cold expert a token (engine-trace-h100.json),
+    where a 50% share priced independently puts a quarter of the weight on two cold
     experts. With the CPU at 3.3 ms an expert (a slow host's ~105 GB/s; contention 1.22x /
     1.25x) that picks (3, 2), where exactly one cold expert a token wants (2, 2): a lone
-    expert's 3 streamed chunks outlast the CPU's 5, and lease X's engines that streamed
+    expert's 3 streamed chunks outlast the CPU's 5, and engines that streamed
     (3, 2) waited 2.6-5.0 ms a step for their routing against 0.4-0.8 with (2, 2).
 
     The GPU's in-place reads are priced at their own measured rate (stream_ms; a copy's

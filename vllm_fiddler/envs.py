@@ -57,7 +57,7 @@ environment_variables: dict[str, tuple[Callable[[], Any], str]] = {
                              "set by the first process that registers the plugin"),
     "FIDDLER_TRACE_DIR": (_str("FIDDLER_TRACE_DIR"),
                           "a folder for the served engine's per-op and CPU-job traces "
-                          "(benchmarks/engine_trace.py); off when unset"),
+                          "(benchmarks/investigations/engine_trace.py); off when unset"),
     "FIDDLER_CACHE_DIR": (_str("FIDDLER_CACHE_DIR"),
                           "where calibrated cost models are cached (default $XDG_CACHE_HOME/vllm_fiddler)"),
     # ---- benchmarks on random weights (vllm_fiddler.synthetic) ----

@@ -796,7 +796,7 @@ class AsyncRunner {
       // also holds (refcount 2 -> 1) decrefs its PyObject, which takes the GIL, and the
       // engine thread holds that while it runs Python. The H100 box's engine traces had
       // this thread ~0.1 ms (median; 0.45 at p90, 1.1 at p99) from one job's end to
-      // taking the next, queued one (benchmarks/engine_trace.py). The next submit (or
+      // taking the next, queued one (benchmarks/investigations/engine_trace.py). The next submit (or
       // wait_idle), on a Python thread, drops them.
       finished_.push_back(std::move(job));
       if (!error.empty() && error_.empty()) error_ = error;

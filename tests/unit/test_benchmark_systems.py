@@ -127,7 +127,7 @@ def test_memory_map_tells_slow_memory_from_a_slow_moment(monkeypatch):
     import random
 
     monkeypatch.syspath_prepend(os.path.join(REPO, "benchmarks"))  # its results_io
-    mm = load_benchmark("host_memory_map")
+    mm = load_benchmark("investigations/host_memory_map")
     place = [160.0, 120.0, 165.0, 150.0, 118.0, 170.0]  # GiBs 1 and 4 backed by slow memory
     assert mm.rank_agreement([place, [v * 0.7 for v in place], [v + 1.0 for v in place]]) == pytest.approx(1.0)
     rng = random.Random(0)
@@ -166,7 +166,7 @@ def planted_engine_trace(tmp_path, steps: int = 6) -> None:
 def test_engine_trace_splits_the_cpu_idle_time(tmp_path):
     """engine_trace on a planted timeline: job read rates by size, the engine thread's lateness
     and the routing waits per step, the step period and the CPU's busy share."""
-    engine_trace = load_benchmark("engine_trace")
+    engine_trace = load_benchmark("investigations/engine_trace")
     planted_engine_trace(tmp_path)
     summary = engine_trace.summarize(engine_trace.load(str(tmp_path)), last_steps=3)
     assert summary["layers"] == 2 and summary["steps"] == 3

@@ -997,7 +997,7 @@ def test_calibration_passes_run_until_they_agree():
 
 
 def test_contention_keeps_each_times_best_round():
-    """Lease L's disturbed round (1 token 2.82 -> 6.42 ms, 64 tokens 15.16 ms alone) is outvoted
+    """A disturbed round (1 token 2.82 -> 6.42 ms, 64 tokens 15.16 ms alone) is outvoted
     by quiet rounds; one round alone still gives its own ratios, clamped to SLOWDOWN_RANGE."""
     from vllm_fiddler.runtime.calibrate import SLOWDOWN_RANGE, contention_from_rounds
 
@@ -1024,7 +1024,7 @@ def test_contention_keeps_each_times_best_round():
 
 
 @pytest.mark.parametrize("cpu_ms,copy_ms,s_cpu,s_h2d,chunks", [
-    (2.9, 6.5, 1.17, 1.20, 8),  # the H100 box's lease N model
+    (2.9, 6.5, 1.17, 1.20, 8),  # an H100 box model
     (2.9, 6.5, 1.0, 1.0, 8),
     (6.0, 3.0, 1.3, 1.1, 5),  # a slow CPU: most chunks over PCIe
     (1.0, 50.0, 1.0, 1.0, 8),  # a slow link: nothing streamed
@@ -1047,17 +1047,17 @@ def test_streamed_chunks_is_the_best_cut_by_brute_force(cpu_ms, copy_ms, s_cpu, 
 
 
 def test_streamed_chunks_planted_answers():
-    lease_n = dataclasses.replace(flat_model(2.9, 6.5, 0.1), cpu_contended_slowdown=1.17,
+    model_n = dataclasses.replace(flat_model(2.9, 6.5, 0.1), cpu_contended_slowdown=1.17,
                                   h2d_contended_slowdown=1.20)
-    assert cm.streamed_chunks(lease_n, 8) == (2,)  # 2.54 ms against 2.9 on the CPU alone
+    assert cm.streamed_chunks(model_n, 8) == (2,)  # 2.54 ms against 2.9 on the CPU alone
     # two positions: 5 of 16 (2.44 ms an expert), spread 3 + 2, the first position taking more
-    assert cm.streamed_chunks(lease_n, 8, top_k=2) == (3, 2)
-    assert cm.streamed_chunks(lease_n, 8, top_k=4) == (3, 3, 2, 2)  # 10 of 32: 2.44 ms
+    assert cm.streamed_chunks(model_n, 8, top_k=2) == (3, 2)
+    assert cm.streamed_chunks(model_n, 8, top_k=4) == (3, 3, 2, 2)  # 10 of 32: 2.44 ms
     assert cm.streamed_chunks(flat_model(1.0, 50.0, 0.1), 8, top_k=2) == (0, 0)
     assert cm.streamed_chunks(flat_model(10.0, 1.0, 0.1), 4, top_k=2) == (4, 4)  # the link wins outright
     for bad in ((0, 1), (8, 0)):
         with pytest.raises(ValueError):
-            cm.streamed_chunks(lease_n, *bad)
+            cm.streamed_chunks(model_n, *bad)
 
 
 @pytest.mark.parametrize("top_k,chunks", [(1, 8), (2, 8), (3, 5), (4, 4)])
@@ -1092,42 +1092,42 @@ def test_streamed_chunks_minimise_the_expected_layer_over_cold_subsets(top_k, ch
 
 
 def test_streamed_chunks_follow_the_hit_rate():
-    """Lease X's calibration (CPU 2.93 ms an expert, contention 1.28x / 1.23x, in-place reads
+    """An H100 box calibration (CPU 2.93 ms an expert, contention 1.28x / 1.23x, in-place reads
     50.1 GB/s): with every expert cold, 5 of 16 chunks (3, 2); at decode's measured 57% hit
     rate a layer mostly has one cold expert, whose 3 of 8 would outlast the CPU's 5: (2, 2)."""
-    lease_x = dataclasses.replace(flat_model(2.93, 6.5, 0.1), cpu_contended_slowdown=1.28,
+    model_x = dataclasses.replace(flat_model(2.93, 6.5, 0.1), cpu_contended_slowdown=1.28,
                                   h2d_contended_slowdown=1.23, stream_gb_s=50.1 / 54.9)
-    assert cm.streamed_chunks(lease_x, 8, top_k=2) == cm.streamed_chunks(lease_x, 8, 2, cold_share=1.0) == (3, 2)
-    assert cm.streamed_chunks(lease_x, 8, top_k=2, cold_share=0.43) == (2, 2)
-    assert cm.streamed_chunks(lease_x, 8, top_k=1, cold_share=0.43) == cm.streamed_chunks(lease_x, 8) == (2,)
+    assert cm.streamed_chunks(model_x, 8, top_k=2) == cm.streamed_chunks(model_x, 8, 2, cold_share=1.0) == (3, 2)
+    assert cm.streamed_chunks(model_x, 8, top_k=2, cold_share=0.43) == (2, 2)
+    assert cm.streamed_chunks(model_x, 8, top_k=1, cold_share=0.43) == cm.streamed_chunks(model_x, 8) == (2,)
     for bad in (0.0, -0.1, 1.5):
         with pytest.raises(ValueError):
-            cm.streamed_chunks(lease_x, 8, top_k=2, cold_share=bad)
+            cm.streamed_chunks(model_x, 8, top_k=2, cold_share=bad)
 
 
 def test_streamed_chunks_price_the_measured_in_place_reads():
     """Streamed chunks are read by the GPU's kernels in place, not by the copy engine: with
     their own measured rate the cut follows it; a model without one (an older cache file)
     prices them as copies."""
-    lease_n = dataclasses.replace(flat_model(2.9, 6.5, 0.1), cpu_contended_slowdown=1.17,
+    model_n = dataclasses.replace(flat_model(2.9, 6.5, 0.1), cpu_contended_slowdown=1.17,
                                   h2d_contended_slowdown=1.20)
-    assert lease_n.stream_gb_s == 0.0 and lease_n.stream_ms == pytest.approx(lease_n.copy_ms)
+    assert model_n.stream_gb_s == 0.0 and model_n.stream_ms == pytest.approx(model_n.copy_ms)
     # in-place reads at 0.8x the copy's rate: 8.1 ms an expert; 4 of 16 (2.54 ms) beats 5 (3.05)
-    slower = dataclasses.replace(lease_n, stream_gb_s=0.8 * lease_n.h2d_gb_s)
+    slower = dataclasses.replace(model_n, stream_gb_s=0.8 * model_n.h2d_gb_s)
     assert slower.stream_ms == pytest.approx(6.5 / 0.8)
     assert cm.streamed_chunks(slower, 8, top_k=2) == (2, 2)
     # as fast as the copies: the copy-priced cut
-    same = dataclasses.replace(lease_n, stream_gb_s=lease_n.h2d_gb_s)
-    assert cm.streamed_chunks(same, 8, top_k=2) == cm.streamed_chunks(lease_n, 8, top_k=2) == (3, 2)
+    same = dataclasses.replace(model_n, stream_gb_s=model_n.h2d_gb_s)
+    assert cm.streamed_chunks(same, 8, top_k=2) == cm.streamed_chunks(model_n, 8, top_k=2) == (3, 2)
     # round trip through the cache format; a version-2 file (no field) loads as not measured
     assert CostModel.from_json(slower.to_json()) == slower
-    old = json.loads(lease_n.to_json())
+    old = json.loads(model_n.to_json())
     del old["stream_gb_s"]
     old["version"] = 2
     assert CostModel.from_dict(old).stream_gb_s == 0.0
     for bad in (-1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="stream_gb_s"):
-            dataclasses.replace(lease_n, stream_gb_s=bad)
+            dataclasses.replace(model_n, stream_gb_s=bad)
 
 
 def _pattern_layer_ms(cut, patterns, chunks, cpu_ms, s_cpu, s_h2d, stream_ms=7.12):

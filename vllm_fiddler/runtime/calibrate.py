@@ -42,11 +42,9 @@ CONTENTION_CPU_TOKENS = (1, 64)  # CPU expert timed against a stream of copies a
 CONTENTION_REPS = 5  # CPU expert calls per timing (1 token ~3 ms, 64 ~9 ms on the H100 box)
 CONTENTION_COPY_REPS = 4  # expert copies per timing (~7 ms each at 50 GB/s)
 # Rounds of (solo, contended) timings; each time is the best over rounds (noise only adds
-# time). One round on the H100 box (lease L, 2026-11-23) timed the CPU expert at 1 token
-# 2.82 ms alone and 6.42 ms against copies (2.27x; host_bandwidth puts it near 1.3x), and
-# 15.16 ms alone at 64 tokens against the CPU curve's 6.73: a disturbed round. That model
-# (cached, so every later engine on the machine inherited it) split no expert in decode,
-# where models of 1.25x split ~3-7 a step and moved 0.9-1.7 GB of cold bytes over PCIe.
+# time): a single disturbed round on the H100 box timed the CPU expert at 1 token 2.27x
+# slower against copies (host_bandwidth: ~1.3x) and at 64 tokens 2.2x its own curve, and
+# the model it cached split no expert in decode, where 1.25x models split ~3-7 a step.
 CONTENTION_ROUNDS = 3
 SLOWDOWN_RANGE = (1.0, 3.0)  # a measured slowdown is clamped to this
 # Part of the cache key: bump it when what is measured changes, so that older

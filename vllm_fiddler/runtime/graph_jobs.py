@@ -2,11 +2,11 @@
 
 Why: at batch-1 decode the engine thread's Python was the step's critical path
 in every mode we had. Eager, vLLM's attention blocks take ~1.3 ms a layer of
-host time and our op ~0.4 ms (lease AB: 16.8 ms of engine-thread CPU time
-against 12.7 ms of CPU expert work a step, 75.8% of the roofline); piecewise
-CUDA graphs replay the pieces between the splitting ops but still run every
-attention op and every MoE op eagerly (lease Z: ~1.0 ms of pieces between two
-ops, 4.7 ms at the step's edge). vLLM's FULL decode graphs take all of that
+host time and our op ~0.4 ms (H100 box, Mixtral shapes: 16.8 ms of engine-thread
+CPU time against 12.7 ms of CPU expert work a step, 75.8% of the roofline);
+piecewise CUDA graphs replay the pieces between the splitting ops but still run
+every attention op and every MoE op eagerly (~1.0 ms of pieces between two ops,
+4.7 ms at the step's edge). vLLM's FULL decode graphs take all of that
 off the engine thread, but they capture our op too, and its CPU work was
 handed over by the engine thread per layer (CPUExpertRuntime.submit_routed).
 

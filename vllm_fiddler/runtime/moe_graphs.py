@@ -35,12 +35,12 @@ The pinned buffers are the graphs' own (the runtime's shared ones grow, and a gr
 the addresses it was captured with); the graphs reach them through CUDA views (plain device
 copies, nothing host-side to capture). Eagerly the routed step was ~30 torch calls, ~0.6 ms of
 the engine thread a layer; in a compiled batch-1 engine that thread, not the CPU experts,
-was the step's critical path (lease Z: 16 ms of engine-thread CPU time in a 17 ms step).
+was the step's critical path (H100 box: 16 ms of engine-thread CPU time in a 17 ms step).
 
 The streamed graphs took the last eager `fused_moe` off routed (decode) steps:
 ~0.55 ms of the engine thread's time a layer, which in vLLM's eager mode kept
-that thread busy for the whole step (benchmarks/results/e2e-h100.json,
-lease W: engine thread 28.9 ms of CPU time in a 29.1 ms step).
+that thread busy for the whole step (benchmarks/results/e2e-h100.json:
+engine thread 28.9 ms of CPU time in a 29.1 ms step).
 
 Graphs read the layer's weights and routing maps where they live, so online
 re-placement (which rewrites them in place) needs no new capture. All graphs

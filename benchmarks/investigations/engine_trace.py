@@ -3,7 +3,7 @@
 Run an engine with FIDDLER_TRACE_DIR=DIR (vllm_fiddler.moe.layer writes its
 ops' host times and the native job thread's trace there), then
 
-    python benchmarks/engine_trace.py DIR --steps 512 --out trace-summary.json
+    python benchmarks/investigations/engine_trace.py DIR --steps 512 --out trace-summary.json
 
 For the last --steps routed decode steps it reports, per layer and per step:
 - each CPU job's run time and its read rate (CPU chunk-experts x chunk bytes / run time),

@@ -11,7 +11,7 @@ cache directory, so nothing compiled earlier is reused:
             compiles is as slow as the step it stalls;
   warmed    kernels.triton.warm_up first (timed), then the same steps.
 
-    python3 benchmarks/kernel_warmup.py --out benchmarks/results/kernel-warmup-h100.json
+    python3 benchmarks/investigations/kernel_warmup.py --out benchmarks/results/kernel-warmup-h100.json
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ the hybrid op can start, so its host time is on the critical path. Compares
 torch.bincount (which syncs with the device to size its output) with the
 sync-free index_add_ count HybridMoE uses, and routing alone.
 
-    python benchmarks/routing_overhead.py --out benchmarks/results/routing-overhead-h100.json
+    python benchmarks/investigations/routing_overhead.py --out benchmarks/results/routing-overhead-h100.json
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def main() -> None:
             fn()
         results[name] = (time.perf_counter() - start) / args.iters * 1e6  # host us per call
         torch.cuda.synchronize()
-    out = {"command": f"python benchmarks/routing_overhead.py --iters {args.iters}",
+    out = {"command": f"python benchmarks/investigations/routing_overhead.py --iters {args.iters}",
            "device": f"{torch.cuda.get_device_name()} + {os.cpu_count()} CPUs",
            "host_us_per_layer": results}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

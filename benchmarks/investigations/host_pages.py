@@ -16,8 +16,8 @@ For each, in alternating rounds (the box drifts): one expert at 1 token
 through the CPU kernel, rotating over all experts as decode does (ms, GB/s
 of weights), and with CUDA one expert's pinned host->device copy (GB/s).
 
-    python benchmarks/host_pages.py --out benchmarks/results/host-pages-h100.json
-    python benchmarks/host_pages.py --experts 4 --hidden 512 --inter 1024 --seconds 0.5   # smoke run
+    python benchmarks/investigations/host_pages.py --out benchmarks/results/host-pages-h100.json
+    python benchmarks/investigations/host_pages.py --experts 4 --hidden 512 --inter 1024 --seconds 0.5   # smoke run
 """
 
 from __future__ import annotations
@@ -27,10 +27,12 @@ import ctypes
 import json
 import mmap
 import os
+import sys
 import time
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # benchmarks/
 from results_io import command_line, write_result
 from vllm_fiddler.config import default_cpu_threads
 from vllm_fiddler.kernels import cpu as cpu_kernels
@@ -141,7 +143,7 @@ def main() -> None:
     result = {"device": (torch.cuda.get_device_name() if cuda else "cpu") + f" + {os.cpu_count()} CPUs",
               "transparent_hugepage": thp, "threads": args.threads, "cpu_isa": cpu_kernels.isa(),
               "shape": {"hidden": args.hidden, "inter": args.inter, "experts": args.experts},
-              "command": command_line("host_pages.py", args), "rows": rows}
+              "command": command_line("investigations/host_pages.py", args), "rows": rows}
     if args.out:
         write_result(args.out, result)
 

@@ -5,7 +5,7 @@ A routed decode step's stream, per cold layer (HybridMoE._forward_routed):
 
   [wait for CPU job L (host word)][H2D result, add][attention L+1, router][D2H routing][mark L+1]
 
-The CPU idles over that chain. Lease AA's engines measured it at 0.16 ms a layer on one
+The CPU idles over that chain. Served engines measured it at 0.16 ms a layer on one
 H100 machine and ~1.0 ms on another, for the same GPU work. This script times the chain
 alone, without vLLM, after the stream waited `idle` ms (the CPU job's length):
 
@@ -30,15 +30,17 @@ replays a CUDA graph (as the routed steps' graphs and vLLM's piecewise graphs do
 layer is released `idle` ms after the previous layer's mark was seen:
 
   queued_eager / queued_graph   rtt_ms per layer, with the step's 8 layers queued up front
-                                (added after lease AB's run; not yet run on a GPU)
+                                (not yet run on a GPU)
 
-    python benchmarks/device_chain.py --out benchmarks/results/device-chain-h100.json
+    python benchmarks/investigations/device_chain.py --out benchmarks/results/device-chain-h100.json
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
 
 import torch
@@ -200,6 +202,7 @@ def summary(values):
 
 
 def main() -> None:
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # benchmarks/
     from results_io import command_line, write_result
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -214,7 +217,7 @@ def main() -> None:
     for _ in range(20):
         chain.run()
     torch.cuda.synchronize()
-    result = {"what": __doc__.split("\n\n")[0], "command": command_line("device_chain.py", args),
+    result = {"what": __doc__.split("\n\n")[0], "command": command_line("investigations/device_chain.py", args),
               "device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "date": time.strftime("%Y-%m-%d"), "modes": {}}
     for mode in filter(None, args.modes.split(",")):

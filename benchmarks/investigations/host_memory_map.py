@@ -3,7 +3,7 @@
 Why: on the H100 box the same batch-1 decode plan's CPU experts took 20 to
 36 ms a step from one engine to the next on one machine, while the bandwidth
 probe run right after each engine (host_bandwidth.py: 4 GiB of fresh, unpinned
-buffers) measured the same figures (e2e-h100.json, repeats_lease_W). Each
+buffers) measured the same figures (e2e-h100.json, repeats). Each
 engine pins its own ~18 GB of cold experts. In a virtual machine, guest memory
 can be backed by host memory of unequal speed (another socket, or pages the
 host has not mapped yet), and a probe of 4 GiB elsewhere would not see it.
@@ -16,8 +16,8 @@ per-GiB figures keep their ranking from round to round (`rank_agreement`
 near 1) and spread widely, where an engine's experts land decides its speed;
 if each round moves all GiBs together, it is the moment.
 
-    python benchmarks/host_memory_map.py --out benchmarks/results/host-memory-map-h100.json
-    python benchmarks/host_memory_map.py --gib 2 --rounds 2 --passes 1   # smoke run
+    python benchmarks/investigations/host_memory_map.py --out benchmarks/results/host-memory-map-h100.json
+    python benchmarks/investigations/host_memory_map.py --gib 2 --rounds 2 --passes 1   # smoke run
 """
 
 from __future__ import annotations
@@ -25,12 +25,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import random
 import statistics
 import time
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # benchmarks/
 from results_io import command_line, write_result
 from vllm_fiddler.kernels import cpu as cpu_kernels
 
@@ -119,7 +121,7 @@ def main() -> None:
     p.add_argument("--passes", type=int, default=4, help="reads of a GiB per visit")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="as host_bandwidth.py: every CPU")
     args = p.parse_args()
-    result = {"command": command_line("host_memory_map.py", args),
+    result = {"command": command_line("investigations/host_memory_map.py", args),
               **measure(args.gib, args.rounds, args.passes, args.threads)}
     print(json.dumps({k: v for k, v in result.items() if k != "gb_s"}, indent=1))
     if args.out:
