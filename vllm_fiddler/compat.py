@@ -108,6 +108,41 @@ def patch_quant_method_selection(choose: Callable[[Any, str, Any, Any], Any]) ->
     RoutedExperts._get_quant_method = _get_quant_method
 
 
+# vLLM quantization methods whose expert formats fiddler loads (expert_quantization)
+LOADED_QUANTIZATIONS = ("fp8",)
+
+
+def expert_quantization(quant_config: Any, prefix: str) -> tuple[str, tuple[int, int]] | None:
+    """The format in which vLLM's quantization config stores the experts of MoE layer `prefix`:
+    None (unquantized: the layer is in the config's ignored layers) or ("fp8_block", (bn, bk)).
+    Raises FiddlerConfigError for a format fiddler does not load."""
+    from vllm_fiddler.config import FiddlerConfigError
+
+    name = quant_config.get_name()
+    unsupported = None
+    if name == "fp8":
+        from vllm.model_executor.layers.quantization.utils.quant_utils import is_layer_skipped
+
+        if is_layer_skipped(prefix=prefix, ignored_layers=quant_config.ignored_layers,
+                            fused_mapping=quant_config.packed_modules_mapping):
+            return None
+        block = quant_config.weight_block_size
+        if getattr(quant_config, "store_dtype", None) == "mxfp4":
+            unsupported = "MXFP4 experts stored through the fp8 config"
+        elif not quant_config.is_checkpoint_fp8_serialized:
+            unsupported = "FP8 quantized at load from a bf16 checkpoint"
+        elif block is None:
+            unsupported = "FP8 with per-tensor scales"
+        elif quant_config.activation_scheme != "dynamic":
+            unsupported = "FP8 with static activation scales"
+        else:
+            return "fp8_block", (int(block[0]), int(block[1]))
+    raise FiddlerConfigError(
+        f"fiddler: layer {prefix} has experts quantized as {unsupported or repr(name)}; fiddler loads "
+        "unquantized experts and FP8 with block scales (vLLM's fp8 config with weight_block_size, as "
+        "DeepSeek-V3's checkpoints ship them) so far")
+
+
 def on_cpu_platform() -> bool:
     from vllm.platforms import current_platform
 

@@ -33,6 +33,8 @@ class MoEShape:
     kv_bytes_per_token: int
     layer_ids: tuple[int, ...] = ()  # [L] each MoE layer's index in the model (default 0..L-1)
     has_bias: bool = False  # experts carry biases (gpt-oss)
+    # the experts' quantized format (moe.quantized.ExpertFormat: expert_bytes(H, I)), None: dtype_bytes each
+    expert_format: Any = None
 
     def __post_init__(self) -> None:
         if not self.layer_ids:
@@ -42,6 +44,8 @@ class MoEShape:
 
     @property
     def expert_bytes(self) -> int:
+        if self.expert_format is not None:  # as stored: values and scales
+            return self.expert_format.expert_bytes(self.hidden_size, self.intermediate_size)
         # w1 and w3 are [I, H], w2 is [H, I]; biases [2I] and [H]
         bias = 2 * self.intermediate_size + self.hidden_size if self.has_bias else 0
         return (3 * self.hidden_size * self.intermediate_size + bias) * self.dtype_bytes
@@ -52,7 +56,7 @@ class MoEShape:
 
     @classmethod
     def from_layers(cls, layers: Sequence[Any], dtype_bytes: int, non_expert_bytes: int,
-                    kv_bytes_per_token: int) -> "MoEShape":
+                    kv_bytes_per_token: int, expert_format: Any = None) -> "MoEShape":
         """From the MoE layers vLLM built (objects with layer_index, num_experts, top_k,
         hidden_size, intermediate_size, has_bias), in model order."""
         if not layers:
@@ -68,7 +72,8 @@ class MoEShape:
         return cls(num_layers=len(layers), num_experts=first.num_experts, hidden_size=first.hidden_size,
                    intermediate_size=first.intermediate_size, top_k=first.top_k, dtype_bytes=dtype_bytes,
                    non_expert_bytes=non_expert_bytes, kv_bytes_per_token=kv_bytes_per_token,
-                   layer_ids=tuple(layer.layer_index for layer in layers), has_bias=first.has_bias)
+                   layer_ids=tuple(layer.layer_index for layer in layers), has_bias=first.has_bias,
+                   expert_format=expert_format)
 
     @classmethod
     def from_hf_config(cls, hf: Any, dtype_bytes: int) -> "MoEShape":

@@ -77,9 +77,11 @@ def check_vllm_config(vllm_config: Any) -> None:
             f"--model-impl fiddler manages expert placement itself; remove {', '.join(problems)} "
             f"(vLLM's weight offload would fight fiddler over the same weights). Set the GPU "
             f"expert budget with --additional-config '{{\"fiddler\": {{\"gpu_expert_budget_gb\": N}}}}'.")
-    if vllm_config.quant_config is not None or model_config.quantization:
-        raise ValueError("--model-impl fiddler supports unquantised (bf16/fp16/fp32) experts only for now; "
-                         f"this model is quantized ({model_config.quantization}).")
+    quantization = model_config.quantization or getattr(vllm_config.quant_config, "get_name", lambda: None)()
+    if quantization is not None and quantization not in compat.LOADED_QUANTIZATIONS:
+        raise ValueError(f"--model-impl fiddler loads unquantized experts and FP8 block-scaled ones (vLLM's "
+                         f"{', '.join(compat.LOADED_QUANTIZATIONS)} config) so far; this model is quantized "
+                         f"as {quantization}.")
     parallel = vllm_config.parallel_config
     if parallel.tensor_parallel_size > 1 or parallel.pipeline_parallel_size > 1 \
             or parallel.data_parallel_size > 1 or parallel.enable_expert_parallel or parallel.enable_eplb:

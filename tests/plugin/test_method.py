@@ -72,8 +72,9 @@ def test_stand_ins_take_vllms_per_expert_loader_calls():
 def test_no_method_outside_a_fiddler_build():
     assert moe_method.choose_method(object(), "p", None, object()) is None
     with moe_method.building() as build:
-        with pytest.raises(Exception, match="quantized experts"):
-            moe_method.choose_method(object(), "model.layers.0.mlp.experts", object(), object())
+        awq = types.SimpleNamespace(get_name=lambda: "awq")
+        with pytest.raises(Exception, match="experts quantized as 'awq'"):
+            moe_method.choose_method(object(), "model.layers.0.mlp.experts", awq, object())
         assert build.methods == []
     assert moe_method.choose_method(object(), "p", None, object()) is None
 

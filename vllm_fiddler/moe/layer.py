@@ -137,24 +137,7 @@ class HybridMoE(nn.Module):
         # chunk-experts the CPU read in the other steps (each once a step)
         self._cpu_chunk_reads = 0
         self._last_cpu_pairs = 0
-        Eg, Eh = len(gpu_experts), len(self.host_experts)
-        self.chunks = C = expert_chunks(I)
-        Ic = I // C
-        self.w13_gpu = torch.empty(Eg, 2 * I, H, dtype=dtype, device=self.device)  # [Eg, 2I, H]
-        self.w2_gpu = torch.empty(Eg, H, I, dtype=dtype, device=self.device)  # [Eg, H, I]
-        self.w13_cpu = torch.empty(Eh, C, 2 * Ic, H, dtype=dtype, device="cpu", pin_memory=pin_memory)
-        self.w2_cpu = torch.empty(Eh, C, H, Ic, dtype=dtype, device="cpu", pin_memory=pin_memory)
-        # the host experts' chunks as experts: slot s chunk c is chunk-expert s * C + c
-        self.w13_cpu_chunks = self.w13_cpu.view(Eh * C, 2 * Ic, H)  # [Eh*C, 2Ic, H]
-        self.w2_cpu_chunks = self.w2_cpu.view(Eh * C, H, Ic)  # [Eh*C, H, Ic]
-        # biases (math.has_bias): a host chunk-expert's b13 chunk, and b2 in chunk 0 only (an
-        # expert's output is the sum of its chunks')
-        self.b13_gpu = self.b2_gpu = self.b13_cpu = self.b2_cpu = None
-        if math.has_bias:
-            self.b13_gpu = torch.zeros(Eg, 2 * I, dtype=dtype, device=self.device)  # [Eg, 2I]
-            self.b2_gpu = torch.zeros(Eg, H, dtype=dtype, device=self.device)  # [Eg, H]
-            self.b13_cpu = torch.zeros(Eh, C, 2 * Ic, dtype=dtype, device="cpu", pin_memory=pin_memory)
-            self.b2_cpu = torch.zeros(Eh, C, H, dtype=dtype, device="cpu", pin_memory=pin_memory)
+        self._allocate_experts(len(gpu_experts), len(self.host_experts), dtype, pin_memory)
         # Counters for metrics and tests: (token, k) pairs computed on each side (routed
         # steps' pairs are added in the properties below).
         self._to_gpu = 0
@@ -183,6 +166,27 @@ class HybridMoE(nn.Module):
         # replacer has set one; float64, so a long-running server's sums stay exact
         self.expert_heat = torch.zeros(E, dtype=torch.float64, device=self.device)
         self.heat_table: torch.Tensor | None = None  # [N + 1] value of n tokens in a step
+
+    def _allocate_experts(self, Eg: int, Eh: int, dtype: torch.dtype, pin_memory: bool) -> None:
+        """The device set's experts in the plain layout, the host set's in chunks (module docstring)."""
+        H, I = self.hidden_size, self.intermediate_size
+        self.chunks = C = expert_chunks(I)
+        Ic = I // C
+        self.w13_gpu = torch.empty(Eg, 2 * I, H, dtype=dtype, device=self.device)  # [Eg, 2I, H]
+        self.w2_gpu = torch.empty(Eg, H, I, dtype=dtype, device=self.device)  # [Eg, H, I]
+        self.w13_cpu = torch.empty(Eh, C, 2 * Ic, H, dtype=dtype, device="cpu", pin_memory=pin_memory)
+        self.w2_cpu = torch.empty(Eh, C, H, Ic, dtype=dtype, device="cpu", pin_memory=pin_memory)
+        # the host experts' chunks as experts: slot s chunk c is chunk-expert s * C + c
+        self.w13_cpu_chunks = self.w13_cpu.view(Eh * C, 2 * Ic, H)  # [Eh*C, 2Ic, H]
+        self.w2_cpu_chunks = self.w2_cpu.view(Eh * C, H, Ic)  # [Eh*C, H, Ic]
+        # biases (math.has_bias): a host chunk-expert's b13 chunk, and b2 in chunk 0 only (an
+        # expert's output is the sum of its chunks')
+        self.b13_gpu = self.b2_gpu = self.b13_cpu = self.b2_cpu = None
+        if self.math.has_bias:
+            self.b13_gpu = torch.zeros(Eg, 2 * I, dtype=dtype, device=self.device)  # [Eg, 2I]
+            self.b2_gpu = torch.zeros(Eg, H, dtype=dtype, device=self.device)  # [Eg, H]
+            self.b13_cpu = torch.zeros(Eh, C, 2 * Ic, dtype=dtype, device="cpu", pin_memory=pin_memory)
+            self.b2_cpu = torch.zeros(Eh, C, H, dtype=dtype, device="cpu", pin_memory=pin_memory)
 
     @property
     def routed_to_cpu(self) -> int:
@@ -502,7 +506,7 @@ class HybridMoE(nn.Module):
         """Counts a step's routing [T, K] into expert_tokens and (once the replacer set a heat
         table) expert_heat."""
         # [E]; not torch.bincount, which syncs with the device to size its output (~33 us a
-        # layer of host time on the H100 box; benchmarks/routing_overhead.py)
+        # layer of host time on the H100 box; benchmarks/investigations/routing_overhead.py)
         flat = topk_ids.flatten()
         counts = torch.zeros(self.num_experts, dtype=torch.int64, device=flat.device).index_add_(
             0, flat, flat.new_ones((), dtype=torch.int64).expand_as(flat))
@@ -870,7 +874,7 @@ OP_TRACE: list | None = None
 
 # FIDDLER_TRACE_DIR (benchmarks; off by default): a served engine's op and CPU-job
 # traces, written every TRACE_FLUSH_OPS ops to <dir>/trace-<pid>-<n>.json, for
-# benchmarks/engine_trace.py. The engine core is its own process, so this is how its
+# benchmarks/investigations/engine_trace.py. The engine core is its own process, so this is how its
 # timeline leaves it; a flush takes a few ms of the engine thread, once in 64 batch-1
 # steps of 8 layers.
 TRACE_DIR = envs.FIDDLER_TRACE_DIR

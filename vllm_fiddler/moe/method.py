@@ -83,11 +83,14 @@ def choose_method(routed_experts: Any, prefix: str, quant_config: Any, moe_confi
     build = getattr(_local, "build", None)
     if build is None:
         return None
+    expert_format = None
     if quant_config is not None:
-        raise FiddlerConfigError(
-            f"fiddler: layer {prefix} has quantized experts ({type(quant_config).__name__}); fiddler "
-            "computes unquantized (bf16/fp16/fp32) experts only for now")
-    method = FiddlerMoEMethod(moe_config, prefix)
+        found = compat.expert_quantization(quant_config, prefix)
+        if found is not None:
+            from vllm_fiddler.moe.quantized import ExpertFormat
+
+            expert_format = ExpertFormat(*found)
+    method = FiddlerMoEMethod(moe_config, prefix, expert_format)
     build.methods.append(method)
     return method
 
@@ -95,9 +98,10 @@ def choose_method(routed_experts: Any, prefix: str, quant_config: Any, moe_confi
 class FiddlerMoEMethod(compat.fused_moe_method_base()):
     """vLLM's FusedMoE method contract for a hybrid layer (module docstring)."""
 
-    def __init__(self, moe_config: Any, prefix: str):
+    def __init__(self, moe_config: Any, prefix: str, expert_format: Any = None):
         super().__init__(moe_config)
         self.prefix = prefix
+        self.expert_format = expert_format  # moe.quantized.ExpertFormat, or None: unquantized experts
         self.spec: MoELayerSpec | None = None
         self.hybrid = None  # HybridMoE, attached by the model once placement is known
         self.runner = None  # the MoERunner holding this method (moe.model)
@@ -126,9 +130,21 @@ class FiddlerMoEMethod(compat.fused_moe_method_base()):
             intermediate_size=intermediate_size_per_partition, dtype=params_dtype, activation=activation,
             has_bias=bool(moe.has_bias), apply_router_weight_on_input=bool(layer.apply_router_weight_on_input),
             swiglu_alpha=layer.swiglu_alpha, swiglu_limit=layer.swiglu_limit)
-        names = ["w13_weight", "w2_weight"] + (["w13_bias", "w2_bias"] if moe.has_bias else [])
-        for name in names:
-            sink = ExpertSink(torch.empty((num_experts, 0), dtype=params_dtype), self, name)
+        names = {"w13_weight": params_dtype, "w2_weight": params_dtype}
+        if moe.has_bias:
+            names.update(w13_bias=params_dtype, w2_bias=params_dtype)
+        if self.expert_format is not None:  # as vLLM's method for the format names them
+            if moe.has_bias:
+                raise FiddlerConfigError(f"fiddler: layer {self.prefix} has quantized experts with biases, "
+                                         "which fiddler does not load yet")
+            try:
+                self.expert_format.check_layer(self.prefix, hidden_size, intermediate_size_per_partition)
+            except ValueError as e:
+                raise FiddlerConfigError(f"fiddler: {e}") from None
+            names = {"w13_weight": torch.float8_e4m3fn, "w2_weight": torch.float8_e4m3fn,
+                     "w13_weight_scale_inv": torch.float32, "w2_weight_scale_inv": torch.float32}
+        for name, dtype in names.items():
+            sink = ExpertSink(torch.empty((num_experts, 0), dtype=dtype), self, name)
             sink.weight_loader = self.weight_loader
             layer.register_parameter(name, sink)
 
@@ -140,8 +156,8 @@ class FiddlerMoEMethod(compat.fused_moe_method_base()):
         if expert_id is None or shard_id is None:  # a whole tensor, as vLLM's default loader gives
             param.load_all(loaded_weight)
         else:
-            bias = param.tensor_name.endswith("_bias")
-            self._hybrid().load_expert(int(expert_id), f"b{shard_id[1:]}" if bias else shard_id, loaded_weight)
+            kind = param.kind()  # "w13", "w2", "b13", "b2", "s13", "s2"
+            self._hybrid().load_expert(int(expert_id), kind[0] + shard_id[1:], loaded_weight)
         return True if return_success else None
 
     def _hybrid(self):
@@ -195,10 +211,18 @@ class ExpertSink(torch.nn.Parameter):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         pass
 
+    def kind(self) -> str:
+        """The tensor as HybridMoE.load_expert names it: w13 / w2 weights, b13 / b2 biases, s13 /
+        s2 scales of quantized weights."""
+        proj = self.tensor_name.split("_")[0]  # w13 / w2
+        if self.tensor_name.endswith("_bias"):
+            return "b" + proj[1:]
+        return ("s" if "scale" in self.tensor_name else "w") + proj[1:]
+
     def load_all(self, full: torch.Tensor) -> None:
         """full [E, ...]: every expert's tensor at once, in vLLM's layout for this activation."""
         hybrid = self.fiddler_method._hybrid()
-        kind = {"w13_weight": "w13", "w2_weight": "w2", "w13_bias": "b13", "w2_bias": "b2"}[self.tensor_name]
+        kind = self.kind()
         if full.shape[0] != hybrid.num_experts:
             raise ValueError(f"fiddler: {self.fiddler_method.prefix}.{self.tensor_name} got {full.shape[0]} experts, "
                              f"the layer has {hybrid.num_experts}")

@@ -28,6 +28,7 @@ from vllm_fiddler.metrics import StatsWriter
 from vllm_fiddler.moe import method as moe_method
 from vllm_fiddler.moe import ops
 from vllm_fiddler.moe.layer import HybridMoE, expert_chunks
+from vllm_fiddler.moe.quantized import QuantizedHybridMoE
 from vllm_fiddler.placement import MoEShape
 from vllm_fiddler.preflight import check_streamed_chunks
 from vllm_fiddler.runtime import device_wait, graph_jobs
@@ -66,7 +67,8 @@ class FiddlerModel:
         dtype = vllm_config.model_config.dtype
         shape = MoEShape.from_layers([m.spec for m in methods], dtype_bytes=dtype.itemsize,
                                      non_expert_bytes=_non_expert_bytes(self),
-                                     kv_bytes_per_token=compat.kv_cache_bytes_per_token(self, vllm_config))
+                                     kv_bytes_per_token=compat.kv_cache_bytes_per_token(self, vllm_config),
+                                     expert_format=_expert_format(methods))
         self.fiddler_shape = shape
         self._setup(cfg, vllm_config, methods, shape)
 
@@ -102,6 +104,11 @@ class FiddlerModel:
                 f"fiddler: experts with the {math.activation!r} activation{' and biases' if math.has_bias else ''} "
                 "(gpt-oss) run on vLLM's CPU platform only so far; the CUDA kernels compute SiLU-gated "
                 "experts without biases")
+        quantized = shape.expert_format is not None
+        if quantized:
+            logger.info("fiddler: experts stay %s on both sides; each routed expert is dequantized as it is "
+                        "used (torch), and weight copies, streamed chunks, routed graph steps and online "
+                        "re-placement, which move bf16 experts, are off", shape.expert_format.describe())
         C = expert_chunks(shape.intermediate_size)
         if cfg.streamed_chunks is not None:
             check_streamed_chunks(cfg.streamed_chunks, shape.top_k, C)
@@ -118,11 +125,13 @@ class FiddlerModel:
         dummy = compat.is_dummy_load(vllm_config)
         layers = []
         for ordinal, method in enumerate(methods):
-            hybrid = HybridMoE(
+            kwargs = dict(
                 num_experts=shape.num_experts, top_k=shape.top_k, hidden_size=shape.hidden_size,
                 intermediate_size=shape.intermediate_size, gpu_experts=placement.on_gpu(ordinal),
                 dtype=method.spec.dtype, device=device, cpu_runtime=runtime, pin_memory=on_cuda,
                 host_backing=adapt, math=math)
+            hybrid = QuantizedHybridMoE(expert_format=shape.expert_format, **kwargs) if quantized \
+                else HybridMoE(**kwargs)
             method.hybrid = hybrid
             if dummy:  # vLLM's dummy loader fills Parameters only: the experts are plain tensors
                 method.dummy_init_seed = 1234 + method.spec.layer_index
@@ -130,7 +139,7 @@ class FiddlerModel:
         self.fiddler_layers = layers
         self.placement = placement
         self._stats_writer = StatsWriter()
-        routed_max_tokens = ROUTED_MAX_TOKENS if on_cuda else 0
+        routed_max_tokens = ROUTED_MAX_TOKENS if on_cuda and not quantized else 0
         for experts in layers:
             experts.stager = stager
             experts.routed_max_tokens = routed_max_tokens
@@ -142,7 +151,7 @@ class FiddlerModel:
                     experts.set_streamed_chunks(cfg.streamed_chunks)
         self.kernel_warmup: dict = {}
         self.cuda_graphs: dict = {}
-        if on_cuda:
+        if on_cuda and not quantized:
             self.kernel_warmup = warm_up_kernels(layers, stager, vllm_config.scheduler_config.max_num_batched_tokens)
             if placement.num_cpu:
                 graphs = MoEGraphs(CUDA_GRAPH_MAX_TOKENS, shape.hidden_size, shape.top_k, dtype, device)
@@ -232,6 +241,19 @@ ROUTED_MAX_TOKENS = 4
 # Steps of up to this many tokens replay the hot and copied experts' launches from CUDA
 # graphs (runtime.moe_graphs): an eager fused_moe is ~0.5 ms of engine-thread time.
 CUDA_GRAPH_MAX_TOKENS = 16
+
+
+def _expert_format(methods: list):
+    """The experts' quantized format (moe.quantized.ExpertFormat), None where unquantized;
+    raises for a checkpoint whose MoE layers differ in it."""
+    formats = {}
+    for m in methods:
+        formats.setdefault(m.expert_format, []).append(m.spec.layer_index)
+    if len(formats) > 1:
+        raise FiddlerConfigError("fiddler: the MoE layers' experts come in different formats (" + "; ".join(
+            f"layers {ids}: {f.describe() if f else 'unquantized'}" for f, ids in formats.items())
+            + "); fiddler runs one expert format per model")
+    return next(iter(formats))
 
 
 def _non_expert_bytes(model: torch.nn.Module) -> int:

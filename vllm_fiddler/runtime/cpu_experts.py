@@ -42,7 +42,9 @@ def cpu_moe_forward(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_i
                     biases: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """out [T, H] fp32 += the cold experts' weighted outputs (ids: local slot or -1); biases
     (b13 [Ex, 2I], b2 [Ex, H]) where math.has_bias."""
-    if not math.plain_silu:  # the native kernels compute SiLU-gated experts without biases
+    # the native kernels compute bf16 SiLU-gated experts without biases, stored as tensors
+    # (quantized experts, kernels.quant.QuantizedExperts, dequantize as they are used)
+    if not math.plain_silu or not isinstance(w13, torch.Tensor):
         from vllm_fiddler.kernels.torch_moe import moe_forward
 
         moe_forward(x, w13, w2, topk_ids.long(), topk_weights.float(), out, math, *(biases or (None, None)))
@@ -95,7 +97,7 @@ class CPUExpertRuntime:
         if not inline:
             # Here, not in the worker's initializer: native jobs go to the kernel's own job
             # thread, and one that came before any worker job started the native pool at every
-            # core (H100 box, lease W: a compiled engine ran 16 expert threads beside its busy
+            # core (H100 box: a compiled engine ran 16 expert threads beside its busy
             # engine thread on 16 cores, 25 preemptions of them a step).
             cpu_kernels.set_num_threads(num_threads)
         self._buffers: dict[str, torch.Tensor] = {}

@@ -70,7 +70,7 @@ def resolve_model_placement(cfg: FiddlerConfig, shape: MoEShape, vllm_config) ->
         gpu_memory_utilization=vllm_config.cache_config.gpu_memory_utilization,
         max_model_len=vllm_config.model_config.max_model_len)
     staging = 0
-    if on_cuda and cfg.staging_slots:
+    if on_cuda and cfg.staging_slots and shape.expert_format is None:  # copies move bf16 experts
         staging = min(cfg.staging_slots, max(0, budget) // shape.expert_bytes)
     placement, source = resolve_placement(cfg, shape, budget - staging * shape.expert_bytes)
     if placement.num_cpu == 0:
@@ -91,6 +91,11 @@ def decide_adaptation(cfg: FiddlerConfig, shape: MoEShape, placement: Placement,
         return False, "adaptation: false"
     if placement.num_gpu == 0 or placement.num_cpu == 0:
         return False, "every expert on one side: nothing to swap"
+    if shape.expert_format is not None:
+        if wanted:
+            raise FiddlerConfigError("fiddler: adaptation.enabled is true, but online re-placement copies bf16 "
+                                     f"experts and these are {shape.expert_format.describe()}; leave it unset")
+        return False, "quantized experts: re-placement copies bf16 experts only"
     if wanted:
         return True, "adaptation on"
     if not on_cuda:

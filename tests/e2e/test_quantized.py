@@ -1,0 +1,82 @@
+"""Quantized checkpoints end to end on vLLM's CPU platform: FP8 block-scaled experts.
+
+fiddler runs the FP8 checkpoint (tests/helpers/quantized.py: experts as DeepSeek-V3 ships
+them, with partial scale blocks); the references are the same model with every expert
+dequantized: stock vLLM and Hugging Face (fp32) on it. vLLM runs FP8 checkpoints in bf16 or
+fp16 only, and an FP8 value times its fp32 scale rounds to the same bf16 number whether
+fiddler dequantizes it or stock vLLM casts the dequantized checkpoint, so both engines hold
+the same weights: the criteria are the bf16 families' (test_families): greedy tokens equal
+stock's up to a near tie, and log-probabilities as close to HF as stock's are. A wrong scale
+block, a gate/up swap or a misplaced expert moves most positions by tenths of a nat. The
+placement puts a whole MoE layer on each side and splits a third.
+
+Bad checkpoints fail while the model is built or loaded, with the reason: a format fiddler
+does not load, scales of the wrong shape, layers in different formats.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from helpers.families import FAMILIES, build_family
+from helpers.quantized import write_fp8_block
+from test_families import check_tokens_close, generate, hf_logprobs, logprob_diffs
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", params=["mixtral", "qwen3_moe"])
+def fp8_family(request, tmp_path_factory):
+    name = request.param
+    src = build_family(name, str(tmp_path_factory.mktemp(name)))
+    fp8, ref = write_fp8_block(src, str(tmp_path_factory.mktemp(f"{name}-fp8")))
+    placement = tmp_path_factory.mktemp(f"{name}-placement") / "placement.json"
+    placement.write_text(json.dumps(FAMILIES[name].placement()))
+    return name, fp8, ref, {"placement": str(placement)}
+
+
+def test_fp8_block_experts_match_stock_on_the_dequantized_weights(fp8_family):
+    name, fp8, ref, options = fp8_family
+    ours = generate(fp8, "fiddler", "bfloat16", options)
+    stock = generate(ref, "auto", "bfloat16")
+    check_tokens_close(ours, stock, f"{name} fp8")
+    fam = FAMILIES[name]
+    f = logprob_diffs(ours, hf_logprobs(fam, ref, ours))
+    s = logprob_diffs(stock, hf_logprobs(fam, ref, stock))
+    f_mean, f_p90, s_mean, s_p90 = f.mean().item(), f.quantile(0.9).item(), s.mean().item(), s.quantile(0.9).item()
+    what = f"{name} fp8: |logprob - HF| mean {f_mean:.4f} (stock {s_mean:.4f}), p90 {f_p90:.4f} (stock {s_p90:.4f})"
+    print(what)
+    assert f_mean <= 1.15 * s_mean + 0.03 and f_p90 <= 1.15 * s_p90 + 0.08, what
+
+
+def start_up_error(path: str, monkeypatch) -> str:
+    """The error a fiddler engine on `path` fails with (engine in this process)."""
+    from vllm import LLM
+
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    with pytest.raises(Exception) as e:
+        LLM(model=path, model_impl="fiddler", dtype="bfloat16", enforce_eager=True, max_model_len=128)
+    return "".join(str(x) for x in (e.value, e.value.__cause__, e.value.__context__) if x)
+
+
+@pytest.fixture(scope="module")
+def mixtral_bf16(tmp_path_factory):
+    return build_family("mixtral", str(tmp_path_factory.mktemp("mixtral-src")))
+
+
+def test_per_tensor_fp8_is_refused_at_build(mixtral_bf16, tmp_path, monkeypatch):
+    fp8, _ = write_fp8_block(mixtral_bf16, str(tmp_path), config_overrides={"weight_block_size": None})
+    assert "experts quantized as FP8 with per-tensor scales" in start_up_error(fp8, monkeypatch)
+
+
+def test_scales_of_the_wrong_shape_are_refused_at_load(mixtral_bf16, tmp_path, monkeypatch):
+    fp8, _ = write_fp8_block(mixtral_bf16, str(tmp_path), scale_rows_off=1)
+    error = start_up_error(fp8, monkeypatch)
+    assert "has shape" in error and ("expects [6, 3]" in error or "expects [4, 4]" in error), error
+
+
+def test_layers_in_different_formats_are_refused_at_build(mixtral_bf16, tmp_path, monkeypatch):
+    fp8, _ = write_fp8_block(mixtral_bf16, str(tmp_path), quantize_layers={0, 2})
+    assert "experts come in different formats" in start_up_error(fp8, monkeypatch)

@@ -1,0 +1,193 @@
+"""Hybrid layers with FP8 block-scaled experts (moe/quantized.py) against the fp32 oracle on the
+dequantized weights, and the format's detection from vLLM's own quantization config.
+
+The layer dequantizes each routed expert exactly (fp8 value x fp32 block scale, in fp32 here)
+and then computes as the oracle does, so in fp32 the two differ by summation order only:
+1e-5 of the output's scale. A wrong scale block, a gate/up swap or a misplaced expert moves
+outputs by whole percents.
+"""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from vllm_fiddler.config import FiddlerConfigError
+from vllm_fiddler.kernels import quant, reference
+from vllm_fiddler.moe import method as moe_method
+from vllm_fiddler.moe.quantized import ExpertFormat, QuantizedHybridMoE
+from vllm_fiddler.placement import MoEShape
+from vllm_fiddler.runtime.cpu_experts import CPUExpertRuntime
+
+E, K = 8, 2
+# H = 80 is no multiple of the 48-column block (partial edge blocks along K of w13 and N of w2)
+H, I = 80, 64
+FMT = ExpertFormat("fp8_block", (32, 48))
+
+
+def quantized_experts(seed: int = 0):
+    """(w13 fp8 [E, 2I, H], s13 [E, 2I/32, 2], w2 fp8 [E, H, I], s2 [E, 3, 2]) and the dequantized
+    fp32 (w13, w2) the oracle uses."""
+    gen = torch.Generator().manual_seed(seed)
+    w13 = torch.randn(E, 2 * I, H, generator=gen) * torch.rand(E, 2 * I, 1, generator=gen)  # rows of every scale
+    w2 = torch.randn(E, H, I, generator=gen)
+    q13, s13 = quant.quant_fp8_block(w13, FMT.block)
+    q2, s2 = quant.quant_fp8_block(w2, FMT.block)
+    return (q13, s13, q2, s2), (quant.dequant_fp8_block(q13, s13, FMT.block), quant.dequant_fp8_block(q2, s2, FMT.block))
+
+
+def layer(gpu_experts, dtype=torch.float32):
+    return QuantizedHybridMoE(expert_format=FMT, num_experts=E, top_k=K, hidden_size=H, intermediate_size=I,
+                              gpu_experts=tuple(gpu_experts), dtype=dtype, device=torch.device("cpu"),
+                              cpu_runtime=CPUExpertRuntime(num_threads=1, inline=True), pin_memory=False,
+                              math=reference.SILU)
+
+
+def load_per_expert(m, tensors) -> None:
+    """As vLLM's loaders call it: w1 / w3 / w2 and their scales, one expert at a time."""
+    q13, s13, q2, s2 = tensors
+    for e in range(E):
+        m.load_expert(e, "w1", q13[e, :I])
+        m.load_expert(e, "w3", q13[e, I:])
+        m.load_expert(e, "w2", q2[e])
+        m.load_expert(e, "s1", s13[e, :I // 32])
+        m.load_expert(e, "s3", s13[e, I // 32:])
+        m.load_expert(e, "s2", s2[e])
+
+
+@pytest.mark.parametrize("gpu_experts", [(), tuple(range(E)), (0, 3, 5)], ids=["all-cpu", "all-gpu", "mixed"])
+@pytest.mark.parametrize("tokens", [1, 2, 3, 7, 16, 33, 128])
+def test_fp8_block_layer_matches_the_oracle(gpu_experts, tokens):
+    tensors, (w13, w2) = quantized_experts()
+    m = layer(gpu_experts)
+    load_per_expert(m, tensors)
+    gen = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, H, generator=gen)
+    logits = torch.randn(tokens, E, generator=gen)
+    logits[:, 7] = -1e9  # expert 7 is never routed: an empty expert on whichever side holds it
+    weights, ids = reference.route(logits, K)
+    out = m(x, weights, ids.to(torch.int32))
+    ref = reference.moe(x, w13, w2, weights, ids, reference.SILU)
+    torch.testing.assert_close(out, ref, atol=1e-5 * ref.abs().max().item(), rtol=1e-5)
+    assert m.routed_to_gpu + m.routed_to_cpu == tokens * K
+    assert m.routed_to_cpu == int(sum((ids == e).sum() for e in range(E) if e not in gpu_experts))
+
+
+def test_bf16_model_dtype_dequantizes_to_bf16():
+    """In a bf16 model the experts dequantize to bf16 (what vLLM's own FP8 kernels feed their
+    bf16 activations): within bf16's rounding of the fp32 oracle (3 significant digits, ~1%
+    of the output's scale after two matmuls)."""
+    tensors, (w13, w2) = quantized_experts(1)
+    m = layer((1, 2), torch.bfloat16)
+    load_per_expert(m, tensors)
+    x = torch.randn(9, H, generator=torch.Generator().manual_seed(2))
+    weights, ids = reference.route(torch.randn(9, E, generator=torch.Generator().manual_seed(3)), K)
+    out = m(x.bfloat16(), weights, ids.to(torch.int32)).float()
+    ref = reference.moe(x, w13, w2, weights, ids, reference.SILU)
+    torch.testing.assert_close(out, ref, atol=2e-2 * ref.abs().max().item(), rtol=2e-2)
+
+
+def test_stand_ins_route_fp8_tensors_and_scales():
+    """vLLM's per-expert loader calls (shard w1 / w3 / w2 of *_weight and *_weight_scale_inv) and a
+    whole-tensor copy land as the oracle's weights; nothing is allocated in the stand-ins."""
+    tensors, (w13, w2) = quantized_experts(4)
+    q13, s13, q2, s2 = tensors
+    m = layer((2, 6))
+    method = types.SimpleNamespace(prefix="model.layers.0.mlp.experts", _hybrid=lambda: m)
+    loader = moe_method.FiddlerMoEMethod.weight_loader
+    sinks = {n: moe_method.ExpertSink(torch.empty(E, 0), method, n)
+             for n in ("w13_weight", "w2_weight", "w13_weight_scale_inv", "w2_weight_scale_inv")}
+    for e in range(E):
+        loader(method, sinks["w13_weight"], q13[e, :I], shard_id="w1", expert_id=e)
+        loader(method, sinks["w13_weight"], q13[e, I:], shard_id="w3", expert_id=e)
+        loader(method, sinks["w13_weight_scale_inv"], s13[e, :2], shard_id="w1", expert_id=e)
+        loader(method, sinks["w13_weight_scale_inv"], s13[e, 2:], shard_id="w3", expert_id=e)
+    sinks["w2_weight"].copy_(q2)
+    sinks["w2_weight_scale_inv"].copy_(s2)
+    assert all(s.numel() == 0 for s in sinks.values())
+    for e in range(E):
+        got13, got2 = m.expert_weights(e)
+        assert torch.equal(got13, w13[e]) and torch.equal(got2, w2[e])
+
+
+def test_scales_of_the_wrong_shape_are_refused():
+    m = layer((0,))
+    with pytest.raises(ValueError, match=r"expert 3's s2 .* has shape \[2, 3\].* expects \[3, 2\]"):
+        m.load_expert(3, "s2", torch.ones(2, 3))
+    with pytest.raises(ValueError, match="expert 0's w1"):
+        m.load_expert(0, "w1", torch.zeros(I, H + 1, dtype=torch.float8_e4m3fn))
+
+
+def test_expert_bytes_are_the_compressed_ones():
+    """Placement and the budget count an expert as stored: one byte a weight plus its fp32
+    block scales, not the model dtype's bytes."""
+    m = layer(())
+    scales = 4 * (2 * I // 32 * 2 + 3 * 2)  # w13: [4, 2] blocks, w2: [3, 2]
+    assert m.expert_bytes == 3 * H * I + scales == FMT.expert_bytes(H, I)
+    shape = MoEShape(num_layers=2, num_experts=E, hidden_size=H, intermediate_size=I, top_k=K, dtype_bytes=2,
+                     non_expert_bytes=0, kv_bytes_per_token=0, expert_format=FMT)
+    assert shape.expert_bytes == m.expert_bytes and shape.all_experts_bytes == 2 * E * m.expert_bytes
+
+
+def test_intermediate_size_must_split_into_scale_blocks():
+    with pytest.raises(ValueError, match="intermediate size 40 is not a multiple"):
+        ExpertFormat("fp8_block", (32, 48)).check_layer("x", H, 40)
+
+
+def test_dummy_weights_span_the_bf16_layers_range():
+    """--load-format dummy: fp8 values over e4m3's range, scales 1e-3 / 448: dequantized
+    weights uniform in (-1e-3, 1e-3), as a bf16 layer's, and experts differ."""
+    m = layer((0, 4))
+    m.init_random(seed=0, pool_size=1 << 12)
+    weights = [m.expert_weights(e)[0] for e in range(E)]
+    assert all(w.abs().max() <= 1e-3 and w.abs().max() > 5e-4 for w in weights)
+    assert not torch.equal(weights[0], weights[1])
+
+
+def fp8_config(**overrides):
+    from vllm.model_executor.layers.quantization.fp8 import Fp8Config
+
+    return Fp8Config.from_config({"quant_method": "fp8", "activation_scheme": "dynamic",
+                                  "weight_block_size": [128, 128], **overrides})
+
+
+def test_vllm_fp8_config_names_the_format():
+    from vllm_fiddler import compat
+
+    prefix = "model.layers.1.mlp.experts"
+    assert compat.expert_quantization(fp8_config(), prefix) == ("fp8_block", (128, 128))
+    assert compat.expert_quantization(fp8_config(ignored_layers=[prefix]), prefix) is None
+    with pytest.raises(FiddlerConfigError, match="FP8 with per-tensor scales"):
+        compat.expert_quantization(fp8_config(weight_block_size=None), prefix)
+    awq = types.SimpleNamespace(get_name=lambda: "awq")
+    with pytest.raises(FiddlerConfigError, match="quantized as 'awq'.*FP8 with block scales"):
+        compat.expert_quantization(awq, prefix)
+
+
+def test_layers_of_different_formats_are_refused():
+    from vllm_fiddler.moe.model import _expert_format
+
+    def method(index, fmt):
+        return types.SimpleNamespace(expert_format=fmt, spec=types.SimpleNamespace(layer_index=index))
+
+    assert _expert_format([method(0, FMT), method(1, FMT)]) == FMT
+    assert _expert_format([method(0, None)]) is None
+    with pytest.raises(FiddlerConfigError, match=r"layers \[0, 2\]: FP8 e4m3 .*layers \[1\]: unquantized"):
+        _expert_format([method(0, FMT), method(1, None), method(2, FMT)])
+
+
+def test_re_placement_is_off_for_quantized_experts():
+    from vllm_fiddler.config import FiddlerConfig
+    from vllm_fiddler.placement import plan_even
+    from vllm_fiddler.runtime.setup import decide_adaptation
+
+    shape = MoEShape(num_layers=2, num_experts=E, hidden_size=H, intermediate_size=I, top_k=K, dtype_bytes=2,
+                     non_expert_bytes=0, kv_bytes_per_token=0, expert_format=FMT)
+    placement = plan_even(2, E, 6)
+    assert decide_adaptation(FiddlerConfig(), shape, placement, on_cuda=True) == (
+        False, "quantized experts: re-placement copies bf16 experts only")
+    on = FiddlerConfig.from_additional_config({"fiddler": {"adaptation": {"enabled": True}}})
+    with pytest.raises(FiddlerConfigError, match="adaptation.enabled is true"):
+        decide_adaptation(on, shape, placement, on_cuda=True)
