@@ -13,6 +13,11 @@ Measures, in one run:
      Calls rotate through several distinct experts whose weights together are far
      larger than the L3, so the timings measure DRAM, not cache.
 
+--format fp8_block: the experts in FP8 e4m3 with 128x128 block scales (DeepSeek-V3's
+layout); GB/s counts the compressed bytes read (values and scales); fiddler's
+native FP8 kernels against torch dequantizing each expert to bf16 first (what
+fiddler falls back to); kt-kernel is not set up for FP8 here.
+
 Writes a JSON (--out-json, or under --out-dir) and a PNG plot of GB/s against tokens.
 
   python benchmarks/cpu_expert_kernel.py                # full run (a few minutes)
@@ -202,6 +207,7 @@ def main() -> int:
     ap.add_argument("--dram-gib", type=float, default=4.0, help="total size of the DRAM bandwidth buffers")
     ap.add_argument("--min-time", type=float, default=1.0, help="seconds per measurement (at least)")
     ap.add_argument("--max-experts", type=int, default=256)
+    ap.add_argument("--format", default="bf16", choices=["bf16", "fp8_block"], help="the experts' format")
     ap.add_argument("--out-json", default=None)
     ap.add_argument("--out-png", default=None)
     ap.add_argument("--out-dir", default=None, help="directory for the JSON and PNG (default benchmarks/results)")
@@ -258,6 +264,8 @@ def main() -> int:
         print(f"{row['shape']:>11} T={T:<4} {impl:>9} {isa:>12}: {row['ms']:9.3f} ms {row['gb_s']:8.1f} GB/s",
               flush=True)
 
+    if args.format == "fp8_block":
+        return run_fp8(args, threads, tokens, shapes, dram, dram_ways, out_json, out_png)
     for H, I in shapes:
         wbytes = 3 * H * I * 2
         n_exp = rotation_experts(wbytes, l3, args)
@@ -312,6 +320,60 @@ def main() -> int:
         "rows": rows,
     }
     return write_result(result, out_json, out_png)
+
+
+def run_fp8(args, threads, tokens, shapes, dram, dram_ways, out_json, out_png) -> int:
+    """--format fp8_block: fiddler's FP8 kernels and torch (dequantize, then bf16 matmuls)."""
+    from vllm_fiddler.kernels import cpu as fcpu
+    from vllm_fiddler.kernels import quant
+
+    block = (128, 128)
+    if not fcpu.fp8_available():
+        print("# the native FP8 kernels are not available here (AVX512F/BW/VL)")
+    rows = []
+    for H, I in shapes:
+        q, s = quant.quant_fp8_block(torch.empty(2 * I, H).uniform_(-0.05, 0.05), block)  # [2I, H]
+        q2, s2 = quant.quant_fp8_block(torch.empty(H, I).uniform_(-0.05, 0.05), block)  # [H, I]
+        wbytes = q.numel() + q2.numel() + 4 * (s.numel() + s2.numel())
+        n_exp = rotation_experts(wbytes, l3_bytes(), args)
+        print(f"# shape {H}x{I} fp8: {wbytes / 1e6:.1f} MB per expert, rotating over {n_exp} experts")
+        # every expert in its own memory (rotating past the L3), the same values
+        q13, s13 = q.expand(n_exp, *q.shape).clone(), s.expand(n_exp, *s.shape).clone()
+        q2e, s2e = q2.expand(n_exp, *q2.shape).clone(), s2.expand(n_exp, *s2.shape).clone()
+        for T in tokens:
+            x = torch.randn(T, H).bfloat16()
+            out = torch.zeros(T, H, dtype=torch.float32)
+            wts = torch.ones(T, 1, dtype=torch.float32)
+            ids = [torch.full((T, 1), e, dtype=torch.int32) for e in range(n_exp)]
+            if fcpu.fp8_available():
+                fn = lambda e: fcpu.moe_forward_fp8(x, q13, s13, q2e, s2e, ids[e], wts, out, block)  # noqa: E731
+                rows.append(fp8_row("fiddler", "avx512_fp8", H, I, T, time_rotating(fn, n_exp, args.min_time),
+                                    wbytes))
+
+            def torch_ffn(e):
+                w13 = quant.dequant_fp8_block(q13[e], s13[e], block, torch.bfloat16)
+                w2 = quant.dequant_fp8_block(q2e[e], s2e[e], block, torch.bfloat16)
+                gate_up = F.linear(x, w13)
+                return F.linear(F.silu(gate_up[:, :I]) * gate_up[:, I:], w2)
+
+            rows.append(fp8_row("torch", "dequant+bf16", H, I, T, time_rotating(torch_ffn, n_exp, args.min_time),
+                                wbytes))
+        q13 = s13 = q2e = s2e = None
+    host = socket.gethostname().split(".")[0] or "host"
+    result = {"device": {"cpu": cpu_model(), "cpus": os.cpu_count(), "threads": threads, "host": host,
+                         "flags": cpu_flags()},
+              "command": " ".join([os.path.basename(sys.executable)] + sys.argv), "torch": torch.__version__,
+              "format": "fp8_block 128x128", "gb_s_counts": "compressed bytes: fp8 values + fp32 block scales",
+              "dram_read_gb_s": round(dram, 2),
+              "dram_read_by_method_gb_s": {k: round(v, 2) for k, v in dram_ways.items()}, "rows": rows}
+    return write_result(result, out_json, out_png)
+
+
+def fp8_row(impl, isa, H, I, T, sec, wbytes) -> dict:
+    row = {"impl": impl, "isa": isa, "shape": f"{H}x{I}", "tokens": T, "ms": round(sec * 1e3, 4),
+           "gb_s": round(wbytes / sec / 1e9, 2)}
+    print(f"{row['shape']:>11} T={T:<4} {impl:>9} {isa:>12}: {row['ms']:9.3f} ms {row['gb_s']:8.1f} GB/s", flush=True)
+    return row
 
 
 # ----------------------------------------------------------------------------- layouts mode

@@ -12,6 +12,10 @@ per Python and torch version; a build lock left by a killed build is removed):
 - ``"torch"``: the same math through torch matmuls; used where the native
   kernels can't be built or the CPU lacks the instructions.
 
+FP8 block-scaled experts (``moe_forward_fp8``) have their own kernels, which need
+AVX512F/BW/VL only: the weights are widened to fp32 in registers, one scale per
+block applied to the block's partial sums.
+
 Weights are used in vLLM's FusedMoE layout as loaded (no repacking); see
 docs/cpu-kernel.md for the layouts, the work split and the numerics.
 
@@ -40,18 +44,20 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["isa", "available_isas", "set_num_threads", "expert_ffn", "moe_forward"]
+__all__ = ["isa", "available_isas", "set_num_threads", "expert_ffn", "moe_forward", "moe_forward_fp8", "fp8_available"]
 
 logger = logging.getLogger("vllm.fiddler")  # a child of vLLM's logger, as vllm_fiddler.logger
 
 _SRC_DIR = os.path.dirname(os.path.abspath(__file__))
 _ISA_ORDER = ("amx", "avx512_bf16")  # best first
-_ISA_SOURCES = {"avx512_bf16": "kernel_avx512bf16.cpp", "amx": "kernel_amx.cpp"}
+_ISA_SOURCES = {"avx512_bf16": "kernel_avx512bf16.cpp", "amx": "kernel_amx.cpp",
+                "avx512_fp8": "kernel_fp8_avx512.cpp"}
 _ISA_FLAGS = {
+    "avx512_fp8": ["-mavx512f", "-mavx512bw", "-mavx512vl"],
     "avx512_bf16": ["-mavx512f", "-mavx512bf16", "-mavx512bw", "-mavx512vl"],
     "amx": ["-mamx-tile", "-mamx-bf16", "-mavx512f", "-mavx512bf16", "-mavx512bw", "-mavx512vl"],
 }
-_FEATURE_BIT = {"avx512_bf16": 1, "amx": 2}
+_FEATURE_BIT = {"avx512_bf16": 1, "amx": 2, "avx512_fp8": 16}
 _COMMON_CFLAGS = ["-O3", "-DNDEBUG"]
 _MODE = {"avx512_bf16": 1, "amx_all": 2, "amx_auto": 3}
 
@@ -59,6 +65,7 @@ _HEADERS = ("kernel_api.h", "vec_avx512.h", "amx_emu.h")
 
 _lock = threading.RLock()
 _native: list[str] | None = None  # native ISAs loaded, best first
+_fp8_native = False  # the FP8 kernels are loaded (moe_forward_fp8)
 _num_threads: int | None = None
 _logged: set[str] = set()
 
@@ -182,11 +189,21 @@ def _load_native_locked() -> list[str]:
         except Exception as exc:
             logger.warning("vllm_fiddler CPU kernel: AMX emulation unavailable (%s: %s)",
                            type(exc).__name__, exc)
+    global _fp8_native
+    if feats & _FEATURE_BIT["avx512_fp8"]:
+        try:
+            path = _build_one("fiddler_cpu_avx512_fp8", _ISA_SOURCES["avx512_fp8"],
+                              _ISA_FLAGS["avx512_fp8"] + ["-fvisibility=hidden"])
+            _fp8_native = bool(torch.ops.fiddler_cpu.register_isa_library("avx512_fp8", path))
+        except Exception as exc:
+            logger.warning("vllm_fiddler CPU kernel: FP8 kernels unavailable (%s: %s)", type(exc).__name__,
+                           str(exc).strip().splitlines()[-1] if str(exc).strip() else "")
     threads = _num_threads or int(os.environ.get("FIDDLER_CPU_THREADS", "0") or 0)
     if threads > 0:
         torch.ops.fiddler_cpu.set_num_threads(threads)
     logger.info("vllm_fiddler CPU kernel: native kernels %s ready in %.1f s (cpu features 0x%x, %d threads)",
-                loaded or "none", time.perf_counter() - t0, feats, torch.ops.fiddler_cpu.get_num_threads())
+                (loaded + ["avx512_fp8"] * _fp8_native) or "none", time.perf_counter() - t0, feats,
+                torch.ops.fiddler_cpu.get_num_threads())
     return [i for i in _ISA_ORDER if i in loaded]
 
 
@@ -277,6 +294,28 @@ def moe_forward(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: 
         return
     x, topk_ids, topk_weights, mode = native
     torch.ops.fiddler_cpu.moe_forward(x, w13, w2, topk_ids, topk_weights, out, mode, _amx_min_tokens())
+
+
+def fp8_available() -> bool:
+    """Whether moe_forward_fp8 runs natively here (AVX512F/BW/VL and a build)."""
+    _load_native()
+    return _fp8_native
+
+
+def moe_forward_fp8(x: torch.Tensor, w13: torch.Tensor, s13: torch.Tensor, w2: torch.Tensor, s2: torch.Tensor,
+                    topk_ids: torch.Tensor, topk_weights: torch.Tensor, out: torch.Tensor,
+                    block: tuple[int, int]) -> bool:
+    """moe_forward for FP8 block-scaled experts, their weights read as stored: x [T,H] bf16;
+    w13 [Ec,2I,H] and w2 [Ec,H,I] float8_e4m3fn; s13 [Ec,2I/bn,ceil(H/bk)] and s2
+    [Ec,ceil(H/bn),ceil(I/bk)] fp32 (block = (bn, bk)); ids / weights / out as moe_forward.
+    Returns False, doing nothing, where the native FP8 kernels are not loaded or x is not
+    bf16 (kernels.quant dequantizes in torch instead). Releases the GIL while it computes."""
+    if x.dtype != torch.bfloat16 or not fp8_available():
+        return False
+    if x.shape[0]:
+        torch.ops.fiddler_cpu.moe_forward_fp8(x.contiguous(), w13, s13, w2, s2, topk_ids.to(torch.int32).contiguous(),
+                                              topk_weights.float().contiguous(), out, int(block[0]), int(block[1]))
+    return True
 
 
 def moe_forward_async(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: torch.Tensor,

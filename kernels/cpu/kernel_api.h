@@ -15,7 +15,7 @@
 
 namespace fiddler_cpu {
 
-enum { kApiVersion = 2 };
+enum { kApiVersion = 3 };
 
 // AMX packed ("VNNI") activation layout, used for x before the gate/up
 // projection and for the SwiGLU activation before the down projection of every
@@ -36,6 +36,12 @@ struct ExpertWork {
   uint16_t* act;        // AVX512: [m][I] row-major bf16; AMX: packed (K = I)
   int32_t m;            // number of tokens (> 0)
   int32_t amx;          // 1: the AMX kernels handle this expert
+  // FP8 block-scaled experts (kernel_fp8_avx512.cpp; null for bf16 ones):
+  const uint8_t* q13;  // [2I, H] e4m3fn row-major
+  const float* s13;    // [ceil(2I / bn), ceil(H / bk)] block scales
+  const uint8_t* q2;   // [H, I] e4m3fn row-major
+  const float* s2;     // [ceil(H / bn), ceil(I / bk)]
+  float* actf;         // [m][I] fp32 SwiGLU activation
 };
 
 struct MoeProblem {
@@ -46,6 +52,7 @@ struct MoeProblem {
   int64_t H, I;
   int32_t n_experts;
   const ExpertWork* experts;
+  int64_t bn, bk;  // FP8 scale block (rows, columns); 0 for bf16 experts
 };
 
 struct KernelTable {

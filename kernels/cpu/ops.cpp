@@ -53,6 +53,7 @@ enum : int64_t {
   kFeatAmx = 2,         // AMX-TILE + AMX-BF16 and XTILEDATA permission granted
   kFeatAmxCpuid = 4,    // AMX in CPUID (whether or not usable)
   kFeatAmxNoPerm = 8,   // AMX in CPUID but arch_prctl(ARCH_REQ_XCOMP_PERM) failed
+  kFeatAvx512 = 16,     // AVX512F/BW/VL, zmm state enabled by the OS (the FP8 kernels)
 };
 
 uint64_t xgetbv0() {
@@ -78,6 +79,7 @@ int64_t detect_features() {
   }
   const bool zmm_os = (xcr0 & 0xE6) == 0xE6;  // SSE, AVX, opmask, ZMM_Hi256, Hi16_ZMM
   int64_t feats = 0;
+  if (zmm_os && f && bw && vl) feats |= kFeatAvx512;
   if (zmm_os && f && bw && vl && bf16) feats |= kFeatAvx512Bf16;
   if (amx_tile && amx_bf16) {
     feats |= kFeatAmxCpuid;
@@ -253,7 +255,7 @@ int64_t get_num_threads() {
 }
 
 // ---------------------------------------------------------------- ISA libraries
-const KernelTable* g_tables[2] = {nullptr, nullptr};  // 0: avx512_bf16, 1: amx
+const KernelTable* g_tables[3] = {nullptr, nullptr, nullptr};  // 0: avx512_bf16, 1: amx, 2: avx512_fp8
 
 bool register_isa_library(std::string isa, std::string path) {
   int slot;
@@ -263,6 +265,9 @@ bool register_isa_library(std::string isa, std::string path) {
   } else if (isa == "amx") {
     slot = 1;
     if (!(features() & kFeatAmx) || !g_tables[0]) return false;
+  } else if (isa == "avx512_fp8") {
+    slot = 2;
+    if (!(features() & kFeatAvx512)) return false;
   } else if (isa == "amx_emulated") {  // test hook: kernel_amx.cpp built with -DFIDDLER_AMX_EMULATE
     slot = 1;
     if (!(features() & kFeatAvx512Bf16) || !g_tables[0]) return false;
@@ -277,7 +282,7 @@ bool register_isa_library(std::string isa, std::string path) {
   const KernelTable* t = fn();
   FCHECK(t && t->api_version == kApiVersion && t->gate_up && t->down,
          "fiddler_cpu: " + path + " has an incompatible kernel table");
-  FCHECK(slot == 0 || (t->pack_x && t->region_begin && t->region_end), "fiddler_cpu: bad AMX table");
+  FCHECK(slot != 1 || (t->pack_x && t->region_begin && t->region_end), "fiddler_cpu: bad AMX table");
   std::lock_guard<std::mutex> lk(g_mu);
   g_tables[slot] = t;
   return true;
@@ -290,9 +295,9 @@ struct Item1 {  // gate/up work item
 };
 
 struct Ctx {
-  MoeProblem prob;
+  MoeProblem prob{};
   const std::vector<ExpertWork>* experts;
-  const std::vector<int32_t>* amx_experts;
+  const std::vector<int32_t>* amx_experts = nullptr;
   const std::vector<int32_t>* active;  // experts with tokens, in order
   const std::vector<Item1>* items1;
   int64_t rows2;  // down phase: output rows per item
@@ -302,7 +307,9 @@ struct Ctx {
 
 thread_local bool tls_amx_on = false;
 
-inline const KernelTable* table_for(const ExpertWork& ew) { return ew.amx ? g_tables[1] : g_tables[0]; }
+inline const KernelTable* table_for(const ExpertWork& ew) {
+  return ew.q13 ? g_tables[2] : ew.amx ? g_tables[1] : g_tables[0];
+}
 
 inline void amx_on() {
   if (!tls_amx_on) {
@@ -404,6 +411,46 @@ int64_t down_item_rows(int64_t H, int nthreads, int64_t want) {
   return base;
 }
 
+// (token, weight) pairs grouped by expert, in token order: expert e's tokens are
+// g_toks[g_offs[e] : g_offs[e + 1]] (g_counts[e] of them). Callers hold g_mu.
+std::vector<int32_t> g_counts, g_offs, g_toks;
+std::vector<float> g_wlist;
+
+int64_t group_pairs(const int32_t* idp, const float* wtp, int64_t T, int64_t K, int64_t E) {
+  g_counts.assign(E, 0);
+  for (int64_t i = 0; i < T * K; ++i) {
+    const int32_t e = idp[i];
+    FCHECK(e >= -1 && e < E,
+           "fiddler_cpu.moe_forward: topk_ids value " + FSTR(e) + " out of range [-1, " + FSTR(E) + ")");
+    if (e >= 0) ++g_counts[e];
+  }
+  g_offs.assign(E + 1, 0);
+  for (int64_t e = 0; e < E; ++e) g_offs[e + 1] = g_offs[e] + g_counts[e];
+  const int64_t total = g_offs[E];
+  g_toks.resize(total);
+  g_wlist.resize(total);
+  static std::vector<int32_t> fill;
+  fill.assign(g_offs.begin(), g_offs.end() - 1);
+  for (int64_t i = 0; i < T * K; ++i) {
+    const int32_t e = idp[i];
+    if (e < 0) continue;
+    g_toks[fill[e]] = int32_t(i / K);
+    g_wlist[fill[e]] = wtp[i];
+    ++fill[e];
+  }
+  return total;
+}
+
+// Gate/up items: row ranges of each expert, multiples of 16 rows, about 16 per
+// thread so that the last round's imbalance is small.
+void split_gate_up(const std::vector<int32_t>& active, int64_t I, int nthreads, std::vector<Item1>& items1) {
+  items1.clear();
+  const int64_t rows_total = int64_t(active.size()) * I;
+  const int64_t rows1 = std::clamp<int64_t>(round_up(rows_total / (int64_t(nthreads) * 16), 16), 16, 1024);
+  for (int32_t e : active)
+    for (int64_t n0 = 0; n0 < I; n0 += rows1) items1.push_back(Item1{e, n0, std::min(n0 + rows1, I)});
+}
+
 // mode: 1 = AVX512-BF16 for every expert; 2 = AMX for every expert (where the
 // shape allows, H >= 32 and I >= 32); 3 = AMX for experts with at least
 // amx_min_tokens tokens, AVX512-BF16 for the others.
@@ -446,33 +493,9 @@ void moe_forward(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w
   ThreadPool* pool = pool_locked();
   const int nthreads = pool->size();
 
-  // Group (token, weight) pairs by expert, in token order.
-  static std::vector<int32_t> counts, offs, toks;
-  static std::vector<float> wlist;
-  counts.assign(E, 0);
-  for (int64_t i = 0; i < T * K; ++i) {
-    const int32_t e = idp[i];
-    FCHECK(e >= -1 && e < E,
-           "fiddler_cpu.moe_forward: topk_ids value " + FSTR(e) + " out of range [-1, " + FSTR(E) + ")");
-    if (e >= 0) ++counts[e];
-  }
-  offs.assign(E + 1, 0);
-  for (int64_t e = 0; e < E; ++e) offs[e + 1] = offs[e] + counts[e];
-  const int64_t total = offs[E];
-  if (total == 0) return;
-  toks.resize(total);
-  wlist.resize(total);
-  {
-    static std::vector<int32_t> fill;
-    fill.assign(offs.begin(), offs.end() - 1);
-    for (int64_t i = 0; i < T * K; ++i) {
-      const int32_t e = idp[i];
-      if (e < 0) continue;
-      toks[fill[e]] = int32_t(i / K);
-      wlist[fill[e]] = wtp[i];
-      ++fill[e];
-    }
-  }
+  if (group_pairs(idp, wtp, T, K, E) == 0) return;
+  const std::vector<int32_t>&counts = g_counts, &offs = g_offs, &toks = g_toks;
+  const std::vector<float>& wlist = g_wlist;
 
   // Per-expert work and scratch layout.
   static std::vector<ExpertWork> experts;
@@ -514,14 +537,8 @@ void moe_forward(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w
     experts[e].xpack = experts[e].amx ? xp + xp_off[e] : nullptr;
   }
 
-  // Gate/up items: row ranges of each expert, multiples of 16 rows, about 16 per
-  // thread so that the last round's imbalance is small.
   static std::vector<Item1> items1;
-  items1.clear();
-  const int64_t rows_total = int64_t(active.size()) * I;
-  const int64_t rows1 = std::clamp<int64_t>(round_up(rows_total / (int64_t(nthreads) * 16), 16), 16, 1024);
-  for (int32_t e : active)
-    for (int64_t n0 = 0; n0 < I; n0 += rows1) items1.push_back(Item1{e, n0, std::min(n0 + rows1, I)});
+  split_gate_up(active, I, nthreads, items1);
   // Down items: output row ranges (each over all experts), multiples of 32 rows,
   // about 8 per thread, or what the AMX kernel asks for (down_item_rows).
   const int64_t rows2 = down_item_rows(H, nthreads, amx_experts.empty() ? 0 : g_tables[1]->down_rows);
@@ -555,6 +572,101 @@ void moe_forward(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w
   for (const Item1& it : items1) ++gate_up_left[it.e];
   ctx.gate_up_left = gate_up_left.data();
   pool->run(int64_t(items1.size()) + n_down, body_gate_up_then_down, fini_amx, &ctx);
+}
+
+// FP8 block-scaled experts (kernel_fp8_avx512.cpp): w13 [E, 2I, H] and w2 [E, H, I]
+// float8_e4m3fn, s13 [E, ceil(2I / bn), ceil(H / bk)] and s2 [E, ceil(H / bn), ceil(I / bk)]
+// fp32; otherwise as moe_forward (x bf16, out fp32 accumulated into).
+void moe_forward_fp8(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& s13, const at::Tensor& w2,
+                     const at::Tensor& s2, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
+                     const at::Tensor& out, int64_t bn, int64_t bk) {
+  for (const at::Tensor* t : {&x, &w13, &s13, &w2, &s2, &topk_ids, &topk_weights, &out})
+    FCHECK(t->device().is_cpu(), "fiddler_cpu.moe_forward_fp8: all tensors must be on the CPU");
+  FCHECK(x.scalar_type() == at::kBFloat16, "fiddler_cpu.moe_forward_fp8: x must be bfloat16");
+  FCHECK(w13.scalar_type() == at::kFloat8_e4m3fn && w2.scalar_type() == at::kFloat8_e4m3fn,
+         "fiddler_cpu.moe_forward_fp8: w13, w2 must be float8_e4m3fn");
+  FCHECK(s13.scalar_type() == at::kFloat && s2.scalar_type() == at::kFloat,
+         "fiddler_cpu.moe_forward_fp8: scales must be float32");
+  FCHECK(topk_ids.scalar_type() == at::kInt && topk_weights.scalar_type() == at::kFloat &&
+             out.scalar_type() == at::kFloat,
+         "fiddler_cpu.moe_forward_fp8: topk_ids int32, topk_weights and out float32");
+  FCHECK(x.dim() == 2 && w13.dim() == 3 && w2.dim() == 3 && s13.dim() == 3 && s2.dim() == 3 &&
+             topk_ids.dim() == 2 && topk_weights.dim() == 2 && out.dim() == 2,
+         "fiddler_cpu.moe_forward_fp8: expected x [T,H], w13 [E,2I,H], s13, w2 [E,H,I], s2 [E,.,.], "
+         "topk_ids/topk_weights [T,K], out [T,H]");
+  const int64_t T = x.size(0), H = x.size(1), E = w13.size(0), I = w13.size(1) / 2, K = topk_ids.size(1);
+  FCHECK(bn > 0 && bk > 0 && I % bn == 0, "fiddler_cpu.moe_forward_fp8: bad scale block " + FSTR(bn) + "x" +
+                                              FSTR(bk) + " for I = " + FSTR(I));
+  FCHECK(w13.size(1) == 2 * I && w13.size(2) == H && w2.size(0) == E && w2.size(1) == H && w2.size(2) == I,
+         "fiddler_cpu.moe_forward_fp8: w13 must be [E, 2I, H] and w2 [E, H, I]");
+  FCHECK(s13.size(0) == E && s13.size(1) == 2 * I / bn && s13.size(2) == (H + bk - 1) / bk && s2.size(0) == E &&
+             s2.size(1) == (H + bn - 1) / bn && s2.size(2) == (I + bk - 1) / bk,
+         "fiddler_cpu.moe_forward_fp8: scales must be [E, 2I/bn, ceil(H/bk)] and [E, ceil(H/bn), ceil(I/bk)]");
+  FCHECK(topk_ids.size(0) == T && topk_weights.size(0) == T && topk_weights.size(1) == K && out.size(0) == T &&
+             out.size(1) == H,
+         "fiddler_cpu.moe_forward_fp8: topk_ids/topk_weights must be [T, K] and out [T, H]");
+  if (T == 0 || E == 0 || K == 0 || H == 0 || I == 0) return;
+  FCHECK(x.stride(1) == 1 && out.stride(1) == 1, "fiddler_cpu.moe_forward_fp8: x and out rows must be contiguous");
+  FCHECK(w13.stride(2) == 1 && w13.stride(1) == H && w2.stride(2) == 1 && w2.stride(1) == I &&
+             s13.stride(2) == 1 && s13.stride(1) == s13.size(2) && s2.stride(2) == 1 && s2.stride(1) == s2.size(2),
+         "fiddler_cpu.moe_forward_fp8: each expert's weights and scales must be contiguous (row-major)");
+
+  const at::Tensor ids = topk_ids.contiguous();
+  const at::Tensor wts = topk_weights.contiguous();
+  std::lock_guard<std::mutex> lk(g_mu);
+  FCHECK(g_tables[2], "fiddler_cpu.moe_forward_fp8: the AVX512 FP8 kernels are not loaded");
+  ThreadPool* pool = pool_locked();
+  if (group_pairs(ids.data_ptr<int32_t>(), wts.data_ptr<float>(), T, K, E) == 0) return;
+
+  static std::vector<ExpertWork> experts;
+  static std::vector<int32_t> active;
+  experts.assign(E, ExpertWork{});
+  active.clear();
+  std::vector<size_t> act_off(E);
+  size_t act_elems = 0;
+  const auto* q13 = static_cast<const uint8_t*>(w13.data_ptr());
+  const auto* q2 = static_cast<const uint8_t*>(w2.data_ptr());
+  for (int64_t e = 0; e < E; ++e) {
+    if (g_counts[e] == 0) continue;
+    ExpertWork& ew = experts[e];
+    ew.q13 = q13 + e * w13.stride(0);
+    ew.q2 = q2 + e * w2.stride(0);
+    ew.s13 = s13.data_ptr<float>() + e * s13.stride(0);
+    ew.s2 = s2.data_ptr<float>() + e * s2.stride(0);
+    ew.tok = g_toks.data() + g_offs[e];
+    ew.wt = g_wlist.data() + g_offs[e];
+    ew.m = g_counts[e];
+    active.push_back(int32_t(e));
+    act_off[e] = act_elems;
+    act_elems += size_t(round_up(int64_t(ew.m) * I, 16));
+  }
+  static Scratch act_buf;
+  float* act = static_cast<float*>(act_buf.get(act_elems * sizeof(float) + 64));
+  for (int32_t e : active) experts[e].actf = act + act_off[e];
+
+  static std::vector<Item1> items1;
+  split_gate_up(active, I, pool->size(), items1);
+  Ctx ctx;
+  ctx.prob.x = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  ctx.prob.ldx = x.stride(0);
+  ctx.prob.out = out.data_ptr<float>();
+  ctx.prob.ldo = out.stride(0);
+  ctx.prob.H = H;
+  ctx.prob.I = I;
+  ctx.prob.n_experts = int32_t(E);
+  ctx.prob.experts = experts.data();
+  ctx.prob.bn = bn;
+  ctx.prob.bk = bk;
+  ctx.experts = &experts;
+  ctx.active = &active;
+  ctx.items1 = &items1;
+  ctx.rows2 = down_item_rows(H, pool->size(), 0);
+  static std::vector<int32_t> gate_up_left;
+  gate_up_left.assign(E, 0);
+  for (const Item1& it : items1) ++gate_up_left[it.e];
+  ctx.gate_up_left = gate_up_left.data();
+  const int64_t n_down = (H + ctx.rows2 - 1) / ctx.rows2;
+  pool->run(int64_t(items1.size()) + n_down, body_gate_up_then_down, nullptr, &ctx);
 }
 
 // ---------------------------------------------------------------- async jobs
@@ -1134,6 +1246,8 @@ TORCH_LIBRARY(fiddler_cpu, m) {
       "moe_forward(Tensor x, Tensor w13, Tensor w2, Tensor topk_ids, Tensor topk_weights, Tensor(a!) out, "
       "int mode, int amx_min_tokens) -> ()");
   m.impl("moe_forward", c10::DispatchKey::CPU, TORCH_FN(fiddler_cpu::moe_forward));
+  m.def("moe_forward_fp8(Tensor x, Tensor w13, Tensor s13, Tensor w2, Tensor s2, Tensor topk_ids, "
+        "Tensor topk_weights, Tensor(a!) out, int bn, int bk) -> ()", &fiddler_cpu::moe_forward_fp8);
   m.def("moe_forward_async(Tensor x, Tensor w13, Tensor w2, Tensor topk_ids, Tensor topk_weights, "
         "Tensor(a!) out, int mode, int amx_min_tokens, Tensor(b!) done_word, int seq) -> ()",
         &fiddler_cpu::moe_forward_async);

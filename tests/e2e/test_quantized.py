@@ -19,6 +19,8 @@ from __future__ import annotations
 import json
 
 import pytest
+import test_families
+import torch
 
 from helpers.families import FAMILIES, build_family
 from helpers.quantized import write_fp8_block
@@ -34,7 +36,10 @@ def fp8_family(request, tmp_path_factory):
     fp8, ref = write_fp8_block(src, str(tmp_path_factory.mktemp(f"{name}-fp8")))
     placement = tmp_path_factory.mktemp(f"{name}-placement") / "placement.json"
     placement.write_text(json.dumps(FAMILIES[name].placement()))
-    return name, fp8, ref, {"placement": str(placement)}
+    with pytest.MonkeyPatch.context() as mp:
+        if torch.cuda.is_available():  # the GPU runtime's attention backend (no FlashAttention there)
+            mp.setattr(test_families, "ENGINE", dict(test_families.ENGINE, attention_backend="TRITON_ATTN"))
+        yield name, fp8, ref, {"placement": str(placement)}
 
 
 def test_fp8_block_experts_match_stock_on_the_dequantized_weights(fp8_family):

@@ -106,9 +106,13 @@ class FiddlerModel:
                 "experts without biases")
         quantized = shape.expert_format is not None
         if quantized:
-            logger.info("fiddler: experts stay %s on both sides; each routed expert is dequantized as it is "
-                        "used (torch), and weight copies, streamed chunks, routed graph steps and online "
-                        "re-placement, which move bf16 experts, are off", shape.expert_format.describe())
+            from vllm_fiddler.kernels import cpu as cpu_kernels
+
+            logger.info("fiddler: experts stay %s on both sides; host experts run %s, device experts "
+                        "dequantize per routed expert (torch); weight copies, streamed chunks, routed graph "
+                        "steps and online re-placement, which move bf16 experts, are off",
+                        shape.expert_format.describe(), "the AVX512 FP8 kernels" if cpu_kernels.fp8_available()
+                        else "torch's dequantize-per-expert path (no AVX512F/BW/VL here)")
         C = expert_chunks(shape.intermediate_size)
         if cfg.streamed_chunks is not None:
             check_streamed_chunks(cfg.streamed_chunks, shape.top_k, C)

@@ -6,10 +6,11 @@ alike: a host expert is never expanded into a bf16 copy, and the bytes a
 token's read costs are the compressed ones (``expert_bytes``, which placement
 and the budget count).
 
-Compute, for now: a routed expert is dequantized when it is used, one at a
-time (kernels/quant.py through kernels/torch_moe.py), on the device for the
-device set and on the CPU expert runtime's worker for the host set. Weight
-copies, streamed chunks, routed CUDA-graph steps and online re-placement are
+Compute: host experts run the native FP8 kernels (kernels/cpu/kernel_fp8_avx512.cpp:
+FP8 widened to fp32 in registers, block scales on the blocks' partial sums)
+where the CPU has AVX512F/BW/VL, else each routed expert is dequantized when
+it is used (kernels/quant.py through kernels/torch_moe.py), as device experts
+are for now (vLLM's FP8 MoE kernels are not wired in yet). Weight copies, streamed chunks, routed CUDA-graph steps and online re-placement are
 bf16-only, so a quantized layer runs without them (``vllm_fiddler.moe.model``
 logs it).
 
