@@ -60,16 +60,21 @@ PROMPT_LEN = 32
 SYSTEMS = ("fiddler", "stock_uva_experts")
 
 
-def moe_shape(shape_name: str, layers: int | None = None):
-    """The bf16 MoE sizes of a shape in shapes.py (trimmed to `layers`)."""
+def moe_shape(shape_name: str, layers: int | None = None, fp8: bool = False):
+    """The MoE sizes of a shape in shapes.py (trimmed to `layers`): bf16, or FP8 experts with
+    128x128 block scales (fp8; the non-expert weights are still counted in bf16)."""
+    import dataclasses
+
+    from vllm_fiddler.moe.quantized import ExpertFormat
     from vllm_fiddler.placement import MoEShape
 
-    return MoEShape.from_hf_config(shapes.config(shape_name, layers), 2)
+    shape = MoEShape.from_hf_config(shapes.config(shape_name, layers), 2)
+    return dataclasses.replace(shape, expert_format=ExpertFormat("fp8_block")) if fp8 else shape
 
 
-def budget(shape_name: str, layers: int, gpu_gib: float) -> dict:
+def budget(shape_name: str, layers: int, gpu_gib: float, fp8: bool = False) -> dict:
     """Expert GiB resident on the GPU and offloaded, at a card of gpu_gib."""
-    full, trimmed = moe_shape(shape_name), moe_shape(shape_name, layers)
+    full, trimmed = moe_shape(shape_name, fp8=fp8), moe_shape(shape_name, layers, fp8)
     resident_full = gpu_gib - full.non_expert_bytes / GIB - KV_RESERVE_GIB - OVERHEAD_GIB
     share = max(0.0, min(1.0, resident_full / (full.all_experts_bytes / GIB)))
     experts = trimmed.all_experts_bytes / GIB
@@ -79,10 +84,10 @@ def budget(shape_name: str, layers: int, gpu_gib: float) -> dict:
             "top_k": trimmed.top_k}
 
 
-def system_kwargs(name: str, b: dict, util: float, eager: bool) -> dict:
+def system_kwargs(name: str, b: dict, util: float, eager: bool, attention: str = "TRITON_ATTN") -> dict:
     base = dict(load_format="dummy", gpu_memory_utilization=util, max_model_len=4096,
                 max_num_batched_tokens=2048, max_num_seqs=8, enable_prefix_caching=False, seed=0,
-                attention_backend="TRITON_ATTN", enforce_eager=eager)
+                attention_backend=attention, enforce_eager=eager)
     if name == "fiddler":
         return {**base, "model_impl": "fiddler", "additional_config": {"fiddler": {
             "gpu_expert_budget_gb": b["resident_gib"], "kv_cache_reserve_gb": KV_RESERVE_GIB}}}
@@ -106,9 +111,10 @@ def run_system(args) -> None:
     import torch
     from vllm import LLM
 
-    model = shapes.build(args.shape, tempfile.mkdtemp(prefix="shape-"), args.layers)
+    model = shapes.build(args.shape, tempfile.mkdtemp(prefix="shape-"), args.layers, args.fp8)
     util = args.gpu_gib / (torch.cuda.mem_get_info()[1] / GIB)
-    kwargs = system_kwargs(args.run_system, budget(args.shape, args.layers, args.gpu_gib), util, args.eager)
+    kwargs = system_kwargs(args.run_system, budget(args.shape, args.layers, args.gpu_gib, args.fp8), util, args.eager,
+                           shapes.attention_backend(args.shape))
     row = {"system": args.run_system, "kwargs": {k: sorted(v) if isinstance(v, set) else v
                                                  for k, v in kwargs.items()}, "decode": {}, "ttft_s": {}}
 
@@ -164,6 +170,8 @@ def main() -> None:
     p.add_argument("--temperatures", default="1.0,0")
     p.add_argument("--prefill-lens", default="2048")
     p.add_argument("--eager", action="store_true")
+    p.add_argument("--fp8", action="store_true", help="the shape as its FP8 checkpoints ship (128x128 block scales), "
+                   "both systems; no prediction (the cost model prices bf16 experts)")
     p.add_argument("--system-timeout", type=float, default=480)
     p.add_argument("--out", required=True)
     p.add_argument("--run-system", help=argparse.SUPPRESS)
@@ -178,8 +186,8 @@ def main() -> None:
         return
     import host_bandwidth
 
-    out = {"shape": args.shape, "layers": args.layers, "gpu_gib": args.gpu_gib,
-           "budget": budget(args.shape, args.layers, args.gpu_gib), "command": " ".join(sys.argv),
+    out = {"shape": args.shape, "layers": args.layers, "gpu_gib": args.gpu_gib, "fp8": args.fp8,
+           "budget": budget(args.shape, args.layers, args.gpu_gib, args.fp8), "command": " ".join(sys.argv),
            "host_bandwidth": _bandwidth(host_bandwidth.__file__), "rows": []}
     bw = out["host_bandwidth"] or {}
     best_read = max(bw.get("cpu_read_gb_s") or 0, bw.get("pcie_h2d_gb_s") or 0,
@@ -199,8 +207,8 @@ def main() -> None:
         out["rows"].append(row)
         with open(args.out, "w") as f:
             json.dump(out, f, indent=1)
-    out["predicted"] = predicted(args.shape, args.layers, out["budget"], calibrated_cost(args.shape, args.layers),
-                                 args.prefill_lens)
+    out["predicted"] = None if args.fp8 else predicted(
+        args.shape, args.layers, out["budget"], calibrated_cost(args.shape, args.layers), args.prefill_lens)
     import vllm
 
     out["flat"] = flat_rows(out, vllm.__version__, results_io.git_commit(os.path.dirname(__file__)))

@@ -48,6 +48,11 @@ SHAPES = {"mixtral-8x7b": (_mixtral_8x7b, 32, "MixtralForCausalLM"),
           "deepseek-v3": (_deepseek_v3, 61, "DeepseekV3ForCausalLM")}
 
 
+def attention_backend(name: str) -> str:
+    """vLLM's Triton attention for the shape (the GPU runtime has no FlashAttention): MLA for DeepSeek."""
+    return "TRITON_MLA" if SHAPES[name][2] == "DeepseekV3ForCausalLM" else "TRITON_ATTN"
+
+
 def config(name: str, layers: int | None = None):
     make, full, arch = SHAPES[name]
     cfg = make(layers or full)
@@ -56,11 +61,18 @@ def config(name: str, layers: int | None = None):
     return cfg
 
 
-def build(name: str, path: str, layers: int | None = None) -> str:
-    """Config + tokenizer of shape `name` in `path`; returns path."""
+# what the official FP8 checkpoints' config.json says (DeepSeek-V3/R1, Qwen3-FP8)
+FP8_BLOCK_QUANTIZATION = {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+
+
+def build(name: str, path: str, layers: int | None = None, fp8: bool = False) -> str:
+    """Config + tokenizer of shape `name` in `path` (fp8: every linear layer and expert FP8 with
+    128x128 block scales, as the official FP8 checkpoints); returns path."""
     from vllm_fiddler.tiny import build_tokenizer
 
     cfg = config(name, layers)
+    if fp8:
+        cfg.quantization_config = dict(FP8_BLOCK_QUANTIZATION)
     os.makedirs(path, exist_ok=True)
     cfg.save_pretrained(path)
     build_tokenizer(path, cfg.vocab_size)
