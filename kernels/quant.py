@@ -41,6 +41,10 @@ def dequant_fp8_block(weight: torch.Tensor, scale_inv: torch.Tensor, block: tupl
     if tuple(scale_inv.shape) != expect:
         raise ValueError(f"FP8 block scales: expected shape {list(expect)} for weights {list(weight.shape)} "
                          f"and {bn}x{bk} blocks, got {list(scale_inv.shape)}")
+    rows, cols = expect[-2:]
+    if rows * bn == n and cols * bk == k:  # whole blocks: each block times its scale, no [N, K] scale tensor
+        blocks = weight.to(torch.float32).view(*weight.shape[:-2], rows, bn, cols, bk)
+        return (blocks * scale_inv.to(torch.float32)[..., :, None, :, None]).view(weight.shape).to(dtype)
     scale = scale_inv.to(torch.float32).repeat_interleave(bn, dim=-2)[..., :n, :]
     scale = scale.repeat_interleave(bk, dim=-1)[..., :k]  # [..., N, K]
     return (weight.to(torch.float32) * scale).to(dtype)

@@ -22,7 +22,7 @@ def fp8_reference(weight: torch.Tensor, scale: torch.Tensor, bn: int, bk: int) -
 
 
 @pytest.mark.parametrize("n, k, block", [(1, 1, (128, 128)), (7, 129, (128, 128)), (130, 200, (128, 128)),
-                                         (96, 80, (64, 32)), (33, 17, (16, 8))])
+                                         (96, 80, (64, 32)), (33, 17, (16, 8)), (64, 96, (32, 48))])
 def test_fp8_block_dequant_matches_an_elementwise_loop(n, k, block):
     gen = torch.Generator().manual_seed(n * 1000 + k)
     weight = (torch.randn(n, k, generator=gen) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
