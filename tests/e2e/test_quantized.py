@@ -17,6 +17,9 @@ does not load, scales of the wrong shape, layers in different formats.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import test_families
@@ -56,14 +59,15 @@ def test_fp8_block_experts_match_stock_on_the_dequantized_weights(fp8_family):
     assert f_mean <= 1.15 * s_mean + 0.03 and f_p90 <= 1.15 * s_p90 + 0.08, what
 
 
-def start_up_error(path: str, monkeypatch) -> str:
-    """The error a fiddler engine on `path` fails with (engine in this process)."""
-    from vllm import LLM
-
-    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    with pytest.raises(Exception) as e:
-        LLM(model=path, model_impl="fiddler", dtype="bfloat16", enforce_eager=True, max_model_len=128)
-    return "".join(str(x) for x in (e.value, e.value.__cause__, e.value.__context__) if x)
+def start_up_error(path: str) -> str:
+    """What a fiddler engine on `path` fails with, in a process of its own (an engine that fails
+    mid-build in this one would leave torch's default dtype and device changed for later tests)."""
+    code = ("import sys\nfrom vllm import LLM\nLLM(model=sys.argv[1], model_impl='fiddler', dtype='bfloat16', "
+            "enforce_eager=True, max_model_len=128)")
+    proc = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
+    assert proc.returncode != 0, "the engine started"
+    return proc.stdout + proc.stderr
 
 
 @pytest.fixture(scope="module")
@@ -71,17 +75,17 @@ def mixtral_bf16(tmp_path_factory):
     return build_family("mixtral", str(tmp_path_factory.mktemp("mixtral-src")))
 
 
-def test_per_tensor_fp8_is_refused_at_build(mixtral_bf16, tmp_path, monkeypatch):
+def test_per_tensor_fp8_is_refused_at_build(mixtral_bf16, tmp_path):
     fp8, _ = write_fp8_block(mixtral_bf16, str(tmp_path), config_overrides={"weight_block_size": None})
-    assert "experts quantized as FP8 with per-tensor scales" in start_up_error(fp8, monkeypatch)
+    assert "experts quantized as FP8 with per-tensor scales" in start_up_error(fp8)
 
 
-def test_scales_of_the_wrong_shape_are_refused_at_load(mixtral_bf16, tmp_path, monkeypatch):
+def test_scales_of_the_wrong_shape_are_refused_at_load(mixtral_bf16, tmp_path):
     fp8, _ = write_fp8_block(mixtral_bf16, str(tmp_path), scale_rows_off=1)
-    error = start_up_error(fp8, monkeypatch)
+    error = start_up_error(fp8)
     assert "has shape" in error and ("expects [6, 3]" in error or "expects [4, 4]" in error), error
 
 
-def test_layers_in_different_formats_are_refused_at_build(mixtral_bf16, tmp_path, monkeypatch):
+def test_layers_in_different_formats_are_refused_at_build(mixtral_bf16, tmp_path):
     fp8, _ = write_fp8_block(mixtral_bf16, str(tmp_path), quantize_layers={0, 2})
-    assert "experts come in different formats" in start_up_error(fp8, monkeypatch)
+    assert "experts come in different formats" in start_up_error(fp8)
