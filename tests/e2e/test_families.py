@@ -114,10 +114,16 @@ def test_bf16_logprobs_as_close_to_hugging_face_as_stock(family):
     name, fam, path, options = family
     ours = generate(path, "fiddler", "bfloat16", options, fam.max_num_seqs)
     stock = generate(path, "auto", "bfloat16", max_num_seqs=fam.max_num_seqs)
+    check_as_close_to_hf_as_stock(ours, stock, fam, path, name)
+
+
+def check_as_close_to_hf_as_stock(ours, stock, fam, path: str, what: str) -> None:
+    """bf16 runs: fiddler's |logprob - HF| (HF in fp32 on the weights at `path`) within the
+    bound above of stock's own."""
     f = logprob_diffs(ours, hf_logprobs(fam, path, ours))
     s = logprob_diffs(stock, hf_logprobs(fam, path, stock))
     f_mean, f_p90, s_mean, s_p90 = f.mean().item(), f.quantile(0.9).item(), s.mean().item(), s.quantile(0.9).item()
-    what = f"{name}: |logprob - HF| mean {f_mean:.4f} (stock {s_mean:.4f}), p90 {f_p90:.4f} (stock {s_p90:.4f})"
+    what = f"{what}: |logprob - HF| mean {f_mean:.4f} (stock {s_mean:.4f}), p90 {f_p90:.4f} (stock {s_p90:.4f})"
     print(what)
     assert f_mean <= 1.15 * s_mean + 0.03 and f_p90 <= 1.15 * s_p90 + 0.08, what
 

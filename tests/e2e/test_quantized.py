@@ -27,7 +27,7 @@ import torch
 
 from helpers.families import FAMILIES, build_family
 from helpers.quantized import write_fp8_block
-from test_families import check_tokens_close, generate, hf_logprobs, logprob_diffs
+from test_families import check_as_close_to_hf_as_stock, check_tokens_close, generate
 
 pytestmark = pytest.mark.slow
 
@@ -50,13 +50,7 @@ def test_fp8_block_experts_match_stock_on_the_dequantized_weights(fp8_family):
     ours = generate(fp8, "fiddler", "bfloat16", options)
     stock = generate(ref, "auto", "bfloat16")
     check_tokens_close(ours, stock, f"{name} fp8")
-    fam = FAMILIES[name]
-    f = logprob_diffs(ours, hf_logprobs(fam, ref, ours))
-    s = logprob_diffs(stock, hf_logprobs(fam, ref, stock))
-    f_mean, f_p90, s_mean, s_p90 = f.mean().item(), f.quantile(0.9).item(), s.mean().item(), s.quantile(0.9).item()
-    what = f"{name} fp8: |logprob - HF| mean {f_mean:.4f} (stock {s_mean:.4f}), p90 {f_p90:.4f} (stock {s_p90:.4f})"
-    print(what)
-    assert f_mean <= 1.15 * s_mean + 0.03 and f_p90 <= 1.15 * s_p90 + 0.08, what
+    check_as_close_to_hf_as_stock(ours, stock, FAMILIES[name], ref, f"{name} fp8")
 
 
 def start_up_error(path: str) -> str:
