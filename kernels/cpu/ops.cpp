@@ -451,6 +451,36 @@ void split_gate_up(const std::vector<int32_t>& active, int64_t I, int nthreads, 
     for (int64_t n0 = 0; n0 < I; n0 += rows1) items1.push_back(Item1{e, n0, std::min(n0 + rows1, I)});
 }
 
+// The call's problem and work lists (the ISA tables read them through ctx.prob).
+void set_problem(Ctx& ctx, const at::Tensor& x, const at::Tensor& out, int64_t H, int64_t I, int64_t E,
+                 const std::vector<ExpertWork>& experts, const std::vector<int32_t>& active,
+                 const std::vector<Item1>& items1, int64_t rows2) {
+  ctx.prob.x = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  ctx.prob.ldx = x.stride(0);
+  ctx.prob.out = out.data_ptr<float>();
+  ctx.prob.ldo = out.stride(0);
+  ctx.prob.H = H;
+  ctx.prob.I = I;
+  ctx.prob.n_experts = int32_t(E);
+  ctx.prob.experts = experts.data();
+  ctx.experts = &experts;
+  ctx.active = &active;
+  ctx.items1 = &items1;
+  ctx.rows2 = rows2;
+}
+
+// Both projections in one pool run, not one per projection: a barrier between them left
+// every thread idle for the tail of the last gate/up items, once per layer; now a down item
+// waits only for the experts it is about to read (body_down).
+void run_projections(ThreadPool* pool, Ctx& ctx, int64_t E, void (*fini)(void*)) {
+  static std::vector<int32_t> gate_up_left;
+  gate_up_left.assign(E, 0);
+  for (const Item1& it : *ctx.items1) ++gate_up_left[it.e];
+  ctx.gate_up_left = gate_up_left.data();
+  const int64_t n_down = (ctx.prob.H + ctx.rows2 - 1) / ctx.rows2;
+  pool->run(int64_t(ctx.items1->size()) + n_down, body_gate_up_then_down, fini, &ctx);
+}
+
 // mode: 1 = AVX512-BF16 for every expert; 2 = AMX for every expert (where the
 // shape allows, H >= 32 and I >= 32); 3 = AMX for experts with at least
 // amx_min_tokens tokens, AVX512-BF16 for the others.
@@ -544,34 +574,15 @@ void moe_forward(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w
   const int64_t rows2 = down_item_rows(H, nthreads, amx_experts.empty() ? 0 : g_tables[1]->down_rows);
 
   Ctx ctx;
-  ctx.prob.x = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
-  ctx.prob.ldx = x.stride(0);
-  ctx.prob.out = out.data_ptr<float>();
-  ctx.prob.ldo = out.stride(0);
-  ctx.prob.H = H;
-  ctx.prob.I = I;
-  ctx.prob.n_experts = int32_t(E);
-  ctx.prob.experts = experts.data();
-  ctx.experts = &experts;
+  set_problem(ctx, x, out, H, I, E, experts, active, items1, rows2);
   ctx.amx_experts = &amx_experts;
-  ctx.active = &active;
-  ctx.items1 = &items1;
-  ctx.rows2 = rows2;
 
   if (!amx_experts.empty()) {
     int64_t n_pack = 0;
     for (int32_t e : amx_experts) n_pack += (experts[e].m + 15) / 16;
     pool->run(n_pack, body_pack, nullptr, &ctx);
   }
-  // One pool run, not one per projection: a barrier between them left every
-  // thread idle for the tail of the last gate/up items, once per layer; now a
-  // down item waits only for the experts it is about to read (body_down).
-  const int64_t n_down = (H + rows2 - 1) / rows2;
-  static std::vector<int32_t> gate_up_left;
-  gate_up_left.assign(E, 0);
-  for (const Item1& it : items1) ++gate_up_left[it.e];
-  ctx.gate_up_left = gate_up_left.data();
-  pool->run(int64_t(items1.size()) + n_down, body_gate_up_then_down, fini_amx, &ctx);
+  run_projections(pool, ctx, E, fini_amx);
 }
 
 // FP8 block-scaled experts (kernel_fp8_avx512.cpp): w13 [E, 2I, H] and w2 [E, H, I]
@@ -647,26 +658,10 @@ void moe_forward_fp8(const at::Tensor& x, const at::Tensor& w13, const at::Tenso
   static std::vector<Item1> items1;
   split_gate_up(active, I, pool->size(), items1);
   Ctx ctx;
-  ctx.prob.x = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
-  ctx.prob.ldx = x.stride(0);
-  ctx.prob.out = out.data_ptr<float>();
-  ctx.prob.ldo = out.stride(0);
-  ctx.prob.H = H;
-  ctx.prob.I = I;
-  ctx.prob.n_experts = int32_t(E);
-  ctx.prob.experts = experts.data();
+  set_problem(ctx, x, out, H, I, E, experts, active, items1, down_item_rows(H, pool->size(), 0));
   ctx.prob.bn = bn;
   ctx.prob.bk = bk;
-  ctx.experts = &experts;
-  ctx.active = &active;
-  ctx.items1 = &items1;
-  ctx.rows2 = down_item_rows(H, pool->size(), 0);
-  static std::vector<int32_t> gate_up_left;
-  gate_up_left.assign(E, 0);
-  for (const Item1& it : items1) ++gate_up_left[it.e];
-  ctx.gate_up_left = gate_up_left.data();
-  const int64_t n_down = (H + ctx.rows2 - 1) / ctx.rows2;
-  pool->run(int64_t(items1.size()) + n_down, body_gate_up_then_down, nullptr, &ctx);
+  run_projections(pool, ctx, E, nullptr);
 }
 
 // ---------------------------------------------------------------- async jobs
