@@ -29,6 +29,8 @@ FP8_MAX = 448.0  # largest finite float8_e4m3fn
 # e2m1 values by 4-bit code: sign bit 3, then 2 exponent bits and 1 mantissa bit
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 MXFP4_GROUP = 32
+E2M1_MAX = 6.0
+E8M0_ONE = 127  # the e8m0 byte of scale 1 (2 ** (byte - 127))
 
 
 # ---------------------------------------------------------------- FP8, block scales

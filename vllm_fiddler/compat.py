@@ -109,23 +109,27 @@ def patch_quant_method_selection(choose: Callable[[Any, str, Any, Any], Any]) ->
 
 
 # vLLM quantization methods whose expert formats fiddler loads (expert_quantization)
-LOADED_QUANTIZATIONS = ("fp8",)
+LOADED_QUANTIZATIONS = ("fp8", "gpt_oss_mxfp4", "mxfp4")
 
 
 def expert_quantization(quant_config: Any, prefix: str) -> tuple[str, tuple[int, int]] | None:
     """The format in which vLLM's quantization config stores the experts of MoE layer `prefix`:
-    None (unquantized: the layer is in the config's ignored layers) or ("fp8_block", (bn, bk)).
+    None (unquantized: the layer is in the config's ignored layers), ("fp8_block", (bn, bk)) or
+    ("mxfp4", (1, 32)).
     Raises FiddlerConfigError for a format fiddler does not load."""
+    from vllm.model_executor.layers.quantization.utils.quant_utils import is_layer_skipped
+
     from vllm_fiddler.config import FiddlerConfigError
 
     name = quant_config.get_name()
     unsupported = None
+    if name in LOADED_QUANTIZATIONS and is_layer_skipped(
+            prefix=prefix, ignored_layers=getattr(quant_config, "ignored_layers", None) or [],
+            fused_mapping=quant_config.packed_modules_mapping):
+        return None
+    if name in ("gpt_oss_mxfp4", "mxfp4"):
+        return "mxfp4", (1, 32)
     if name == "fp8":
-        from vllm.model_executor.layers.quantization.utils.quant_utils import is_layer_skipped
-
-        if is_layer_skipped(prefix=prefix, ignored_layers=quant_config.ignored_layers,
-                            fused_mapping=quant_config.packed_modules_mapping):
-            return None
         block = quant_config.weight_block_size
         if getattr(quant_config, "store_dtype", None) == "mxfp4":
             unsupported = "MXFP4 experts stored through the fp8 config"
@@ -139,8 +143,8 @@ def expert_quantization(quant_config: Any, prefix: str) -> tuple[str, tuple[int,
             return "fp8_block", (int(block[0]), int(block[1]))
     raise FiddlerConfigError(
         f"fiddler: layer {prefix} has experts quantized as {unsupported or repr(name)}; fiddler loads "
-        "unquantized experts and FP8 with block scales (vLLM's fp8 config with weight_block_size, as "
-        "DeepSeek-V3's checkpoints ship them) so far")
+        "unquantized experts, FP8 with block scales (vLLM's fp8 config with weight_block_size, as "
+        "DeepSeek-V3's checkpoints ship them) and MXFP4 (gpt-oss) so far")
 
 
 def on_cpu_platform() -> bool:

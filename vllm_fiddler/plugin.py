@@ -79,9 +79,9 @@ def check_vllm_config(vllm_config: Any) -> None:
             f"expert budget with --additional-config '{{\"fiddler\": {{\"gpu_expert_budget_gb\": N}}}}'.")
     quantization = model_config.quantization or getattr(vllm_config.quant_config, "get_name", lambda: None)()
     if quantization is not None and quantization not in compat.LOADED_QUANTIZATIONS:
-        raise ValueError(f"--model-impl fiddler loads unquantized experts and FP8 block-scaled ones (vLLM's "
-                         f"{', '.join(compat.LOADED_QUANTIZATIONS)} config) so far; this model is quantized "
-                         f"as {quantization}.")
+        raise ValueError(f"--model-impl fiddler loads unquantized experts, FP8 block-scaled and MXFP4 ones "
+                         f"(vLLM's {', '.join(compat.LOADED_QUANTIZATIONS)} configs) so far; this model is "
+                         f"quantized as {quantization}.")
     parallel = vllm_config.parallel_config
     if parallel.tensor_parallel_size > 1 or parallel.pipeline_parallel_size > 1 \
             or parallel.data_parallel_size > 1 or parallel.enable_expert_parallel or parallel.enable_eplb:

@@ -1,11 +1,12 @@
-"""Quantized checkpoints end to end on vLLM's CPU platform: FP8 block-scaled experts.
+"""Quantized checkpoints end to end on vLLM's CPU platform: FP8 block-scaled experts
+(Mixtral, Qwen3-MoE) and MXFP4 ones (gpt-oss).
 
-fiddler runs the FP8 checkpoint (tests/helpers/quantized.py: experts as DeepSeek-V3 ships
-them, with partial scale blocks); the references are the same model with every expert
-dequantized: stock vLLM and Hugging Face (fp32) on it. vLLM runs FP8 checkpoints in bf16 or
-fp16 only, and an FP8 value times its fp32 scale rounds to the same bf16 number whether
-fiddler dequantizes it or stock vLLM casts the dequantized checkpoint, so both engines hold
-the same weights: the criteria are the bf16 families' (test_families): greedy tokens equal
+fiddler runs the quantized checkpoint (tests/helpers/quantized.py: experts as DeepSeek-V3 and
+gpt-oss ship them, FP8 with partial scale blocks); the references are the same model with
+every expert dequantized: stock vLLM and Hugging Face (fp32) on it. vLLM runs these
+checkpoints in bf16, and a quantized value times its scale (fp32, or a power of two for
+MXFP4) rounds to the same bf16 number whether fiddler dequantizes it or stock vLLM casts the
+dequantized checkpoint, so both engines hold the same weights: the criteria are the bf16 families' (test_families): greedy tokens equal
 stock's up to a near tie, and log-probabilities as close to HF as stock's are. A wrong scale
 block, a gate/up swap or a misplaced expert moves most positions by tenths of a nat. The
 placement puts a whole MoE layer on each side and splits a third.
@@ -26,7 +27,7 @@ import test_families
 import torch
 
 from helpers.families import FAMILIES, build_family
-from helpers.quantized import write_fp8_block
+from helpers.quantized import write_fp8_block, write_mxfp4
 from test_families import check_as_close_to_hf_as_stock, check_tokens_close, generate
 
 pytestmark = pytest.mark.slow
@@ -51,6 +52,23 @@ def test_fp8_block_experts_match_stock_on_the_dequantized_weights(fp8_family):
     stock = generate(ref, "auto", "bfloat16")
     check_tokens_close(ours, stock, f"{name} fp8")
     check_as_close_to_hf_as_stock(ours, stock, FAMILIES[name], ref, f"{name} fp8")
+
+
+@pytest.fixture(scope="module")
+def gpt_oss_mxfp4(tmp_path_factory):
+    src = build_family("gpt_oss", str(tmp_path_factory.mktemp("gpt_oss")))
+    mx, ref = write_mxfp4(src, str(tmp_path_factory.mktemp("gpt_oss-mxfp4")))
+    placement = tmp_path_factory.mktemp("gpt_oss-placement") / "placement.json"
+    placement.write_text(json.dumps(FAMILIES["gpt_oss"].placement()))
+    return mx, ref, {"placement": str(placement)}
+
+
+def test_mxfp4_experts_with_biases_match_stock_on_the_dequantized_weights(gpt_oss_mxfp4):
+    mx, ref, options = gpt_oss_mxfp4
+    ours = generate(mx, "fiddler", "bfloat16", options)
+    stock = generate(ref, "auto", "bfloat16")
+    check_tokens_close(ours, stock, "gpt_oss mxfp4")
+    check_as_close_to_hf_as_stock(ours, stock, FAMILIES["gpt_oss"], ref, "gpt_oss mxfp4")
 
 
 def start_up_error(path: str) -> str:

@@ -6,7 +6,12 @@ float8_e4m3fn with ``...weight_scale_inv`` float32 per bn x bk block, and config
 "weight_block_size": [bn, bk]}. Only the routed experts are quantized here: every other
 linear layer is listed in ``ignored_layers`` (vLLM's CPU platform has no FP8 linear kernel).
 
-Next to it, the reference: the same model with each expert dequantized (fp32 tensors), which
+MXFP4, as gpt-oss ships: each expert projection ``...gate_up_proj_blocks`` uint8 [E, 2I, H/32,
+16] (two e2m1 values a byte, low nibble first) with ``...gate_up_proj_scales`` uint8 [E, 2I,
+H/32] (an e8m0 exponent per 32 inputs), likewise ``down_proj`` [E, H, I/32, 16]; biases stay
+bf16; config.json's ``quantization_config`` {"quant_method": "mxfp4"}.
+
+Next to each, the reference: the same model with each expert dequantized (fp32 tensors), which
 stock vLLM loads as an unquantized checkpoint.
 """
 
@@ -21,6 +26,56 @@ import shutil
 EXPERT = re.compile(r"\.experts\.\d+\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$")
 
 
+def _copy_others(src: str, dst: str) -> tuple[str, str]:
+    """(quantized, reference) directories under dst, holding src's files other than weights."""
+    out, ref = os.path.join(dst, "quantized"), os.path.join(dst, "reference")
+    for d in (out, ref):
+        os.makedirs(d, exist_ok=True)
+        for f in os.listdir(src):
+            if not f.endswith(".safetensors") and f != "model.safetensors.index.json":
+                shutil.copy(os.path.join(src, f), d)
+    return out, ref
+
+
+def _load_all(src: str) -> dict:
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for f in sorted(glob.glob(os.path.join(src, "*.safetensors"))):
+        tensors.update(load_file(f))
+    return tensors
+
+
+def _write(out: str, ref: str, quantized: dict, reference: dict, quantization_config: dict) -> None:
+    from safetensors.torch import save_file
+
+    save_file(quantized, os.path.join(out, "model.safetensors"))
+    save_file(reference, os.path.join(ref, "model.safetensors"))
+    with open(os.path.join(out, "config.json")) as f:
+        config = json.load(f)
+    config["quantization_config"] = quantization_config
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(config, f, indent=1)
+
+
+def write_mxfp4(src: str, dst: str) -> tuple[str, str]:
+    """(MXFP4 checkpoint, dequantized reference) under dst, from gpt-oss's bf16 checkpoint at src
+    (gate_up_proj [E, H, 2I], down_proj [E, I, H]: inputs first)."""
+    from vllm_fiddler.kernels.quant import dequant_mxfp4, quant_mxfp4
+
+    out, ref = _copy_others(src, dst)
+    quantized, reference = {}, {}
+    for name, w in _load_all(src).items():
+        if re.search(r"\.experts\.(gate_up_proj|down_proj)$", name):
+            blocks, scales = quant_mxfp4(w.float().transpose(1, 2))  # [E, N, K/32, 16], [E, N, K/32]
+            quantized[name + "_blocks"], quantized[name + "_scales"] = blocks, scales
+            reference[name] = dequant_mxfp4(blocks, scales).transpose(1, 2).contiguous()
+        else:
+            quantized[name] = reference[name] = w
+    _write(out, ref, quantized, reference, {"quant_method": "mxfp4"})
+    return out, ref
+
+
 def write_fp8_block(src: str, dst: str, block: tuple[int, int] = (32, 48), *, quantize_layers=None,
                     scale_rows_off: int = 0, config_overrides: dict | None = None) -> tuple[str, str]:
     """(fp8 checkpoint, dequantized reference) under dst, from the bf16 checkpoint at src.
@@ -28,22 +83,11 @@ def write_fp8_block(src: str, dst: str, block: tuple[int, int] = (32, 48), *, qu
     quantize_layers: model layer indices whose experts are quantized (default all; others
     are listed as ignored, making a mixed-format checkpoint); scale_rows_off: scales written
     with that many rows too few (a malformed checkpoint)."""
-    import torch
-    from safetensors.torch import load_file, save_file
-
     from vllm_fiddler.kernels.quant import dequant_fp8_block, quant_fp8_block
 
-    out, ref = os.path.join(dst, "fp8"), os.path.join(dst, "reference")
-    for d in (out, ref):
-        os.makedirs(d, exist_ok=True)
-        for f in os.listdir(src):
-            if not f.endswith(".safetensors") and f != "model.safetensors.index.json":
-                shutil.copy(os.path.join(src, f), d)
-    tensors = {}
-    for f in sorted(glob.glob(os.path.join(src, "*.safetensors"))):
-        tensors.update(load_file(f))
+    out, ref = _copy_others(src, dst)
     quantized, reference, ignored = {}, {}, []
-    for name, w in tensors.items():
+    for name, w in _load_all(src).items():
         layer = re.search(r"layers\.(\d+)\.", name)
         if EXPERT.search(name) and (quantize_layers is None or int(layer.group(1)) in quantize_layers):
             q, s = quant_fp8_block(w.float(), block)
@@ -58,13 +102,7 @@ def write_fp8_block(src: str, dst: str, block: tuple[int, int] = (32, 48), *, qu
                     ignored.append(module)
             elif name.endswith(".weight"):
                 ignored.append(name[:-len(".weight")])
-    save_file(quantized, os.path.join(out, "model.safetensors"))
-    save_file(reference, os.path.join(ref, "model.safetensors"))
-    with open(os.path.join(out, "config.json")) as f:
-        config = json.load(f)
-    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic",
-                                     "weight_block_size": list(block), "ignored_layers": ignored,
-                                     **(config_overrides or {})}
-    with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump(config, f, indent=1)
+    _write(out, ref, quantized, reference, {"quant_method": "fp8", "activation_scheme": "dynamic",
+                                            "weight_block_size": list(block), "ignored_layers": ignored,
+                                            **(config_overrides or {})})
     return out, ref

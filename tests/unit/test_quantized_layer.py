@@ -1,10 +1,11 @@
-"""Hybrid layers with FP8 block-scaled experts (moe/quantized.py) against the fp32 oracle on the
-dequantized weights, and the format's detection from vLLM's own quantization config.
+"""Hybrid layers with quantized experts (moe/quantized.py) against the fp32 oracle on the
+dequantized weights, and the formats' detection from vLLM's own quantization configs: FP8
+block-scaled (DeepSeek-V3) and MXFP4 with biases and clamped SwiGLU (gpt-oss).
 
-The layer dequantizes each routed expert exactly (fp8 value x fp32 block scale, in fp32 here)
-and then computes as the oracle does, so in fp32 the two differ by summation order only:
-1e-5 of the output's scale. A wrong scale block, a gate/up swap or a misplaced expert moves
-outputs by whole percents.
+The layer dequantizes each routed expert exactly (fp8 value x fp32 block scale, or e2m1 value
+x power of two, in fp32 here) and then computes as the oracle does, so in fp32 the two differ by
+summation order only: 1e-5 of the output's scale. A wrong scale block, a gate/up swap, a
+nibble-order swap or a misplaced expert moves outputs by whole percents.
 """
 
 from __future__ import annotations
@@ -176,6 +177,102 @@ def test_layers_of_different_formats_are_refused():
     assert _expert_format([method(0, None)]) is None
     with pytest.raises(FiddlerConfigError, match=r"layers \[0, 2\]: FP8 e4m3 .*layers \[1\]: unquantized"):
         _expert_format([method(0, FMT), method(1, None), method(2, FMT)])
+
+
+# ---------------------------------------------------------------- MXFP4 (gpt-oss)
+MX = ExpertFormat("mxfp4", (1, 32))
+GPT_OSS = reference.ExpertMath(activation="swigluoai", has_bias=True)  # alpha 1.702, limit 7
+H_MX = 96  # three scale groups
+
+
+def mxfp4_checkpoint(seed: int = 0):
+    """gpt-oss's expert tensors as vLLM's loader hands them to the layer (all experts at once,
+    gate and up rows interleaved): w13 [E, 2I, H/2] bytes, s13 [E, 2I, H/32], w2 [E, H, I/2],
+    s2 [E, H, I/32], b13 [E, 2I], b2 [E, H]; and the oracle's fp32 (w13, w2, b13, b2) with
+    gate rows first. Rows scaled over four octaves, biases so the clamp at 7 bites."""
+    gen = torch.Generator().manual_seed(seed)
+    w13 = torch.randn(E, 2 * I, H_MX, generator=gen) * 2.0 ** torch.randint(-2, 2, (E, 2 * I, 1), generator=gen)
+    w2 = torch.randn(E, H_MX, I, generator=gen)
+    b13, b2 = torch.randn(E, 2 * I, generator=gen) * 4, torch.randn(E, H_MX, generator=gen)
+    blocks13, s13 = quant.quant_mxfp4(w13)
+    blocks2, s2 = quant.quant_mxfp4(w2)
+    d13, d2 = quant.dequant_mxfp4(blocks13, s13), quant.dequant_mxfp4(blocks2, s2)
+    interleave = lambda t: torch.stack([t[:, :I], t[:, I:]], dim=2).flatten(1, 2)  # noqa: E731
+    vllm = {"w13_weight": interleave(blocks13.flatten(-2)), "w13_weight_scale": interleave(s13),
+            "w2_weight": blocks2.flatten(-2), "w2_weight_scale": s2, "w13_bias": interleave(b13), "w2_bias": b2}
+    return vllm, (d13, d2, b13, b2)
+
+
+def mx_layer(gpu_experts, dtype=torch.float32):
+    return QuantizedHybridMoE(expert_format=MX, num_experts=E, top_k=K, hidden_size=H_MX, intermediate_size=I,
+                              gpu_experts=tuple(gpu_experts), dtype=dtype, device=torch.device("cpu"),
+                              cpu_runtime=CPUExpertRuntime(num_threads=1, inline=True), pin_memory=False,
+                              math=GPT_OSS)
+
+
+def load_as_gpt_oss(m, tensors) -> None:
+    """vLLM's gpt-oss loader: each parameter whole (param.copy_ into the stand-in)."""
+    method = types.SimpleNamespace(prefix="model.layers.0.mlp.experts", _hybrid=lambda: m)
+    for name, full in tensors.items():
+        sink = moe_method.ExpertSink(torch.empty(E, 0, dtype=MX.param_dtypes().get(name, torch.float32)),
+                                     method, name)
+        sink.copy_(full)
+        assert sink.numel() == 0
+
+
+@pytest.mark.parametrize("gpu_experts", [(), tuple(range(E)), (0, 3, 5)], ids=["all-cpu", "all-gpu", "mixed"])
+@pytest.mark.parametrize("tokens", [1, 3, 16, 33])
+def test_mxfp4_layer_with_biases_matches_the_oracle(gpu_experts, tokens):
+    tensors, (w13, w2, b13, b2) = mxfp4_checkpoint()
+    m = mx_layer(gpu_experts)
+    load_as_gpt_oss(m, tensors)
+    gen = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, H_MX, generator=gen)
+    logits = torch.randn(tokens, E, generator=gen)
+    logits[:, 6] = -1e9  # expert 6 is never routed
+    weights, ids = reference.route(logits, K)
+    out = m(x, weights, ids.to(torch.int32))
+    ref = reference.moe(x, w13, w2, weights, ids, GPT_OSS, b13, b2)
+    torch.testing.assert_close(out, ref, atol=1e-5 * ref.abs().max().item(), rtol=1e-5)
+    assert m.routed_to_cpu == int(sum((ids == e).sum() for e in range(E) if e not in gpu_experts))
+
+
+def test_mxfp4_experts_are_stored_compressed():
+    """Half a byte a weight plus one exponent byte per 32: 17/64 of a byte a weight, a quarter of
+    bf16's bytes and then some; placement counts that."""
+    m = mx_layer((1,))
+    assert m.expert_bytes == MX.expert_bytes(H_MX, I) == 3 * H_MX * I // 2 + 3 * H_MX * I // 32
+    assert m.w13_cpu.nbytes == (E - 1) * 2 * I * H_MX * 17 // 32
+
+
+def test_mxfp4_dummy_weights_span_the_bf16_layers_range():
+    """Random bytes cover every e2m1 code; the exponent maps e2m1's 6 to about 1e-3 (2**-13 x 6
+    = 7.3e-4, the nearest power of two), so weights stay within the bf16 layers' range."""
+    m = mx_layer((0, 4))
+    m.init_random(seed=0, pool_size=1 << 12)
+    weights = [m.expert_weights(e)[0] for e in range(E)]
+    assert all(w.abs().max() == 6 * 2.0 ** -13 for w in weights)
+    assert len(torch.unique(weights[2])) == 15  # the 16 codes; +0 and -0 are one value
+    assert not torch.equal(weights[0], weights[1])
+    assert m.b13_cpu.abs().max() <= 1e-3 and m.b13_cpu.abs().max() > 0
+
+
+def test_mxfp4_layer_sizes_must_hold_whole_scale_groups():
+    with pytest.raises(ValueError, match="multiples of MXFP4's 32-weight scale groups"):
+        MX.check_layer("x", 80, 64)
+    with pytest.raises(ValueError, match="MXFP4 scales cover 1 x 32"):
+        ExpertFormat("mxfp4", (32, 32))
+
+
+def test_vllm_mxfp4_configs_name_the_format():
+    from vllm.model_executor.layers.quantization.mxfp4 import GptOssMxfp4Config, Mxfp4Config
+
+    from vllm_fiddler import compat
+
+    prefix = "model.layers.1.mlp.experts"
+    assert compat.expert_quantization(GptOssMxfp4Config(), prefix) == ("mxfp4", (1, 32))
+    assert compat.expert_quantization(Mxfp4Config(), prefix) == ("mxfp4", (1, 32))
+    assert compat.expert_quantization(Mxfp4Config(ignored_layers=[prefix]), prefix) is None
 
 
 def test_re_placement_is_off_for_quantized_experts():

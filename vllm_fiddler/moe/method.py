@@ -131,18 +131,14 @@ class FiddlerMoEMethod(compat.fused_moe_method_base()):
             has_bias=bool(moe.has_bias), apply_router_weight_on_input=bool(layer.apply_router_weight_on_input),
             swiglu_alpha=layer.swiglu_alpha, swiglu_limit=layer.swiglu_limit)
         names = {"w13_weight": params_dtype, "w2_weight": params_dtype}
-        if moe.has_bias:
-            names.update(w13_bias=params_dtype, w2_bias=params_dtype)
         if self.expert_format is not None:  # as vLLM's method for the format names them
-            if moe.has_bias:
-                raise FiddlerConfigError(f"fiddler: layer {self.prefix} has quantized experts with biases, "
-                                         "which fiddler does not load yet")
             try:
                 self.expert_format.check_layer(self.prefix, hidden_size, intermediate_size_per_partition)
             except ValueError as e:
                 raise FiddlerConfigError(f"fiddler: {e}") from None
-            names = {"w13_weight": torch.float8_e4m3fn, "w2_weight": torch.float8_e4m3fn,
-                     "w13_weight_scale_inv": torch.float32, "w2_weight_scale_inv": torch.float32}
+            names = self.expert_format.param_dtypes()
+        if moe.has_bias:
+            names.update(w13_bias=params_dtype, w2_bias=params_dtype)
         for name, dtype in names.items():
             sink = ExpertSink(torch.empty((num_experts, 0), dtype=dtype), self, name)
             sink.weight_loader = self.weight_loader

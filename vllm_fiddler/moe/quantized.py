@@ -1,23 +1,28 @@
 """Hybrid layers whose experts stay in their checkpoint's quantized format, on both sides.
 
 A checkpoint's expert format comes from vLLM's own quantization config
-(``compat.expert_format``); the experts keep it in device and host memory
+(``compat.expert_quantization``); the experts keep it in device and host memory
 alike: a host expert is never expanded into a bf16 copy, and the bytes a
 token's read costs are the compressed ones (``expert_bytes``, which placement
 and the budget count).
 
-Compute: host experts run the native FP8 kernels (kernels/cpu/kernel_fp8_avx512.cpp:
-FP8 widened to fp32 in registers, block scales on the blocks' partial sums)
-where the CPU has AVX512F/BW/VL, else each routed expert is dequantized when
-it is used (kernels/quant.py through kernels/torch_moe.py), as device experts
-are for now (vLLM's FP8 MoE kernels are not wired in yet). Weight copies, streamed chunks, routed CUDA-graph steps and online re-placement are
-bf16-only, so a quantized layer runs without them (``vllm_fiddler.moe.model``
-logs it).
+Compute: host FP8 experts without biases run the native FP8 kernels
+(kernels/cpu/kernel_fp8_avx512.cpp: FP8 widened to fp32 in registers, block
+scales on the blocks' partial sums) where the CPU has AVX512F/BW/VL; other
+host experts, and device experts for now (vLLM's quantized MoE kernels are not
+wired in yet), dequantize each routed expert when it is used (kernels/quant.py
+through kernels/torch_moe.py). Weight copies, streamed chunks, routed
+CUDA-graph steps and online re-placement are bf16-only, so a quantized layer
+runs without them (``vllm_fiddler.moe.model`` logs it).
 
 Formats (kernels/quant.py has the layouts):
   fp8_block   float8_e4m3fn weights, float32 scales per bn x bk block (vLLM's
               ``fp8`` config with ``weight_block_size``: DeepSeek-V3/R1, Kimi-K2,
               Qwen3 FP8); vLLM names the scales ``*_weight_scale_inv``.
+  mxfp4       two e2m1 values a byte, an e8m0 exponent per 32 inputs (vLLM's
+              ``gpt_oss_mxfp4`` / ``mxfp4`` configs: gpt-oss-20b and -120b,
+              whose experts also carry bf16 biases); vLLM names the values
+              ``*_weight`` ([E, N, K/2] bytes) and the scales ``*_weight_scale``.
 
 Shape legend: E experts, Ex experts of one set, H hidden, I intermediate,
 bn x bk scale blocks.
@@ -30,25 +35,47 @@ import math
 
 import torch
 
-from vllm_fiddler.kernels.quant import FP8_MAX, QuantizedExperts
+from vllm_fiddler.kernels.quant import E2M1_MAX, E8M0_ONE, FP8_MAX, MXFP4_GROUP, QuantizedExperts
 from vllm_fiddler.moe.layer import HybridMoE, cold_token_counts
 
-# the checkpoint tensors of one projection, by vLLM's parameter suffix: values, then scales
-FP8_BLOCK_TENSORS = {"weight": "weight", "weight_scale_inv": "weight_scale_inv"}
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """How one format stores an [N, K] weight, and what vLLM's method for it names the tensors."""
+
+    values: torch.dtype  # storage dtype of the values
+    scales: torch.dtype
+    values_per_byte: int
+    scale_name: str  # vLLM's parameter suffix for the scales: w13_<scale_name>
+    keys: tuple[str, str]  # kernels.quant.QuantizedExperts' keys: values, scales
+
+
+LAYOUTS = {
+    "fp8_block": _Layout(torch.float8_e4m3fn, torch.float32, 1, "weight_scale_inv", ("weight", "weight_scale_inv")),
+    "mxfp4": _Layout(torch.uint8, torch.uint8, 2, "weight_scale", ("blocks", "scales")),
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class ExpertFormat:
-    """One quantized expert format and its parameters."""
+    """One quantized expert format and its parameters: ``block`` is the (rows, inputs) a scale
+    covers, 128 x 128 for DeepSeek's FP8 and 1 x 32 for MXFP4."""
 
-    name: str  # "fp8_block"
-    block: tuple[int, int] = (128, 128)  # (bn, bk) scale block
+    name: str  # "fp8_block" or "mxfp4"
+    block: tuple[int, int] = (128, 128)
 
     def __post_init__(self) -> None:
-        if self.name != "fp8_block":
+        if self.name not in LAYOUTS:
             raise ValueError(f"unknown expert format {self.name!r}")
+        if self.name == "mxfp4" and tuple(self.block) != (1, MXFP4_GROUP):
+            raise ValueError(f"MXFP4 scales cover 1 x {MXFP4_GROUP} weights, not {self.block}")
+
+    @property
+    def layout(self) -> _Layout:
+        return LAYOUTS[self.name]
 
     def describe(self) -> str:
+        if self.name == "mxfp4":
+            return f"MXFP4 (e2m1 with an e8m0 scale per {MXFP4_GROUP} weights)"
         return f"FP8 e4m3 with {self.block[0]}x{self.block[1]} block scales"
 
     def scale_shape(self, n: int, k: int) -> tuple[int, int]:
@@ -59,15 +86,26 @@ class ExpertFormat:
     def projection_bytes(self, n: int, k: int) -> int:
         """Bytes of one expert's [N, K] weight as stored: values and scales."""
         rows, cols = self.scale_shape(n, k)
-        return n * k + 4 * rows * cols
+        lay = self.layout
+        return n * k // lay.values_per_byte + rows * cols * lay.scales.itemsize
 
     def expert_bytes(self, hidden: int, inter: int) -> int:
         """w13 [2I, H] and w2 [H, I] of one expert as stored."""
         return self.projection_bytes(2 * inter, hidden) + self.projection_bytes(hidden, inter)
 
+    def param_dtypes(self) -> dict[str, torch.dtype]:
+        """The expert tensors vLLM's method for this format registers, by name."""
+        lay = self.layout
+        return {"w13_weight": lay.values, "w2_weight": lay.values,
+                f"w13_{lay.scale_name}": lay.scales, f"w2_{lay.scale_name}": lay.scales}
+
     def check_layer(self, prefix: str, hidden: int, inter: int) -> None:
-        """Raises ValueError for a layer the format cannot split into gate and up."""
-        if inter % self.block[0]:
+        """Raises ValueError for a layer the format cannot store or split into gate and up."""
+        if self.name == "mxfp4":
+            if hidden % MXFP4_GROUP or inter % MXFP4_GROUP:
+                raise ValueError(f"{prefix}: hidden size {hidden} and intermediate size {inter} must be multiples "
+                                 f"of MXFP4's {MXFP4_GROUP}-weight scale groups")
+        elif inter % self.block[0]:
             raise ValueError(f"{prefix}: intermediate size {inter} is not a multiple of the FP8 scale block's "
                              f"{self.block[0]} rows, so gate and up scales cannot be told apart")
 
@@ -75,22 +113,40 @@ class ExpertFormat:
               dtype: torch.dtype) -> QuantizedExperts:
         """Storage for `count` experts' [N, K] weights; `dtype` is what they dequantize to."""
         pin = pin_memory and torch.device(device).type == "cpu"
-        weight = torch.empty(count, n, k, dtype=torch.float8_e4m3fn, device=device, pin_memory=pin)
-        scale = torch.ones(count, *self.scale_shape(n, k), dtype=torch.float32, device=device, pin_memory=pin)
-        return QuantizedExperts("fp8_block", {"weight": weight, "weight_scale_inv": scale}, dtype=dtype,
-                                block=self.block)
+        lay = self.layout
+        if self.name == "mxfp4":  # [count, N, K/32, 16] two values a byte, [count, N, K/32] exponents
+            values = torch.empty(count, n, k // MXFP4_GROUP, MXFP4_GROUP // 2, dtype=torch.uint8, device=device,
+                                 pin_memory=pin)
+            scales = torch.full((count, n, k // MXFP4_GROUP), E8M0_ONE, dtype=torch.uint8, device=device)
+            scales = scales.pin_memory() if pin else scales
+        else:
+            values = torch.empty(count, n, k, dtype=lay.values, device=device, pin_memory=pin)
+            scales = torch.ones(count, *self.scale_shape(n, k), dtype=lay.scales, device=device, pin_memory=pin)
+        return QuantizedExperts(self.name, dict(zip(lay.keys, (values, scales))), dtype=dtype, block=self.block)
+
+    def random_values(self, count: int, gen: torch.Generator) -> torch.Tensor:
+        """`count` random stored bytes: FP8 values uniform over e4m3's range, or MXFP4 bytes
+        uniform over every pair of e2m1 codes."""
+        if self.name == "mxfp4":
+            return torch.randint(0, 256, (count,), dtype=torch.uint8, generator=gen)
+        pool = torch.empty(count, dtype=torch.float32).uniform_(-FP8_MAX, FP8_MAX, generator=gen)
+        return pool.to(torch.float8_e4m3fn).view(torch.uint8)
+
+    def scale_for(self, magnitude: float) -> float | int:
+        """The scale that maps the format's largest value to about `magnitude`."""
+        if self.name == "mxfp4":  # an e8m0 exponent: 2 ** (byte - 127)
+            return E8M0_ONE + round(math.log2(magnitude / E2M1_MAX))
+        return magnitude / FP8_MAX
 
 
 class QuantizedHybridMoE(HybridMoE):
     """HybridMoE with both expert sets in a quantized format (module docstring). Expert tensors
     load by vLLM's names: w1 / w3 / w2 (values) and s1 / s3 / s2 (their scales), w13 / s13
-    fused."""
+    fused; biases (b1 / b3 / b2, b13) stay in the model's dtype, as HybridMoE's."""
 
     def __init__(self, *, expert_format: ExpertFormat, **kwargs):
         if kwargs.get("host_backing"):
             raise ValueError("quantized layers keep no host backing (no online re-placement)")
-        if kwargs["math"].has_bias:
-            raise ValueError("quantized experts with biases are not supported")
         self.expert_format = expert_format
         expert_format.check_layer("layer", kwargs["hidden_size"], kwargs["intermediate_size"])
         super().__init__(**kwargs)
@@ -103,6 +159,11 @@ class QuantizedHybridMoE(HybridMoE):
         self.w13_cpu = self.w13_cpu_chunks = f.empty(Eh, 2 * I, H, "cpu", pin_memory, dtype)  # [Eh, 2I, H]
         self.w2_cpu = self.w2_cpu_chunks = f.empty(Eh, H, I, "cpu", pin_memory, dtype)  # [Eh, H, I]
         self.b13_gpu = self.b2_gpu = self.b13_cpu = self.b2_cpu = None
+        if self.math.has_bias:  # HybridMoE's layout with one chunk
+            self.b13_gpu = torch.zeros(Eg, 2 * I, dtype=dtype, device=self.device)  # [Eg, 2I]
+            self.b2_gpu = torch.zeros(Eg, H, dtype=dtype, device=self.device)  # [Eg, H]
+            self.b13_cpu = torch.zeros(Eh, 1, 2 * I, dtype=dtype, device="cpu", pin_memory=pin_memory)
+            self.b2_cpu = torch.zeros(Eh, 1, H, dtype=dtype, device="cpu", pin_memory=pin_memory)
 
     @property
     def expert_bytes(self) -> int:
@@ -117,27 +178,32 @@ class QuantizedHybridMoE(HybridMoE):
 
     def load_expert(self, expert: int, name: str, weight: torch.Tensor) -> None:
         """One of `expert`'s tensors as vLLM's loaders name them: w1 / w3 [I, H] and w2 [H, I] in
-        the format's storage dtype, s1 / s3 / s2 their scales, w13 / s13 gate and up together."""
+        the format's storage (MXFP4: [I, H/2] bytes), s1 / s3 / s2 their scales, w13 / s13 gate
+        and up together, and biases."""
         if name in ("w13", "s13"):
             gate, up = self.math.split_w13(weight)
             self.load_expert(expert, name[0] + "1", gate)
             self.load_expert(expert, name[0] + "3", up)
             return
+        if name[0] == "b":
+            super().load_expert(expert, name, weight)
+            return
         if name not in ("w1", "w2", "w3", "s1", "s2", "s3"):
             raise KeyError(f"unknown expert tensor {name!r} of a {self.expert_format.name} layer")
-        key = "weight" if name[0] == "w" else "weight_scale_inv"
+        values, scales = self.expert_format.layout.keys
+        key = values if name[0] == "w" else scales
         I = self.intermediate_size
         for w13, w2, slot in self._sets(expert):
             if name[1] == "2":
                 dst = w2.tensors[key][slot]
             else:
-                rows = I if key == "weight" else I // self.expert_format.block[0]
+                rows = I if key == values else I // self.expert_format.block[0]
                 full = w13.tensors[key][slot]
                 dst = full[:rows] if name[1] == "1" else full[rows:]
-            if tuple(dst.shape) != tuple(weight.shape):
+            if dst.numel() != weight.numel() or dst.shape[0] != weight.shape[0]:
                 raise ValueError(f"fiddler: expert {expert}'s {name} ({key}) has shape {list(weight.shape)}, the "
                                  f"layer's {self.expert_format.describe()} expects {list(dst.shape)}")
-            dst.copy_(weight)
+            dst.copy_(weight.reshape(dst.shape))  # MXFP4 values: [rows, K/2] bytes as [rows, K/32, 16]
 
     def expert_weights(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(w13 [2I, H], w2 [H, I]) of one expert, dequantized (copies)."""
@@ -145,12 +211,13 @@ class QuantizedHybridMoE(HybridMoE):
         return w13[slot], w2[slot]
 
     def init_random(self, seed: int, scale: float = 1e-3, pool_size: int = 1 << 24) -> None:
-        """--load-format dummy: values uniform over e4m3's range tiled from one pool per layer (as
-        HybridMoE.init_random), every block scale scale / FP8_MAX, so weights are
-        uniform(-scale, scale) as the bf16 layers'."""
+        """--load-format dummy: stored values drawn from one pool per layer and tiled (as
+        HybridMoE.init_random), every scale mapping the format's largest value to `scale`, so
+        weights lie in (-scale, scale) as the bf16 layers'; biases uniform in the same range."""
+        f = self.expert_format
+        values, scales = f.layout.keys
         gen = torch.Generator(device="cpu").manual_seed(seed)
-        pool = torch.empty(pool_size, dtype=torch.float32).uniform_(-FP8_MAX, FP8_MAX, generator=gen)
-        pool = pool.to(torch.float8_e4m3fn).view(torch.uint8)
+        pool = f.random_values(pool_size, gen)
         twice = {torch.device("cpu"): torch.cat([pool, pool])}
 
         def fill(dst: torch.Tensor, shift: int) -> None:
@@ -163,8 +230,13 @@ class QuantizedHybridMoE(HybridMoE):
         for e in range(self.num_experts):
             for w13, w2, slot in self._sets(e):
                 for j, experts in enumerate((w13, w2)):
-                    fill(experts.tensors["weight"][slot], (2 * e + j) * 104729 % pool_size)
-                    experts.tensors["weight_scale_inv"][slot].fill_(scale / FP8_MAX)
+                    fill(experts.tensors[values][slot], (2 * e + j) * 104729 % pool_size)
+                    experts.tensors[scales][slot].fill_(f.scale_for(scale))
+        if self.math.has_bias:
+            H, I = self.hidden_size, self.intermediate_size
+            for e in range(self.num_experts):
+                for name, n in (("b1", I), ("b3", I), ("b2", H)):
+                    self.load_expert(e, name, torch.empty(n).uniform_(-scale, scale, generator=gen))
 
     # -- CUDA: the device set dequantizes on the device, the host set on the CPU -----------
     def _forward_cuda(self, x, topk_weights, topk_ids, out, op_start: float) -> None:
@@ -175,7 +247,7 @@ class QuantizedHybridMoE(HybridMoE):
         if n_cpu:
             self._cpu_chunk_reads += len(cold_token_counts(cpu_ids, self.num_host_slots))
             cold = self.cpu_runtime.submit(x.cpu(), self.w13_cpu, self.w2_cpu, cpu_ids, topk_weights.cpu(),
-                                           math=self.math)
+                                           math=self.math, biases=self.host_biases)
         acc = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # [T, H]
         if n_cpu < cpu_ids.numel():
             self._device_experts(x, self.gpu_slot_of[topk_ids], topk_weights, acc)
