@@ -14,9 +14,11 @@ Measures, in one run:
      larger than the L3, so the timings measure DRAM, not cache.
 
 --format fp8_block: the experts in FP8 e4m3 with 128x128 block scales (DeepSeek-V3's
-layout); GB/s counts the compressed bytes read (values and scales); fiddler's
-native FP8 kernels against torch dequantizing each expert to bf16 first (what
-fiddler falls back to); kt-kernel is not set up for FP8 here.
+layout); --format mxfp4: e2m1 with an e8m0 exponent per 32 weights, with bf16
+biases and gpt-oss's clamped SwiGLU (gpt-oss's layout; its experts are 2880x2880).
+GB/s counts the compressed bytes read (values and scales); fiddler's native
+kernels against torch dequantizing each expert to bf16 first (what fiddler
+falls back to); kt-kernel is not set up for these formats here.
 
 Writes a JSON (--out-json, or under --out-dir) and a PNG plot of GB/s against tokens.
 
@@ -207,7 +209,7 @@ def main() -> int:
     ap.add_argument("--dram-gib", type=float, default=4.0, help="total size of the DRAM bandwidth buffers")
     ap.add_argument("--min-time", type=float, default=1.0, help="seconds per measurement (at least)")
     ap.add_argument("--max-experts", type=int, default=256)
-    ap.add_argument("--format", default="bf16", choices=["bf16", "fp8_block"], help="the experts' format")
+    ap.add_argument("--format", default="bf16", choices=["bf16", "fp8_block", "mxfp4"], help="the experts' format")
     ap.add_argument("--out-json", default=None)
     ap.add_argument("--out-png", default=None)
     ap.add_argument("--out-dir", default=None, help="directory for the JSON and PNG (default benchmarks/results)")
@@ -264,8 +266,8 @@ def main() -> int:
         print(f"{row['shape']:>11} T={T:<4} {impl:>9} {isa:>12}: {row['ms']:9.3f} ms {row['gb_s']:8.1f} GB/s",
               flush=True)
 
-    if args.format == "fp8_block":
-        return run_fp8(args, threads, tokens, shapes, dram, dram_ways, out_json, out_png)
+    if args.format != "bf16":
+        return run_quantized(args, threads, tokens, shapes, dram, dram_ways, out_json, out_png)
     for H, I in shapes:
         wbytes = 3 * H * I * 2
         n_exp = rotation_experts(wbytes, l3, args)
@@ -322,54 +324,64 @@ def main() -> int:
     return write_result(result, out_json, out_png)
 
 
-def run_fp8(args, threads, tokens, shapes, dram, dram_ways, out_json, out_png) -> int:
-    """--format fp8_block: fiddler's FP8 kernels and torch (dequantize, then bf16 matmuls)."""
+def run_quantized(args, threads, tokens, shapes, dram, dram_ways, out_json, out_png) -> int:
+    """--format fp8_block / mxfp4: fiddler's native kernels and torch (dequantize, then bf16 matmuls)."""
     from vllm_fiddler.kernels import cpu as fcpu
-    from vllm_fiddler.kernels import quant
+    from vllm_fiddler.kernels import quant, reference
 
-    block = (128, 128)
-    if not fcpu.fp8_available():
-        print("# the native FP8 kernels are not available here (AVX512F/BW/VL)")
+    fmt = args.format
+    math = reference.ExpertMath(activation="swigluoai", has_bias=True) if fmt == "mxfp4" else reference.SILU
+    block = (1, quant.MXFP4_GROUP) if fmt == "mxfp4" else (128, 128)
+    if not fcpu.quantized_available():
+        print("# the native quantized-expert kernels are not available here (AVX512F/BW/VL)")
+
+    def quantize(w):  # [N, K] -> the format's (values, scales)
+        return quant.quant_mxfp4(w) if fmt == "mxfp4" else quant.quant_fp8_block(w, block)
+
+    keys = ("blocks", "scales") if fmt == "mxfp4" else ("weight", "weight_scale_inv")
     rows = []
     for H, I in shapes:
-        q, s = quant.quant_fp8_block(torch.empty(2 * I, H).uniform_(-0.05, 0.05), block)  # [2I, H]
-        q2, s2 = quant.quant_fp8_block(torch.empty(H, I).uniform_(-0.05, 0.05), block)  # [H, I]
-        wbytes = q.numel() + q2.numel() + 4 * (s.numel() + s2.numel())
+        p13, p2 = quantize(torch.empty(2 * I, H).uniform_(-0.05, 0.05)), quantize(torch.empty(H, I).uniform_(-0.05, 0.05))
+        wbytes = sum(t.numel() * t.element_size() for t in (*p13, *p2))
         n_exp = rotation_experts(wbytes, l3_bytes(), args)
-        print(f"# shape {H}x{I} fp8: {wbytes / 1e6:.1f} MB per expert, rotating over {n_exp} experts")
+        print(f"# shape {H}x{I} {fmt}: {wbytes / 1e6:.1f} MB per expert, rotating over {n_exp} experts")
         # every expert in its own memory (rotating past the L3), the same values
-        q13, s13 = q.expand(n_exp, *q.shape).clone(), s.expand(n_exp, *s.shape).clone()
-        q2e, s2e = q2.expand(n_exp, *q2.shape).clone(), s2.expand(n_exp, *s2.shape).clone()
+        w13 = quant.QuantizedExperts(fmt, {k: t.expand(n_exp, *t.shape).clone() for k, t in zip(keys, p13)},
+                                     block=block)
+        w2 = quant.QuantizedExperts(fmt, {k: t.expand(n_exp, *t.shape).clone() for k, t in zip(keys, p2)}, block=block)
+        biases = (torch.zeros(n_exp, 2 * I, dtype=torch.bfloat16), torch.zeros(n_exp, H, dtype=torch.bfloat16)) \
+            if math.has_bias else None
         for T in tokens:
             x = torch.randn(T, H).bfloat16()
             out = torch.zeros(T, H, dtype=torch.float32)
             wts = torch.ones(T, 1, dtype=torch.float32)
             ids = [torch.full((T, 1), e, dtype=torch.int32) for e in range(n_exp)]
-            if fcpu.fp8_available():
-                fn = lambda e: fcpu.moe_forward_fp8(x, q13, s13, q2e, s2e, ids[e], wts, out, block)  # noqa: E731
-                rows.append(fp8_row("fiddler", "avx512_fp8", H, I, T, time_rotating(fn, n_exp, args.min_time),
+            if fcpu.quantized_available():
+                fn = lambda e: fcpu.moe_forward_quantized(x, w13, w2, ids[e], wts, out, math, biases)  # noqa: E731
+                rows.append(quant_row("fiddler", "avx512_quant", H, I, T, time_rotating(fn, n_exp, args.min_time),
                                     wbytes))
 
             def torch_ffn(e):
-                w13 = quant.dequant_fp8_block(q13[e], s13[e], block, torch.bfloat16)
-                w2 = quant.dequant_fp8_block(q2e[e], s2e[e], block, torch.bfloat16)
-                gate_up = F.linear(x, w13)
-                return F.linear(F.silu(gate_up[:, :I]) * gate_up[:, I:], w2)
+                gate_up = F.linear(x, w13[e])
+                if biases is not None:
+                    gate_up = gate_up + biases[0][e]
+                return F.linear(math.act(gate_up), w2[e])
 
-            rows.append(fp8_row("torch", "dequant+bf16", H, I, T, time_rotating(torch_ffn, n_exp, args.min_time),
+            rows.append(quant_row("torch", "dequant+bf16", H, I, T, time_rotating(torch_ffn, n_exp, args.min_time),
                                 wbytes))
-        q13 = s13 = q2e = s2e = None
+        w13 = w2 = None
     host = socket.gethostname().split(".")[0] or "host"
+    counted = "fp8 values + fp32 block scales" if fmt == "fp8_block" else "e2m1 values + e8m0 exponents"
     result = {"device": {"cpu": cpu_model(), "cpus": os.cpu_count(), "threads": threads, "host": host,
                          "flags": cpu_flags()},
               "command": " ".join([os.path.basename(sys.executable)] + sys.argv), "torch": torch.__version__,
-              "format": "fp8_block 128x128", "gb_s_counts": "compressed bytes: fp8 values + fp32 block scales",
-              "dram_read_gb_s": round(dram, 2),
+              "format": "fp8_block 128x128" if fmt == "fp8_block" else "mxfp4, biases, swigluoai",
+              "gb_s_counts": f"compressed bytes: {counted}", "dram_read_gb_s": round(dram, 2),
               "dram_read_by_method_gb_s": {k: round(v, 2) for k, v in dram_ways.items()}, "rows": rows}
     return write_result(result, out_json, out_png)
 
 
-def fp8_row(impl, isa, H, I, T, sec, wbytes) -> dict:
+def quant_row(impl, isa, H, I, T, sec, wbytes) -> dict:
     row = {"impl": impl, "isa": isa, "shape": f"{H}x{I}", "tokens": T, "ms": round(sec * 1e3, 4),
            "gb_s": round(wbytes / sec / 1e9, 2)}
     print(f"{row['shape']:>11} T={T:<4} {impl:>9} {isa:>12}: {row['ms']:9.3f} ms {row['gb_s']:8.1f} GB/s", flush=True)

@@ -12,9 +12,10 @@ per Python and torch version; a build lock left by a killed build is removed):
 - ``"torch"``: the same math through torch matmuls; used where the native
   kernels can't be built or the CPU lacks the instructions.
 
-FP8 block-scaled experts (``moe_forward_fp8``) have their own kernels, which need
-AVX512F/BW/VL only: the weights are widened to fp32 in registers, one scale per
-block applied to the block's partial sums.
+Quantized experts (``moe_forward_quantized``: FP8 block-scaled and MXFP4, with
+optional biases and gpt-oss's clamped SwiGLU) have their own kernels, which need
+AVX512F/BW/VL only: the weights are read as stored and widened to fp32 in
+registers.
 
 Weights are used in vLLM's FusedMoE layout as loaded (no repacking); see
 docs/cpu-kernel.md for the layouts, the work split and the numerics.
@@ -44,20 +45,20 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["isa", "available_isas", "set_num_threads", "expert_ffn", "moe_forward", "moe_forward_fp8", "fp8_available"]
+__all__ = ["isa", "available_isas", "set_num_threads", "expert_ffn", "moe_forward", "moe_forward_quantized", "quantized_available"]
 
 logger = logging.getLogger("vllm.fiddler")  # a child of vLLM's logger, as vllm_fiddler.logger
 
 _SRC_DIR = os.path.dirname(os.path.abspath(__file__))
 _ISA_ORDER = ("amx", "avx512_bf16")  # best first
 _ISA_SOURCES = {"avx512_bf16": "kernel_avx512bf16.cpp", "amx": "kernel_amx.cpp",
-                "avx512_fp8": "kernel_fp8_avx512.cpp"}
+                "avx512_quant": "kernel_quant_avx512.cpp"}
 _ISA_FLAGS = {
-    "avx512_fp8": ["-mavx512f", "-mavx512bw", "-mavx512vl"],
+    "avx512_quant": ["-mavx512f", "-mavx512bw", "-mavx512vl"],
     "avx512_bf16": ["-mavx512f", "-mavx512bf16", "-mavx512bw", "-mavx512vl"],
     "amx": ["-mamx-tile", "-mamx-bf16", "-mavx512f", "-mavx512bf16", "-mavx512bw", "-mavx512vl"],
 }
-_FEATURE_BIT = {"avx512_bf16": 1, "amx": 2, "avx512_fp8": 16}
+_FEATURE_BIT = {"avx512_bf16": 1, "amx": 2, "avx512_quant": 16}
 _COMMON_CFLAGS = ["-O3", "-DNDEBUG"]
 _MODE = {"avx512_bf16": 1, "amx_all": 2, "amx_auto": 3}
 
@@ -65,7 +66,7 @@ _HEADERS = ("kernel_api.h", "vec_avx512.h", "amx_emu.h")
 
 _lock = threading.RLock()
 _native: list[str] | None = None  # native ISAs loaded, best first
-_fp8_native = False  # the FP8 kernels are loaded (moe_forward_fp8)
+_quant_native = False  # the quantized-expert kernels are loaded (moe_forward_quantized)
 _num_threads: int | None = None
 _logged: set[str] = set()
 
@@ -189,20 +190,20 @@ def _load_native_locked() -> list[str]:
         except Exception as exc:
             logger.warning("vllm_fiddler CPU kernel: AMX emulation unavailable (%s: %s)",
                            type(exc).__name__, exc)
-    global _fp8_native
-    if feats & _FEATURE_BIT["avx512_fp8"]:
+    global _quant_native
+    if feats & _FEATURE_BIT["avx512_quant"]:
         try:
-            path = _build_one("fiddler_cpu_avx512_fp8", _ISA_SOURCES["avx512_fp8"],
-                              _ISA_FLAGS["avx512_fp8"] + ["-fvisibility=hidden"])
-            _fp8_native = bool(torch.ops.fiddler_cpu.register_isa_library("avx512_fp8", path))
+            path = _build_one("fiddler_cpu_avx512_quant", _ISA_SOURCES["avx512_quant"],
+                              _ISA_FLAGS["avx512_quant"] + ["-fvisibility=hidden"])
+            _quant_native = bool(torch.ops.fiddler_cpu.register_isa_library("avx512_quant", path))
         except Exception as exc:
-            logger.warning("vllm_fiddler CPU kernel: FP8 kernels unavailable (%s: %s)", type(exc).__name__,
+            logger.warning("vllm_fiddler CPU kernel: quantized-expert kernels unavailable (%s: %s)", type(exc).__name__,
                            str(exc).strip().splitlines()[-1] if str(exc).strip() else "")
     threads = _num_threads or int(os.environ.get("FIDDLER_CPU_THREADS", "0") or 0)
     if threads > 0:
         torch.ops.fiddler_cpu.set_num_threads(threads)
     logger.info("vllm_fiddler CPU kernel: native kernels %s ready in %.1f s (cpu features 0x%x, %d threads)",
-                (loaded + ["avx512_fp8"] * _fp8_native) or "none", time.perf_counter() - t0, feats,
+                (loaded + ["avx512_quant"] * _quant_native) or "none", time.perf_counter() - t0, feats,
                 torch.ops.fiddler_cpu.get_num_threads())
     return [i for i in _ISA_ORDER if i in loaded]
 
@@ -296,25 +297,47 @@ def moe_forward(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: 
     torch.ops.fiddler_cpu.moe_forward(x, w13, w2, topk_ids, topk_weights, out, mode, _amx_min_tokens())
 
 
-def fp8_available() -> bool:
-    """Whether moe_forward_fp8 runs natively here (AVX512F/BW/VL and a build)."""
+def quantized_available() -> bool:
+    """Whether moe_forward_quantized runs natively here (AVX512F/BW/VL and a build)."""
     _load_native()
-    return _fp8_native
+    return _quant_native
 
 
-def moe_forward_fp8(x: torch.Tensor, w13: torch.Tensor, s13: torch.Tensor, w2: torch.Tensor, s2: torch.Tensor,
-                    topk_ids: torch.Tensor, topk_weights: torch.Tensor, out: torch.Tensor,
-                    block: tuple[int, int]) -> bool:
-    """moe_forward for FP8 block-scaled experts, their weights read as stored: x [T,H] bf16;
-    w13 [Ec,2I,H] and w2 [Ec,H,I] float8_e4m3fn; s13 [Ec,2I/bn,ceil(H/bk)] and s2
-    [Ec,ceil(H/bn),ceil(I/bk)] fp32 (block = (bn, bk)); ids / weights / out as moe_forward.
-    Returns False, doing nothing, where the native FP8 kernels are not loaded or x is not
-    bf16 (kernels.quant dequantizes in torch instead). Releases the GIL while it computes."""
-    if x.dtype != torch.bfloat16 or not fp8_available():
+_FORMAT_CODE = {"fp8_block": 0, "mxfp4": 1}  # kernel_api.h kFmt*
+_ACTIVATION_CODE = {"silu": 0, "swigluoai": 1}  # kernel_api.h kAct*
+
+
+def moe_forward_quantized(x: torch.Tensor, w13, w2, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                          out: torch.Tensor, math=None, biases: tuple[torch.Tensor, torch.Tensor] | None = None) -> bool:
+    """moe_forward for quantized experts, their weights read as stored: x [T,H] bf16; w13 [Ec,2I,H]
+    and w2 [Ec,H,I] as kernels.quant.QuantizedExperts (fp8_block or mxfp4); math the expert's
+    activation (kernels.reference.ExpertMath; default SiLU-gated); biases (b13 [Ec,2I], b2
+    [Ec,H], bf16) where math.has_bias; ids / weights / out as moe_forward. Returns False,
+    doing nothing, where the native kernels are not loaded or do not take these inputs (x
+    not bf16, other dtypes or formats): kernels.quant dequantizes in torch instead. Releases
+    the GIL while it computes."""
+    if x.dtype != torch.bfloat16 or w13.fmt not in _FORMAT_CODE or w2.fmt != w13.fmt or not quantized_available():
         return False
+    activation = getattr(math, "activation", "silu")
+    if activation not in _ACTIVATION_CODE or (biases is None) == bool(getattr(math, "has_bias", False)):
+        return False
+    b13 = b2 = None
+    if biases is not None:
+        b13, b2 = biases
+        if b13.dtype != torch.bfloat16 or b2.dtype != torch.bfloat16:
+            return False
+        b13, b2 = b13.contiguous(), b2.contiguous()
     if x.shape[0]:
-        torch.ops.fiddler_cpu.moe_forward_fp8(x.contiguous(), w13, s13, w2, s2, topk_ids.to(torch.int32).contiguous(),
-                                              topk_weights.float().contiguous(), out, int(block[0]), int(block[1]))
+        if w13.fmt == "mxfp4":  # [Ec, N, K/32, 16] blocks as [Ec, N, K/2] bytes
+            tensors = (w13.tensors["blocks"].flatten(-2), w13.tensors["scales"], w2.tensors["blocks"].flatten(-2),
+                       w2.tensors["scales"])
+        else:
+            tensors = (w13.tensors["weight"], w13.tensors["weight_scale_inv"], w2.tensors["weight"],
+                       w2.tensors["weight_scale_inv"])
+        torch.ops.fiddler_cpu.moe_forward_quant(
+            x.contiguous(), *tensors, b13, b2, topk_ids.to(torch.int32).contiguous(),
+            topk_weights.float().contiguous(), out, _FORMAT_CODE[w13.fmt], int(w13.block[0]), int(w13.block[1]),
+            _ACTIVATION_CODE[activation], float(getattr(math, "alpha", 0.0)), float(getattr(math, "limit", 0.0)))
     return True
 
 

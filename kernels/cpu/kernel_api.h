@@ -15,7 +15,7 @@
 
 namespace fiddler_cpu {
 
-enum { kApiVersion = 3 };
+enum { kApiVersion = 4 };
 
 // AMX packed ("VNNI") activation layout, used for x before the gate/up
 // projection and for the SwiGLU activation before the down projection of every
@@ -36,12 +36,18 @@ struct ExpertWork {
   uint16_t* act;        // AVX512: [m][I] row-major bf16; AMX: packed (K = I)
   int32_t m;            // number of tokens (> 0)
   int32_t amx;          // 1: the AMX kernels handle this expert
-  // FP8 block-scaled experts (kernel_fp8_avx512.cpp; null for bf16 ones):
-  const uint8_t* q13;  // [2I, H] e4m3fn row-major
-  const float* s13;    // [ceil(2I / bn), ceil(H / bk)] block scales
-  const uint8_t* q2;   // [H, I] e4m3fn row-major
-  const float* s2;     // [ceil(H / bn), ceil(I / bk)]
-  float* actf;         // [m][I] fp32 SwiGLU activation
+  // Quantized experts (kernel_quant_avx512.cpp; null for bf16 ones), by MoeProblem.fmt:
+  //   FP8:   q13 [2I, H] e4m3fn, s13 fp32 [ceil(2I / bn), ceil(H / bk)] block scales;
+  //          q2 [H, I], s2 fp32 [ceil(H / bn), ceil(I / bk)]
+  //   MXFP4: q13 [2I, H / 2] two e2m1 codes a byte (low nibble first), s13 uint8
+  //          [2I, H / 32] e8m0 exponents; q2 [H, I / 2], s2 uint8 [H, I / 32]
+  const uint8_t* q13;
+  const void* s13;
+  const uint8_t* q2;
+  const void* s2;
+  const uint16_t* b13;  // [2I] bf16 biases, gate then up; null: none
+  const uint16_t* b2;   // [H] bf16 biases; null: none
+  float* actf;          // [m][I] fp32 activation
 };
 
 struct MoeProblem {
@@ -53,7 +59,13 @@ struct MoeProblem {
   int32_t n_experts;
   const ExpertWork* experts;
   int64_t bn, bk;  // FP8 scale block (rows, columns); 0 for bf16 experts
+  int32_t fmt;     // quantized experts: kFmtFp8Block or kFmtMxfp4
+  int32_t act;     // quantized experts: kActSilu or kActSwigluOai
+  float alpha, limit;  // kActSwigluOai: (up + 1) * g * sigmoid(alpha * g), g <= limit, |up| <= limit
 };
+
+enum { kFmtFp8Block = 0, kFmtMxfp4 = 1 };
+enum { kActSilu = 0, kActSwigluOai = 1 };
 
 struct KernelTable {
   int32_t api_version;

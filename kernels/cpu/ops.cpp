@@ -53,7 +53,7 @@ enum : int64_t {
   kFeatAmx = 2,         // AMX-TILE + AMX-BF16 and XTILEDATA permission granted
   kFeatAmxCpuid = 4,    // AMX in CPUID (whether or not usable)
   kFeatAmxNoPerm = 8,   // AMX in CPUID but arch_prctl(ARCH_REQ_XCOMP_PERM) failed
-  kFeatAvx512 = 16,     // AVX512F/BW/VL, zmm state enabled by the OS (the FP8 kernels)
+  kFeatAvx512 = 16,     // AVX512F/BW/VL, zmm state enabled by the OS (the quantized-expert kernels)
 };
 
 uint64_t xgetbv0() {
@@ -255,7 +255,7 @@ int64_t get_num_threads() {
 }
 
 // ---------------------------------------------------------------- ISA libraries
-const KernelTable* g_tables[3] = {nullptr, nullptr, nullptr};  // 0: avx512_bf16, 1: amx, 2: avx512_fp8
+const KernelTable* g_tables[3] = {nullptr, nullptr, nullptr};  // 0: avx512_bf16, 1: amx, 2: avx512_quant
 
 bool register_isa_library(std::string isa, std::string path) {
   int slot;
@@ -265,7 +265,7 @@ bool register_isa_library(std::string isa, std::string path) {
   } else if (isa == "amx") {
     slot = 1;
     if (!(features() & kFeatAmx) || !g_tables[0]) return false;
-  } else if (isa == "avx512_fp8") {
+  } else if (isa == "avx512_quant") {
     slot = 2;
     if (!(features() & kFeatAvx512)) return false;
   } else if (isa == "amx_emulated") {  // test hook: kernel_amx.cpp built with -DFIDDLER_AMX_EMULATE
@@ -585,47 +585,71 @@ void moe_forward(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w
   run_projections(pool, ctx, E, fini_amx);
 }
 
-// FP8 block-scaled experts (kernel_fp8_avx512.cpp): w13 [E, 2I, H] and w2 [E, H, I]
-// float8_e4m3fn, s13 [E, ceil(2I / bn), ceil(H / bk)] and s2 [E, ceil(H / bn), ceil(I / bk)]
-// fp32; otherwise as moe_forward (x bf16, out fp32 accumulated into).
-void moe_forward_fp8(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& s13, const at::Tensor& w2,
-                     const at::Tensor& s2, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
-                     const at::Tensor& out, int64_t bn, int64_t bk) {
+// Quantized experts (kernel_quant_avx512.cpp), by fmt (kernel_api.h):
+//   FP8 block-scaled: w13 [E, 2I, H] and w2 [E, H, I] float8_e4m3fn, s13 [E, ceil(2I / bn),
+//     ceil(H / bk)] and s2 [E, ceil(H / bn), ceil(I / bk)] fp32;
+//   MXFP4: w13 [E, 2I, H / 2] and w2 [E, H, I / 2] uint8 (two e2m1 codes a byte), s13
+//     [E, 2I, H / 32] and s2 [E, H, I / 32] uint8 e8m0 exponents (bn, bk ignored);
+// b13 [E, 2I] and b2 [E, H] bf16 biases (gate then up) or none; act / alpha / limit the
+// activation (kActSilu, kActSwigluOai); otherwise as moe_forward (x bf16, out fp32
+// accumulated into).
+void moe_forward_quant(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& s13, const at::Tensor& w2,
+                       const at::Tensor& s2, const c10::optional<at::Tensor>& b13, const c10::optional<at::Tensor>& b2,
+                       const at::Tensor& topk_ids, const at::Tensor& topk_weights, const at::Tensor& out, int64_t fmt,
+                       int64_t bn, int64_t bk, int64_t act, double alpha, double limit) {
+  const std::string op = "fiddler_cpu.moe_forward_quant: ";
   for (const at::Tensor* t : {&x, &w13, &s13, &w2, &s2, &topk_ids, &topk_weights, &out})
-    FCHECK(t->device().is_cpu(), "fiddler_cpu.moe_forward_fp8: all tensors must be on the CPU");
-  FCHECK(x.scalar_type() == at::kBFloat16, "fiddler_cpu.moe_forward_fp8: x must be bfloat16");
-  FCHECK(w13.scalar_type() == at::kFloat8_e4m3fn && w2.scalar_type() == at::kFloat8_e4m3fn,
-         "fiddler_cpu.moe_forward_fp8: w13, w2 must be float8_e4m3fn");
-  FCHECK(s13.scalar_type() == at::kFloat && s2.scalar_type() == at::kFloat,
-         "fiddler_cpu.moe_forward_fp8: scales must be float32");
+    FCHECK(t->device().is_cpu(), op + "all tensors must be on the CPU");
+  FCHECK(fmt == kFmtFp8Block || fmt == kFmtMxfp4, op + "unknown format " + FSTR(fmt));
+  FCHECK(act == kActSilu || act == kActSwigluOai, op + "unknown activation " + FSTR(act));
+  const bool mx = fmt == kFmtMxfp4;
+  FCHECK(x.scalar_type() == at::kBFloat16, op + "x must be bfloat16");
+  const auto values = mx ? at::kByte : at::kFloat8_e4m3fn, scales = mx ? at::kByte : at::kFloat;
+  FCHECK(w13.scalar_type() == values && w2.scalar_type() == values && s13.scalar_type() == scales &&
+             s2.scalar_type() == scales,
+         op + (mx ? "MXFP4 weights and scales must be uint8" : "FP8 weights must be float8_e4m3fn, scales float32"));
   FCHECK(topk_ids.scalar_type() == at::kInt && topk_weights.scalar_type() == at::kFloat &&
              out.scalar_type() == at::kFloat,
-         "fiddler_cpu.moe_forward_fp8: topk_ids int32, topk_weights and out float32");
+         op + "topk_ids int32, topk_weights and out float32");
   FCHECK(x.dim() == 2 && w13.dim() == 3 && w2.dim() == 3 && s13.dim() == 3 && s2.dim() == 3 &&
              topk_ids.dim() == 2 && topk_weights.dim() == 2 && out.dim() == 2,
-         "fiddler_cpu.moe_forward_fp8: expected x [T,H], w13 [E,2I,H], s13, w2 [E,H,I], s2 [E,.,.], "
-         "topk_ids/topk_weights [T,K], out [T,H]");
+         op + "expected x [T,H], w13 [E,2I,.], s13, w2 [E,H,.], s2 [E,.,.], topk_ids/topk_weights [T,K], out [T,H]");
   const int64_t T = x.size(0), H = x.size(1), E = w13.size(0), I = w13.size(1) / 2, K = topk_ids.size(1);
-  FCHECK(bn > 0 && bk > 0 && I % bn == 0, "fiddler_cpu.moe_forward_fp8: bad scale block " + FSTR(bn) + "x" +
-                                              FSTR(bk) + " for I = " + FSTR(I));
-  FCHECK(w13.size(1) == 2 * I && w13.size(2) == H && w2.size(0) == E && w2.size(1) == H && w2.size(2) == I,
-         "fiddler_cpu.moe_forward_fp8: w13 must be [E, 2I, H] and w2 [E, H, I]");
-  FCHECK(s13.size(0) == E && s13.size(1) == 2 * I / bn && s13.size(2) == (H + bk - 1) / bk && s2.size(0) == E &&
-             s2.size(1) == (H + bn - 1) / bn && s2.size(2) == (I + bk - 1) / bk,
-         "fiddler_cpu.moe_forward_fp8: scales must be [E, 2I/bn, ceil(H/bk)] and [E, ceil(H/bn), ceil(I/bk)]");
+  if (mx) {
+    FCHECK(H % 32 == 0 && I % 32 == 0, op + "MXFP4 needs H and I multiples of 32, got " + FSTR(H) + ", " + FSTR(I));
+    FCHECK(w13.size(1) == 2 * I && w13.size(2) == H / 2 && w2.size(0) == E && w2.size(1) == H && w2.size(2) == I / 2,
+           op + "MXFP4 w13 must be [E, 2I, H/2] and w2 [E, H, I/2]");
+    FCHECK(s13.size(0) == E && s13.size(1) == 2 * I && s13.size(2) == H / 32 && s2.size(0) == E &&
+               s2.size(1) == H && s2.size(2) == I / 32,
+           op + "MXFP4 scales must be [E, 2I, H/32] and [E, H, I/32]");
+  } else {
+    FCHECK(bn > 0 && bk > 0 && I % bn == 0, op + "bad scale block " + FSTR(bn) + "x" + FSTR(bk) + " for I = " + FSTR(I));
+    FCHECK(w13.size(1) == 2 * I && w13.size(2) == H && w2.size(0) == E && w2.size(1) == H && w2.size(2) == I,
+           op + "w13 must be [E, 2I, H] and w2 [E, H, I]");
+    FCHECK(s13.size(0) == E && s13.size(1) == 2 * I / bn && s13.size(2) == (H + bk - 1) / bk && s2.size(0) == E &&
+               s2.size(1) == (H + bn - 1) / bn && s2.size(2) == (I + bk - 1) / bk,
+           op + "scales must be [E, 2I/bn, ceil(H/bk)] and [E, ceil(H/bn), ceil(I/bk)]");
+  }
+  FCHECK(b13.has_value() == b2.has_value(), op + "give both biases or neither");
+  if (b13.has_value()) {
+    FCHECK(b13->scalar_type() == at::kBFloat16 && b2->scalar_type() == at::kBFloat16 && b13->is_contiguous() &&
+               b2->is_contiguous() && b13->dim() == 2 && b13->size(0) == E && b13->size(1) == 2 * I &&
+               b2->dim() == 2 && b2->size(0) == E && b2->size(1) == H,
+           op + "biases must be contiguous bf16 b13 [E, 2I] and b2 [E, H]");
+  }
   FCHECK(topk_ids.size(0) == T && topk_weights.size(0) == T && topk_weights.size(1) == K && out.size(0) == T &&
              out.size(1) == H,
-         "fiddler_cpu.moe_forward_fp8: topk_ids/topk_weights must be [T, K] and out [T, H]");
+         op + "topk_ids/topk_weights must be [T, K] and out [T, H]");
   if (T == 0 || E == 0 || K == 0 || H == 0 || I == 0) return;
-  FCHECK(x.stride(1) == 1 && out.stride(1) == 1, "fiddler_cpu.moe_forward_fp8: x and out rows must be contiguous");
-  FCHECK(w13.stride(2) == 1 && w13.stride(1) == H && w2.stride(2) == 1 && w2.stride(1) == I &&
+  FCHECK(x.stride(1) == 1 && out.stride(1) == 1, op + "x and out rows must be contiguous");
+  FCHECK(w13.stride(2) == 1 && w13.stride(1) == w13.size(2) && w2.stride(2) == 1 && w2.stride(1) == w2.size(2) &&
              s13.stride(2) == 1 && s13.stride(1) == s13.size(2) && s2.stride(2) == 1 && s2.stride(1) == s2.size(2),
-         "fiddler_cpu.moe_forward_fp8: each expert's weights and scales must be contiguous (row-major)");
+         op + "each expert's weights and scales must be contiguous (row-major)");
 
   const at::Tensor ids = topk_ids.contiguous();
   const at::Tensor wts = topk_weights.contiguous();
   std::lock_guard<std::mutex> lk(g_mu);
-  FCHECK(g_tables[2], "fiddler_cpu.moe_forward_fp8: the AVX512 FP8 kernels are not loaded");
+  FCHECK(g_tables[2], op + "the AVX512 quantized-expert kernels are not loaded");
   ThreadPool* pool = pool_locked();
   if (group_pairs(ids.data_ptr<int32_t>(), wts.data_ptr<float>(), T, K, E) == 0) return;
 
@@ -637,13 +661,19 @@ void moe_forward_fp8(const at::Tensor& x, const at::Tensor& w13, const at::Tenso
   size_t act_elems = 0;
   const auto* q13 = static_cast<const uint8_t*>(w13.data_ptr());
   const auto* q2 = static_cast<const uint8_t*>(w2.data_ptr());
+  const auto* sc13 = static_cast<const uint8_t*>(s13.data_ptr());
+  const auto* sc2 = static_cast<const uint8_t*>(s2.data_ptr());
+  const auto* bias13 = b13.has_value() ? reinterpret_cast<const uint16_t*>(b13->data_ptr<at::BFloat16>()) : nullptr;
+  const auto* bias2 = b2.has_value() ? reinterpret_cast<const uint16_t*>(b2->data_ptr<at::BFloat16>()) : nullptr;
   for (int64_t e = 0; e < E; ++e) {
     if (g_counts[e] == 0) continue;
     ExpertWork& ew = experts[e];
     ew.q13 = q13 + e * w13.stride(0);
     ew.q2 = q2 + e * w2.stride(0);
-    ew.s13 = s13.data_ptr<float>() + e * s13.stride(0);
-    ew.s2 = s2.data_ptr<float>() + e * s2.stride(0);
+    ew.s13 = sc13 + e * s13.stride(0) * s13.element_size();
+    ew.s2 = sc2 + e * s2.stride(0) * s2.element_size();
+    ew.b13 = bias13 ? bias13 + e * 2 * I : nullptr;
+    ew.b2 = bias2 ? bias2 + e * H : nullptr;
     ew.tok = g_toks.data() + g_offs[e];
     ew.wt = g_wlist.data() + g_offs[e];
     ew.m = g_counts[e];
@@ -652,8 +682,8 @@ void moe_forward_fp8(const at::Tensor& x, const at::Tensor& w13, const at::Tenso
     act_elems += size_t(round_up(int64_t(ew.m) * I, 16));
   }
   static Scratch act_buf;
-  float* act = static_cast<float*>(act_buf.get(act_elems * sizeof(float) + 64));
-  for (int32_t e : active) experts[e].actf = act + act_off[e];
+  float* act_f = static_cast<float*>(act_buf.get(act_elems * sizeof(float) + 64));
+  for (int32_t e : active) experts[e].actf = act_f + act_off[e];
 
   static std::vector<Item1> items1;
   split_gate_up(active, I, pool->size(), items1);
@@ -661,6 +691,10 @@ void moe_forward_fp8(const at::Tensor& x, const at::Tensor& w13, const at::Tenso
   set_problem(ctx, x, out, H, I, E, experts, active, items1, down_item_rows(H, pool->size(), 0));
   ctx.prob.bn = bn;
   ctx.prob.bk = bk;
+  ctx.prob.fmt = int32_t(fmt);
+  ctx.prob.act = int32_t(act);
+  ctx.prob.alpha = float(alpha);
+  ctx.prob.limit = float(limit);
   run_projections(pool, ctx, E, nullptr);
 }
 
@@ -1241,8 +1275,9 @@ TORCH_LIBRARY(fiddler_cpu, m) {
       "moe_forward(Tensor x, Tensor w13, Tensor w2, Tensor topk_ids, Tensor topk_weights, Tensor(a!) out, "
       "int mode, int amx_min_tokens) -> ()");
   m.impl("moe_forward", c10::DispatchKey::CPU, TORCH_FN(fiddler_cpu::moe_forward));
-  m.def("moe_forward_fp8(Tensor x, Tensor w13, Tensor s13, Tensor w2, Tensor s2, Tensor topk_ids, "
-        "Tensor topk_weights, Tensor(a!) out, int bn, int bk) -> ()", &fiddler_cpu::moe_forward_fp8);
+  m.def("moe_forward_quant(Tensor x, Tensor w13, Tensor s13, Tensor w2, Tensor s2, Tensor? b13, Tensor? b2, "
+        "Tensor topk_ids, Tensor topk_weights, Tensor(a!) out, int fmt, int bn, int bk, int act, float alpha, "
+        "float limit) -> ()", &fiddler_cpu::moe_forward_quant);
   m.def("moe_forward_async(Tensor x, Tensor w13, Tensor w2, Tensor topk_ids, Tensor topk_weights, "
         "Tensor(a!) out, int mode, int amx_min_tokens, Tensor(b!) done_word, int seq) -> ()",
         &fiddler_cpu::moe_forward_async);

@@ -111,7 +111,8 @@ class FiddlerModel:
             logger.info("fiddler: experts stay %s on both sides; host experts run %s, device experts "
                         "dequantize per routed expert (torch); weight copies, streamed chunks, routed graph "
                         "steps and online re-placement, which move bf16 experts, are off",
-                        shape.expert_format.describe(), "the AVX512 FP8 kernels" if cpu_kernels.fp8_available()
+                        shape.expert_format.describe(),
+                        "the AVX512 quantized-expert kernels" if cpu_kernels.quantized_available()
                         else "torch's dequantize-per-expert path (no AVX512F/BW/VL here)")
         C = expert_chunks(shape.intermediate_size)
         if cfg.streamed_chunks is not None:

@@ -7,7 +7,7 @@ token's read costs are the compressed ones (``expert_bytes``, which placement
 and the budget count).
 
 Compute: host FP8 experts without biases run the native FP8 kernels
-(kernels/cpu/kernel_fp8_avx512.cpp: FP8 widened to fp32 in registers, block
+(kernels/cpu/kernel_quant_avx512.cpp: FP8 widened to fp32 in registers, block
 scales on the blocks' partial sums) where the CPU has AVX512F/BW/VL; other
 host experts, and device experts for now (vLLM's quantized MoE kernels are not
 wired in yet), dequantize each routed expert when it is used (kernels/quant.py

@@ -42,11 +42,11 @@ def cpu_moe_forward(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_i
                     biases: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """out [T, H] fp32 += the cold experts' weighted outputs (ids: local slot or -1); biases
     (b13 [Ex, 2I], b2 [Ex, H]) where math.has_bias."""
-    # the native kernels compute SiLU-gated experts without biases: bf16 tensors, or FP8
-    # block-scaled ones (kernels.quant.QuantizedExperts); other formats dequantize in torch
-    if math.plain_silu and not isinstance(w13, torch.Tensor) and w13.fmt == "fp8_block" and \
-            cpu_kernels.moe_forward_fp8(x, w13.tensors["weight"], w13.tensors["weight_scale_inv"], w2.tensors["weight"],
-                                        w2.tensors["weight_scale_inv"], topk_ids, topk_weights, out, w13.block):
+    # native kernels: bf16 tensors of SiLU-gated experts without biases; quantized experts
+    # (kernels.quant.QuantizedExperts: FP8 block-scaled, MXFP4) with either activation and
+    # biases; everything else dequantizes in torch
+    if not isinstance(w13, torch.Tensor) and cpu_kernels.moe_forward_quantized(x, w13, w2, topk_ids, topk_weights,
+                                                                             out, math, biases):
         return
     if not math.plain_silu or not isinstance(w13, torch.Tensor):
         from vllm_fiddler.kernels.torch_moe import moe_forward

@@ -1,13 +1,20 @@
-// FP8 (e4m3fn) block-scaled experts on AVX-512 (F, BW, VL: no BF16 or AMX needed).
-// Built as its own shared library with those -m flags (see kernel_api.h).
+// Quantized experts on AVX-512 (F, BW, VL: no BF16 or AMX needed): FP8 (e4m3fn)
+// block-scaled and MXFP4. Built as its own shared library with those -m flags (see
+// kernel_api.h).
 //
-// Weights stay as stored: one byte a weight, one fp32 scale per bn x bk block
-// (ExpertWork.q13 / s13, q2 / s2; MoeProblem.bn / bk). Each 32-weight chunk is
-// widened to fp32 in registers (through fp16, fp8x32_to_fp16), multiplied with the tokens' fp32
-// activations into a per-block accumulator, and the block's scale is applied
-// once per block: W = q * s exactly as kernels/quant.py's dequant_fp8_block, with
-// fp32 accumulation. x arrives in bf16 and is widened per item; the SwiGLU
-// activation stays fp32 (ExpertWork.actf, [m][I]) for the down projection.
+// Weights stay as stored (ExpertWork.q13 / s13, q2 / s2; MoeProblem.fmt):
+// - FP8: one byte a weight, one fp32 scale per bn x bk block (MoeProblem.bn / bk). Each
+//   32-weight chunk is widened to fp32 in registers (through fp16, fp8x32_to_fp16),
+//   multiplied with the tokens' fp32 activations into a per-block accumulator, and the
+//   block's scale is applied once per block: W = q * s exactly as kernels/quant.py's
+//   dequant_fp8_block.
+// - MXFP4: two e2m1 codes a byte, an e8m0 exponent per 32 weights. A row is decoded into
+//   fp32 (a 16-entry table lookup per code, times the group's power of two: exact, as
+//   kernels/quant.py's dequant_mxfp4), then multiplied with the tokens as FP8's many-token
+//   path does.
+// Accumulation is fp32. x arrives in bf16 and is widened per item; biases (bf16) are added
+// to each projection's fp32 result; the activation (SiLU-gated, or gpt-oss's clamped
+// SwiGLU) stays fp32 (ExpertWork.actf, [m][I]) for the down projection.
 //
 // Shape legend: H hidden, I intermediate, m tokens of an expert, bn x bk scale blocks.
 
@@ -115,32 +122,69 @@ static inline void tile_rows(const float* W, int64_t K, const float* X, int64_t 
   for (; t0 < m; ++t0) tile_dot<R, 1>(W, K, X + int64_t(t0) * ldx, ldx, acc + t0, m);
 }
 
-// acc[r * m + t] for rows row0 .. row0 + nr - 1 (nr <= kRows) of q ([rows][K], scales s of
-// sk columns a bn-row block) and every token t < m.
-static void rows_dot(const uint8_t* q, const float* s, int64_t row0, int nr, int64_t K, int64_t bn, int64_t bk,
-                     int64_t sk, const float* X, int64_t ldx, int32_t m, float* acc) {
-  if (m <= 4) {
-    for (int r = 0; r < nr; ++r) {
-      const uint8_t* qr = q + (row0 + r) * K;
-      const float* sr = s + ((row0 + r) / bn) * sk;
-      float* ar = acc + int64_t(r) * m;
-      switch (m) {
-        case 1: row_dot<1>(qr, sr, K, bk, X, ldx, ar); break;
-        case 2: row_dot<2>(qr, sr, K, bk, X, ldx, ar); break;
-        case 3: row_dot<3>(qr, sr, K, bk, X, ldx, ar); break;
-        default: row_dot<4>(qr, sr, K, bk, X, ldx, ar); break;
-      }
-    }
-    return;
+// e2m1 values by 4-bit code (kernels/quant.py's E2M1_VALUES)
+alignas(64) const float kE2M1[16] = {0.0f,  0.5f,  1.0f,  1.5f,  2.0f,  3.0f,  4.0f,  6.0f,
+                                     -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
+
+// One MXFP4 row: w[k] = e2m1(code k) * 2^(e[k / 32] - 127), k < K (K a multiple of 32). An
+// exponent byte of 0 (2^-127) decodes as 0.
+static inline void decode_row_mxfp4(const uint8_t* q, const uint8_t* e, int64_t K, float* w) {
+  const __m512 lut = _mm512_load_ps(kE2M1);
+  const __m512i low4 = _mm512_set1_epi32(15);
+  // natural order from the low-nibble codes (a) and high-nibble codes (b): a0 b0 a1 b1 ...
+  const __m512i first = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i second = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+  for (int64_t g = 0; g < K / 32; ++g) {
+    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16 * g)));
+    const __m512 lo = _mm512_permutexvar_ps(_mm512_and_si512(b, low4), lut);
+    const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), lut);
+    const __m512 s = _mm512_castsi512_ps(_mm512_set1_epi32(int32_t(e[g]) << 23));  // 2^(e - 127)
+    _mm512_storeu_ps(w + 32 * g, _mm512_mul_ps(_mm512_permutex2var_ps(lo, first, hi), s));
+    _mm512_storeu_ps(w + 32 * g + 16, _mm512_mul_ps(_mm512_permutex2var_ps(lo, second, hi), s));
   }
+}
+
+// acc[r * m + t] for rows row0 .. row0 + nr - 1 (nr <= kRows) of one projection ([rows][K]
+// as stored, see the file's comment) and every token t < m.
+static void rows_dot(const MoeProblem* p, const uint8_t* q, const void* scales, int64_t row0, int nr, int64_t K,
+                     const float* X, int64_t ldx, int32_t m, float* acc) {
   thread_local std::vector<float> W;
   W.resize(size_t(kRows) * size_t(K));
-  for (int r = 0; r < nr; ++r) decode_row(q + (row0 + r) * K, s + ((row0 + r) / bn) * sk, K, bk, W.data() + r * K);
+  if (p->fmt == fiddler_cpu::kFmtMxfp4) {
+    const auto* e = static_cast<const uint8_t*>(scales);
+    for (int r = 0; r < nr; ++r)
+      decode_row_mxfp4(q + (row0 + r) * (K / 2), e + (row0 + r) * (K / 32), K, W.data() + r * K);
+  } else {
+    const int64_t bn = p->bn, bk = p->bk, sk = (K + bk - 1) / bk;
+    const auto* s = static_cast<const float*>(scales);
+    if (m <= 4) {
+      for (int r = 0; r < nr; ++r) {
+        const uint8_t* qr = q + (row0 + r) * K;
+        const float* sr = s + ((row0 + r) / bn) * sk;
+        float* ar = acc + int64_t(r) * m;
+        switch (m) {
+          case 1: row_dot<1>(qr, sr, K, bk, X, ldx, ar); break;
+          case 2: row_dot<2>(qr, sr, K, bk, X, ldx, ar); break;
+          case 3: row_dot<3>(qr, sr, K, bk, X, ldx, ar); break;
+          default: row_dot<4>(qr, sr, K, bk, X, ldx, ar); break;
+        }
+      }
+      return;
+    }
+    for (int r = 0; r < nr; ++r) decode_row(q + (row0 + r) * K, s + ((row0 + r) / bn) * sk, K, bk, W.data() + r * K);
+  }
   if (nr == kRows) {
     tile_rows<kRows>(W.data(), K, X, ldx, m, acc);
     return;
   }
   for (int r = 0; r < nr; ++r) tile_rows<1>(W.data() + r * K, K, X, ldx, m, acc + int64_t(r) * m);
+}
+
+static inline float bf16_to_float(uint16_t b) {
+  uint32_t bits = uint32_t(b) << 16;
+  float f;
+  __builtin_memcpy(&f, &bits, 4);
+  return f;
 }
 
 static inline float silu(float g) { return g / (1.0f + expf(-g)); }
@@ -162,41 +206,56 @@ static const float* widen_x(const MoeProblem* p, const ExpertWork& ew) {
   return xs.data();
 }
 
-// actf[:, n0:n1] = silu(x w1[n0:n1]^T) * (x w3[n0:n1]^T), fp32.
+// The expert's activation of gate and up (biases added), fp32.
+static inline float activate(const MoeProblem* p, float g, float u) {
+  if (p->act == fiddler_cpu::kActSwigluOai) {
+    g = std::min(g, p->limit);
+    u = std::max(std::min(u, p->limit), -p->limit);
+    return (u + 1.0f) * (g / (1.0f + expf(-p->alpha * g)));
+  }
+  return silu(g) * u;
+}
+
+// actf[:, n0:n1] = act(x w1[n0:n1]^T + b1, x w3[n0:n1]^T + b3), fp32.
 void gate_up(const MoeProblem* p, int32_t e, int64_t n0, int64_t n1) {
   const ExpertWork& ew = p->experts[e];
-  const int64_t H = p->H, I = p->I, bn = p->bn, bk = p->bk, sk = (H + bk - 1) / bk;
+  const int64_t H = p->H, I = p->I;
   const float* xs = widen_x(p, ew);
   thread_local std::vector<float> g, u;
   g.resize(size_t(kRows) * ew.m);
   u.resize(size_t(kRows) * ew.m);
   for (int64_t n = n0; n < n1; n += kRows) {
     const int nr = int(std::min<int64_t>(kRows, n1 - n));
-    rows_dot(ew.q13, ew.s13, n, nr, H, bn, bk, sk, xs, H, ew.m, g.data());
-    rows_dot(ew.q13, ew.s13, n + I, nr, H, bn, bk, sk, xs, H, ew.m, u.data());
-    for (int r = 0; r < nr; ++r)
+    rows_dot(p, ew.q13, ew.s13, n, nr, H, xs, H, ew.m, g.data());
+    rows_dot(p, ew.q13, ew.s13, n + I, nr, H, xs, H, ew.m, u.data());
+    for (int r = 0; r < nr; ++r) {
+      const float bg = ew.b13 ? bf16_to_float(ew.b13[n + r]) : 0.0f;
+      const float bu = ew.b13 ? bf16_to_float(ew.b13[I + n + r]) : 0.0f;
       for (int32_t t = 0; t < ew.m; ++t)
-        ew.actf[int64_t(t) * I + n + r] = silu(g[size_t(r) * ew.m + t]) * u[size_t(r) * ew.m + t];
+        ew.actf[int64_t(t) * I + n + r] = activate(p, g[size_t(r) * ew.m + t] + bg, u[size_t(r) * ew.m + t] + bu);
+    }
   }
 }
 
-// out[tok, h0:h1] += wt * (actf w2[h0:h1]^T), fp32.
+// out[tok, h0:h1] += wt * (actf w2[h0:h1]^T + b2), fp32.
 void down(const MoeProblem* p, int32_t e, int64_t h0, int64_t h1) {
   const ExpertWork& ew = p->experts[e];
-  const int64_t I = p->I, bn = p->bn, bk = p->bk, sk = (I + bk - 1) / bk;
+  const int64_t I = p->I;
   thread_local std::vector<float> y;
   y.resize(size_t(kRows) * ew.m);
   for (int64_t h = h0; h < h1; h += kRows) {
     const int nr = int(std::min<int64_t>(kRows, h1 - h));
-    rows_dot(ew.q2, ew.s2, h, nr, I, bn, bk, sk, ew.actf, I, ew.m, y.data());
-    for (int r = 0; r < nr; ++r)
+    rows_dot(p, ew.q2, ew.s2, h, nr, I, ew.actf, I, ew.m, y.data());
+    for (int r = 0; r < nr; ++r) {
+      const float b = ew.b2 ? bf16_to_float(ew.b2[h + r]) : 0.0f;
       for (int32_t t = 0; t < ew.m; ++t)
-        p->out[int64_t(ew.tok[t]) * p->ldo + h + r] += ew.wt[t] * y[size_t(r) * ew.m + t];
+        p->out[int64_t(ew.tok[t]) * p->ldo + h + r] += ew.wt[t] * (y[size_t(r) * ew.m + t] + b);
+    }
   }
 }
 
 const fiddler_cpu::KernelTable kTable = {
-    fiddler_cpu::kApiVersion, "avx512_fp8", nullptr, nullptr, nullptr, gate_up, down, /*down_rows=*/0,
+    fiddler_cpu::kApiVersion, "avx512_quant", nullptr, nullptr, nullptr, gate_up, down, /*down_rows=*/0,
 };
 
 }  // namespace

@@ -1,0 +1,175 @@
+"""The native quantized-expert kernels (kernels/cpu/kernel_quant_avx512.cpp, AVX512F/BW/VL)
+against the fp32 oracle on the dequantized weights: FP8 block-scaled experts (DeepSeek-V3)
+and MXFP4 ones with biases and gpt-oss's clamped SwiGLU.
+
+The kernel widens each weight to fp32 exactly (an e4m3 value, or an e2m1 value times its
+group's power of two), multiplies it with the fp32-widened bf16 activations, applies FP8
+block scales to the blocks' partial sums and keeps biases and the activation in fp32: it
+differs from the oracle (which scales every weight first) by fp32 summation order only,
+~1e-6 of the output's scale here; 1e-5 leaves room for longer rows. A wrong block scale, a
+mis-decoded code or exponent, a nibble-order swap, a missing bias or a token routed to the
+wrong expert moves outputs by percents or more.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vllm_fiddler.kernels import cpu as cpu_kernels
+from vllm_fiddler.kernels import quant, reference
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.quantized_available(), reason="needs AVX512F/BW/VL and a native build")
+
+
+def experts(E, H, I, block, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    w13 = torch.randn(E, 2 * I, H, generator=gen) * torch.rand(E, 2 * I, 1, generator=gen)
+    w2 = torch.randn(E, H, I, generator=gen)
+    q13, s13 = quant.quant_fp8_block(w13, block)
+    q2, s2 = quant.quant_fp8_block(w2, block)
+    return (q13, s13, q2, s2), (quant.dequant_fp8_block(q13, s13, block), quant.dequant_fp8_block(q2, s2, block))
+
+
+def fp8_experts(q13, s13, q2, s2, block):
+    make = lambda q, s: quant.QuantizedExperts("fp8_block", {"weight": q, "weight_scale_inv": s}, block=block)  # noqa: E731
+    return make(q13, s13), make(q2, s2)
+
+
+def run(x, q, ids, weights, block):
+    out = torch.zeros(x.shape[0], x.shape[1])
+    assert cpu_kernels.moe_forward_quantized(x, *fp8_experts(*q, block), ids.to(torch.int32), weights, out)
+    return out
+
+
+def check(out, ref):
+    torch.testing.assert_close(out, ref, atol=1e-5 * ref.abs().max().item(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 3, 7, 16, 33, 128])
+@pytest.mark.parametrize("H, I, block", [(256, 128, (128, 128)), (80, 96, (32, 48)), (200, 64, (16, 24))],
+                         ids=["128x128", "partial-blocks", "odd-rows"])
+def test_fp8_kernel_matches_the_oracle(tokens, H, I, block):
+    """128x128 blocks as DeepSeek-V3 ships them; blocks cut short at the row's end (H = 80 over
+    48 columns); rows that are no multiple of 16 (H = 200: masked tails) and blocks of 24."""
+    E, K = 8, 2
+    q, (w13, w2) = experts(E, H, I, block, seed=tokens)
+    gen = torch.Generator().manual_seed(tokens + 1)
+    x = torch.randn(tokens, H, generator=gen).bfloat16()
+    logits = torch.randn(tokens, E, generator=gen)
+    logits[:, 5] = -1e9  # an expert no token chose: never read
+    weights, ids = reference.route(logits, K)
+    ids[0, 0] = -1  # a pair served elsewhere (the GPU): skipped
+    check(run(x, q, ids, weights, block), reference.moe(x.float(), w13, w2, weights, ids.clamp(min=0), reference.SILU,
+                                                         ) - _skipped(x, w13, w2, weights, ids))
+
+
+def _skipped(x, w13, w2, weights, ids):
+    """The oracle's share of the pairs with id -1 (the test routes them to expert 0 and takes it back)."""
+    mask = ids < 0
+    return reference.moe(x.float(), w13, w2, weights * mask, ids.clamp(min=0), reference.SILU)
+
+
+def test_every_e4m3_code_decodes_exactly():
+    """All 254 finite e4m3fn codes (subnormals, zero of both signs, 448) as the weights of one
+    expert, scale 1: the kernel's register decode against torch's."""
+    H, I, block = 256, 16, (16, 128)
+    codes = torch.arange(256, dtype=torch.int32)
+    codes = torch.where((codes & 0x7F) == 0x7F, 0, codes).to(torch.uint8)  # the two NaN codes -> 0
+    gen = torch.Generator().manual_seed(3)
+    rows = torch.stack([codes[torch.randperm(256, generator=gen)] for _ in range(2 * I)])  # [2I, 256]
+    q13 = rows[:, :H].contiguous().view(torch.float8_e4m3fn)[None]  # [1, 2I, H]
+    q2 = torch.stack([codes[torch.randperm(256, generator=gen)][:I] for _ in range(H)]).view(torch.float8_e4m3fn)[None]
+    s13 = torch.full((1, 2 * I // 16, 2), 1e-3)
+    s2 = torch.full((1, H // 16, 1), 1e-3)
+    x = torch.randn(3, H, generator=gen).bfloat16()
+    weights, ids = torch.ones(3, 1), torch.zeros(3, 1, dtype=torch.int64)
+    w13 = quant.dequant_fp8_block(q13, s13, block)
+    w2 = quant.dequant_fp8_block(q2, s2, block)
+    check(run(x, (q13, s13, q2, s2), ids, weights, block), reference.moe(x.float(), w13, w2, weights, ids, reference.SILU))
+
+
+def test_bad_inputs_are_refused():
+    q, _ = experts(2, 64, 64, (32, 32))
+    x, ids, w = torch.randn(1, 64).bfloat16(), torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, 1)
+    out = torch.zeros(1, 64)
+    wrong = quant.QuantizedExperts("fp8_block", {"weight": q[0], "weight_scale_inv": q[1]}, block=(32, 32))
+    wrong.tensors["weight_scale_inv"] = q[1][:, :1]
+    with pytest.raises(RuntimeError, match="scales must be"):
+        cpu_kernels.moe_forward_quantized(x, wrong, fp8_experts(*q, (32, 32))[1], ids, w, out)
+    with pytest.raises(RuntimeError, match="out of range"):
+        cpu_kernels.moe_forward_quantized(x, *fp8_experts(*q, (32, 32)), torch.full((1, 1), 2, dtype=torch.int32), w,
+                                          out)
+    assert not cpu_kernels.moe_forward_quantized(x.float(), *fp8_experts(*q, (32, 32)), ids, w, out)  # torch's path
+
+
+# ---------------------------------------------------------------- MXFP4 (gpt-oss)
+GPT_OSS = reference.ExpertMath(activation="swigluoai", has_bias=True)
+
+
+def mxfp4_experts(E, H, I, seed=0):
+    """(QuantizedExperts w13, w2), bf16 biases (b13, b2), and the oracle's fp32 (w13, w2, b13, b2).
+    Rows over four octaves of scale; biases large enough that the clamp at 7 bites."""
+    gen = torch.Generator().manual_seed(seed)
+    w13 = torch.randn(E, 2 * I, H, generator=gen) * 2.0 ** torch.randint(-2, 2, (E, 2 * I, 1), generator=gen)
+    w2 = torch.randn(E, H, I, generator=gen)
+    (bl13, e13), (bl2, e2) = quant.quant_mxfp4(w13), quant.quant_mxfp4(w2)
+    b13 = (torch.randn(E, 2 * I, generator=gen) * 4).bfloat16()
+    b2 = torch.randn(E, H, generator=gen).bfloat16()
+    make = lambda b, e: quant.QuantizedExperts("mxfp4", {"blocks": b, "scales": e}, block=(1, 32))  # noqa: E731
+    oracle = (quant.dequant_mxfp4(bl13, e13), quant.dequant_mxfp4(bl2, e2), b13.float(), b2.float())
+    return (make(bl13, e13), make(bl2, e2)), (b13, b2), oracle
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 5, 16, 33])
+@pytest.mark.parametrize("H, I", [(96, 64), (2880 // 10, 96)], ids=["small", "gpt-oss-groups"])
+@pytest.mark.parametrize("math", [GPT_OSS, reference.ExpertMath(activation="silu", has_bias=True)],
+                         ids=["swigluoai", "silu-bias"])
+def test_mxfp4_kernel_matches_the_oracle(tokens, H, I, math):
+    """H = 288: nine scale groups (gpt-oss's 2880 has 90); an expert no token chose and a pair
+    served elsewhere (-1) are skipped."""
+    E, K = 6, 2
+    (w13, w2), biases, (d13, d2, b13, b2) = mxfp4_experts(E, H, I, seed=tokens)
+    gen = torch.Generator().manual_seed(tokens + 1)
+    x = torch.randn(tokens, H, generator=gen).bfloat16()
+    logits = torch.randn(tokens, E, generator=gen)
+    logits[:, 4] = -1e9
+    weights, ids = reference.route(logits, K)
+    ids[0, 1] = -1
+    out = torch.zeros(tokens, H)
+    assert cpu_kernels.moe_forward_quantized(x, w13, w2, ids.to(torch.int32), weights, out, math, biases)
+    served = weights * (ids >= 0)
+    ref = reference.moe(x.float(), d13, d2, served, ids.clamp(min=0), math, b13, b2)
+    check(out, ref)
+
+
+def test_every_e2m1_code_and_a_wide_exponent_range_decode_exactly():
+    """All 256 byte values (both nibbles over all 16 codes, -0 included) under exponents from
+    2^-20 to 2^+5, SiLU without biases so every weight reaches the output linearly enough."""
+    H, I = 256, 32
+    gen = torch.Generator().manual_seed(5)
+    bl13 = torch.stack([torch.randperm(256, generator=gen)[:H // 2] for _ in range(2 * I)]).to(torch.uint8)
+    bl13 = bl13.view(1, 2 * I, H // 32, 16)
+    e13 = torch.randint(107, 133, (1, 2 * I, H // 32), generator=gen, dtype=torch.uint8)
+    bl2 = torch.randint(0, 256, (1, H, I // 32, 16), generator=gen, dtype=torch.uint8)
+    e2 = torch.full((1, H, I // 32), 120, dtype=torch.uint8)
+    make = lambda b, e: quant.QuantizedExperts("mxfp4", {"blocks": b, "scales": e}, block=(1, 32))  # noqa: E731
+    x = torch.randn(3, H, generator=gen).bfloat16() * 1e-2
+    weights, ids = torch.ones(3, 1), torch.zeros(3, 1, dtype=torch.int64)
+    out = torch.zeros(3, H)
+    assert cpu_kernels.moe_forward_quantized(x, make(bl13, e13), make(bl2, e2), ids.to(torch.int32), weights, out,
+                                             reference.SILU)
+    ref = reference.moe(x.float(), quant.dequant_mxfp4(bl13, e13), quant.dequant_mxfp4(bl2, e2), weights, ids,
+                        reference.SILU)
+    check(out, ref)
+
+
+def test_mxfp4_shapes_and_biases_are_checked():
+    (w13, w2), (b13, b2), _ = mxfp4_experts(2, 96, 64)
+    x, ids, w = torch.randn(1, 96).bfloat16(), torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, 1)
+    out = torch.zeros(1, 96)
+    with pytest.raises(RuntimeError, match="biases must be contiguous bf16"):
+        cpu_kernels.moe_forward_quantized(x, w13, w2, ids, w, out, GPT_OSS, (b13[:, :10], b2))
+    # biases in another dtype, or a math that wants biases without them: torch's path
+    assert not cpu_kernels.moe_forward_quantized(x, w13, w2, ids, w, out, GPT_OSS, (b13.float(), b2.float()))
+    assert not cpu_kernels.moe_forward_quantized(x, w13, w2, ids, w, out, GPT_OSS, None)
