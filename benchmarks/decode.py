@@ -61,15 +61,17 @@ SYSTEMS = ("fiddler", "stock_uva_experts")
 
 
 def moe_shape(shape_name: str, layers: int | None = None, fp8: bool = False):
-    """The MoE sizes of a shape in shapes.py (trimmed to `layers`): bf16, or FP8 experts with
-    128x128 block scales (fp8; the non-expert weights are still counted in bf16)."""
+    """The MoE sizes of a shape in shapes.py (trimmed to `layers`), its experts in the format it is
+    built in (shapes.expert_format: bf16, FP8 with 128x128 block scales, gpt-oss's MXFP4; the
+    non-expert weights are counted in bf16)."""
     import dataclasses
 
     from vllm_fiddler.moe.quantized import ExpertFormat
     from vllm_fiddler.placement import MoEShape
 
     shape = MoEShape.from_hf_config(shapes.config(shape_name, layers), 2)
-    return dataclasses.replace(shape, expert_format=ExpertFormat("fp8_block")) if fp8 else shape
+    fmt = shapes.expert_format(shape_name, fp8)
+    return dataclasses.replace(shape, expert_format=ExpertFormat(*fmt)) if fmt else shape
 
 
 def budget(shape_name: str, layers: int, gpu_gib: float, fp8: bool = False) -> dict:
@@ -208,7 +210,7 @@ def main() -> None:
         out["rows"].append(row)
         with open(args.out, "w") as f:
             json.dump(out, f, indent=1)
-    out["predicted"] = None if args.fp8 else predicted(
+    out["predicted"] = None if shapes.expert_format(args.shape, args.fp8) else predicted(
         args.shape, args.layers, out["budget"], calibrated_cost(args.shape, args.layers), args.prefill_lens)
     import vllm
 

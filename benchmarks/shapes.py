@@ -43,9 +43,28 @@ def _deepseek_v3(layers):
     return config
 
 
+def _gpt_oss_120b(layers):
+    from transformers import GptOssConfig
+
+    return GptOssConfig(
+        vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_hidden_layers=layers,
+        num_attention_heads=64, num_key_value_heads=8, head_dim=64, num_local_experts=128, num_experts_per_tok=4,
+        sliding_window=128, layer_types=["sliding_attention", "full_attention"] * (layers // 2) + (
+            ["sliding_attention"] if layers % 2 else []),
+        max_position_embeddings=131072, rope_theta=150000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        rope_scaling={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                      "truncate": False, "original_max_position_embeddings": 4096},
+        bos_token_id=199998, eos_token_id=200002)
+
+
 SHAPES = {"mixtral-8x7b": (_mixtral_8x7b, 32, "MixtralForCausalLM"),
           "qwen3-30b-a3b": (_qwen3_30b_a3b, 48, "Qwen3MoeForCausalLM"),
-          "deepseek-v3": (_deepseek_v3, 61, "DeepseekV3ForCausalLM")}
+          "deepseek-v3": (_deepseek_v3, 61, "DeepseekV3ForCausalLM"),
+          "gpt-oss-120b": (_gpt_oss_120b, 36, "GptOssForCausalLM")}
+
+# shapes whose only checkpoints are quantized: their experts' format (moe.quantized.ExpertFormat)
+NATIVE_FORMAT = {"gpt-oss-120b": ("mxfp4", (1, 32))}
+MXFP4_QUANTIZATION = {"quant_method": "mxfp4"}  # gpt-oss's config.json
 
 
 def attention_backend(name: str) -> str:
@@ -65,14 +84,23 @@ def config(name: str, layers: int | None = None):
 FP8_BLOCK_QUANTIZATION = {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
 
 
+def expert_format(name: str, fp8: bool = False) -> tuple[str, tuple[int, int]] | None:
+    """The experts' quantized format of the shape as built: FP8 128x128 (fp8), its checkpoints'
+    only format (gpt-oss: MXFP4), or None (bf16)."""
+    return ("fp8_block", (128, 128)) if fp8 else NATIVE_FORMAT.get(name)
+
+
 def build(name: str, path: str, layers: int | None = None, fp8: bool = False) -> str:
     """Config + tokenizer of shape `name` in `path` (fp8: every linear layer and expert FP8 with
-    128x128 block scales, as the official FP8 checkpoints); returns path."""
+    128x128 block scales, as the official FP8 checkpoints; gpt-oss: MXFP4 experts, as its
+    checkpoints ship); returns path."""
     from vllm_fiddler.tiny import build_tokenizer
 
     cfg = config(name, layers)
     if fp8:
         cfg.quantization_config = dict(FP8_BLOCK_QUANTIZATION)
+    elif name in NATIVE_FORMAT:
+        cfg.quantization_config = dict(MXFP4_QUANTIZATION)
     os.makedirs(path, exist_ok=True)
     cfg.save_pretrained(path)
     build_tokenizer(path, cfg.vocab_size)

@@ -99,12 +99,12 @@ class FiddlerModel:
                           limit=spec.swiglu_limit if spec.swiglu_limit is not None else 7.0)
         device = torch.get_default_device()
         on_cuda = device.type == "cuda"
-        if on_cuda and not math.plain_silu:
-            raise FiddlerConfigError(
-                f"fiddler: experts with the {math.activation!r} activation{' and biases' if math.has_bias else ''} "
-                "(gpt-oss) run on vLLM's CPU platform only so far; the CUDA kernels compute SiLU-gated "
-                "experts without biases")
         quantized = shape.expert_format is not None
+        if on_cuda and not math.plain_silu and not quantized:  # quantized layers compute any math in torch
+            raise FiddlerConfigError(
+                f"fiddler: bf16 experts with the {math.activation!r} activation"
+                f"{' and biases' if math.has_bias else ''} (gpt-oss) run on vLLM's CPU platform only so far; "
+                "the CUDA kernels compute SiLU-gated experts without biases")
         if quantized:
             from vllm_fiddler.kernels import cpu as cpu_kernels
 
