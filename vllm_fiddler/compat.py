@@ -109,21 +109,50 @@ def patch_quant_method_selection(choose: Callable[[Any, str, Any, Any], Any]) ->
 
 
 # vLLM quantization methods whose expert formats fiddler loads (expert_quantization)
-LOADED_QUANTIZATIONS = ("fp8", "gpt_oss_mxfp4", "mxfp4")
+LOADED_QUANTIZATIONS = ("fp8", "gpt_oss_mxfp4", "mxfp4", "compressed-tensors")
 
 
-def expert_quantization(quant_config: Any, prefix: str) -> tuple[str, tuple[int, int]] | None:
-    """The format in which vLLM's quantization config stores the experts of MoE layer `prefix`:
-    None (unquantized: the layer is in the config's ignored layers), ("fp8_block", (bn, bk)) or
-    ("mxfp4", (1, 32)).
-    Raises FiddlerConfigError for a format fiddler does not load."""
+def _value(v: Any) -> Any:
+    return getattr(v, "value", v)
+
+
+def _compressed_tensors_scheme(quant_config: Any, prefix: str, layer: Any) -> tuple[dict | None, str | None]:
+    """(scheme, None) of the experts of MoE layer `prefix` under a compressed-tensors config as
+    vLLM reads it (None: ignored layer), or (None, what is not loaded)."""
+    quant_config._add_fused_moe_to_target_scheme_map()
+    schemes = [quant_config.get_scheme_dict(layer, prefix + proj)
+               for proj in (".0.gate_proj", ".0.up_proj", ".0.down_proj")]
+    if any(s != schemes[0] for s in schemes):
+        return None, "compressed-tensors with different schemes per projection"
+    return schemes[0], None
+
+
+def expert_quantization(quant_config: Any, prefix: str, layer: Any = None) -> tuple[str, tuple[int, int]] | None:
+    """The format in which vLLM's quantization config stores the experts of MoE layer `prefix`
+    (`layer`: its RoutedExperts, which compressed-tensors matches targets against): None
+    (unquantized: the layer is ignored), ("fp8_block", (bn, bk)), ("mxfp4", (1, 32)) or
+    ("int4_group", (1, group)). Raises FiddlerConfigError for a format fiddler does not load."""
     from vllm.model_executor.layers.quantization.utils.quant_utils import is_layer_skipped
 
     from vllm_fiddler.config import FiddlerConfigError
 
     name = quant_config.get_name()
     unsupported = None
-    if name in LOADED_QUANTIZATIONS and is_layer_skipped(
+    if name == "compressed-tensors":
+        scheme, unsupported = _compressed_tensors_scheme(quant_config, prefix, layer)
+        if unsupported is None:
+            if scheme is None:
+                return None
+            w, a = scheme.get("weights"), scheme.get("input_activations")
+            if (w is not None and a is None and w.num_bits == 4 and _value(w.type) == "int" and w.symmetric
+                    and _value(w.strategy) == "group" and w.group_size and w.actorder is None and not w.dynamic
+                    and scheme.get("format") == "pack-quantized"):
+                return "int4_group", (1, int(w.group_size))
+            unsupported = (f"compressed-tensors {scheme.get('format')} with weights "
+                           f"{w.num_bits if w else None}-bit {_value(w.type) if w else None} "
+                           f"{_value(w.strategy) if w else None} (actorder {_value(w.actorder) if w else None}) and "
+                           f"{'no' if a is None else 'quantized'} input activations")
+    elif name in LOADED_QUANTIZATIONS and is_layer_skipped(
             prefix=prefix, ignored_layers=getattr(quant_config, "ignored_layers", None) or [],
             fused_mapping=quant_config.packed_modules_mapping):
         return None
@@ -144,7 +173,8 @@ def expert_quantization(quant_config: Any, prefix: str) -> tuple[str, tuple[int,
     raise FiddlerConfigError(
         f"fiddler: layer {prefix} has experts quantized as {unsupported or repr(name)}; fiddler loads "
         "unquantized experts, FP8 with block scales (vLLM's fp8 config with weight_block_size, as "
-        "DeepSeek-V3's checkpoints ship them) and MXFP4 (gpt-oss) so far")
+        "DeepSeek-V3's checkpoints ship them), MXFP4 (gpt-oss) and compressed-tensors' pack-quantized "
+        "symmetric INT4 groups without activation ordering (W4A16) so far")
 
 
 def on_cpu_platform() -> bool:

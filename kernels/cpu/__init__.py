@@ -303,14 +303,15 @@ def quantized_available() -> bool:
     return _quant_native
 
 
-_FORMAT_CODE = {"fp8_block": 0, "mxfp4": 1}  # kernel_api.h kFmt*
+_FORMAT_CODE = {"fp8_block": 0, "mxfp4": 1, "int4_group": 2}  # kernel_api.h kFmt*
 _ACTIVATION_CODE = {"silu": 0, "swigluoai": 1}  # kernel_api.h kAct*
 
 
 def moe_forward_quantized(x: torch.Tensor, w13, w2, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                           out: torch.Tensor, math=None, biases: tuple[torch.Tensor, torch.Tensor] | None = None) -> bool:
     """moe_forward for quantized experts, their weights read as stored: x [T,H] bf16; w13 [Ec,2I,H]
-    and w2 [Ec,H,I] as kernels.quant.QuantizedExperts (fp8_block or mxfp4); math the expert's
+    and w2 [Ec,H,I] as kernels.quant.QuantizedExperts (fp8_block, mxfp4, or int4_group with
+    groups of a multiple of 32 and bf16 scales); math the expert's
     activation (kernels.reference.ExpertMath; default SiLU-gated); biases (b13 [Ec,2I], b2
     [Ec,H], bf16) where math.has_bias; ids / weights / out as moe_forward. Returns False,
     doing nothing, where the native kernels are not loaded or do not take these inputs (x
@@ -327,8 +328,18 @@ def moe_forward_quantized(x: torch.Tensor, w13, w2, topk_ids: torch.Tensor, topk
         if b13.dtype != torch.bfloat16 or b2.dtype != torch.bfloat16:
             return False
         b13, b2 = b13.contiguous(), b2.contiguous()
+    block = w13.block
+    if w13.fmt == "int4_group":
+        group = w13.group
+        if group % 32 or w13.k % group or w2.k % group or w2.group != group or \
+                w13.tensors["weight_scale"].dtype != torch.bfloat16 or w2.tensors["weight_scale"].dtype != torch.bfloat16:
+            return False
+        block = (1, group)
     if x.shape[0]:
-        if w13.fmt == "mxfp4":  # [Ec, N, K/32, 16] blocks as [Ec, N, K/2] bytes
+        if w13.fmt == "int4_group":
+            tensors = (w13.tensors["weight_packed"], w13.tensors["weight_scale"], w2.tensors["weight_packed"],
+                       w2.tensors["weight_scale"])
+        elif w13.fmt == "mxfp4":  # [Ec, N, K/32, 16] blocks as [Ec, N, K/2] bytes
             tensors = (w13.tensors["blocks"].flatten(-2), w13.tensors["scales"], w2.tensors["blocks"].flatten(-2),
                        w2.tensors["scales"])
         else:
@@ -336,7 +347,7 @@ def moe_forward_quantized(x: torch.Tensor, w13, w2, topk_ids: torch.Tensor, topk
                        w2.tensors["weight_scale_inv"])
         torch.ops.fiddler_cpu.moe_forward_quant(
             x.contiguous(), *tensors, b13, b2, topk_ids.to(torch.int32).contiguous(),
-            topk_weights.float().contiguous(), out, _FORMAT_CODE[w13.fmt], int(w13.block[0]), int(w13.block[1]),
+            topk_weights.float().contiguous(), out, _FORMAT_CODE[w13.fmt], int(block[0]), int(block[1]),
             _ACTIVATION_CODE[activation], float(getattr(math, "alpha", 0.0)), float(getattr(math, "limit", 0.0)))
     return True
 

@@ -41,6 +41,9 @@ struct ExpertWork {
   //          q2 [H, I], s2 fp32 [ceil(H / bn), ceil(I / bk)]
   //   MXFP4: q13 [2I, H / 2] two e2m1 codes a byte (low nibble first), s13 uint8
   //          [2I, H / 32] e8m0 exponents; q2 [H, I / 2], s2 uint8 [H, I / 32]
+  //   INT4:  q13 [2I, H / 2] two codes a byte (value + 8, low nibble first: int32 words
+  //          of eight), s13 bf16 [2I, H / g] a scale per group of g = bk; q2 [H, I / 2],
+  //          s2 bf16 [H, I / g]
   const uint8_t* q13;
   const void* s13;
   const uint8_t* q2;
@@ -59,12 +62,12 @@ struct MoeProblem {
   int32_t n_experts;
   const ExpertWork* experts;
   int64_t bn, bk;  // FP8 scale block (rows, columns); 0 for bf16 experts
-  int32_t fmt;     // quantized experts: kFmtFp8Block or kFmtMxfp4
+  int32_t fmt;     // quantized experts: kFmtFp8Block, kFmtMxfp4 or kFmtInt4Group
   int32_t act;     // quantized experts: kActSilu or kActSwigluOai
   float alpha, limit;  // kActSwigluOai: (up + 1) * g * sigmoid(alpha * g), g <= limit, |up| <= limit
 };
 
-enum { kFmtFp8Block = 0, kFmtMxfp4 = 1 };
+enum { kFmtFp8Block = 0, kFmtMxfp4 = 1, kFmtInt4Group = 2 };
 enum { kActSilu = 0, kActSwigluOai = 1 };
 
 struct KernelTable {

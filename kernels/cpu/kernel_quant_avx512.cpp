@@ -8,10 +8,11 @@
 //   multiplied with the tokens' fp32 activations into a per-block accumulator, and the
 //   block's scale is applied once per block: W = q * s exactly as kernels/quant.py's
 //   dequant_fp8_block.
-// - MXFP4: two e2m1 codes a byte, an e8m0 exponent per 32 weights. A row is decoded into
-//   fp32 (a 16-entry table lookup per code, times the group's power of two: exact, as
-//   kernels/quant.py's dequant_mxfp4), then multiplied with the tokens as FP8's many-token
-//   path does.
+// - MXFP4: two e2m1 codes a byte, an e8m0 exponent per 32 weights; INT4: two codes a byte
+//   (value + 8), a bf16 scale per group of bk weights. A row is decoded into fp32 (a
+//   16-entry table lookup per code, times the group's scale: exact, as kernels/quant.py's
+//   dequant_mxfp4 / dequant_int4_group), then multiplied with the tokens as FP8's
+//   many-token path does.
 // Accumulation is fp32. x arrives in bf16 and is widened per item; biases (bf16) are added
 // to each projection's fp32 result; the activation (SiLU-gated, or gpt-oss's clamped
 // SwiGLU) stays fp32 (ExpertWork.actf, [m][I]) for the down projection.
@@ -122,26 +123,44 @@ static inline void tile_rows(const float* W, int64_t K, const float* X, int64_t 
   for (; t0 < m; ++t0) tile_dot<R, 1>(W, K, X + int64_t(t0) * ldx, ldx, acc + t0, m);
 }
 
-// e2m1 values by 4-bit code (kernels/quant.py's E2M1_VALUES)
+// e2m1 values by 4-bit code (kernels/quant.py's E2M1_VALUES); INT4 values (code - 8)
 alignas(64) const float kE2M1[16] = {0.0f,  0.5f,  1.0f,  1.5f,  2.0f,  3.0f,  4.0f,  6.0f,
                                      -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
+alignas(64) const float kInt4[16] = {-8.0f, -7.0f, -6.0f, -5.0f, -4.0f, -3.0f, -2.0f, -1.0f,
+                                     0.0f,  1.0f,  2.0f,  3.0f,  4.0f,  5.0f,  6.0f,  7.0f};
+
+static inline float bf16_to_float(uint16_t b) {
+  uint32_t bits = uint32_t(b) << 16;
+  float f;
+  __builtin_memcpy(&f, &bits, 4);
+  return f;
+}
+
+// 32 weights from 16 bytes of 4-bit codes (low nibble first): w[k] = lut[code k] * s.
+static inline void decode_nibbles32(const uint8_t* q, __m512 lut, __m512 s, float* w) {
+  // natural order from the low-nibble values (a) and high-nibble values (b): a0 b0 a1 b1 ...
+  const __m512i first = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i second = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+  const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
+  const __m512 lo = _mm512_permutexvar_ps(_mm512_and_si512(b, _mm512_set1_epi32(15)), lut);
+  const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), lut);
+  _mm512_storeu_ps(w, _mm512_mul_ps(_mm512_permutex2var_ps(lo, first, hi), s));
+  _mm512_storeu_ps(w + 16, _mm512_mul_ps(_mm512_permutex2var_ps(lo, second, hi), s));
+}
 
 // One MXFP4 row: w[k] = e2m1(code k) * 2^(e[k / 32] - 127), k < K (K a multiple of 32). An
 // exponent byte of 0 (2^-127) decodes as 0.
 static inline void decode_row_mxfp4(const uint8_t* q, const uint8_t* e, int64_t K, float* w) {
   const __m512 lut = _mm512_load_ps(kE2M1);
-  const __m512i low4 = _mm512_set1_epi32(15);
-  // natural order from the low-nibble codes (a) and high-nibble codes (b): a0 b0 a1 b1 ...
-  const __m512i first = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-  const __m512i second = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
-  for (int64_t g = 0; g < K / 32; ++g) {
-    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16 * g)));
-    const __m512 lo = _mm512_permutexvar_ps(_mm512_and_si512(b, low4), lut);
-    const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), lut);
-    const __m512 s = _mm512_castsi512_ps(_mm512_set1_epi32(int32_t(e[g]) << 23));  // 2^(e - 127)
-    _mm512_storeu_ps(w + 32 * g, _mm512_mul_ps(_mm512_permutex2var_ps(lo, first, hi), s));
-    _mm512_storeu_ps(w + 32 * g + 16, _mm512_mul_ps(_mm512_permutex2var_ps(lo, second, hi), s));
-  }
+  for (int64_t g = 0; g < K / 32; ++g)  // the exponent byte shifted into a float's exponent field
+    decode_nibbles32(q + 16 * g, lut, _mm512_castsi512_ps(_mm512_set1_epi32(int32_t(e[g]) << 23)), w + 32 * g);
+}
+
+// One INT4 row: w[k] = (code k - 8) * s[k / group], k < K (K and group multiples of 32).
+static inline void decode_row_int4(const uint8_t* q, const uint16_t* s, int64_t K, int64_t group, float* w) {
+  const __m512 lut = _mm512_load_ps(kInt4);
+  for (int64_t c = 0; c < K / 32; ++c)
+    decode_nibbles32(q + 16 * c, lut, _mm512_set1_ps(bf16_to_float(s[32 * c / group])), w + 32 * c);
 }
 
 // acc[r * m + t] for rows row0 .. row0 + nr - 1 (nr <= kRows) of one projection ([rows][K]
@@ -154,6 +173,11 @@ static void rows_dot(const MoeProblem* p, const uint8_t* q, const void* scales, 
     const auto* e = static_cast<const uint8_t*>(scales);
     for (int r = 0; r < nr; ++r)
       decode_row_mxfp4(q + (row0 + r) * (K / 2), e + (row0 + r) * (K / 32), K, W.data() + r * K);
+  } else if (p->fmt == fiddler_cpu::kFmtInt4Group) {
+    const auto* s = static_cast<const uint16_t*>(scales);
+    const int64_t g = p->bk;
+    for (int r = 0; r < nr; ++r)
+      decode_row_int4(q + (row0 + r) * (K / 2), s + (row0 + r) * (K / g), K, g, W.data() + r * K);
   } else {
     const int64_t bn = p->bn, bk = p->bk, sk = (K + bk - 1) / bk;
     const auto* s = static_cast<const float*>(scales);
@@ -178,13 +202,6 @@ static void rows_dot(const MoeProblem* p, const uint8_t* q, const void* scales, 
     return;
   }
   for (int r = 0; r < nr; ++r) tile_rows<1>(W.data() + r * K, K, X, ldx, m, acc + int64_t(r) * m);
-}
-
-static inline float bf16_to_float(uint16_t b) {
-  uint32_t bits = uint32_t(b) << 16;
-  float f;
-  __builtin_memcpy(&f, &bits, 4);
-  return f;
 }
 
 static inline float silu(float g) { return g / (1.0f + expf(-g)); }

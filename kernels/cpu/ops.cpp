@@ -590,6 +590,8 @@ void moe_forward(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w
 //     ceil(H / bk)] and s2 [E, ceil(H / bn), ceil(I / bk)] fp32;
 //   MXFP4: w13 [E, 2I, H / 2] and w2 [E, H, I / 2] uint8 (two e2m1 codes a byte), s13
 //     [E, 2I, H / 32] and s2 [E, H, I / 32] uint8 e8m0 exponents (bn, bk ignored);
+//   INT4 groups: w13 [E, 2I, H / 8] and w2 [E, H, I / 8] int32 (eight codes a word), s13
+//     [E, 2I, H / bk] and s2 [E, H, I / bk] bf16, a scale per group of bk (a multiple of 32);
 // b13 [E, 2I] and b2 [E, H] bf16 biases (gate then up) or none; act / alpha / limit the
 // activation (kActSilu, kActSwigluOai); otherwise as moe_forward (x bf16, out fp32
 // accumulated into).
@@ -600,14 +602,17 @@ void moe_forward_quant(const at::Tensor& x, const at::Tensor& w13, const at::Ten
   const std::string op = "fiddler_cpu.moe_forward_quant: ";
   for (const at::Tensor* t : {&x, &w13, &s13, &w2, &s2, &topk_ids, &topk_weights, &out})
     FCHECK(t->device().is_cpu(), op + "all tensors must be on the CPU");
-  FCHECK(fmt == kFmtFp8Block || fmt == kFmtMxfp4, op + "unknown format " + FSTR(fmt));
+  FCHECK(fmt == kFmtFp8Block || fmt == kFmtMxfp4 || fmt == kFmtInt4Group, op + "unknown format " + FSTR(fmt));
   FCHECK(act == kActSilu || act == kActSwigluOai, op + "unknown activation " + FSTR(act));
-  const bool mx = fmt == kFmtMxfp4;
+  const bool mx = fmt == kFmtMxfp4, int4 = fmt == kFmtInt4Group;
   FCHECK(x.scalar_type() == at::kBFloat16, op + "x must be bfloat16");
-  const auto values = mx ? at::kByte : at::kFloat8_e4m3fn, scales = mx ? at::kByte : at::kFloat;
+  const auto values = mx ? at::kByte : int4 ? at::kInt : at::kFloat8_e4m3fn;
+  const auto scales = mx ? at::kByte : int4 ? at::kBFloat16 : at::kFloat;
   FCHECK(w13.scalar_type() == values && w2.scalar_type() == values && s13.scalar_type() == scales &&
              s2.scalar_type() == scales,
-         op + (mx ? "MXFP4 weights and scales must be uint8" : "FP8 weights must be float8_e4m3fn, scales float32"));
+         op + (mx     ? "MXFP4 weights and scales must be uint8"
+               : int4 ? "INT4 weights must be int32 words, scales bfloat16"
+                      : "FP8 weights must be float8_e4m3fn, scales float32"));
   FCHECK(topk_ids.scalar_type() == at::kInt && topk_weights.scalar_type() == at::kFloat &&
              out.scalar_type() == at::kFloat,
          op + "topk_ids int32, topk_weights and out float32");
@@ -615,7 +620,16 @@ void moe_forward_quant(const at::Tensor& x, const at::Tensor& w13, const at::Ten
              topk_ids.dim() == 2 && topk_weights.dim() == 2 && out.dim() == 2,
          op + "expected x [T,H], w13 [E,2I,.], s13, w2 [E,H,.], s2 [E,.,.], topk_ids/topk_weights [T,K], out [T,H]");
   const int64_t T = x.size(0), H = x.size(1), E = w13.size(0), I = w13.size(1) / 2, K = topk_ids.size(1);
-  if (mx) {
+  if (int4) {
+    FCHECK(bk > 0 && bk % 32 == 0 && H % bk == 0 && I % bk == 0,
+           op + "INT4 needs groups of a multiple of 32 dividing H and I, got " + FSTR(bk) + " for " + FSTR(H) + ", " +
+               FSTR(I));
+    FCHECK(w13.size(1) == 2 * I && w13.size(2) == H / 8 && w2.size(0) == E && w2.size(1) == H && w2.size(2) == I / 8,
+           op + "INT4 w13 must be [E, 2I, H/8] and w2 [E, H, I/8]");
+    FCHECK(s13.size(0) == E && s13.size(1) == 2 * I && s13.size(2) == H / bk && s2.size(0) == E &&
+               s2.size(1) == H && s2.size(2) == I / bk,
+           op + "INT4 scales must be [E, 2I, H/group] and [E, H, I/group]");
+  } else if (mx) {
     FCHECK(H % 32 == 0 && I % 32 == 0, op + "MXFP4 needs H and I multiples of 32, got " + FSTR(H) + ", " + FSTR(I));
     FCHECK(w13.size(1) == 2 * I && w13.size(2) == H / 2 && w2.size(0) == E && w2.size(1) == H && w2.size(2) == I / 2,
            op + "MXFP4 w13 must be [E, 2I, H/2] and w2 [E, H, I/2]");
@@ -668,8 +682,8 @@ void moe_forward_quant(const at::Tensor& x, const at::Tensor& w13, const at::Ten
   for (int64_t e = 0; e < E; ++e) {
     if (g_counts[e] == 0) continue;
     ExpertWork& ew = experts[e];
-    ew.q13 = q13 + e * w13.stride(0);
-    ew.q2 = q2 + e * w2.stride(0);
+    ew.q13 = q13 + e * w13.stride(0) * w13.element_size();
+    ew.q2 = q2 + e * w2.stride(0) * w2.element_size();
     ew.s13 = sc13 + e * s13.stride(0) * s13.element_size();
     ew.s2 = sc2 + e * s2.stride(0) * s2.element_size();
     ew.b13 = bias13 ? bias13 + e * 2 * I : nullptr;

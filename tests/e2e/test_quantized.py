@@ -27,7 +27,7 @@ import test_families
 import torch
 
 from helpers.families import FAMILIES, build_family
-from helpers.quantized import write_fp8_block, write_mxfp4
+from helpers.quantized import write_fp8_block, write_int4_group, write_mxfp4
 from test_families import check_as_close_to_hf_as_stock, check_tokens_close, generate
 
 pytestmark = pytest.mark.slow
@@ -61,6 +61,33 @@ def gpt_oss_mxfp4(tmp_path_factory):
     placement = tmp_path_factory.mktemp("gpt_oss-placement") / "placement.json"
     placement.write_text(json.dumps(FAMILIES["gpt_oss"].placement()))
     return mx, ref, {"placement": str(placement)}
+
+
+@pytest.fixture(scope="module", params=["mixtral", "qwen3_moe"])
+def int4_family(request, tmp_path_factory):
+    name = request.param
+    src = build_family(name, str(tmp_path_factory.mktemp(name)))
+    int4, ref = write_int4_group(src, str(tmp_path_factory.mktemp(f"{name}-int4")))
+    placement = tmp_path_factory.mktemp(f"{name}-placement") / "placement.json"
+    placement.write_text(json.dumps(FAMILIES[name].placement()))
+    return name, int4, ref, {"placement": str(placement)}
+
+
+def test_int4_group_experts_match_stock_on_the_dequantized_weights(int4_family):
+    """compressed-tensors' pack-quantized INT4 (groups of 32, bf16 scales): a code times its
+    bf16 scale is exact in bf16 (4 bits times 8), so both engines hold the same weights."""
+    name, int4, ref, options = int4_family
+    ours = generate(int4, "fiddler", "bfloat16", options)
+    stock = generate(ref, "auto", "bfloat16")
+    check_tokens_close(ours, stock, f"{name} int4")
+    check_as_close_to_hf_as_stock(ours, stock, FAMILIES[name], ref, f"{name} int4")
+
+
+def test_int4_with_activation_ordering_is_refused_at_build(mixtral_bf16, tmp_path):
+    int4, _ = write_int4_group(mixtral_bf16, str(tmp_path), scheme_overrides={"actorder": "group"})
+    error = start_up_error(int4)
+    assert "experts quantized as compressed-tensors pack-quantized with weights 4-bit int group " \
+           "(actorder group)" in error, error
 
 
 def test_mxfp4_experts_with_biases_match_stock_on_the_dequantized_weights(gpt_oss_mxfp4):

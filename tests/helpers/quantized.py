@@ -11,6 +11,13 @@ MXFP4, as gpt-oss ships: each expert projection ``...gate_up_proj_blocks`` uint8
 H/32] (an e8m0 exponent per 32 inputs), likewise ``down_proj`` [E, H, I/32, 16]; biases stay
 bf16; config.json's ``quantization_config`` {"quant_method": "mxfp4"}.
 
+INT4 groups (W4A16), as llm-compressor writes GPTQ-style checkpoints for vLLM's
+``compressed-tensors`` config: each expert projection ``...weight_packed`` int32 [N, K/8] (eight
+4-bit values a word, value + 8), ``...weight_scale`` bf16 [N, K/g] and ``...weight_shape`` [N, K];
+``quantization_config`` {"quant_method": "compressed-tensors", "format": "pack-quantized", ...}
+with one symmetric int4 group scheme for "Linear" and every non-expert linear layer in
+``ignore``.
+
 Next to each, the reference: the same model with each expert dequantized (fp32 tensors), which
 stock vLLM loads as an unquantized checkpoint.
 """
@@ -73,6 +80,38 @@ def write_mxfp4(src: str, dst: str) -> tuple[str, str]:
         else:
             quantized[name] = reference[name] = w
     _write(out, ref, quantized, reference, {"quant_method": "mxfp4"})
+    return out, ref
+
+
+def write_int4_group(src: str, dst: str, group: int = 32, *, scheme_overrides: dict | None = None
+                     ) -> tuple[str, str]:
+    """(compressed-tensors INT4 checkpoint, dequantized reference) under dst, from the bf16
+    checkpoint at src; scheme_overrides change the weights' quantization args in config.json."""
+    import torch
+
+    from vllm_fiddler.kernels.quant import dequant_int4_group, quant_int4_group
+
+    out, ref = _copy_others(src, dst)
+    quantized, reference, ignored = {}, {}, ["lm_head"]
+    for name, w in _load_all(src).items():
+        if EXPERT.search(name):
+            base = name[:-len("weight")]
+            packed, scale = quant_int4_group(w.float(), group)
+            scale = scale.to(torch.bfloat16)  # the checkpoint's dtype
+            quantized[base + "weight_packed"], quantized[base + "weight_scale"] = packed, scale
+            quantized[base + "weight_shape"] = torch.tensor(list(w.shape), dtype=torch.int64)
+            reference[name] = dequant_int4_group(packed, scale.float(), w.shape[-1], group)
+        else:
+            quantized[name] = reference[name] = w
+            if name.endswith(".weight") and name.count(".") > 2:  # a linear layer's (norms are ignored anyway)
+                ignored.append(name[:-len(".weight")])
+    weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": group,
+               "dynamic": False, "actorder": None, "observer": "minmax", **(scheme_overrides or {})}
+    _write(out, ref, quantized, reference, {
+        "quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
+                                      "output_activations": None, "format": "pack-quantized"}},
+        "ignore": ignored})
     return out, ref
 
 

@@ -1,6 +1,6 @@
 """The native quantized-expert kernels (kernels/cpu/kernel_quant_avx512.cpp, AVX512F/BW/VL)
-against the fp32 oracle on the dequantized weights: FP8 block-scaled experts (DeepSeek-V3)
-and MXFP4 ones with biases and gpt-oss's clamped SwiGLU.
+against the fp32 oracle on the dequantized weights: FP8 block-scaled experts (DeepSeek-V3),
+MXFP4 ones with biases and gpt-oss's clamped SwiGLU, and INT4 groups (W4A16).
 
 The kernel widens each weight to fp32 exactly (an e4m3 value, or an e2m1 value times its
 group's power of two), multiplies it with the fp32-widened bf16 activations, applies FP8
@@ -173,3 +173,43 @@ def test_mxfp4_shapes_and_biases_are_checked():
     # biases in another dtype, or a math that wants biases without them: torch's path
     assert not cpu_kernels.moe_forward_quantized(x, w13, w2, ids, w, out, GPT_OSS, (b13.float(), b2.float()))
     assert not cpu_kernels.moe_forward_quantized(x, w13, w2, ids, w, out, GPT_OSS, None)
+
+
+# ---------------------------------------------------------------- INT4 groups (W4A16)
+@pytest.mark.parametrize("tokens", [1, 2, 3, 7, 16, 33, 128])
+@pytest.mark.parametrize("H, I, group", [(128, 96, 32), (384, 128, 128), (160, 224, 32)],
+                         ids=["g32", "g128", "odd-groups"])
+def test_int4_kernel_matches_the_oracle(tokens, H, I, group):
+    """Groups of 32 and 128 (GPTQ's usual), odd group counts (5 and 7 a row); bf16 scales as
+    checkpoints store them."""
+    E, K = 6, 2
+    gen = torch.Generator().manual_seed(tokens)
+    w13 = torch.randn(E, 2 * I, H, generator=gen) * torch.rand(E, 2 * I, 1, generator=gen)
+    w2 = torch.randn(E, H, I, generator=gen)
+    (p13, s13), (p2, s2) = quant.quant_int4_group(w13, group), quant.quant_int4_group(w2, group)
+    s13, s2 = s13.bfloat16(), s2.bfloat16()
+    make = lambda p, s, k: quant.QuantizedExperts("int4_group", {"weight_packed": p, "weight_scale": s},  # noqa: E731
+                                                  group=group, k=k)
+    x = torch.randn(tokens, H, generator=gen).bfloat16()
+    logits = torch.randn(tokens, E, generator=gen)
+    logits[:, 3] = -1e9
+    weights, ids = reference.route(logits, K)
+    out = torch.zeros(tokens, H)
+    assert cpu_kernels.moe_forward_quantized(x, make(p13, s13, H), make(p2, s2, I), ids.to(torch.int32), weights, out)
+    ref = reference.moe(x.float(), quant.dequant_int4_group(p13, s13.float(), H, group),
+                        quant.dequant_int4_group(p2, s2.float(), I, group), weights, ids, reference.SILU)
+    check(out, ref)
+
+
+def test_int4_groups_the_kernel_does_not_take_go_to_torch():
+    """Groups of 8 or 16 (no multiple of the kernel's 32-weight steps) and fp32 scales: False,
+    nothing done (kernels.quant's torch path computes them)."""
+    p, s = quant.quant_int4_group(torch.randn(2, 64, 64), 16)
+    experts = quant.QuantizedExperts("int4_group", {"weight_packed": p, "weight_scale": s.bfloat16()}, group=16, k=64)
+    x, ids, w = torch.randn(1, 64).bfloat16(), torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, 1)
+    out = torch.zeros(1, 64)
+    assert not cpu_kernels.moe_forward_quantized(x, experts, experts, ids, w, out)
+    p, s = quant.quant_int4_group(torch.randn(2, 64, 64), 32)
+    fp32 = quant.QuantizedExperts("int4_group", {"weight_packed": p, "weight_scale": s}, group=32, k=64)
+    assert not cpu_kernels.moe_forward_quantized(x, fp32, fp32, ids, w, out)
+    assert not out.any()

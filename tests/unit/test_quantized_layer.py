@@ -275,6 +275,52 @@ def test_vllm_mxfp4_configs_name_the_format():
     assert compat.expert_quantization(Mxfp4Config(ignored_layers=[prefix]), prefix) is None
 
 
+# ---------------------------------------------------------------- INT4 groups (W4A16)
+INT4 = ExpertFormat("int4_group", (1, 32))
+
+
+def int4_layer(gpu_experts):
+    return QuantizedHybridMoE(expert_format=INT4, num_experts=E, top_k=K, hidden_size=H_MX, intermediate_size=I,
+                              gpu_experts=tuple(gpu_experts), dtype=torch.float32, device=torch.device("cpu"),
+                              cpu_runtime=CPUExpertRuntime(num_threads=1, inline=True), pin_memory=False,
+                              math=reference.SILU)
+
+
+@pytest.mark.parametrize("gpu_experts", [(), tuple(range(E)), (1, 4)], ids=["all-cpu", "all-gpu", "mixed"])
+@pytest.mark.parametrize("tokens", [1, 7, 33])
+def test_int4_layer_matches_the_oracle(gpu_experts, tokens):
+    """compressed-tensors' tensors as vLLM's per-expert loader hands them over: weight_packed,
+    weight_scale (bf16) and weight_shape of each of w1 / w3 / w2."""
+    gen = torch.Generator().manual_seed(tokens)
+    w1, w3, w2 = (torch.randn(E, *shape, generator=gen) for shape in ((I, H_MX), (I, H_MX), (H_MX, I)))
+    m = int4_layer(gpu_experts)
+    oracle = {}
+    for name, w in (("1", w1), ("3", w3), ("2", w2)):
+        packed, scale = quant.quant_int4_group(w, 32)
+        scale = scale.bfloat16()
+        oracle[name] = quant.dequant_int4_group(packed, scale.float(), w.shape[-1], 32)
+        for e in range(E):
+            m.load_expert(e, "w" + name, packed[e])
+            m.load_expert(e, "s" + name, scale[e])
+            m.load_expert(e, "k" + name, torch.tensor(list(w.shape[1:])))
+    x = torch.randn(tokens, H_MX, generator=gen)
+    weights, ids = reference.route(torch.randn(tokens, E, generator=gen), K)
+    out = m(x, weights, ids.to(torch.int32))
+    ref = reference.moe(x, torch.cat([oracle["1"], oracle["3"]], dim=1), oracle["2"], weights, ids, reference.SILU)
+    torch.testing.assert_close(out, ref, atol=1e-5 * ref.abs().max().item(), rtol=1e-5)
+
+
+def test_int4_weight_shapes_are_checked_and_bytes_compressed():
+    m = int4_layer((0,))
+    with pytest.raises(ValueError, match=r"expert 2's 2 projection is \[96, 96\] in the checkpoint, the layer's is "
+                                         r"\[96, 64\]"):
+        m.load_expert(2, "k2", torch.tensor([96, 96]))
+    # half a byte a weight, a bf16 scale per 32
+    assert m.expert_bytes == INT4.expert_bytes(H_MX, I) == 3 * H_MX * I // 2 + 3 * H_MX * I // 32 * 2
+    with pytest.raises(ValueError, match="multiple of 8"):
+        ExpertFormat("int4_group", (1, 12))
+
+
 def test_re_placement_is_off_for_quantized_experts():
     from vllm_fiddler.config import FiddlerConfig
     from vllm_fiddler.placement import plan_even

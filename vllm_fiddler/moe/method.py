@@ -85,7 +85,7 @@ def choose_method(routed_experts: Any, prefix: str, quant_config: Any, moe_confi
         return None
     expert_format = None
     if quant_config is not None:
-        found = compat.expert_quantization(quant_config, prefix)
+        found = compat.expert_quantization(quant_config, prefix, routed_experts)
         if found is not None:
             from vllm_fiddler.moe.quantized import ExpertFormat
 
@@ -209,10 +209,12 @@ class ExpertSink(torch.nn.Parameter):
 
     def kind(self) -> str:
         """The tensor as HybridMoE.load_expert names it: w13 / w2 weights, b13 / b2 biases, s13 /
-        s2 scales of quantized weights."""
+        s2 scales of quantized weights, k13 / k2 their checkpoint's [N, K]."""
         proj = self.tensor_name.split("_")[0]  # w13 / w2
         if self.tensor_name.endswith("_bias"):
             return "b" + proj[1:]
+        if self.tensor_name.endswith("_shape"):  # compressed-tensors' [N, K] of the projection
+            return "k" + proj[1:]
         return ("s" if "scale" in self.tensor_name else "w") + proj[1:]
 
     def load_all(self, full: torch.Tensor) -> None:

@@ -19,6 +19,11 @@ Formats (kernels/quant.py has the layouts):
   fp8_block   float8_e4m3fn weights, float32 scales per bn x bk block (vLLM's
               ``fp8`` config with ``weight_block_size``: DeepSeek-V3/R1, Kimi-K2,
               Qwen3 FP8); vLLM names the scales ``*_weight_scale_inv``.
+  int4_group  eight 4-bit values an int32 word (value - 8), a bf16 scale per group
+              of inputs (vLLM's ``compressed-tensors`` config, pack-quantized
+              W4A16 symmetric groups: GPTQ / AWQ-style INT4 checkpoints as
+              llm-compressor writes them); ``*_weight_packed``, ``*_weight_scale``,
+              and ``*_weight_shape`` (checked).
   mxfp4       two e2m1 values a byte, an e8m0 exponent per 32 inputs (vLLM's
               ``gpt_oss_mxfp4`` / ``mxfp4`` configs: gpt-oss-20b and -120b,
               whose experts also carry bf16 biases); vLLM names the values
@@ -35,7 +40,7 @@ import math
 
 import torch
 
-from vllm_fiddler.kernels.quant import E2M1_MAX, E8M0_ONE, FP8_MAX, MXFP4_GROUP, QuantizedExperts
+from vllm_fiddler.kernels.quant import E2M1_MAX, E8M0_ONE, FP8_MAX, INT4_PER_WORD, MXFP4_GROUP, QuantizedExperts
 from vllm_fiddler.moe.layer import HybridMoE, cold_token_counts
 
 @dataclasses.dataclass(frozen=True)
@@ -45,22 +50,27 @@ class _Layout:
     values: torch.dtype  # storage dtype of the values
     scales: torch.dtype
     values_per_byte: int
-    scale_name: str  # vLLM's parameter suffix for the scales: w13_<scale_name>
+    value_name: str  # vLLM's parameter suffixes: w13_<value_name>, w13_<scale_name>
+    scale_name: str
     keys: tuple[str, str]  # kernels.quant.QuantizedExperts' keys: values, scales
 
 
 LAYOUTS = {
-    "fp8_block": _Layout(torch.float8_e4m3fn, torch.float32, 1, "weight_scale_inv", ("weight", "weight_scale_inv")),
-    "mxfp4": _Layout(torch.uint8, torch.uint8, 2, "weight_scale", ("blocks", "scales")),
+    "fp8_block": _Layout(torch.float8_e4m3fn, torch.float32, 1, "weight", "weight_scale_inv",
+                         ("weight", "weight_scale_inv")),
+    "mxfp4": _Layout(torch.uint8, torch.uint8, 2, "weight", "weight_scale", ("blocks", "scales")),
+    # eight 4-bit values an int32 word; bf16 scales (the model dtype of the checkpoints)
+    "int4_group": _Layout(torch.int32, torch.bfloat16, 2, "weight_packed", "weight_scale",
+                          ("weight_packed", "weight_scale")),
 }
 
 
 @dataclasses.dataclass(frozen=True)
 class ExpertFormat:
     """One quantized expert format and its parameters: ``block`` is the (rows, inputs) a scale
-    covers, 128 x 128 for DeepSeek's FP8 and 1 x 32 for MXFP4."""
+    covers, 128 x 128 for DeepSeek's FP8, 1 x 32 for MXFP4 and 1 x group for INT4."""
 
-    name: str  # "fp8_block" or "mxfp4"
+    name: str  # "fp8_block", "mxfp4" or "int4_group"
     block: tuple[int, int] = (128, 128)
 
     def __post_init__(self) -> None:
@@ -68,6 +78,9 @@ class ExpertFormat:
             raise ValueError(f"unknown expert format {self.name!r}")
         if self.name == "mxfp4" and tuple(self.block) != (1, MXFP4_GROUP):
             raise ValueError(f"MXFP4 scales cover 1 x {MXFP4_GROUP} weights, not {self.block}")
+        if self.name == "int4_group" and (self.block[0] != 1 or self.block[1] % INT4_PER_WORD):
+            raise ValueError(f"INT4 scales cover 1 x group weights, the group a multiple of {INT4_PER_WORD}; "
+                             f"got {self.block}")
 
     @property
     def layout(self) -> _Layout:
@@ -76,6 +89,8 @@ class ExpertFormat:
     def describe(self) -> str:
         if self.name == "mxfp4":
             return f"MXFP4 (e2m1 with an e8m0 scale per {MXFP4_GROUP} weights)"
+        if self.name == "int4_group":
+            return f"INT4 W4A16 (symmetric, a scale per {self.block[1]} weights)"
         return f"FP8 e4m3 with {self.block[0]}x{self.block[1]} block scales"
 
     def scale_shape(self, n: int, k: int) -> tuple[int, int]:
@@ -96,15 +111,19 @@ class ExpertFormat:
     def param_dtypes(self) -> dict[str, torch.dtype]:
         """The expert tensors vLLM's method for this format registers, by name."""
         lay = self.layout
-        return {"w13_weight": lay.values, "w2_weight": lay.values,
-                f"w13_{lay.scale_name}": lay.scales, f"w2_{lay.scale_name}": lay.scales}
+        names = {f"w13_{lay.value_name}": lay.values, f"w2_{lay.value_name}": lay.values,
+                 f"w13_{lay.scale_name}": lay.scales, f"w2_{lay.scale_name}": lay.scales}
+        if self.name == "int4_group":  # compressed-tensors' [N, K] of each projection, checked at load
+            names.update(w13_weight_shape=torch.int64, w2_weight_shape=torch.int64)
+        return names
 
     def check_layer(self, prefix: str, hidden: int, inter: int) -> None:
         """Raises ValueError for a layer the format cannot store or split into gate and up."""
-        if self.name == "mxfp4":
-            if hidden % MXFP4_GROUP or inter % MXFP4_GROUP:
+        if self.name in ("mxfp4", "int4_group"):
+            group = self.block[1]
+            if hidden % group or inter % group:
                 raise ValueError(f"{prefix}: hidden size {hidden} and intermediate size {inter} must be multiples "
-                                 f"of MXFP4's {MXFP4_GROUP}-weight scale groups")
+                                 f"of the {group}-weight scale groups of {self.describe()}")
         elif inter % self.block[0]:
             raise ValueError(f"{prefix}: intermediate size {inter} is not a multiple of the FP8 scale block's "
                              f"{self.block[0]} rows, so gate and up scales cannot be told apart")
@@ -119,6 +138,12 @@ class ExpertFormat:
                                  pin_memory=pin)
             scales = torch.full((count, n, k // MXFP4_GROUP), E8M0_ONE, dtype=torch.uint8, device=device)
             scales = scales.pin_memory() if pin else scales
+        elif self.name == "int4_group":  # [count, N, K/8] words, [count, N, K/group] scales
+            values = torch.empty(count, n, math.ceil(k / INT4_PER_WORD), dtype=lay.values, device=device,
+                                 pin_memory=pin)
+            scales = torch.ones(count, *self.scale_shape(n, k), dtype=lay.scales, device=device, pin_memory=pin)
+            return QuantizedExperts(self.name, dict(zip(lay.keys, (values, scales))), dtype=dtype,
+                                    group=self.block[1], k=k)
         else:
             values = torch.empty(count, n, k, dtype=lay.values, device=device, pin_memory=pin)
             scales = torch.ones(count, *self.scale_shape(n, k), dtype=lay.scales, device=device, pin_memory=pin)
@@ -127,7 +152,7 @@ class ExpertFormat:
     def random_values(self, count: int, gen: torch.Generator) -> torch.Tensor:
         """`count` random stored bytes: FP8 values uniform over e4m3's range, or MXFP4 bytes
         uniform over every pair of e2m1 codes."""
-        if self.name == "mxfp4":
+        if self.name in ("mxfp4", "int4_group"):  # every pair of 4-bit codes
             return torch.randint(0, 256, (count,), dtype=torch.uint8, generator=gen)
         pool = torch.empty(count, dtype=torch.float32).uniform_(-FP8_MAX, FP8_MAX, generator=gen)
         return pool.to(torch.float8_e4m3fn).view(torch.uint8)
@@ -136,6 +161,8 @@ class ExpertFormat:
         """The scale that maps the format's largest value to about `magnitude`."""
         if self.name == "mxfp4":  # an e8m0 exponent: 2 ** (byte - 127)
             return E8M0_ONE + round(math.log2(magnitude / E2M1_MAX))
+        if self.name == "int4_group":  # codes -8..7
+            return magnitude / 8
         return magnitude / FP8_MAX
 
 
@@ -187,6 +214,13 @@ class QuantizedHybridMoE(HybridMoE):
             return
         if name[0] == "b":
             super().load_expert(expert, name, weight)
+            return
+        if name[0] == "k":  # compressed-tensors' [N, K] of the projection: checked, not stored
+            H, I = self.hidden_size, self.intermediate_size
+            expect = {"k1": (I, H), "k3": (I, H), "k2": (H, I), "k13": (2 * I, H)}[name]
+            if tuple(int(v) for v in weight.flatten().tolist()) != expect:
+                raise ValueError(f"fiddler: expert {expert}'s {name[1:]} projection is {weight.tolist()} in the "
+                                 f"checkpoint, the layer's is {list(expect)}")
             return
         if name not in ("w1", "w2", "w3", "s1", "s2", "s3"):
             raise KeyError(f"unknown expert tensor {name!r} of a {self.expert_format.name} layer")
