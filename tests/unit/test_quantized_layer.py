@@ -258,7 +258,7 @@ def test_mxfp4_dummy_weights_span_the_bf16_layers_range():
 
 
 def test_mxfp4_layer_sizes_must_hold_whole_scale_groups():
-    with pytest.raises(ValueError, match="multiples of MXFP4's 32-weight scale groups"):
+    with pytest.raises(ValueError, match="multiples of the 32-weight scale groups of MXFP4"):
         MX.check_layer("x", 80, 64)
     with pytest.raises(ValueError, match="MXFP4 scales cover 1 x 32"):
         ExpertFormat("mxfp4", (32, 32))
