@@ -27,7 +27,9 @@ Figures per system: decode tok/s at temperature 1.0 (the headline: random
 tokens, so routing has no memory) and 0 (greedy: a random-weight model loops
 on a few tokens, routing repeats and re-placement looks better than real
 workloads allow); N / (time(1 + N tokens) - time(1 token)), 32-token prompt;
-TTFT of --prefill-lens prompts (best of 2). For fiddler, per decode run: the GPU
+TTFT of --prefill-lens prompts (best of 2; for MLA models on a vLLM runtime without
+FlashAttention, prefill runs mla_prefill_torch.py's plain-torch attention, and the row's
+kwargs say so). For fiddler, per decode run: the GPU
 hit rate and the host bytes read per token (CPU reads + PCIe reads of expert
 weights, from fiddler's counters), and the roofline: host bytes per token over
 the best host read bandwidth measured in this run (CPU and PCIe together, or
@@ -117,6 +119,12 @@ def run_system(args) -> None:
     util = args.gpu_gib / (torch.cuda.mem_get_info()[1] / GIB)
     kwargs = system_kwargs(args.run_system, budget(args.shape, args.layers, args.gpu_gib, args.fp8), util, args.eager,
                            shapes.attention_backend(args.shape))
+    if kwargs["attention_backend"] == "TRITON_MLA":
+        import mla_prefill_torch
+
+        if mla_prefill_torch.flash_attention_missing():  # vLLM's MLA prefill on Hopper needs FlashAttention
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the backend is registered in this process
+            kwargs["attention_config"] = {"mla_prefill_backend": mla_prefill_torch.register()}
     row = {"system": args.run_system, "kwargs": {k: sorted(v) if isinstance(v, set) else v
                                                  for k, v in kwargs.items()}, "decode": {}, "ttft_s": {}}
 

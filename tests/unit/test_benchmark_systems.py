@@ -239,3 +239,35 @@ def test_decode_prediction_of_the_run_budget():
     assert p["ttft_s"]["2048"] > p["ttft_s"]["512"] > 0 and p["cost_model"]
     bigger = decode.predicted("mixtral-8x7b", 2, {**b, "resident_share": 0.75})
     assert bigger["decode_tok_s"] > p["decode_tok_s"] and bigger["gpu_hit_rate"] > p["gpu_hit_rate"]
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_torch_mla_prefill_matches_per_query_softmax(causal):
+    """decode.py's MLA prefill fallback (benchmarks/mla_prefill_torch.py) against attention
+    written out one query at a time: three sequences of 5, 3 and 2 queries, over their own
+    tokens (causal, the new-token call) or over 5, 7 and no context keys (the context-chunk
+    call); 20 heads (two head chunks), D 24, Dv 16; out and FlashAttention's lse layout
+    [H, T]. fp32 throughout: within 1e-5."""
+    import torch
+
+    mla = load_benchmark("mla_prefill_torch")
+    gen = torch.Generator().manual_seed(0)
+    H, D, Dv = 20, 24, 16
+    cu_q, cu_k = torch.tensor([0, 5, 8, 10]), torch.tensor([0, 5, 12, 12])
+    if causal:  # the new-token call attends within each sequence: keys are the queries
+        cu_k = cu_q
+    q = torch.randn(10, H, D, generator=gen)
+    k = torch.randn(int(cu_k[-1]), H, D, generator=gen)
+    v = torch.randn(int(cu_k[-1]), H, Dv, generator=gen)
+    out, lse = mla.varlen_attention(q, k, v, cu_q, cu_k, 0.3, causal)
+    for i in range(3):
+        q0, q1, k0, k1 = int(cu_q[i]), int(cu_q[i + 1]), int(cu_k[i]), int(cu_k[i + 1])
+        for j in range(q0, q1):
+            seen = k1 - (q1 - j - 1) if causal else k1  # keys k0 .. seen - 1
+            if seen <= k0:
+                assert out[j].abs().max() == 0 and torch.isinf(lse[:, j]).all()
+                continue
+            scores = torch.einsum("hd,khd->hk", q[j], k[k0:seen]) * 0.3  # [H, keys]
+            torch.testing.assert_close(lse[:, j], torch.logsumexp(scores, -1), atol=1e-5, rtol=1e-5)
+            ref = torch.einsum("hk,khv->hv", scores.softmax(-1), v[k0:seen])
+            torch.testing.assert_close(out[j], ref, atol=1e-5, rtol=1e-5)
