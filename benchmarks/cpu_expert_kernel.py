@@ -15,7 +15,8 @@ Measures, in one run:
 
 --format fp8_block: the experts in FP8 e4m3 with 128x128 block scales (DeepSeek-V3's
 layout); --format mxfp4: e2m1 with an e8m0 exponent per 32 weights, with bf16
-biases and gpt-oss's clamped SwiGLU (gpt-oss's layout; its experts are 2880x2880).
+biases and gpt-oss's clamped SwiGLU (gpt-oss's layout; its experts are 2880x2880);
+--format int4_group: INT4 in groups of 128 with bf16 scales (compressed-tensors W4A16).
 GB/s counts the compressed bytes read (values and scales); fiddler's native
 kernels against torch dequantizing each expert to bf16 first (what fiddler
 falls back to); kt-kernel is not set up for these formats here.
@@ -209,7 +210,8 @@ def main() -> int:
     ap.add_argument("--dram-gib", type=float, default=4.0, help="total size of the DRAM bandwidth buffers")
     ap.add_argument("--min-time", type=float, default=1.0, help="seconds per measurement (at least)")
     ap.add_argument("--max-experts", type=int, default=256)
-    ap.add_argument("--format", default="bf16", choices=["bf16", "fp8_block", "mxfp4"], help="the experts' format")
+    ap.add_argument("--format", default="bf16", choices=["bf16", "fp8_block", "mxfp4", "int4_group"],
+                    help="the experts' format")
     ap.add_argument("--out-json", default=None)
     ap.add_argument("--out-png", default=None)
     ap.add_argument("--out-dir", default=None, help="directory for the JSON and PNG (default benchmarks/results)")
@@ -331,14 +333,23 @@ def run_quantized(args, threads, tokens, shapes, dram, dram_ways, out_json, out_
 
     fmt = args.format
     math = reference.ExpertMath(activation="swigluoai", has_bias=True) if fmt == "mxfp4" else reference.SILU
-    block = (1, quant.MXFP4_GROUP) if fmt == "mxfp4" else (128, 128)
+    block = {"mxfp4": (1, quant.MXFP4_GROUP), "int4_group": (1, 128)}.get(fmt, (128, 128))
     if not fcpu.quantized_available():
         print("# the native quantized-expert kernels are not available here (AVX512F/BW/VL)")
 
     def quantize(w):  # [N, K] -> the format's (values, scales)
+        if fmt == "int4_group":
+            packed, scale = quant.quant_int4_group(w, block[1])
+            return packed, scale.bfloat16()  # as checkpoints store them
         return quant.quant_mxfp4(w) if fmt == "mxfp4" else quant.quant_fp8_block(w, block)
 
-    keys = ("blocks", "scales") if fmt == "mxfp4" else ("weight", "weight_scale_inv")
+    keys = {"mxfp4": ("blocks", "scales"), "int4_group": ("weight_packed", "weight_scale")}.get(
+        fmt, ("weight", "weight_scale_inv"))
+
+    def experts(tensors, n_exp, k):
+        stacked = {key: t.expand(n_exp, *t.shape).clone() for key, t in zip(keys, tensors)}
+        return quant.QuantizedExperts(fmt, stacked, block=block, group=block[1], k=k)
+
     rows = []
     for H, I in shapes:
         p13, p2 = quantize(torch.empty(2 * I, H).uniform_(-0.05, 0.05)), quantize(torch.empty(H, I).uniform_(-0.05, 0.05))
@@ -346,9 +357,7 @@ def run_quantized(args, threads, tokens, shapes, dram, dram_ways, out_json, out_
         n_exp = rotation_experts(wbytes, l3_bytes(), args)
         print(f"# shape {H}x{I} {fmt}: {wbytes / 1e6:.1f} MB per expert, rotating over {n_exp} experts")
         # every expert in its own memory (rotating past the L3), the same values
-        w13 = quant.QuantizedExperts(fmt, {k: t.expand(n_exp, *t.shape).clone() for k, t in zip(keys, p13)},
-                                     block=block)
-        w2 = quant.QuantizedExperts(fmt, {k: t.expand(n_exp, *t.shape).clone() for k, t in zip(keys, p2)}, block=block)
+        w13, w2 = experts(p13, n_exp, H), experts(p2, n_exp, I)
         biases = (torch.zeros(n_exp, 2 * I, dtype=torch.bfloat16), torch.zeros(n_exp, H, dtype=torch.bfloat16)) \
             if math.has_bias else None
         for T in tokens:
@@ -371,11 +380,13 @@ def run_quantized(args, threads, tokens, shapes, dram, dram_ways, out_json, out_
                                 wbytes))
         w13 = w2 = None
     host = socket.gethostname().split(".")[0] or "host"
-    counted = "fp8 values + fp32 block scales" if fmt == "fp8_block" else "e2m1 values + e8m0 exponents"
+    counted = {"fp8_block": "fp8 values + fp32 block scales", "mxfp4": "e2m1 values + e8m0 exponents",
+               "int4_group": "int4 values + bf16 group scales"}[fmt]
     result = {"device": {"cpu": cpu_model(), "cpus": os.cpu_count(), "threads": threads, "host": host,
                          "flags": cpu_flags()},
               "command": " ".join([os.path.basename(sys.executable)] + sys.argv), "torch": torch.__version__,
-              "format": "fp8_block 128x128" if fmt == "fp8_block" else "mxfp4, biases, swigluoai",
+              "format": {"fp8_block": "fp8_block 128x128", "mxfp4": "mxfp4, biases, swigluoai",
+                         "int4_group": "int4_group 128, bf16 scales"}[fmt],
               "gb_s_counts": f"compressed bytes: {counted}", "dram_read_gb_s": round(dram, 2),
               "dram_read_by_method_gb_s": {k: round(v, 2) for k, v in dram_ways.items()}, "rows": rows}
     return write_result(result, out_json, out_png)

@@ -144,13 +144,15 @@ def expert_quantization(quant_config: Any, prefix: str, layer: Any = None) -> tu
             if scheme is None:
                 return None
             w, a = scheme.get("weights"), scheme.get("input_activations")
+            # activation ordering "weight" / "static" keeps groups in weight order (no g_idx)
             if (w is not None and a is None and w.num_bits == 4 and _value(w.type) == "int" and w.symmetric
-                    and _value(w.strategy) == "group" and w.group_size and w.actorder is None and not w.dynamic
-                    and scheme.get("format") == "pack-quantized"):
+                    and _value(w.strategy) == "group" and w.group_size and not w.dynamic
+                    and _value(w.actorder) in (None, "weight", "static") and scheme.get("format") == "pack-quantized"):
                 return "int4_group", (1, int(w.group_size))
-            unsupported = (f"compressed-tensors {scheme.get('format')} with weights "
-                           f"{w.num_bits if w else None}-bit {_value(w.type) if w else None} "
-                           f"{_value(w.strategy) if w else None} (actorder {_value(w.actorder) if w else None}) and "
+            weights = "no" if w is None else (
+                f"{w.num_bits}-bit {_value(w.type)} {_value(w.strategy)} "
+                f"{'symmetric' if w.symmetric else 'asymmetric'} (actorder {_value(w.actorder)})")
+            unsupported = (f"compressed-tensors {scheme.get('format')} with {weights} weights and "
                            f"{'no' if a is None else 'quantized'} input activations")
     elif name in LOADED_QUANTIZATIONS and is_layer_skipped(
             prefix=prefix, ignored_layers=getattr(quant_config, "ignored_layers", None) or [],
@@ -174,7 +176,7 @@ def expert_quantization(quant_config: Any, prefix: str, layer: Any = None) -> tu
         f"fiddler: layer {prefix} has experts quantized as {unsupported or repr(name)}; fiddler loads "
         "unquantized experts, FP8 with block scales (vLLM's fp8 config with weight_block_size, as "
         "DeepSeek-V3's checkpoints ship them), MXFP4 (gpt-oss) and compressed-tensors' pack-quantized "
-        "symmetric INT4 groups without activation ordering (W4A16) so far")
+        "symmetric INT4 groups in weight order (W4A16) so far")
 
 
 def on_cpu_platform() -> bool:

@@ -83,11 +83,11 @@ def test_int4_group_experts_match_stock_on_the_dequantized_weights(int4_family):
     check_as_close_to_hf_as_stock(ours, stock, FAMILIES[name], ref, f"{name} int4")
 
 
-def test_int4_with_activation_ordering_is_refused_at_build(mixtral_bf16, tmp_path):
-    int4, _ = write_int4_group(mixtral_bf16, str(tmp_path), scheme_overrides={"actorder": "group"})
-    error = start_up_error(int4)
-    assert "experts quantized as compressed-tensors pack-quantized with weights 4-bit int group " \
-           "(actorder group)" in error, error
+def test_int8_weights_are_refused_at_build(mixtral_bf16, tmp_path):
+    int8, _ = write_int4_group(mixtral_bf16, str(tmp_path), scheme_overrides={"num_bits": 8})
+    error = start_up_error(int8)
+    assert "experts quantized as compressed-tensors pack-quantized with 8-bit int group symmetric (actorder None) " \
+           "weights and no input activations" in error, error
 
 
 def test_mxfp4_experts_with_biases_match_stock_on_the_dequantized_weights(gpt_oss_mxfp4):
