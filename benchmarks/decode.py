@@ -46,6 +46,7 @@ import argparse
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import tempfile
@@ -60,6 +61,7 @@ KV_RESERVE_GIB = 3.0
 OVERHEAD_GIB = 1.0
 PROMPT_LEN = 32
 SYSTEMS = ("fiddler", "stock_uva_experts")
+CAPTURE_MAX = 16
 
 
 def moe_shape(shape_name: str, layers: int | None = None, fp8: bool = False):
@@ -91,7 +93,10 @@ def budget(shape_name: str, layers: int, gpu_gib: float, fp8: bool = False) -> d
 def system_kwargs(name: str, b: dict, util: float, eager: bool, attention: str = "TRITON_ATTN") -> dict:
     base = dict(load_format="dummy", gpu_memory_utilization=util, max_model_len=4096,
                 max_num_batched_tokens=2048, max_num_seqs=8, enable_prefix_caching=False, seed=0,
-                attention_backend=attention, enforce_eager=eager)
+                attention_backend=attention, enforce_eager=eager,
+                # batch-1 decode replays the 1-token graph; capturing every size up to 1024
+                # runs each through the MoE (minutes for host experts of 4-bit formats)
+                compilation_config={"max_cudagraph_capture_size": CAPTURE_MAX})
     if name == "fiddler":
         return {**base, "model_impl": "fiddler", "additional_config": {"fiddler": {
             "gpu_expert_budget_gb": b["resident_gib"], "kv_cache_reserve_gb": KV_RESERVE_GIB}}}
@@ -206,10 +211,14 @@ def main() -> None:
     for system in args.systems.split(","):
         path = tempfile.mktemp(suffix=".json")
         cmd = [sys.executable, __file__, *sys.argv[1:], "--run-system", system, "--system-out", path]
+        # its own process group: on a timeout the engine's processes go with it, and the
+        # next system finds the GPU free
+        child = subprocess.Popen(cmd, start_new_session=True)
         try:
-            subprocess.run(cmd, timeout=args.system_timeout, check=False)
+            child.wait(timeout=args.system_timeout)
         except subprocess.TimeoutExpired:
-            pass
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
         row = json.load(open(path)) if os.path.exists(path) else {"system": system, "error": "no result"}
         for figure in row.get("decode", {}).values():
             if figure.get("host_gb_per_token") and best_read:

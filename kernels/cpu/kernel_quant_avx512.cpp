@@ -39,10 +39,9 @@ using fiddler_cpu::MoeProblem;
 // subnormals included, so VCVTPH2PS widens it exactly and the 2^8 goes into the block
 // scale.
 static inline __m512i fp8x32_to_fp16(const uint8_t* q, __mmask32 mask) {
-  // t << 7: exponent and mantissa at bits 7..13, the sign at 14; adding bit 14 to itself
-  // carries the sign into bit 15 (bit 15 is clear) and clears 14
-  const __m512i v = _mm512_slli_epi16(_mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(mask, q)), 7);
-  return _mm512_add_epi16(v, _mm512_and_si512(v, _mm512_set1_epi16(0x4000)));
+  // sign-extended to 16 bits and shifted by 7: the sign lands on bits 15 and 14; clear 14
+  const __m512i v = _mm512_slli_epi16(_mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(mask, q)), 7);
+  return _mm512_and_si512(v, _mm512_set1_epi16(int16_t(0xBFFF)));
 }
 
 static inline __mmask32 tail_mask32(int64_t n) { return n >= 32 ? ~__mmask32(0) : __mmask32((1u << n) - 1); }
@@ -50,29 +49,37 @@ static inline __mmask32 tail_mask32(int64_t n) { return n >= 32 ? ~__mmask32(0) 
 static inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
 
 // acc[t] = sum_k q[k] * srow[k / bk] * X[t][k], t < M; X fp32 rows of ldx. M is a template
-// argument so that the accumulators stay in registers.
+// argument so that the accumulators stay in registers; each chunk's two halves accumulate
+// in separate registers (two chains of dependent FMAs a token, not one).
+template <int M>
+__attribute__((always_inline)) static inline void chunk_dot_fp8(const uint8_t* q, __mmask32 mask, const float* X,
+                                                                int64_t ldx, __m512 (&b0)[M], __m512 (&b1)[M]) {
+  const __m512i h = fp8x32_to_fp16(q, mask);
+  const __m512 w0 = _mm512_cvtph_ps(_mm512_castsi512_si256(h));
+  const __m512 w1 = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1));
+  const __mmask16 m0 = __mmask16(mask), m1 = __mmask16(mask >> 16);
+  for (int t = 0; t < M; ++t) {
+    b0[t] = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(m0, X + t * ldx), b0[t]);
+    b1[t] = _mm512_fmadd_ps(w1, _mm512_maskz_loadu_ps(m1, X + t * ldx + 16), b1[t]);
+  }
+}
+
 template <int M>
 static inline void row_dot(const uint8_t* q, const float* srow, int64_t K, int64_t bk, const float* X, int64_t ldx,
                            float* acc) {
-  __m512 tot[M], blk[M];
+  __m512 tot[M], b0[M], b1[M];
   for (int t = 0; t < M; ++t) tot[t] = _mm512_setzero_ps();
-  for (int64_t k0 = 0; k0 < K; k0 += bk) {
+  for (int64_t k0 = 0, blk = 0; k0 < K; k0 += bk, ++blk) {
     const int64_t k1 = std::min(k0 + bk, K);
-    for (int t = 0; t < M; ++t) blk[t] = _mm512_setzero_ps();
-    for (int64_t k = k0; k < k1; k += 32) {
-      const __mmask32 mask = tail_mask32(k1 - k);
-      const __m512i h = fp8x32_to_fp16(q + k, mask);
-      const __m512 w0 = _mm512_cvtph_ps(_mm512_castsi512_si256(h));
-      const __m512 w1 = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1));
-      const __mmask16 m0 = __mmask16(mask), m1 = __mmask16(mask >> 16);
-      for (int t = 0; t < M; ++t) {
-        const float* xr = X + t * ldx + k;
-        blk[t] = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(m0, xr), blk[t]);
-        blk[t] = _mm512_fmadd_ps(w1, _mm512_maskz_loadu_ps(m1, xr + 16), blk[t]);
-      }
-    }
-    const __m512 s = _mm512_set1_ps(srow[k0 / bk] * 256.0f);  // the fp16 decode's 2^-8 back
-    for (int t = 0; t < M; ++t) tot[t] = _mm512_fmadd_ps(blk[t], s, tot[t]);
+    for (int t = 0; t < M; ++t) b0[t] = b1[t] = _mm512_setzero_ps();
+    int64_t k = k0;
+    // full chunks with a constant mask, then the block's tail: a mask computed every chunk
+    // costs three moves to mask registers, on the port the conversions need (1024x1024
+    // expert, 1 token, one thread, weights in cache, 2-core VM: 9.4 -> 12.8 GB/s)
+    for (; k + 32 <= k1; k += 32) chunk_dot_fp8<M>(q + k, ~__mmask32(0), X + k, ldx, b0, b1);
+    if (k < k1) chunk_dot_fp8<M>(q + k, tail_mask32(k1 - k), X + k, ldx, b0, b1);
+    const __m512 s = _mm512_set1_ps(srow[blk] * 256.0f);  // the fp16 decode's 2^-8 back
+    for (int t = 0; t < M; ++t) tot[t] = _mm512_fmadd_ps(_mm512_add_ps(b0[t], b1[t]), s, tot[t]);
   }
   for (int t = 0; t < M; ++t) acc[t] = _mm512_reduce_add_ps(tot[t]);
 }
@@ -84,9 +91,9 @@ static inline void row_dot(const uint8_t* q, const float* srow, int64_t K, int64
 constexpr int kRows = 4, kToks = 4;
 
 static inline void decode_row(const uint8_t* q, const float* srow, int64_t K, int64_t bk, float* w) {
-  for (int64_t k0 = 0; k0 < K; k0 += bk) {
+  for (int64_t k0 = 0, blk = 0; k0 < K; k0 += bk, ++blk) {
     const int64_t k1 = std::min(k0 + bk, K);
-    const __m512 s = _mm512_set1_ps(srow[k0 / bk] * 256.0f);
+    const __m512 s = _mm512_set1_ps(srow[blk] * 256.0f);
     for (int64_t k = k0; k < k1; k += 32) {
       const __mmask32 mask = tail_mask32(k1 - k);
       const __m512i h = fp8x32_to_fp16(q + k, mask);
@@ -136,6 +143,26 @@ static inline float bf16_to_float(uint16_t b) {
   return f;
 }
 
+// sc[c] = the scale of 32-weight chunk c of one row of a 4-bit format, fp32: MXFP4
+// 2^(e - 127) from its e8m0 byte (a byte of 0, 2^-127, gives 0), INT4 its group's bf16
+// scale. Computed once per row, so the inner loops broadcast a float from memory (a load,
+// no shuffle) and divide nothing.
+static inline void chunk_scales(const MoeProblem* p, const void* srow, int64_t K, float* sc) {
+  const int64_t C = K / 32;
+  if (p->fmt == fiddler_cpu::kFmtMxfp4) {
+    const auto* e = static_cast<const uint8_t*>(srow);
+    for (int64_t c = 0; c < C; c += 16) {
+      const __mmask16 mask = tail_mask(C - c);
+      const __m512i v = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask, e + c));
+      _mm512_mask_storeu_ps(sc + c, mask, _mm512_castsi512_ps(_mm512_slli_epi32(v, 23)));
+    }
+    return;
+  }
+  const auto* s = static_cast<const uint16_t*>(srow);
+  const int64_t per = p->bk / 32;  // chunks a group
+  for (int64_t g = 0; g < K / p->bk; ++g) std::fill(sc + g * per, sc + (g + 1) * per, bf16_to_float(s[g]));
+}
+
 // 32 weights from 16 bytes of 4-bit codes (low nibble first): w[k] = lut[code k] * s.
 static inline void decode_nibbles32(const uint8_t* q, __m512 lut, __m512 s, float* w) {
   // natural order from the low-nibble values (a) and high-nibble values (b): a0 b0 a1 b1 ...
@@ -148,46 +175,53 @@ static inline void decode_nibbles32(const uint8_t* q, __m512 lut, __m512 s, floa
   _mm512_storeu_ps(w + 16, _mm512_mul_ps(_mm512_permutex2var_ps(lo, second, hi), s));
 }
 
-// One MXFP4 row: w[k] = e2m1(code k) * 2^(e[k / 32] - 127), k < K (K a multiple of 32). An
-// exponent byte of 0 (2^-127) decodes as 0.
-static inline void decode_row_mxfp4(const uint8_t* q, const uint8_t* e, int64_t K, float* w) {
-  const __m512 lut = _mm512_load_ps(kE2M1);
-  for (int64_t g = 0; g < K / 32; ++g)  // the exponent byte shifted into a float's exponent field
-    decode_nibbles32(q + 16 * g, lut, _mm512_castsi512_ps(_mm512_set1_epi32(int32_t(e[g]) << 23)), w + 32 * g);
+// One 4-bit row in natural order: w[k] = lut[code k] * sc[k / 32], k < K (K a multiple of
+// 32; sc from chunk_scales).
+static inline void decode_row_4bit(const uint8_t* q, const float* sc, int64_t K, __m512 lut, float* w) {
+  for (int64_t c = 0; c < K / 32; ++c) decode_nibbles32(q + 16 * c, lut, _mm512_set1_ps(sc[c]), w + 32 * c);
 }
 
-// One INT4 row: w[k] = (code k - 8) * s[k / group], k < K (K and group multiples of 32).
-static inline void decode_row_int4(const uint8_t* q, const uint16_t* s, int64_t K, int64_t group, float* w) {
-  const __m512 lut = _mm512_load_ps(kInt4);
-  for (int64_t c = 0; c < K / 32; ++c)
-    decode_nibbles32(q + 16 * c, lut, _mm512_set1_ps(bf16_to_float(s[32 * c / group])), w + 32 * c);
+// One 32-weight chunk c of a 4-bit row against M tokens: the table is scaled first (one
+// multiply for 32 weights), then looked up for the low and the high nibbles, whose values
+// meet 16 contiguous activations each in Xd (see row_dot_4bit).
+template <int M>
+__attribute__((always_inline)) static inline void chunk_dot_4bit(const uint8_t* q, const float* sc, int64_t c,
+                                                                 __m512 lut, const float* Xd, int64_t K,
+                                                                 __m512 (&a)[M][2]) {
+  const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16 * c)));
+  const __m512 ls = _mm512_mul_ps(lut, _mm512_set1_ps(sc[c]));
+  const __m512 lo = _mm512_permutexvar_ps(b, ls);  // VPERMPS reads an index's low 4 bits only
+  const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), ls);
+  for (int t = 0; t < M; ++t) {
+    const float* xr = Xd + t * K + 32 * c;
+    a[t][0] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xr), a[t][0]);
+    a[t][1] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xr + 16), a[t][1]);
+  }
 }
 
 // Few tokens, 4-bit formats: the row's codes meet the tokens' activations in registers, no
 // decoded row in memory. Xd holds each 32-input chunk of X with its even inputs first, then its
 // odd ones (deinterleave), so a chunk's low-nibble values (inputs 2j) and high-nibble values
-// (2j + 1) each multiply 16 contiguous activations: no reordering of the weights. On the 2-core
-// AVX512 VM a gpt-oss expert (2880x2880 MXFP4) at 1 token: 3.1 ms through a decoded row, 1.5 ms
-// this way; at 4 tokens 5.4 and 2.5 ms.
-template <int M, bool kMxfp4>
-static inline void row_dot_4bit(const uint8_t* q, const void* srow, int64_t group, int64_t K, __m512 lut,
-                                const float* Xd, float* acc) {
-  __m512 tot[M];
-  for (int t = 0; t < M; ++t) tot[t] = _mm512_setzero_ps();
-  const __m512i low4 = _mm512_set1_epi32(15);
-  for (int64_t c = 0; c < K / 32; ++c) {
-    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16 * c)));
-    const __m512 s = kMxfp4 ? _mm512_castsi512_ps(_mm512_set1_epi32(int32_t(static_cast<const uint8_t*>(srow)[c]) << 23))
-                            : _mm512_set1_ps(bf16_to_float(static_cast<const uint16_t*>(srow)[32 * c / group]));
-    const __m512 lo = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(b, low4), lut), s);
-    const __m512 hi = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), lut), s);
-    for (int t = 0; t < M; ++t) {
-      const float* xr = Xd + t * K + 32 * c;
-      tot[t] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xr), tot[t]);
-      tot[t] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xr + 16), tot[t]);
-    }
+// (2j + 1) each multiply 16 contiguous activations: no reordering of the weights. Up to 2
+// tokens, two chunks are in flight (four accumulator chains a token), so that FMA latency is
+// hidden.
+template <int M>
+static inline void row_dot_4bit(const uint8_t* q, const float* sc, int64_t K, __m512 lut, const float* Xd,
+                                float* acc) {
+  constexpr int U = M <= 2 ? 2 : 1;
+  __m512 a[U][M][2];
+  for (int u = 0; u < U; ++u)
+    for (int t = 0; t < M; ++t) a[u][t][0] = a[u][t][1] = _mm512_setzero_ps();
+  const int64_t C = K / 32;
+  int64_t c = 0;
+  for (; c + U <= C; c += U)
+    for (int u = 0; u < U; ++u) chunk_dot_4bit<M>(q, sc, c + u, lut, Xd, K, a[u]);
+  for (; c < C; ++c) chunk_dot_4bit<M>(q, sc, c, lut, Xd, K, a[0]);
+  for (int t = 0; t < M; ++t) {
+    __m512 v = _mm512_add_ps(a[0][t][0], a[0][t][1]);
+    for (int u = 1; u < U; ++u) v = _mm512_add_ps(v, _mm512_add_ps(a[u][t][0], a[u][t][1]));
+    acc[t] = _mm512_reduce_add_ps(v);
   }
-  for (int t = 0; t < M; ++t) acc[t] = _mm512_reduce_add_ps(tot[t]);
 }
 
 // Xd [m][K] from X [m][K] (rows of ldx): each 32-input chunk's even inputs, then its odd ones
@@ -210,26 +244,32 @@ static inline bool four_bit(const MoeProblem* p) {
   return p->fmt == fiddler_cpu::kFmtMxfp4 || p->fmt == fiddler_cpu::kFmtInt4Group;
 }
 
+// The start of row r's scales in a 4-bit format's scale tensor ([rows][K / group]).
+static inline const void* scale_row_4bit(const MoeProblem* p, const void* scales, int64_t r, int64_t K) {
+  if (p->fmt == fiddler_cpu::kFmtMxfp4) return static_cast<const uint8_t*>(scales) + r * (K / 32);
+  return static_cast<const uint16_t*>(scales) + r * (K / p->bk);
+}
+
+static inline __m512 lut_4bit(const MoeProblem* p) {
+  return _mm512_load_ps(p->fmt == fiddler_cpu::kFmtMxfp4 ? kE2M1 : kInt4);
+}
+
 // acc[r * m + t] for rows row0 .. row0 + nr - 1 of a 4-bit format, m <= 4, Xd deinterleaved.
 static void rows_dot_4bit(const MoeProblem* p, const uint8_t* q, const void* scales, int64_t row0, int nr, int64_t K,
                           const float* Xd, int32_t m, float* acc) {
-  const bool mx = p->fmt == fiddler_cpu::kFmtMxfp4;
-  const int64_t group = mx ? 32 : p->bk, groups = K / group;
-  const __m512 lut = _mm512_load_ps(mx ? kE2M1 : kInt4);
+  thread_local std::vector<float> sc;
+  sc.resize(size_t(K / 32));
+  const __m512 lut = lut_4bit(p);
   for (int r = 0; r < nr; ++r) {
+    chunk_scales(p, scale_row_4bit(p, scales, row0 + r, K), K, sc.data());
     const uint8_t* qr = q + (row0 + r) * (K / 2);
-    const void* sr = mx ? static_cast<const void*>(static_cast<const uint8_t*>(scales) + (row0 + r) * groups)
-                        : static_cast<const void*>(static_cast<const uint16_t*>(scales) + (row0 + r) * groups);
     float* ar = acc + int64_t(r) * m;
-#define FIDDLER_ROW_DOT_4BIT(MM) \
-  (mx ? row_dot_4bit<MM, true>(qr, sr, group, K, lut, Xd, ar) : row_dot_4bit<MM, false>(qr, sr, group, K, lut, Xd, ar))
     switch (m) {
-      case 1: FIDDLER_ROW_DOT_4BIT(1); break;
-      case 2: FIDDLER_ROW_DOT_4BIT(2); break;
-      case 3: FIDDLER_ROW_DOT_4BIT(3); break;
-      default: FIDDLER_ROW_DOT_4BIT(4); break;
+      case 1: row_dot_4bit<1>(qr, sc.data(), K, lut, Xd, ar); break;
+      case 2: row_dot_4bit<2>(qr, sc.data(), K, lut, Xd, ar); break;
+      case 3: row_dot_4bit<3>(qr, sc.data(), K, lut, Xd, ar); break;
+      default: row_dot_4bit<4>(qr, sc.data(), K, lut, Xd, ar); break;
     }
-#undef FIDDLER_ROW_DOT_4BIT
   }
 }
 
@@ -239,15 +279,14 @@ static void rows_dot(const MoeProblem* p, const uint8_t* q, const void* scales, 
                      const float* X, int64_t ldx, int32_t m, float* acc) {
   thread_local std::vector<float> W;
   W.resize(size_t(kRows) * size_t(K));
-  if (p->fmt == fiddler_cpu::kFmtMxfp4) {
-    const auto* e = static_cast<const uint8_t*>(scales);
-    for (int r = 0; r < nr; ++r)
-      decode_row_mxfp4(q + (row0 + r) * (K / 2), e + (row0 + r) * (K / 32), K, W.data() + r * K);
-  } else if (p->fmt == fiddler_cpu::kFmtInt4Group) {
-    const auto* s = static_cast<const uint16_t*>(scales);
-    const int64_t g = p->bk;
-    for (int r = 0; r < nr; ++r)
-      decode_row_int4(q + (row0 + r) * (K / 2), s + (row0 + r) * (K / g), K, g, W.data() + r * K);
+  if (four_bit(p)) {
+    thread_local std::vector<float> sc;
+    sc.resize(size_t(K / 32));
+    const __m512 lut = lut_4bit(p);
+    for (int r = 0; r < nr; ++r) {
+      chunk_scales(p, scale_row_4bit(p, scales, row0 + r, K), K, sc.data());
+      decode_row_4bit(q + (row0 + r) * (K / 2), sc.data(), K, lut, W.data() + r * K);
+    }
   } else {
     const int64_t bn = p->bn, bk = p->bk, sk = (K + bk - 1) / bk;
     const auto* s = static_cast<const float*>(scales);
