@@ -889,3 +889,30 @@ def test_swigluoai_clamps_as_vllm_does():
     interleaved = torch.stack([gate_up[:, :16], gate_up[:, 16:]], dim=2).flatten(1)
     ours = reference.ExpertMath(activation="swigluoai", has_bias=True).act(gate_up)
     torch.testing.assert_close(ours, vllm_act.forward_native(interleaved))
+
+
+def test_quantized_host_experts_in_torch_say_so_once(monkeypatch):
+    """Host experts the native kernels do not take (here x in fp32) dequantize in torch, two
+    orders of magnitude slower: one warning per format says so and why, the result is still
+    right."""
+    from vllm_fiddler.kernels import quant
+    from vllm_fiddler.runtime import cpu_experts
+
+    gen = torch.Generator().manual_seed(0)
+    w13, w2 = torch.randn(2, 128, 64, generator=gen), torch.randn(2, 64, 64, generator=gen)
+    (b13, e13), (b2, e2) = quant.quant_mxfp4(w13), quant.quant_mxfp4(w2)
+    make = lambda b, e: quant.QuantizedExperts("mxfp4", {"blocks": b, "scales": e}, block=(1, 32))  # noqa: E731
+    q13, q2 = make(b13, e13), make(b2, e2)
+    warnings = []
+    monkeypatch.setattr(cpu_experts, "_warned_torch_formats", set())
+    monkeypatch.setattr(cpu_experts.logger, "warning", lambda msg, *args: warnings.append(msg % args))
+    x = torch.randn(3, 64, generator=gen)  # fp32: not what the native kernels take
+    ids, weights = torch.tensor([[0], [1], [-1]]), torch.ones(3, 1)
+    for _ in range(2):
+        out = torch.zeros(3, 64)
+        cpu_experts.cpu_moe_forward(x, q13, q2, ids, weights, out)
+    ref = reference.moe(x, quant.dequant_mxfp4(b13, e13), quant.dequant_mxfp4(b2, e2), weights * (ids >= 0),
+                        ids.clamp(min=0))
+    # torch's path multiplies in the experts' dtype (bf16): ~2^-8 relative per operand
+    torch.testing.assert_close(out, ref, atol=2e-2 * ref.abs().max().item(), rtol=0)
+    assert len(warnings) == 1 and "mxfp4 experts dequantize in torch" in warnings[0] and "float32" in warnings[0]
