@@ -244,10 +244,16 @@ static inline bool four_bit(const MoeProblem* p) {
   return p->fmt == fiddler_cpu::kFmtMxfp4 || p->fmt == fiddler_cpu::kFmtInt4Group;
 }
 
-// The start of row r's scales in a 4-bit format's scale tensor ([rows][K / group]).
-static inline const void* scale_row_4bit(const MoeProblem* p, const void* scales, int64_t r, int64_t K) {
-  if (p->fmt == fiddler_cpu::kFmtMxfp4) return static_cast<const uint8_t*>(scales) + r * (K / 32);
-  return static_cast<const uint16_t*>(scales) + r * (K / p->bk);
+// Row r's chunk scales (chunk_scales) from a 4-bit format's scale tensor ([rows][K / group]),
+// in thread-local scratch.
+static inline const float* row_scales_4bit(const MoeProblem* p, const void* scales, int64_t r, int64_t K) {
+  thread_local std::vector<float> sc;
+  sc.resize(size_t(K / 32));
+  const void* srow = p->fmt == fiddler_cpu::kFmtMxfp4
+                         ? static_cast<const void*>(static_cast<const uint8_t*>(scales) + r * (K / 32))
+                         : static_cast<const void*>(static_cast<const uint16_t*>(scales) + r * (K / p->bk));
+  chunk_scales(p, srow, K, sc.data());
+  return sc.data();
 }
 
 static inline __m512 lut_4bit(const MoeProblem* p) {
@@ -257,18 +263,16 @@ static inline __m512 lut_4bit(const MoeProblem* p) {
 // acc[r * m + t] for rows row0 .. row0 + nr - 1 of a 4-bit format, m <= 4, Xd deinterleaved.
 static void rows_dot_4bit(const MoeProblem* p, const uint8_t* q, const void* scales, int64_t row0, int nr, int64_t K,
                           const float* Xd, int32_t m, float* acc) {
-  thread_local std::vector<float> sc;
-  sc.resize(size_t(K / 32));
   const __m512 lut = lut_4bit(p);
   for (int r = 0; r < nr; ++r) {
-    chunk_scales(p, scale_row_4bit(p, scales, row0 + r, K), K, sc.data());
+    const float* sc = row_scales_4bit(p, scales, row0 + r, K);
     const uint8_t* qr = q + (row0 + r) * (K / 2);
     float* ar = acc + int64_t(r) * m;
     switch (m) {
-      case 1: row_dot_4bit<1>(qr, sc.data(), K, lut, Xd, ar); break;
-      case 2: row_dot_4bit<2>(qr, sc.data(), K, lut, Xd, ar); break;
-      case 3: row_dot_4bit<3>(qr, sc.data(), K, lut, Xd, ar); break;
-      default: row_dot_4bit<4>(qr, sc.data(), K, lut, Xd, ar); break;
+      case 1: row_dot_4bit<1>(qr, sc, K, lut, Xd, ar); break;
+      case 2: row_dot_4bit<2>(qr, sc, K, lut, Xd, ar); break;
+      case 3: row_dot_4bit<3>(qr, sc, K, lut, Xd, ar); break;
+      default: row_dot_4bit<4>(qr, sc, K, lut, Xd, ar); break;
     }
   }
 }
@@ -280,13 +284,9 @@ static void rows_dot(const MoeProblem* p, const uint8_t* q, const void* scales, 
   thread_local std::vector<float> W;
   W.resize(size_t(kRows) * size_t(K));
   if (four_bit(p)) {
-    thread_local std::vector<float> sc;
-    sc.resize(size_t(K / 32));
     const __m512 lut = lut_4bit(p);
-    for (int r = 0; r < nr; ++r) {
-      chunk_scales(p, scale_row_4bit(p, scales, row0 + r, K), K, sc.data());
-      decode_row_4bit(q + (row0 + r) * (K / 2), sc.data(), K, lut, W.data() + r * K);
-    }
+    for (int r = 0; r < nr; ++r)
+      decode_row_4bit(q + (row0 + r) * (K / 2), row_scales_4bit(p, scales, row0 + r, K), K, lut, W.data() + r * K);
   } else {
     const int64_t bn = p->bn, bk = p->bk, sk = (K + bk - 1) / bk;
     const auto* s = static_cast<const float*>(scales);
