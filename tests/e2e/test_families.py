@@ -47,8 +47,9 @@ def prompts() -> list[list[int]]:
 _RUNS: dict[tuple, list] = {}  # (model, impl, dtype) -> outputs: each engine runs once per module
 
 
-def generate(model: str, model_impl: str, dtype: str, fiddler: dict | None = None, max_num_seqs: int = 16):
-    key = (model, model_impl, dtype)
+def generate(model: str, model_impl: str, dtype: str, fiddler: dict | None = None, max_num_seqs: int = 16,
+             logprobs: int = 5):
+    key = (model, model_impl, dtype, logprobs)
     if key in _RUNS:
         return _RUNS[key]
     from vllm import LLM, SamplingParams
@@ -58,7 +59,7 @@ def generate(model: str, model_impl: str, dtype: str, fiddler: dict | None = Non
               additional_config={"fiddler": fiddler} if fiddler is not None else {},
               **{**ENGINE, "max_num_seqs": max_num_seqs})
     try:
-        params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=5, ignore_eos=True)
+        params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=logprobs, ignore_eos=True)
         outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts()], params)
         _RUNS[key] = [(list(o.outputs[0].token_ids), o.outputs[0].logprobs) for o in outs]
         return _RUNS[key]
@@ -139,6 +140,12 @@ def hf_logprobs(fam, path: str, outs) -> list[torch.Tensor]:
             logits = hf(torch.tensor([p + ids[:-1]])).logits[0, len(p) - 1:]  # [steps, V]
             refs.append(torch.log_softmax(logits.float(), dim=-1))
     return refs
+
+
+def top_n(outs, n: int):
+    """The runs with each position's logprobs cut to its n most likely tokens."""
+    return [(ids, [dict(sorted(top.items(), key=lambda kv: kv[1].rank)[:n]) for top in logprobs])
+            for ids, logprobs in outs]
 
 
 def logprob_diffs(outs, refs) -> torch.Tensor:

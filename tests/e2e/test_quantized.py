@@ -31,7 +31,7 @@ import torch
 
 from helpers.families import FAMILIES, build_family
 from helpers.quantized import write_fp8_block, write_int4_group, write_mxfp4
-from test_families import check_as_close_to_hf_as_stock, check_tokens_close, generate
+from test_families import check_as_close_to_hf_as_stock, check_tokens_close, generate, top_n
 
 pytestmark = pytest.mark.slow
 
@@ -55,12 +55,23 @@ def quantized_family(request, tmp_path_factory):
         yield name, fmt, quantized, ref, {"placement": str(placement)}
 
 
+# A near tie, at the first position where the greedy runs part: each run's token among the
+# other's NEAR_TIE_TOP. Rounding in a layer's router (vLLM's CPU kernels differ by CPU, AMX
+# or not) now and then flips a near-tied expert choice, which moves the position's
+# log-probabilities by tenths of a nat (test_families' HF test): measured on gpt-oss MXFP4,
+# fiddler's token 0.11 nats under its own top one and ranked below stock's top 5, the same
+# with fiddler on the dequantized bf16 checkpoint. The flat top of these tiny models' 512-token
+# distributions spans ~0.5 nats over 5 tokens, so 20. Wrong weights move most positions by
+# tenths to whole nats, which the HF check (top 5, as test_families') catches.
+NEAR_TIE_TOP = 20
+
+
 def test_quantized_experts_match_stock_on_the_dequantized_weights(quantized_family):
     name, fmt, quantized, ref, options = quantized_family
-    ours = generate(quantized, "fiddler", "bfloat16", options)
-    stock = generate(ref, "auto", "bfloat16")
+    ours = generate(quantized, "fiddler", "bfloat16", options, logprobs=NEAR_TIE_TOP)
+    stock = generate(ref, "auto", "bfloat16", logprobs=NEAR_TIE_TOP)
     check_tokens_close(ours, stock, f"{name} {fmt}")
-    check_as_close_to_hf_as_stock(ours, stock, FAMILIES[name], ref, f"{name} {fmt}")
+    check_as_close_to_hf_as_stock(top_n(ours, 5), top_n(stock, 5), FAMILIES[name], ref, f"{name} {fmt}")
 
 
 def start_up_error(path: str) -> str:
