@@ -15,10 +15,17 @@ loop over experts: gather, two matmuls, SwiGLU, index_add), both with
 `--gpu-experts Eg` keeps only the first Eg experts on the GPU: ids >= Eg
 become -1, as the hybrid layer passes them, and w13/w2 hold Eg experts.
 
+`--format` stores the experts quantized (kernels.quant's layouts: fp8_block 128x128,
+mxfp4, int4_group with --group): GB/s then counts the stored bytes (values and
+scales), which the kernel reads and widens in registers, and the torch
+reference dequantizes each routed expert before its matmuls. `--gpt-oss` adds
+gpt-oss's expert math (clamped SwiGLU, biases).
+
 From the repository root:
 
     python3 benchmarks/triton_moe.py                       # Mixtral, T = 1..4096
     python3 benchmarks/triton_moe.py --gpu-experts 4 --json benchmarks/results/triton_moe.json
+    python3 benchmarks/triton_moe.py --format mxfp4 --gpt-oss --E 128 --gpu-experts 36 --H 2880 --I 2880 --K 4
 """
 
 from __future__ import annotations
@@ -31,14 +38,15 @@ TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
-def torch_moe(x, w13, w2, topk_weights, topk_ids):
+def torch_moe(x, w13, w2, topk_weights, topk_ids, math=None, b13=None, b2=None):
     """The torch reference: one gather + two cuBLAS matmuls per expert (the project's torch path)."""
     import torch
 
+    from vllm_fiddler.kernels.reference import SILU
     from vllm_fiddler.kernels.torch_moe import moe_forward
 
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # [T, H]
-    moe_forward(x, w13, w2, topk_ids, topk_weights, out)
+    moe_forward(x, w13, w2, topk_ids, topk_weights, out, math or SILU, b13, b2)
     return out.to(x.dtype)
 
 
@@ -88,6 +96,19 @@ def profile(fn, fargs, fkwargs, T) -> dict:
     return res
 
 
+def quantized(fmt: str, w, dtype, group: int, quant):
+    """[E, N, K] fp32 weights stored as `fmt` (a kernels.quant.QuantizedExperts)."""
+    if fmt == "fp8_block":
+        values, scales = quant.quant_fp8_block(w)
+        return quant.QuantizedExperts(fmt, {"weight": values, "weight_scale_inv": scales}, dtype)
+    if fmt == "mxfp4":
+        blocks, scales = quant.quant_mxfp4(w)
+        return quant.QuantizedExperts(fmt, {"blocks": blocks, "scales": scales}, dtype)
+    packed, scales = quant.quant_int4_group(w, group)
+    return quant.QuantizedExperts(fmt, {"weight_packed": packed, "weight_scale": scales.to(dtype)}, dtype,
+                                  group=group, k=w.shape[-1])
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--E", type=int, default=8, help="experts of the model (router width)")
@@ -96,6 +117,10 @@ def main(argv=None) -> int:
     p.add_argument("--I", type=int, default=14336)
     p.add_argument("--K", type=int, default=2)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    p.add_argument("--format", choices=["dense", "fp8_block", "mxfp4", "int4_group"], default="dense",
+                   help="how the experts are stored (dense: in --dtype)")
+    p.add_argument("--group", type=int, default=128, help="int4_group's inputs per scale")
+    p.add_argument("--gpt-oss", action="store_true", help="gpt-oss's expert math: clamped SwiGLU and biases")
     p.add_argument("--tokens", type=str, default=None, help="comma-separated token counts")
     p.add_argument("--rep", type=float, default=100.0, help="do_bench rep (ms)")
     p.add_argument("--no-torch", action="store_true", help="skip the torch reference")
@@ -119,11 +144,24 @@ def main(argv=None) -> int:
     tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else TOKENS
     dev = device_name_for_config()
     torch.manual_seed(0)
-    w13 = (torch.randn(Eg, 2 * I, H, device="cuda") / H**0.5).to(dtype)  # [Eg, 2I, H]
-    w2 = (torch.randn(Eg, H, I, device="cuda") / I**0.5).to(dtype)  # [Eg, H, I]
-    bytes_per_expert = 3 * H * I * w13.element_size()
-    print(f"{dev}: E={E} (GPU {Eg}) H={H} I={I} K={K} {args.dtype}; {bytes_per_expert / 1e6:.0f} MB/expert",
-          flush=True)
+    from vllm_fiddler.kernels import quant
+    from vllm_fiddler.kernels.reference import SILU, ExpertMath
+
+    w13 = torch.randn(Eg, 2 * I, H, device="cuda") / H**0.5  # [Eg, 2I, H]
+    w2 = torch.randn(Eg, H, I, device="cuda") / I**0.5  # [Eg, H, I]
+    if args.format == "dense":
+        w13, w2 = w13.to(dtype), w2.to(dtype)
+        bytes_per_expert = 3 * H * I * w13.element_size()
+    else:
+        w13, w2 = (quantized(args.format, w, dtype, args.group, quant) for w in (w13, w2))
+        bytes_per_expert = (w13.nbytes + w2.nbytes) // Eg
+    math, b13, b2 = SILU, None, None
+    if args.gpt_oss:
+        math = ExpertMath(activation="swigluoai", has_bias=True)
+        b13 = (0.1 * torch.randn(Eg, 2 * I, device="cuda")).to(dtype)  # [Eg, 2I]
+        b2 = (0.1 * torch.randn(Eg, H, device="cuda")).to(dtype)  # [Eg, H]
+    print(f"{dev}: E={E} (GPU {Eg}) H={H} I={I} K={K} {args.dtype} experts {args.format}; "
+          f"{bytes_per_expert / 1e6:.1f} MB/expert", flush=True)
 
     rows = []
     for T in tokens:
@@ -136,19 +174,20 @@ def main(argv=None) -> int:
         slots = int((ti >= 0).sum())
         out = torch.empty_like(x)
         cfg = get_config(T, Eg, H, I, K, dtype, dev)
-        ms = triton.testing.do_bench(lambda: fused_moe(x, w13, w2, tw, ti, out=out, config=cfg),
+        kw = dict(math=math, b13=b13, b2=b2)
+        ms = triton.testing.do_bench(lambda: fused_moe(x, w13, w2, tw, ti, out=out, config=cfg, **kw),
                                      warmup=25, rep=args.rep, return_mode="median")
         row = dict(T=T, experts_hit=hit, valid_slots=slots, triton_ms=ms,
                    triton_gb_s=hit * bytes_per_expert / ms / 1e6,
                    triton_tflop_s=2 * slots * 3 * H * I / ms / 1e9, config=cfg)
         if args.profile:
-            row.update(profile(fused_moe, (x, w13, w2, tw, ti), dict(out=out, config=cfg), T))
+            row.update(profile(fused_moe, (x, w13, w2, tw, ti), dict(out=out, config=cfg, **kw), T))
         if not args.no_torch:
-            ref = torch_moe(x, w13, w2, tw, ti)
-            got = fused_moe(x, w13, w2, tw, ti, config=cfg)
+            ref = torch_moe(x, w13, w2, tw, ti, **kw)
+            got = fused_moe(x, w13, w2, tw, ti, config=cfg, **kw)
             row["rel_err"] = (torch.linalg.vector_norm(got.float() - ref.float())
                               / torch.linalg.vector_norm(ref.float()).clamp_min(1e-30)).item()
-            tms = triton.testing.do_bench(lambda: torch_moe(x, w13, w2, tw, ti),
+            tms = triton.testing.do_bench(lambda: torch_moe(x, w13, w2, tw, ti, **kw),
                                           warmup=25, rep=args.rep, return_mode="median")
             row.update(torch_ms=tms, torch_gb_s=hit * bytes_per_expert / tms / 1e6,
                        torch_tflop_s=2 * slots * 3 * H * I / tms / 1e9, speedup=tms / ms)
@@ -169,8 +208,9 @@ def main(argv=None) -> int:
         print(line)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(device=dev, E=E, gpu_experts=Eg, H=H, I=I, K=K, dtype=args.dtype, rows=rows), f,
-                      indent=1)
+            json.dump(dict(device=dev, E=E, gpu_experts=Eg, H=H, I=I, K=K, dtype=args.dtype, format=args.format,
+                           group=args.group if args.format == "int4_group" else None, gpt_oss=args.gpt_oss,
+                           bytes_per_expert=bytes_per_expert, command=" ".join(sys.argv), rows=rows), f, indent=1)
         print(f"wrote {args.json}")
     return 0
 

@@ -4,7 +4,9 @@ Public API, loaded lazily: importing this package imports neither triton nor
 torch; the first attribute access does (and nothing is compiled until the
 first launch).
 
-- ``fused_moe(x, w13, w2, topk_weights, topk_ids, out=None, config=None)``
+- ``fused_moe(x, w13, w2, topk_weights, topk_ids, out=None, config=None, math=SILU, b13=None, b2=None)``:
+  dense experts, or ``kernels.quant.QuantizedExperts`` (FP8 block-scaled, MXFP4, INT4 groups)
+  read as stored
 - ``get_config(T, Eg, H, I, K, dtype, device_name)``
 - ``moe_align_block_size(topk_ids, block_m, num_experts)`` (and ``..._torch``, its torch twin)
 - ``tile_configs(max_tokens, ...)`` / ``warm_up(w13, w2, top_k, max_tokens)``: compile every

@@ -35,6 +35,16 @@ with no vLLM code or compiled op):
    Summing per token (rather than atomically adding into `out` in step 3)
    keeps the result deterministic.
 
+Quantized experts (kernels.quant.QuantizedExperts: FP8 with block scales, MXFP4,
+INT4 in groups) are read as stored: each B tile is loaded as its rows' bytes
+or words ([BLOCK_N, BLOCK_K / PACK]) with the scales of its groups of G inputs,
+widened to x's dtype in registers (`_dequantized_tile`) and transposed for
+tl.dot; the same kernels take biases and gpt-oss's clamped SwiGLU (math).
+Measured on an H100 (benchmarks/triton_moe.py, results/triton-moe-quant-h100.json):
+DeepSeek-V3's FP8 experts stream at 1.06-1.25 TB/s of stored bytes at 1-16
+tokens; the 4-bit formats at 0.15-0.65 TB/s, where the nibble unpacking and
+the tile's transpose, not HBM, bound them (bf16 gpt-oss experts: 1.4-2.5 TB/s).
+
 Host syncs: none (tests/kernels/test_triton_moe.py runs it under torch's
 sync-debug mode "error"). The sorted list is allocated at its worst-case
 length (T*K + min(Eg, T*K) * (BLOCK_M - 1)); the kernels read the padded total
@@ -61,6 +71,7 @@ experts, K top-k, S = T*K token-slots, EM = padded sorted-slot count.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -69,6 +80,9 @@ from typing import Any
 import torch
 import triton
 import triton.language as tl
+
+from vllm_fiddler.kernels.quant import INT4_PER_WORD, MXFP4_GROUP
+from vllm_fiddler.kernels.reference import SILU, ExpertMath
 
 
 def _patch_interpreter_for_numpy2() -> None:
@@ -119,13 +133,53 @@ _VLLM_KEYS = {"BLOCK_SIZE_M": "BLOCK_M", "BLOCK_SIZE_N": "BLOCK_N", "BLOCK_SIZE_
 # ----------------------------------------------------------------------------
 
 
+# How the GEMMs' B operand (the experts' weights) is stored (W_FORMAT); the quantized
+# layouts are kernels.quant.QuantizedExperts'.
+DENSE, FP8_BLOCK, MXFP4, INT4_GROUP = 0, 1, 2, 3
+# The gate/up activation (ACTIVATION): kernels.reference.ExpertMath's.
+ACT_SILU, ACT_SWIGLUOAI = 0, 1
+
+
+@triton.jit
+def _dequantized_tile(b_ptrs, bs_ptrs, b_mask, s_mask, dtype: tl.constexpr, W_FORMAT: tl.constexpr,
+                      PACK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, G: tl.constexpr):
+    """One [BLOCK_K, BLOCK_N] tile of B in `dtype`, from its stored form: b_ptrs [BLOCK_N,
+    BLOCK_K / PACK] (each row contiguous in K: e4m3 bytes; MXFP4 bytes, two e2m1 codes each,
+    low nibble first; INT4 int32 words, eight codes each, lowest nibble first) and bs_ptrs
+    [BLOCK_N, BLOCK_K / G], the scale of each G consecutive inputs."""
+    raw = tl.load(b_ptrs, mask=b_mask, other=0)  # [BLOCK_N, BLOCK_K / PACK]
+    scale = tl.load(bs_ptrs, mask=s_mask, other=0)  # [BLOCK_N, BLOCK_K / G]
+    if PACK > 1:  # [BLOCK_N, BLOCK_K / PACK, PACK] 4-bit codes, in K order
+        codes = (raw.to(tl.int32)[:, :, None] >> (tl.arange(0, PACK) * 4)[None, None, :]) & 0xF
+    else:
+        codes = raw
+    codes = tl.reshape(codes, (BLOCK_N, BLOCK_K // G, G))
+    scale = scale[:, :, None]
+    if W_FORMAT == 1:  # e4m3 widened by the hardware (sm89+), times the block scale
+        w = codes.to(tl.float8e4nv, bitcast=True).to(tl.float32) * scale
+    elif W_FORMAT == 2:  # e2m1 code s.e.e.m -> +-{0, 0.5, 1, 1.5, 2, 3, 4, 6}; e8m0 scale 2^(s-127)
+        e = (codes >> 1) & 3
+        m = codes & 1
+        normal = (((e + 126) << 23) | (m << 22)).to(tl.float32, bitcast=True)  # (1 + m/2) 2^(e-1)
+        value = tl.where(e == 0, m.to(tl.float32) * 0.5, normal)
+        value = tl.where((codes & 8) != 0, -value, value)
+        s = scale.to(tl.int32)
+        pow2 = tl.where(s == 0, 5.877471754111438e-39, (s << 23).to(tl.float32, bitcast=True))  # 2^-127
+        w = value * pow2
+    else:  # INT4: code - 8, times the group's scale
+        w = (codes - 8).to(tl.float32) * scale.to(tl.float32)
+    return tl.trans(tl.reshape(w, (BLOCK_N, BLOCK_K)).to(dtype))
+
+
 # EM and num_valid_slots change with T; not specialising them (on divisibility
 # by 16) keeps one compiled kernel per tile config instead of two.
 @triton.jit(do_not_specialize=["EM", "num_valid_slots"])
 def _grouped_gemm_kernel(
     # Pointers
     a_ptr,  # [rows of A, Kd]: x [T, H] for GEMM #1, act [S, I] for GEMM #2
-    b_ptr,  # [Eg, N_b, Kd]: w13 [Eg, 2I, H] or w2 [Eg, H, I]
+    b_ptr,  # [Eg, N_b, Kd / PACK]: w13 [Eg, 2I, H] or w2 [Eg, H, I], as stored (W_FORMAT)
+    bs_ptr,  # quantized B: its scales [Eg, N_b / SCALE_BN, Kd / SCALE_BK]; unused when dense
+    bias_ptr,  # HAS_BIAS: [Eg, N_b] (b13 or b2); unused otherwise
     c_ptr,  # [S, N]: act [S, I] (GEMM #1) or partial out [S, H] fp32 (GEMM #2)
     topk_weights_ptr,  # [S] fp32
     sorted_token_ids_ptr,  # [EM] int32: slot ids sorted by expert, padded with S
@@ -137,22 +191,32 @@ def _grouped_gemm_kernel(
     EM,  # allocated length of sorted_token_ids
     num_valid_slots,  # S = T*K; a sorted id >= S is padding
     up_offset,  # GEMM #1: the up rows start at w13[e, I]; unused otherwise
+    alpha, limit,  # ACTIVATION swigluoai's constants
     # Strides
     stride_am, stride_ak,
     stride_be, stride_bn, stride_bk,
+    stride_bse, stride_bsn, stride_bsk,
+    stride_bias_e,
     stride_cm, stride_cn,
     # Meta-parameters
     A_ROW_DIV: tl.constexpr,  # A row = slot // A_ROW_DIV (K for GEMM #1: x is per token)
     FUSE_SWIGLU: tl.constexpr,
     MUL_ROUTED_WEIGHT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs, "tf32" otherwise (ignored for 16-bit)
+    W_FORMAT: tl.constexpr,  # DENSE, FP8_BLOCK, MXFP4 or INT4_GROUP
+    PACK: tl.constexpr,  # weights per storage element of B: 1, 2 (MXFP4 bytes) or 8 (INT4 words)
+    SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr,  # rows and inputs one scale covers
+    G: tl.constexpr,  # inputs dequantized with one scale: a power of two dividing BLOCK_K and SCALE_BK
+    HAS_BIAS: tl.constexpr,
+    ACTIVATION: tl.constexpr,  # ACT_SILU or ACT_SWIGLUOAI (GEMM #1)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
     """C[slot, n] = epilogue(sum_k A[row(slot), k] * B[expert(tile), n, k]) for one tile.
 
     One program computes a [BLOCK_M, BLOCK_N] tile of C for BLOCK_M sorted
-    slots that all route to the same expert.
+    slots that all route to the same expert. A quantized B is read as stored
+    and widened in registers (_dequantized_tile) to A's dtype before each tl.dot.
     """
     # -- Which tile: grouped ordering, so that GROUP_M row tiles that read the
     # same B columns run close together in time (L2 reuse of B).
@@ -186,30 +250,63 @@ def _grouped_gemm_kernel(
 
     a_rows = offs_token // A_ROW_DIV  # [BLOCK_M]
     a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak  # [BLOCK_M, BLOCK_K]
-    # B is read transposed: [BLOCK_K, BLOCK_N] from the row-major [N_b, Kd] weight.
-    b_ptrs = (b_ptr + expert * stride_be
-              + offs_k[:, None] * stride_bk + offs_bn[None, :] * stride_bn)  # [BLOCK_K, BLOCK_N]
+    if W_FORMAT == 0:
+        # B is read transposed: [BLOCK_K, BLOCK_N] from the row-major [N_b, Kd] weight.
+        b_ptrs = (b_ptr + expert * stride_be
+                  + offs_k[:, None] * stride_bk + offs_bn[None, :] * stride_bn)  # [BLOCK_K, BLOCK_N]
+    else:
+        # Stored rows, contiguous in K: [BLOCK_N, BLOCK_K / PACK] storage elements, and the
+        # [BLOCK_N, BLOCK_K / G] scales of the tile's groups of G inputs.
+        offs_kp = tl.arange(0, BLOCK_K // PACK)  # [BLOCK_K / PACK]
+        offs_g = tl.arange(0, BLOCK_K // G) * G  # [BLOCK_K / G] first input of each group
+        b_ptrs = (b_ptr + expert * stride_be
+                  + offs_bn[:, None] * stride_bn + offs_kp[None, :] * stride_bk)  # [BLOCK_N, BLOCK_K / PACK]
+        bs_ptrs = bs_ptr + expert * stride_bse + (offs_bn // SCALE_BN)[:, None] * stride_bsn  # [BLOCK_N, 1]
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # gate (or the only) accumulator
     if FUSE_SWIGLU:
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         b_up_ptrs = b_ptrs + up_offset * stride_bn  # the same columns of the up rows
+        if W_FORMAT != 0:
+            bs_up_ptrs = (bs_ptr + expert * stride_bse
+                          + ((up_offset + offs_bn) // SCALE_BN)[:, None] * stride_bsn)  # [BLOCK_N, 1]
 
     for k in range(0, tl.cdiv(Kd, BLOCK_K)):
         k_remaining = Kd - k * BLOCK_K
         a = tl.load(a_ptrs, mask=token_mask[:, None] & (offs_k[None, :] < k_remaining), other=0.0)
-        b = tl.load(b_ptrs, mask=offs_k[:, None] < k_remaining, other=0.0)
+        if W_FORMAT == 0:
+            b = tl.load(b_ptrs, mask=offs_k[:, None] < k_remaining, other=0.0)
+        else:
+            b_mask = (offs_kp * PACK)[None, :] < k_remaining  # [1, BLOCK_K / PACK]
+            s_mask = offs_g[None, :] < k_remaining  # [1, BLOCK_K / G]
+            scale_k = ((k * BLOCK_K + offs_g) // SCALE_BK)[None, :] * stride_bsk  # [1, BLOCK_K / G]
+            b = _dequantized_tile(b_ptrs, bs_ptrs + scale_k, b_mask, s_mask, a.dtype, W_FORMAT, PACK,
+                                  BLOCK_N, BLOCK_K, G)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         if FUSE_SWIGLU:
-            b_up = tl.load(b_up_ptrs, mask=offs_k[:, None] < k_remaining, other=0.0)
+            if W_FORMAT == 0:
+                b_up = tl.load(b_up_ptrs, mask=offs_k[:, None] < k_remaining, other=0.0)
+            else:
+                b_up = _dequantized_tile(b_up_ptrs, bs_up_ptrs + scale_k, b_mask, s_mask, a.dtype, W_FORMAT,
+                                         PACK, BLOCK_N, BLOCK_K, G)
             acc_up = tl.dot(a, b_up, acc_up, input_precision=DOT_PRECISION)
-            b_up_ptrs += BLOCK_K * stride_bk
+            b_up_ptrs += (BLOCK_K // PACK) * stride_bk
         a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
+        b_ptrs += (BLOCK_K // PACK) * stride_bk
 
     # -- Epilogue, in fp32.
+    if HAS_BIAS:  # offs_bn is in range (wrapped)
+        bias_row = bias_ptr + expert * stride_bias_e
+        acc += tl.load(bias_row + offs_bn).to(tl.float32)[None, :]
+        if FUSE_SWIGLU:
+            acc_up += tl.load(bias_row + up_offset + offs_bn).to(tl.float32)[None, :]
     if FUSE_SWIGLU:
-        acc = acc * tl.sigmoid(acc) * acc_up  # silu(gate) * up
+        if ACTIVATION == 0:
+            acc = acc * tl.sigmoid(acc) * acc_up  # silu(gate) * up
+        else:  # gpt-oss: clamped gate and up, (up + 1) * gate * sigmoid(alpha * gate)
+            gate = tl.minimum(acc, limit)
+            up = tl.minimum(tl.maximum(acc_up, -limit), limit)
+            acc = (up + 1.0) * gate * tl.sigmoid(alpha * gate)
     if MUL_ROUTED_WEIGHT:
         w = tl.load(topk_weights_ptr + offs_token, mask=token_mask, other=0.0)  # [BLOCK_M]
         acc = acc * w[:, None]
@@ -533,10 +630,12 @@ def compiled_variants() -> int:
     return sum(len(cache[0]) for kernel in kernels for cache in kernel.device_caches.values())
 
 
-def warm_up(w13: torch.Tensor, w2: torch.Tensor, top_k: int, max_tokens: int) -> int:
+def warm_up(w13, w2, top_k: int, max_tokens: int, math: ExpertMath = SILU,
+            b13: torch.Tensor | None = None, b2: torch.Tensor | None = None) -> int:
     """Compiles, before serving, each kernel variant fused_moe can launch on these weights
-    (int32 ids, top_k slots per token) for steps of 1..max_tokens tokens; returns how many
-    configs were launched.
+    (dense or QuantizedExperts; int32 ids, top_k slots per token; math and biases as the
+    layer launches them) for steps of 1..max_tokens tokens; returns how many configs were
+    launched.
 
     Without it, the first step of each new size class compiles mid-serving:
     a beam-search or serving step stalls for seconds the first time its token
@@ -546,13 +645,14 @@ def warm_up(w13: torch.Tensor, w2: torch.Tensor, top_k: int, max_tokens: int) ->
     Eg, two_i, H = w13.shape
     if Eg == 0 or top_k == 0:
         return 0
-    dev_name = device_name_for_config(w13.device) if w13.is_cuda else None
+    device = _weights(w13).values.device
+    dev_name = device_name_for_config(device) if device.type == "cuda" else None
     configs = tile_configs(max_tokens, Eg, H, two_i // 2, top_k, w13.dtype, dev_name)
-    x = torch.zeros((1, H), dtype=w13.dtype, device=w13.device)  # [1, H]
-    ids = (torch.arange(top_k, device=w13.device) % Eg).to(torch.int32).view(1, top_k)  # [1, K]
-    weights = torch.full((1, top_k), 1.0 / top_k, dtype=torch.float32, device=w13.device)  # [1, K]
+    x = torch.zeros((1, H), dtype=w13.dtype, device=device)  # [1, H]
+    ids = (torch.arange(top_k, device=device) % Eg).to(torch.int32).view(1, top_k)  # [1, K]
+    weights = torch.full((1, top_k), 1.0 / top_k, dtype=torch.float32, device=device)  # [1, K]
     for _, cfg in configs:
-        fused_moe(x, w13, w2, weights, ids, config=cfg)
+        fused_moe(x, w13, w2, weights, ids, config=cfg, math=math, b13=b13, b2=b2)
     return len(configs)
 
 
@@ -561,38 +661,85 @@ def warm_up(w13: torch.Tensor, w2: torch.Tensor, top_k: int, max_tokens: int) ->
 # ----------------------------------------------------------------------------
 
 
-def _check_inputs(x, w13, w2, topk_weights, topk_ids):
+@dataclasses.dataclass(frozen=True)
+class _Weights:
+    """One projection's experts as the GEMM kernel reads them: dense [Eg, N, K] in x's dtype, or
+    a kernels.quant.QuantizedExperts' stored values and scales."""
+
+    values: torch.Tensor  # [Eg, N, K / pack]
+    scales: torch.Tensor | None  # [Eg, N / scale_bn, K / scale_bk]
+    shape: tuple[int, int, int]  # [Eg, N, K] in weights
+    fmt: int = DENSE
+    pack: int = 1
+    scale_bn: int = 1
+    scale_bk: int = 1
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    def strides(self) -> tuple[int, ...]:
+        """The kernel's stride_be, bn, bk, bse, bsn, bsk."""
+        scales = self.scales if self.scales is not None else self.values
+        return (*self.values.stride(), *scales.stride())
+
+
+def _weights(w) -> _Weights:
+    """A dense [Eg, N, K] tensor or a QuantizedExperts, as the kernel reads it."""
+    if isinstance(w, torch.Tensor):
+        assert w.dim() == 3 and w.stride(-1) == 1, "weights must be [Eg, N, K], row-major in K"
+        return _Weights(w, None, tuple(w.shape))
+    t = w.tensors
+    E, N, K = w.shape
+    if w.fmt == "fp8_block":
+        bn, bk = w.block
+        return _Weights(t["weight"].view(torch.uint8), t["weight_scale_inv"], (E, N, K), FP8_BLOCK, 1, bn, bk)
+    if w.fmt == "mxfp4":  # [Eg, N, K/32, 16] bytes as [Eg, N, K/2]
+        return _Weights(t["blocks"].view(E, N, K // 2), t["scales"], (E, N, K), MXFP4, 2, 1, MXFP4_GROUP)
+    return _Weights(t["weight_packed"], t["weight_scale"], (E, N, K), INT4_GROUP, INT4_PER_WORD, 1, w.group)
+
+
+def _check_inputs(x, w13: _Weights, w2: _Weights, topk_weights, topk_ids, dtype: torch.dtype, b13, b2):
     assert x.dim() == 2, f"x must be [T, H], got {tuple(x.shape)}"
     T, H = x.shape
-    assert w13.dim() == 3 and w2.dim() == 3, "w13 must be [Eg, 2I, H] and w2 [Eg, H, I]"
     Eg, two_i, H13 = w13.shape
-    assert H13 == H and two_i % 2 == 0, f"w13 {tuple(w13.shape)} does not match x {tuple(x.shape)}"
+    assert H13 == H and two_i % 2 == 0, f"w13 {w13.shape} does not match x {tuple(x.shape)}"
     I = two_i // 2
-    assert tuple(w2.shape) == (Eg, H, I), f"w2 {tuple(w2.shape)} must be {(Eg, H, I)}"
-    assert w13.dtype == x.dtype and w2.dtype == x.dtype, "x, w13 and w2 must share a dtype"
+    assert tuple(w2.shape) == (Eg, H, I), f"w2 {w2.shape} must be {(Eg, H, I)}"
+    assert dtype == x.dtype, "x and the (dequantized) weights must share a dtype"
     assert x.dtype in (torch.bfloat16, torch.float16, torch.float32), f"unsupported dtype {x.dtype}"
     assert topk_ids.dim() == 2 and topk_ids.shape[0] == T, "topk_ids must be [T, K]"
     assert tuple(topk_weights.shape) == tuple(topk_ids.shape), "topk_weights must match topk_ids"
-    assert w13.stride(-1) == 1 and w2.stride(-1) == 1, "weights must be row-major in their last dim"
+    assert (b13 is None) == (b2 is None), "biases come as a pair"
+    if b13 is not None:
+        assert tuple(b13.shape) == (Eg, 2 * I) and tuple(b2.shape) == (Eg, H), "b13 must be [Eg, 2I], b2 [Eg, H]"
+        assert b13.stride(-1) == 1 and b2.stride(-1) == 1, "biases must be row-major"
     return T, H, Eg, I, topk_ids.shape[1]
 
 
-def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+def fused_moe(x: torch.Tensor, w13, w2, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, out: torch.Tensor | None = None,
-              config: dict[str, Any] | None = None) -> torch.Tensor:
+              config: dict[str, Any] | None = None, math: ExpertMath = SILU,
+              b13: torch.Tensor | None = None, b2: torch.Tensor | None = None) -> torch.Tensor:
     """MoE over GPU-resident experts: out[t] = sum_k w[t,k] * ffn_{ids[t,k]}(x[t]).
 
-    x [T, H] bf16/fp16/fp32; w13 [Eg, 2I, H] and w2 [Eg, H, I] in x's dtype;
+    x [T, H] bf16/fp16/fp32; w13 [Eg, 2I, H] and w2 [Eg, H, I] in x's dtype, or
+    kernels.quant.QuantizedExperts (FP8 block-scaled, MXFP4, INT4 groups) that dequantize
+    to x's dtype, read as stored and widened in registers;
     topk_weights [T, K] (cast to fp32); topk_ids [T, K] int32/int64 LOCAL slots
     in [0, Eg), or -1 for a slot computed elsewhere (it contributes nothing).
+    math: the experts' activation (SiLU, or gpt-oss's clamped SwiGLU); b13 [Eg, 2I] and
+    b2 [Eg, H]: biases, or None.
     Writes and returns out [T, H] (x.dtype; zeros for a token with no valid slot).
     config: a get_config()-style dict (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
     num_warps, num_stages, optional BLOCK_N_DOWN for the down projection);
     None picks one for this shape and device (get_config).
-    Accumulation is fp32; the SwiGLU activation is rounded to x.dtype before the
+    Accumulation is fp32; the activation is rounded to x.dtype before the
     down projection (the tensor cores' input), the per-slot outputs stay fp32.
     """
-    T, H, Eg, I, K = _check_inputs(x, w13, w2, topk_weights, topk_ids)
+    dtype = w13.dtype if isinstance(w13, torch.Tensor) else w13.dtype
+    w13, w2 = _weights(w13), _weights(w2)
+    T, H, Eg, I, K = _check_inputs(x, w13, w2, topk_weights, topk_ids, dtype, b13, b2)
     assert x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1", \
         "fused_moe needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)"
     if out is None:
@@ -609,49 +756,53 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     for start in range(0, T, CHUNK_TOKENS):
         end = min(T, start + CHUNK_TOKENS)
         _fused_moe_chunk(x[start:end], w13, w2, topk_weights[start:end], topk_ids[start:end],
-                         out[start:end], config)
+                         out[start:end], config, math, b13, b2)
     return out
 
 
-def _fused_moe_chunk(x, w13, w2, topk_weights, topk_ids, out, config):
+def _gemm(a, w: _Weights, bias, c, topk_weights, routing, N, Kd, up_offset, a_row_div, fuse_swiglu,
+          math: ExpertMath, config, block_n):
+    """One grouped GEMM launch: GEMM #1 (fused_swiglu) or #2 (routed weights applied)."""
+    sorted_token_ids, expert_ids, num_post_padded, S = routing
+    EM = sorted_token_ids.numel()
+    BM, BK = config["BLOCK_M"], config["BLOCK_K"]
+    # the largest power of two dividing the scale block, up to the tile: every group of G
+    # inputs lies in one scale block (FP8 blocks of 48 inputs: G = 16)
+    G = min(BK, w.scale_bk & -w.scale_bk)
+    grid = (triton.cdiv(EM, BM) * triton.cdiv(N, block_n),)
+    _grouped_gemm_kernel[grid](
+        a, w.values, w.scales if w.scales is not None else w.values, bias if bias is not None else a, c,
+        topk_weights, sorted_token_ids, expert_ids, num_post_padded,
+        N, Kd, EM, S, up_offset, math.alpha, math.limit,
+        a.stride(0), a.stride(1),
+        *w.strides(),
+        bias.stride(0) if bias is not None else 0,
+        c.stride(0), c.stride(1),
+        A_ROW_DIV=a_row_div, FUSE_SWIGLU=fuse_swiglu, MUL_ROUTED_WEIGHT=not fuse_swiglu,
+        DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",  # fp32 matches the oracle closely
+        W_FORMAT=w.fmt, PACK=w.pack, SCALE_BN=w.scale_bn, SCALE_BK=w.scale_bk, G=G, HAS_BIAS=bias is not None,
+        ACTIVATION=ACT_SWIGLUOAI if math.activation == "swigluoai" else ACT_SILU,
+        BLOCK_M=BM, BLOCK_N=block_n, BLOCK_K=BK, GROUP_M=config.get("GROUP_M", 8),
+        num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 3),
+    )
+
+
+def _fused_moe_chunk(x, w13: _Weights, w2: _Weights, topk_weights, topk_ids, out, config, math, b13, b2):
     T, H = x.shape
     Eg, I, K = w13.shape[0], w13.shape[1] // 2, topk_ids.shape[1]
     S = T * K
-    BM, BN, BK = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
-    launch = dict(num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 3))
-    precision = "ieee" if x.dtype == torch.float32 else "tf32"  # fp32 matches the oracle closely
-
     topk_ids = topk_ids.contiguous()  # [T, K]
     topk_weights = topk_weights.to(torch.float32).reshape(-1).contiguous()  # [S]
-    sorted_token_ids, expert_ids, num_post_padded = moe_align_block_size(topk_ids, BM, Eg)
-    EM = sorted_token_ids.numel()
+    routing = (*moe_align_block_size(topk_ids, config["BLOCK_M"], Eg), S)
 
-    act = torch.empty((S, I), dtype=x.dtype, device=x.device)  # [S, I] silu(gate) * up
+    act = torch.empty((S, I), dtype=x.dtype, device=x.device)  # [S, I] act(gate, up)
     partial = torch.empty((S, H), dtype=torch.float32, device=x.device)  # [S, H] weighted
 
-    # GEMM #1: act = silu(x w1^T) * (x w3^T), per slot.
-    grid1 = (triton.cdiv(EM, BM) * triton.cdiv(I, BN),)
-    _grouped_gemm_kernel[grid1](
-        x, w13, act, topk_weights, sorted_token_ids, expert_ids, num_post_padded,
-        I, H, EM, S, I,
-        x.stride(0), x.stride(1),
-        w13.stride(0), w13.stride(1), w13.stride(2),
-        act.stride(0), act.stride(1),
-        A_ROW_DIV=K, FUSE_SWIGLU=True, MUL_ROUTED_WEIGHT=False, DOT_PRECISION=precision,
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, GROUP_M=config.get("GROUP_M", 8), **launch,
-    )
-    # GEMM #2: partial = topk_weight * (act w2^T), per slot.
-    BN2 = config.get("BLOCK_N_DOWN", BN)
-    grid2 = (triton.cdiv(EM, BM) * triton.cdiv(H, BN2),)
-    _grouped_gemm_kernel[grid2](
-        act, w2, partial, topk_weights, sorted_token_ids, expert_ids, num_post_padded,
-        H, I, EM, S, 0,
-        act.stride(0), act.stride(1),
-        w2.stride(0), w2.stride(1), w2.stride(2),
-        partial.stride(0), partial.stride(1),
-        A_ROW_DIV=1, FUSE_SWIGLU=False, MUL_ROUTED_WEIGHT=True, DOT_PRECISION=precision,
-        BLOCK_M=BM, BLOCK_N=BN2, BLOCK_K=BK, GROUP_M=config.get("GROUP_M", 8), **launch,
-    )
+    # GEMM #1: act = act(x w1^T + b1, x w3^T + b3), per slot.
+    _gemm(x, w13, b13, act, topk_weights, routing, I, H, I, K, True, math, config, config["BLOCK_N"])
+    # GEMM #2: partial = topk_weight * (act w2^T + b2), per slot.
+    _gemm(act, w2, b2, partial, topk_weights, routing, H, I, 0, 1, False, math, config,
+          config.get("BLOCK_N_DOWN", config["BLOCK_N"]))
     # Combine: out[t] = sum over valid k of partial[t*K + k].
     BLOCK_H = min(1024, triton.next_power_of_2(H))
     _topk_sum_kernel[(T, triton.cdiv(H, BLOCK_H))](

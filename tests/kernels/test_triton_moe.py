@@ -15,6 +15,7 @@ write (a token whose every slot is -1 must come out as zeros) fails the test.
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import os
@@ -77,6 +78,29 @@ INTERP_CASES = [
     # wrong in triton 3.6's interpreter (numpy has no bf16); it runs on CUDA.
 ]
 
+# Quantized experts and gpt-oss's expert math: a 10th element says how the case's weights are
+# stored (kernels.quant's quantizers; the oracle gets the same weights dequantized), the
+# activation and whether experts carry biases. In fp32 a dequantized weight is exact in both
+# (an e4m3 or e2m1 value, or a small integer, times a scale), so the fp32 tolerance holds.
+FP8_128 = dict(fmt="fp8_block", block=(128, 128))
+MXFP4_OAI = dict(fmt="mxfp4", act="swigluoai", bias=True)
+QUANT_INTERP_CASES = [
+    ("q_fp8_T7_neg", 7, 256, 128, 4, 2, "fp32", "neg", SMALL_CONFIG, FP8_128),
+    ("q_fp8_b32_odd_T33_empty", 33, 80, 96, 5, 3, "fp32", "empty", SMALL_CONFIG,
+     dict(fmt="fp8_block", block=(32, 32))),  # H=80: a partial scale block and a K tail
+    ("q_mxfp4_T1", 1, 64, 64, 4, 2, "fp32", "route", SMALL_CONFIG, dict(fmt="mxfp4")),
+    ("q_mxfp4_oai_bias_T7_neg", 7, 96, 160, 4, 2, "fp32", "neg", SMALL_CONFIG, MXFP4_OAI),
+    ("q_mxfp4_oai_bias_T33_bk64", 33, 96, 160, 4, 2, "fp32", "route",
+     dict(SMALL_CONFIG, BLOCK_K=64), MXFP4_OAI),
+    ("q_int4_g32_T33_neg", 33, 64, 96, 4, 2, "fp32", "neg", SMALL_CONFIG, dict(fmt="int4_group", group=32)),
+    ("q_int4_g8_odd_T7_empty", 7, 40, 72, 4, 2, "fp32", "empty", SMALL_CONFIG, dict(fmt="int4_group", group=8)),
+    ("q_int4_T7_allneg", 7, 64, 96, 4, 2, "fp32", "allneg", SMALL_CONFIG, dict(fmt="int4_group", group=32)),
+    ("dense_oai_bias_T7_neg", 7, 40, 72, 4, 2, "fp32", "neg", SMALL_CONFIG,
+     dict(fmt=None, act="swigluoai", bias=True)),
+    ("dense_silu_bias_T33_K1", 33, 64, 96, 4, 1, "fp32", "neg", SMALL_CONFIG, dict(fmt=None, bias=True)),
+]
+INTERP_CASES += QUANT_INTERP_CASES
+
 MIXTRAL = dict(H=4096, I=14336, E=8, K=2)
 CUDA_CASES = [
     # (name, T, H, I, E, K, dtype, ids mode, config or None)
@@ -93,6 +117,15 @@ CUDA_CASES = [
     ("small_T33_bf16_smallcfg", 33, 64, 96, 4, 2, "bf16", "empty", SMALL_CONFIG),
     ("mixtral_Eg4_T1_bn_down16", 1, 4096, 14336, 4, 2, "bf16", "neg",
      dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4, BLOCK_N_DOWN=16)),
+    # quantized experts in bf16: gpt-oss-120b's MXFP4 experts, DeepSeek-V3's FP8 ones, INT4 W4A16
+    *[(f"gptoss_mxfp4_T{T}", T, 2880, 2880, 8, 4, "bf16", "route", None, MXFP4_OAI) for T in (1, 16, 300)],
+    ("gptoss_mxfp4_T7_neg", 7, 2880, 2880, 8, 4, "bf16", "neg", None, MXFP4_OAI),
+    *[(f"dsv3_fp8_T{T}", T, 7168, 2048, 8, 8, "bf16", "route", None, FP8_128) for T in (1, 64)],
+    *[(f"int4_g128_T{T}", T, 2048, 768, 16, 8, "bf16", "neg", None, dict(fmt="int4_group", group=128))
+      for T in (1, 100)],
+    ("odd_fp8_T33", 33, 200, 256, 5, 2, "bf16", "neg", None, FP8_128),
+    ("odd_int4_g32_T33", 33, 224, 96, 5, 2, "bf16", "empty", None, dict(fmt="int4_group", group=32)),
+    ("odd_dense_oai_bias_T33", 33, 200, 328, 5, 2, "bf16", "neg", None, dict(fmt=None, act="swigluoai", bias=True)),
 ]
 
 
@@ -138,6 +171,26 @@ def make_inputs(T, H, I, E, K, dtype, mode, device, seed=0):
             topk_weights.to(device), topk_ids.to(device))
 
 
+def quantize(w: torch.Tensor, quant: dict, dtype: torch.dtype):
+    """[E, N, K] weights in the case's stored format (a kernels.quant.QuantizedExperts
+    dequantizing to `dtype`), or w itself for dense cases."""
+    from vllm_fiddler.kernels import quant as q
+
+    fmt = quant.get("fmt")
+    if fmt is None:
+        return w
+    w = w.float()
+    if fmt == "fp8_block":
+        values, scales = q.quant_fp8_block(w, quant["block"])
+        return q.QuantizedExperts(fmt, {"weight": values, "weight_scale_inv": scales}, dtype, block=quant["block"])
+    if fmt == "mxfp4":
+        blocks, scales = q.quant_mxfp4(w)
+        return q.QuantizedExperts(fmt, {"blocks": blocks, "scales": scales}, dtype)
+    packed, scales = q.quant_int4_group(w, quant["group"])  # bf16 scales, as compressed-tensors stores them
+    return q.QuantizedExperts(fmt, {"weight_packed": packed, "weight_scale": scales.to(torch.bfloat16)}, dtype,
+                              group=quant["group"], k=w.shape[-1])
+
+
 def run_case(case, device):
     """Runs one case; returns errors relative to the fp32 oracle on the same (rounded) inputs."""
     from vllm_fiddler.kernels import reference
@@ -146,18 +199,30 @@ def run_case(case, device):
     import importlib
 
     fm = importlib.import_module("vllm_fiddler.kernels.triton.fused_moe")
-    name, T, H, I, E, K, dtype, mode, config = case
+    name, T, H, I, E, K, dtype, mode, config = case[:9]
+    quant = case[9] if len(case) > 9 else {}
     x, w13, w2, tw, ti = make_inputs(T, H, I, E, K, dtype, mode, device)
+    math = reference.ExpertMath(activation=quant.get("act", "silu"), has_bias=quant.get("bias", False))
+    b13 = b2 = None
+    if math.has_bias:
+        g = torch.Generator(device=device).manual_seed(7)
+        b13 = (0.1 * torch.randn(E, 2 * I, generator=g, device=device)).to(x.dtype)
+        b2 = (0.1 * torch.randn(E, H, generator=g, device=device)).to(x.dtype)
+    w13, w2 = quantize(w13, quant, x.dtype), quantize(w2, quant, x.dtype)
     out = torch.full((T, H), float("nan"), dtype=x.dtype, device=device)
     chunk = fm.CHUNK_TOKENS
     if name.endswith("_chunked"):
         fm.CHUNK_TOKENS = 8  # long prefills are split into chunks: exercise that on a small T
     try:
-        res = fused_moe(x, w13, w2, tw, ti, out=out, config=config)
+        res = fused_moe(x, w13, w2, tw, ti, out=out, config=config, math=math, b13=b13, b2=b2)
     finally:
         fm.CHUNK_TOKENS = chunk
     assert res is out
-    ref = reference.moe(x, w13, w2, tw, ti)  # fp32; slots with id -1 match no expert
+    if quant.get("fmt"):  # the oracle reads the same weights, dequantized in fp32
+        w13 = quantize_ref(w13)
+        w2 = quantize_ref(w2)
+    # fp32; slots with id -1 match no expert
+    ref = reference.moe(x, w13, w2, tw, ti, math, b13, b2)
     if T == 0:
         return dict(max_rel=0.0, norm_rel=0.0, nonfinite=0, allneg_nonzero=0, shape=list(res.shape))
     err = (res.float() - ref).abs()
@@ -172,8 +237,15 @@ def run_case(case, device):
     )
 
 
+def quantize_ref(w) -> torch.Tensor:
+    """A QuantizedExperts' weights dequantized in fp32."""
+    w = copy.copy(w)
+    w.dtype = torch.float32
+    return w.dequantized()
+
+
 def check(case, r):
-    name, T, H, I, E, K, dtype, mode, config = case
+    name, T, H, I, E, K, dtype, mode, config = case[:9]
     assert "error" not in r, f"{name}: {r.get('error')}"
     assert r["shape"] == [T, H]
     assert r["nonfinite"] == 0, f"{name}: {r['nonfinite']} elements not written (NaN poison) or inf"

@@ -10,6 +10,7 @@ nibble-order swap or a misplaced expert moves outputs by whole percents.
 
 from __future__ import annotations
 
+import sys
 import types
 
 import pytest
@@ -334,3 +335,62 @@ def test_re_placement_is_off_for_quantized_experts():
     on = FiddlerConfig.from_additional_config({"fiddler": {"adaptation": {"enabled": True}}})
     with pytest.raises(FiddlerConfigError, match="adaptation.enabled is true"):
         decide_adaptation(on, shape, placement, on_cuda=True)
+
+
+# ---------------------------------------------------------------- the device set on CUDA
+def _hot_experts_worker() -> None:
+    """Under TRITON_INTERPRET=1: each format's layer, a few experts on its device set, runs
+    them with the Triton kernels reading the stored tensors (hot_experts, CUDA's path) and with
+    torch's dequantize-per-expert path (the CPU platform's); prints one JSON line of
+    {case: max error relative to the output's scale}."""
+    import json
+
+    gpu = (1, 4, 6)
+    fp8 = layer(gpu)
+    load_per_expert(fp8, quantized_experts()[0])
+    mx = mx_layer(gpu)
+    load_as_gpt_oss(mx, mxfp4_checkpoint()[0])
+    int4 = int4_layer(gpu)
+    gen = torch.Generator().manual_seed(3)
+    for name, shape in (("1", (I, H_MX)), ("3", (I, H_MX)), ("2", (H_MX, I))):
+        packed, scale = quant.quant_int4_group(torch.randn(E, *shape, generator=gen), 32)
+        for e in range(E):
+            int4.load_expert(e, "w" + name, packed[e])
+            int4.load_expert(e, "s" + name, scale[e].bfloat16())
+    errors = {}
+    for name, m, hidden in (("fp8_block", fp8, H), ("mxfp4", mx, H_MX), ("int4_group", int4, H_MX)):
+        for tokens in (1, 7, 33):
+            x = torch.randn(tokens, hidden, generator=gen)
+            logits = torch.randn(tokens, E, generator=gen)
+            logits[0, 4] += 10  # the first token has a device expert
+            weights, ids = reference.route(logits, K)
+            out = torch.full((tokens, hidden), float("nan"))  # rows left unwritten stay NaN
+            m.hot_experts(x, weights, ids, out)
+            ref = torch.zeros(tokens, hidden)
+            m._device_experts(x, m.gpu_slot_of[ids], weights, ref)
+            errors[f"{name}-{tokens}"] = ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+    print("RESULTS " + json.dumps(errors))
+
+
+def test_device_experts_read_as_stored_match_the_dequantized_ones():
+    """CUDA's device set (the Triton MoE kernels on the stored format, with each layer's
+    biases and activation) against the dequantize-per-expert path on the same layer, in
+    fp32: summation order only (1e-5). Triton's interpreter runs the kernels here, in a
+    process of its own (it must be chosen before triton is imported)."""
+    pytest.importorskip("triton")
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--hot-experts-worker"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-2000:] + proc.stderr[-4000:]
+    errors = json.loads(lines[-1][len("RESULTS "):])
+    assert len(errors) == 9 and all(err <= 1e-5 for err in errors.values()), errors
+
+
+if __name__ == "__main__" and "--hot-experts-worker" in sys.argv:
+    _hot_experts_worker()

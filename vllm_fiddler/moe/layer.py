@@ -553,7 +553,8 @@ class HybridMoE(nn.Module):
         """out [T, H] = the device-served experts' share of x [T, H] (CUDA; topk_ids global)."""
         from vllm_fiddler.kernels.triton import fused_moe
 
-        return fused_moe(x, self.w13_gpu, self.w2_gpu, topk_weights, self.gpu_slot_of[topk_ids], out=out)
+        return fused_moe(x, self.w13_gpu, self.w2_gpu, topk_weights, self.gpu_slot_of[topk_ids], out=out,
+                         math=self.math, b13=self.b13_gpu, b2=self.b2_gpu)
 
     def _forward_cuda(self, x, topk_weights, topk_ids, out, op_start: float) -> None:
         T, K = topk_ids.shape
@@ -587,7 +588,7 @@ class HybridMoE(nn.Module):
         submitted = None
         if cpu_args is not None:
             cold = self.cpu_runtime.submit(host.x, self.w13_cpu_chunks, self.w2_cpu_chunks, *cpu_args,
-                                           device_wait=True)
+                                           device_wait=True, math=self.math, biases=self.host_biases)
             submitted = time.perf_counter()
             self.to_cpu_submit_s += submitted - op_start
         # 3. Hot experts, then the copied ones, on the GPU while the CPU works.

@@ -100,7 +100,9 @@ class FiddlerModel:
         device = torch.get_default_device()
         on_cuda = device.type == "cuda"
         quantized = shape.expert_format is not None
-        if on_cuda and not math.plain_silu and not quantized:  # quantized layers compute any math in torch
+        # the quantized path computes gpt-oss's math on both sides; the bf16 one's copies,
+        # streamed chunks and native CPU jobs are SiLU-only
+        if on_cuda and not math.plain_silu and not quantized:
             raise FiddlerConfigError(
                 f"fiddler: bf16 experts with the {math.activation!r} activation"
                 f"{' and biases' if math.has_bias else ''} (gpt-oss) run on vLLM's CPU platform only so far; "
@@ -108,9 +110,9 @@ class FiddlerModel:
         if quantized:
             from vllm_fiddler.kernels import cpu as cpu_kernels
 
-            logger.info("fiddler: experts stay %s on both sides; host experts run %s, device experts "
-                        "dequantize per routed expert (torch); weight copies, streamed chunks, routed graph "
-                        "steps and online re-placement, which move bf16 experts, are off",
+            logger.info("fiddler: experts stay %s on both sides; host experts run %s, device experts the "
+                        "Triton MoE kernels, which read the stored format; weight copies, streamed chunks, "
+                        "routed graph steps and online re-placement, which move bf16 experts, are off",
                         shape.expert_format.describe(),
                         "the AVX512 quantized-expert kernels" if cpu_kernels.quantized_available()
                         else "torch's dequantize-per-expert path (no AVX512F/BW/VL here)")
@@ -156,7 +158,7 @@ class FiddlerModel:
                     experts.set_streamed_chunks(cfg.streamed_chunks)
         self.kernel_warmup: dict = {}
         self.cuda_graphs: dict = {}
-        if on_cuda and not quantized:
+        if on_cuda:
             self.kernel_warmup = warm_up_kernels(layers, stager, vllm_config.scheduler_config.max_num_batched_tokens)
             if placement.num_cpu:
                 graphs = MoEGraphs(CUDA_GRAPH_MAX_TOKENS, shape.hidden_size, shape.top_k, dtype, device)

@@ -6,14 +6,15 @@ alike: a host expert is never expanded into a bf16 copy, and the bytes a
 token's read costs are the compressed ones (``expert_bytes``, which placement
 and the budget count).
 
-Compute: host FP8 experts without biases run the native FP8 kernels
-(kernels/cpu/kernel_quant_avx512.cpp: FP8 widened to fp32 in registers, block
-scales on the blocks' partial sums) where the CPU has AVX512F/BW/VL; other
-host experts, and device experts for now (vLLM's quantized MoE kernels are not
-wired in yet), dequantize each routed expert when it is used (kernels/quant.py
-through kernels/torch_moe.py). Weight copies, streamed chunks, routed
-CUDA-graph steps and online re-placement are bf16-only, so a quantized layer
-runs without them (``vllm_fiddler.moe.model`` logs it).
+Compute: host experts run the native quantized kernels
+(kernels/cpu/kernel_quant_avx512.cpp: values widened to fp32 in registers, scales on the
+groups' partial sums) where the CPU has AVX512F/BW/VL, else dequantize each routed expert in
+torch (kernels/torch_moe.py); on CUDA the device experts run the Triton MoE kernels, which read
+the stored tensors and widen each tile in registers (kernels/triton/fused_moe.py), and a step
+goes through HybridMoE's eager CUDA path (the host's job on the runtime's worker thread, the
+stream waiting for its result on the device). Weight copies, streamed chunks, routed
+CUDA-graph steps and online re-placement are bf16-only, so a quantized layer runs without
+them (``vllm_fiddler.moe.model`` logs it).
 
 Formats (kernels/quant.py has the layouts):
   fp8_block   float8_e4m3fn weights, float32 scales per bn x bk block (vLLM's
@@ -41,7 +42,7 @@ import math
 import torch
 
 from vllm_fiddler.kernels.quant import E2M1_MAX, E8M0_ONE, FP8_MAX, INT4_PER_WORD, MXFP4_GROUP, QuantizedExperts
-from vllm_fiddler.moe.layer import HybridMoE, cold_token_counts
+from vllm_fiddler.moe.layer import HybridMoE
 
 @dataclasses.dataclass(frozen=True)
 class _Layout:
@@ -271,20 +272,3 @@ class QuantizedHybridMoE(HybridMoE):
             for e in range(self.num_experts):
                 for name, n in (("b1", I), ("b3", I), ("b2", H)):
                     self.load_expert(e, name, torch.empty(n).uniform_(-scale, scale, generator=gen))
-
-    # -- CUDA: the device set dequantizes on the device, the host set on the CPU -----------
-    def _forward_cuda(self, x, topk_weights, topk_ids, out, op_start: float) -> None:
-        ids = topk_ids.to("cpu", torch.long)  # [T, K]
-        cpu_ids = self.cpu_slot_of_host[ids]  # [T, K] host slot or -1
-        n_cpu = self._count(cpu_ids)
-        cold = None
-        if n_cpu:
-            self._cpu_chunk_reads += len(cold_token_counts(cpu_ids, self.num_host_slots))
-            cold = self.cpu_runtime.submit(x.cpu(), self.w13_cpu, self.w2_cpu, cpu_ids, topk_weights.cpu(),
-                                           math=self.math, biases=self.host_biases)
-        acc = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # [T, H]
-        if n_cpu < cpu_ids.numel():
-            self._device_experts(x, self.gpu_slot_of[topk_ids], topk_weights, acc)
-        if cold is not None:
-            acc += cold.result().to(x.device)
-        out.copy_(acc)

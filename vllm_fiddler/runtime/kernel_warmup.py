@@ -32,7 +32,8 @@ def warm_up_kernels(layers, stager, max_tokens: int) -> dict:
         if shape[0] == 0 or shape in shapes:
             continue
         shapes.add(shape)
-        launched += warm_up(layer.w13_gpu, layer.w2_gpu, layer.top_k, max_tokens)
+        launched += warm_up(layer.w13_gpu, layer.w2_gpu, layer.top_k, max_tokens, layer.math, layer.b13_gpu,
+                            layer.b2_gpu)
     if stager is not None and layers:
         launched += warm_up(stager.w13_chunks, stager.w2_chunks, layers[0].top_k * stager.chunks, max_tokens)
     torch.cuda.synchronize()
