@@ -25,7 +25,7 @@ From the repository root:
 
     python3 benchmarks/triton_moe.py                       # Mixtral, T = 1..4096
     python3 benchmarks/triton_moe.py --gpu-experts 4 --json benchmarks/results/triton_moe.json
-    python3 benchmarks/triton_moe.py --format mxfp4 --gpt-oss --E 128 --gpu-experts 36 --H 2880 --I 2880 --K 4
+    python3 benchmarks/triton_moe.py --format mxfp4 --gpt-oss --H 2880 --I 2880 --K 4 --tokens 1,4,16,64,256
 """
 
 from __future__ import annotations
@@ -96,19 +96,6 @@ def profile(fn, fargs, fkwargs, T) -> dict:
     return res
 
 
-def quantized(fmt: str, w, dtype, group: int, quant):
-    """[E, N, K] fp32 weights stored as `fmt` (a kernels.quant.QuantizedExperts)."""
-    if fmt == "fp8_block":
-        values, scales = quant.quant_fp8_block(w)
-        return quant.QuantizedExperts(fmt, {"weight": values, "weight_scale_inv": scales}, dtype)
-    if fmt == "mxfp4":
-        blocks, scales = quant.quant_mxfp4(w)
-        return quant.QuantizedExperts(fmt, {"blocks": blocks, "scales": scales}, dtype)
-    packed, scales = quant.quant_int4_group(w, group)
-    return quant.QuantizedExperts(fmt, {"weight_packed": packed, "weight_scale": scales.to(dtype)}, dtype,
-                                  group=group, k=w.shape[-1])
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--E", type=int, default=8, help="experts of the model (router width)")
@@ -144,7 +131,7 @@ def main(argv=None) -> int:
     tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else TOKENS
     dev = device_name_for_config()
     torch.manual_seed(0)
-    from vllm_fiddler.kernels import quant
+    from vllm_fiddler.kernels.quant import QuantizedExperts
     from vllm_fiddler.kernels.reference import SILU, ExpertMath
 
     w13 = torch.randn(Eg, 2 * I, H, device="cuda") / H**0.5  # [Eg, 2I, H]
@@ -153,7 +140,7 @@ def main(argv=None) -> int:
         w13, w2 = w13.to(dtype), w2.to(dtype)
         bytes_per_expert = 3 * H * I * w13.element_size()
     else:
-        w13, w2 = (quantized(args.format, w, dtype, args.group, quant) for w in (w13, w2))
+        w13, w2 = (QuantizedExperts.quantize(args.format, w, dtype, group=args.group) for w in (w13, w2))
         bytes_per_expert = (w13.nbytes + w2.nbytes) // Eg
     math, b13, b2 = SILU, None, None
     if args.gpt_oss:

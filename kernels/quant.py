@@ -194,3 +194,23 @@ class QuantizedExperts:
     def dequantized(self) -> torch.Tensor:
         """[Ex, N, K] all experts (tests and references only)."""
         return torch.stack([self[e] for e in range(len(self))])
+
+    def to_dtype(self, dtype: torch.dtype) -> "QuantizedExperts":
+        """The same stored experts, dequantizing to `dtype`."""
+        return QuantizedExperts(self.fmt, self.tensors, dtype, self.block, self.group, self.shape[2])
+
+    @classmethod
+    def quantize(cls, fmt: str, w: torch.Tensor, dtype: torch.dtype = torch.bfloat16,
+                 block: tuple[int, int] = (128, 128), group: int = 128) -> "QuantizedExperts":
+        """[Ex, N, K] weights stored as `fmt` (benchmarks and tests): FP8 with `block` scales,
+        MXFP4, or INT4 in groups of `group` with bf16 scales, as checkpoints store them."""
+        w = w.float()
+        if fmt == "fp8_block":
+            values, scales = quant_fp8_block(w, block)
+            return cls(fmt, {"weight": values, "weight_scale_inv": scales}, dtype, block=block)
+        if fmt == "mxfp4":
+            blocks, scales = quant_mxfp4(w)
+            return cls(fmt, {"blocks": blocks, "scales": scales}, dtype)
+        packed, scales = quant_int4_group(w, group)
+        return cls(fmt, {"weight_packed": packed, "weight_scale": scales.to(torch.bfloat16)}, dtype, group=group,
+                   k=w.shape[-1])

@@ -484,7 +484,10 @@ def async_trace() -> list[tuple[int, ...]]:
 
 
 def _native_args(x, w13, w2, topk_ids, topk_weights, isa):
-    """(x, topk_ids, topk_weights, mode) as the native op takes them, or None for the torch path."""
+    """(x, topk_ids, topk_weights, mode) as the native op takes them, or None for the torch path
+    (also for quantized experts, which moe_forward_quantized takes)."""
+    if not isinstance(w13, torch.Tensor):
+        return None
     path, forced = _resolve(isa)
     if path != "torch" and (w13.dtype != torch.bfloat16 or w2.dtype != torch.bfloat16):
         _log_once(logging.WARNING, f"dtype:{w13.dtype}",

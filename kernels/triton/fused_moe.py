@@ -737,7 +737,7 @@ def fused_moe(x: torch.Tensor, w13, w2, topk_weights: torch.Tensor,
     Accumulation is fp32; the activation is rounded to x.dtype before the
     down projection (the tensor cores' input), the per-slot outputs stay fp32.
     """
-    dtype = w13.dtype if isinstance(w13, torch.Tensor) else w13.dtype
+    dtype = w13.dtype  # of a dense tensor, or what QuantizedExperts dequantize to
     w13, w2 = _weights(w13), _weights(w2)
     T, H, Eg, I, K = _check_inputs(x, w13, w2, topk_weights, topk_ids, dtype, b13, b2)
     assert x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1", \

@@ -104,8 +104,7 @@ def quantized_experts(fmt: str, E: int, H: int, I: int, dtype: torch.dtype, seed
 
 def f32(experts):
     """The same experts, dequantized to fp32."""
-    return quant.QuantizedExperts(experts.fmt, experts.tensors, torch.float32, experts.block, experts.group,
-                                  getattr(experts, "k", None)).dequantized()
+    return experts.to_dtype(torch.float32).dequantized()
 
 
 # bf16 activations: 8-bit mantissa, relative rounding 2^-9 per operand; over sums of 64-200 terms and

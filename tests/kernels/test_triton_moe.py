@@ -15,7 +15,6 @@ write (a token whose every slot is -1 must come out as zeros) fails the test.
 
 from __future__ import annotations
 
-import copy
 import functools
 import json
 import os
@@ -174,21 +173,12 @@ def make_inputs(T, H, I, E, K, dtype, mode, device, seed=0):
 def quantize(w: torch.Tensor, quant: dict, dtype: torch.dtype):
     """[E, N, K] weights in the case's stored format (a kernels.quant.QuantizedExperts
     dequantizing to `dtype`), or w itself for dense cases."""
-    from vllm_fiddler.kernels import quant as q
+    from vllm_fiddler.kernels.quant import QuantizedExperts
 
-    fmt = quant.get("fmt")
-    if fmt is None:
+    if quant.get("fmt") is None:
         return w
-    w = w.float()
-    if fmt == "fp8_block":
-        values, scales = q.quant_fp8_block(w, quant["block"])
-        return q.QuantizedExperts(fmt, {"weight": values, "weight_scale_inv": scales}, dtype, block=quant["block"])
-    if fmt == "mxfp4":
-        blocks, scales = q.quant_mxfp4(w)
-        return q.QuantizedExperts(fmt, {"blocks": blocks, "scales": scales}, dtype)
-    packed, scales = q.quant_int4_group(w, quant["group"])  # bf16 scales, as compressed-tensors stores them
-    return q.QuantizedExperts(fmt, {"weight_packed": packed, "weight_scale": scales.to(torch.bfloat16)}, dtype,
-                              group=quant["group"], k=w.shape[-1])
+    return QuantizedExperts.quantize(quant["fmt"], w, dtype, block=quant.get("block", (128, 128)),
+                                     group=quant.get("group", 128))
 
 
 def run_case(case, device):
@@ -219,8 +209,7 @@ def run_case(case, device):
         fm.CHUNK_TOKENS = chunk
     assert res is out
     if quant.get("fmt"):  # the oracle reads the same weights, dequantized in fp32
-        w13 = quantize_ref(w13)
-        w2 = quantize_ref(w2)
+        w13, w2 = (w.to_dtype(torch.float32).dequantized() for w in (w13, w2))
     # fp32; slots with id -1 match no expert
     ref = reference.moe(x, w13, w2, tw, ti, math, b13, b2)
     if T == 0:
@@ -235,13 +224,6 @@ def run_case(case, device):
         allneg_nonzero=int((res != 0).sum().item()) if mode == "allneg" else 0,
         shape=list(res.shape),
     )
-
-
-def quantize_ref(w) -> torch.Tensor:
-    """A QuantizedExperts' weights dequantized in fp32."""
-    w = copy.copy(w)
-    w.dtype = torch.float32
-    return w.dequantized()
 
 
 def check(case, r):

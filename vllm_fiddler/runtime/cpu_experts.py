@@ -205,7 +205,7 @@ class CPUExpertRuntime:
         # the previous result's H2D, taken now: the one to_device records after this submit
         # is this job's own, which (device-waited) runs only after this job signals
         in_flight = self._result_in_flight
-        if seq is not None and math.plain_silu and isinstance(w13, torch.Tensor):
+        if seq is not None and math.plain_silu:
             native = self._submit_native(x, w13, w2, topk_ids, topk_weights, out, in_flight, signal, seq)
             if native is not None:
                 return native
