@@ -328,3 +328,100 @@ def test_graph_step_refuses_what_a_graph_cannot_replay():
         assert graph_jobs.mark_code(0, 1) == 0x10001
     finally:
         runtime.shutdown()
+
+
+def mxfp4_cuda_layers(runtime, n_layers: int):
+    """gpt-oss-style MXFP4 layers (biases, clamped SwiGLU) on the GPU, loaded expert by expert as
+    vLLM's loaders hand them over; and the oracle's fp32 (w13, w2, b13, b2) of each."""
+    from vllm_fiddler.kernels import quant, reference
+    from vllm_fiddler.moe.quantized import ExpertFormat, QuantizedHybridMoE
+
+    gen = torch.Generator().manual_seed(31)
+    layers, oracle = [], []
+    for i in range(n_layers):
+        w1, w3, w2 = random_experts(gen)
+        b13, b2 = torch.randn(E, 2 * I, generator=gen) * 0.5, torch.randn(E, H, generator=gen) * 0.5
+        layer = QuantizedHybridMoE(expert_format=ExpertFormat("mxfp4", (1, 32)), num_experts=E, top_k=K,
+                                   hidden_size=H, intermediate_size=I, gpu_experts=((0, 3), (), (5,))[i % 3],
+                                   dtype=torch.bfloat16, device=torch.device("cuda"), cpu_runtime=runtime,
+                                   pin_memory=True, math=reference.ExpertMath(activation="swigluoai", has_bias=True))
+        dequant = {}
+        for name, w in (("1", w1), ("3", w3), ("2", w2)):
+            blocks, scales = quant.quant_mxfp4(w)  # [E, N, K/32, 16], [E, N, K/32]
+            dequant[name] = quant.dequant_mxfp4(blocks, scales)
+            for e in range(E):
+                layer.load_expert(e, "w" + name, blocks[e])
+                layer.load_expert(e, "s" + name, scales[e])
+        b13, b2 = b13.bfloat16(), b2.bfloat16()
+        for e in range(E):
+            layer.load_expert(e, "b1", b13[e, :I])
+            layer.load_expert(e, "b3", b13[e, I:])
+            layer.load_expert(e, "b2", b2[e])
+        layers.append(layer)
+        oracle.append((torch.cat([dequant["1"], dequant["3"]], dim=1), dequant["2"], b13.float(), b2.float()))
+    return layers, oracle
+
+
+@cuda
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_quantized_layers_take_the_routed_and_graph_step_paths(tokens):
+    """MXFP4 layers with gpt-oss's math through each CUDA path: the synced step (host plans,
+    device-waited native job), the routed step (MoEGraphs.capture_routed: the job thread reads
+    the routing the stream copied down) and graph steps captured in one CUDA graph. The same
+    Triton and CPU kernels on the same sides: the same bits; and the fp32 oracle on the
+    dequantized weights within bf16's tolerance."""
+    from test_hybrid_moe import TOLERANCE
+
+    from vllm_fiddler.kernels import reference
+    from vllm_fiddler.runtime import graph_jobs
+    from vllm_fiddler.runtime.moe_graphs import MoEGraphs
+
+    if not graph_jobs.available():
+        pytest.skip("CUDA graphs here cannot capture stream memory operations")
+    runtime = CPUExpertRuntime(num_threads=2, inline=False, pin_memory=True, wait_on_device=True)
+    jobs = None
+    try:
+        if not runtime.takes_routed_jobs():
+            pytest.skip("routed jobs need stream memory operations and the native kernels")
+        layers, oracle = mxfp4_cuda_layers(runtime, 3)
+        assert all(m.native_jobs for m in layers)
+        gen = torch.Generator().manual_seed(tokens)
+        logits_w = [torch.randn(H, E, generator=gen).cuda() for _ in layers]
+        x = torch.randn(tokens, H, generator=gen).to(torch.bfloat16).cuda()
+
+        synced = chain(layers, x, logits_w)
+        graphs = MoEGraphs(N, H, K, torch.bfloat16, torch.device("cuda"))
+        graphs.capture(layers, None)
+        assert graphs.capture_routed(layers, N, 4)["graphs"] > 0
+        for m in layers:
+            m.graphs, m.routed_max_tokens = graphs, N
+        pairs = [m._routed_pairs for m in layers]
+        routed_out = chain(layers, x, logits_w)
+        assert [m._routed_pairs - p for m, p in zip(layers, pairs)] == [tokens * K] * len(layers)
+
+        jobs = graph_jobs.GraphJobs(N, H, K)
+        for m in layers:
+            m.graph_jobs = jobs
+        static_x = x.clone()
+        graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
+            static_out = chain(layers, static_x, logits_w)
+        served = jobs_served()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert jobs_served() - served == len(layers)
+        assert torch.equal(routed_out, synced) and torch.equal(static_out, synced)
+
+        h = x.float().cpu()  # the oracle, each layer on bf16-rounded inputs
+        for (w13, w2, b13, b2), w in zip(oracle, logits_w):
+            hb = h.to(torch.bfloat16)
+            weights, ids = reference.route((hb.cuda().float() @ w).to(torch.bfloat16).cpu(), K)
+            h = reference.moe(hb.float(), w13, w2, weights, ids, layers[0].math, b13, b2)
+        tol = 3 * TOLERANCE[torch.bfloat16]
+        close = [torch.allclose(o, r, atol=tol * h.abs().max().item(), rtol=tol) for o, r in zip(synced.float().cpu(), h)]
+        assert sum(close) >= len(close) - 1, f"tokens matching the oracle: {close}"  # a near-tied router may flip one
+    finally:
+        if jobs is not None:
+            jobs.close()
+        runtime.shutdown()

@@ -317,62 +317,113 @@ def moe_forward_quantized(x: torch.Tensor, w13, w2, topk_ids: torch.Tensor, topk
     doing nothing, where the native kernels are not loaded or do not take these inputs (x
     not bf16, other dtypes or formats): kernels.quant dequantizes in torch instead. Releases
     the GIL while it computes."""
-    if x.dtype != torch.bfloat16 or w13.fmt not in _FORMAT_CODE or w2.fmt != w13.fmt or not quantized_available():
+    experts = _quantized_set(w13, w2, math, biases)
+    if x.dtype != torch.bfloat16 or experts is None:
         return False
+    if x.shape[0]:
+        w13_values, w2_values, s13, s2, b13, b2, *spec = experts
+        torch.ops.fiddler_cpu.moe_forward_quant(
+            x.contiguous(), w13_values, s13, w2_values, s2, b13, b2, topk_ids.to(torch.int32).contiguous(),
+            topk_weights.float().contiguous(), out, *spec)
+    return True
+
+
+def _quantized_set(w13, w2, math, biases) -> tuple | None:
+    """The native ops' expert arguments for quantized experts (kernels.quant.QuantizedExperts):
+    (w13 values, w2 values, s13, s2, b13, b2, fmt, bn, bk, act, alpha, limit); None where the
+    native kernels do not take them (not loaded, another format, dtypes or activation)."""
+    if isinstance(w13, torch.Tensor) or w13.fmt not in _FORMAT_CODE or w2.fmt != w13.fmt \
+            or not quantized_available():
+        return None
     activation = getattr(math, "activation", "silu")
     if activation not in _ACTIVATION_CODE or (biases is None) == bool(getattr(math, "has_bias", False)):
-        return False
+        return None
     b13 = b2 = None
     if biases is not None:
         b13, b2 = biases
         if b13.dtype != torch.bfloat16 or b2.dtype != torch.bfloat16:
-            return False
+            return None
         b13, b2 = b13.contiguous(), b2.contiguous()
     block = w13.block
     if w13.fmt == "int4_group":
         group = w13.group
         if group % 32 or w13.k % group or w2.k % group or w2.group != group or \
                 w13.tensors["weight_scale"].dtype != torch.bfloat16 or w2.tensors["weight_scale"].dtype != torch.bfloat16:
-            return False
+            return None
         block = (1, group)
-    if x.shape[0]:
-        if w13.fmt == "int4_group":
-            tensors = (w13.tensors["weight_packed"], w13.tensors["weight_scale"], w2.tensors["weight_packed"],
-                       w2.tensors["weight_scale"])
-        elif w13.fmt == "mxfp4":  # [Ec, N, K/32, 16] blocks as [Ec, N, K/2] bytes
-            tensors = (w13.tensors["blocks"].flatten(-2), w13.tensors["scales"], w2.tensors["blocks"].flatten(-2),
-                       w2.tensors["scales"])
-        else:
-            tensors = (w13.tensors["weight"], w13.tensors["weight_scale_inv"], w2.tensors["weight"],
-                       w2.tensors["weight_scale_inv"])
-        torch.ops.fiddler_cpu.moe_forward_quant(
-            x.contiguous(), *tensors, b13, b2, topk_ids.to(torch.int32).contiguous(),
-            topk_weights.float().contiguous(), out, _FORMAT_CODE[w13.fmt], int(block[0]), int(block[1]),
-            _ACTIVATION_CODE[activation], float(getattr(math, "alpha", 0.0)), float(getattr(math, "limit", 0.0)))
-    return True
+        tensors = (w13.tensors["weight_packed"], w2.tensors["weight_packed"], w13.tensors["weight_scale"],
+                   w2.tensors["weight_scale"])
+    elif w13.fmt == "mxfp4":  # [Ec, N, K/32, 16] blocks as [Ec, N, K/2] bytes
+        tensors = (w13.tensors["blocks"].flatten(-2), w2.tensors["blocks"].flatten(-2), w13.tensors["scales"],
+                   w2.tensors["scales"])
+    else:
+        tensors = (w13.tensors["weight"], w2.tensors["weight"], w13.tensors["weight_scale_inv"],
+                   w2.tensors["weight_scale_inv"])
+    return (*tensors, b13, b2, _FORMAT_CODE[w13.fmt], int(block[0]), int(block[1]), _ACTIVATION_CODE[activation],
+            float(getattr(math, "alpha", 0.0)), float(getattr(math, "limit", 0.0)))
 
 
-def moe_forward_async(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: torch.Tensor,
-                      topk_weights: torch.Tensor, out: torch.Tensor, done_word: torch.Tensor, seq: int,
-                      *, isa: str | None = None) -> bool:
+def _expert_set(w13, w2, math, biases) -> tuple | None:
+    """The async ops' expert arguments: _quantized_set's for quantized experts; bf16 ones as
+    (w13, w2, no scales or biases, SiLU), where math is plain SiLU-gated (moe_forward's); None
+    where no native kernel takes them."""
+    if not isinstance(w13, torch.Tensor):
+        return _quantized_set(w13, w2, math, biases)
+    if biases is not None or getattr(math, "activation", "silu") != "silu" or getattr(math, "has_bias", False):
+        return None
+    return w13, w2, None, None, None, None, 0, 0, 0, _ACTIVATION_CODE["silu"], 0.0, 0.0
+
+
+def takes_jobs(w13, w2, math=None, biases: tuple[torch.Tensor, torch.Tensor] | None = None) -> bool:
+    """Whether the native job thread runs these experts (moe_forward_async, routed jobs, graph
+    steps): bf16 SiLU-gated ones where the bf16 kernels are loaded, quantized ones where
+    moe_forward_quantized takes them."""
+    experts = _expert_set(w13, w2, math, biases)
+    if experts is None:
+        return False
+    return experts[2] is not None or (isa() != "torch" and w13.dtype == torch.bfloat16)
+
+
+def _async_args(x, w13, w2, topk_ids, topk_weights, math, biases, isa) -> tuple | None:
+    """(x, topk_ids, topk_weights, mode, expert arguments) for the async ops, or None where no
+    native kernel takes these experts (bf16 ones need the bf16 kernels, quantized ones the
+    quantized kernels)."""
+    experts = _expert_set(w13, w2, math, biases)
+    if experts is None:
+        return None
+    if experts[2] is None:  # bf16
+        native = _native_args(x, w13, w2, topk_ids, topk_weights, isa)
+        return None if native is None else (*native, experts)
+    # quantized: the bf16 kernels' mode is not read
+    x = x if x.dtype == torch.bfloat16 and x.stride(-1) == 1 else x.to(torch.bfloat16).contiguous()
+    return x, topk_ids.to(torch.int32), topk_weights.float(), _MODE["avx512_bf16"], experts
+
+
+def moe_forward_async(x: torch.Tensor, w13, w2, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                      out: torch.Tensor, done_word: torch.Tensor, seq: int, *, math=None,
+                      biases: tuple[torch.Tensor, torch.Tensor] | None = None, isa: str | None = None) -> bool:
     """``out = moe_forward(...)`` (zeroed first) on the native job thread, in submission order;
     when the job is done (or failed: see async_take_error) its thread stores `seq` (mod 2^32)
-    into `done_word` (one int32, pinned for a CUDA stream to wait on). Returns at once, True; or
-    False without doing anything when no native kernel takes these inputs (the caller runs
-    moe_forward itself). The inputs must stay unchanged until the job is done."""
-    native = _native_args(x, w13, w2, topk_ids, topk_weights, isa)
+    into `done_word` (one int32, pinned for a CUDA stream to wait on). w13 / w2 are bf16 tensors
+    (SiLU-gated, no biases) or kernels.quant.QuantizedExperts (math and biases as
+    moe_forward_quantized's). Returns at once, True; or False without doing anything when no
+    native kernel takes these inputs (the caller runs them itself). The inputs must stay
+    unchanged until the job is done."""
+    native = _async_args(x, w13, w2, topk_ids, topk_weights, math, biases, isa)
     if native is None or not out.is_contiguous():
         return False
-    x, topk_ids, topk_weights, mode = native
-    torch.ops.fiddler_cpu.moe_forward_async(x, w13, w2, topk_ids, topk_weights, out, mode, _amx_min_tokens(),
-                                            done_word, seq)
+    x, topk_ids, topk_weights, mode, experts = native
+    w13_values, w2_values, *rest = experts
+    torch.ops.fiddler_cpu.moe_forward_async(x, w13_values, w2_values, topk_ids, topk_weights, out, mode,
+                                            _amx_min_tokens(), done_word, seq, *rest)
     return True
 
 
-def moe_forward_routed_async(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, slots: torch.Tensor,
+def moe_forward_routed_async(x: torch.Tensor, w13, w2, slots: torch.Tensor,
                              weights: torch.Tensor, chunks: int, out: torch.Tensor, ready_word: torch.Tensor,
                              done_word: torch.Tensor, seq: int, counts: torch.Tensor,
-                             *, first_chunks: Sequence[int] | None = None, isa: str | None = None) -> bool:
+                             *, first_chunks: Sequence[int] | None = None, math=None,
+                             biases: tuple[torch.Tensor, torch.Tensor] | None = None, isa: str | None = None) -> bool:
     """moe_forward_async for a job whose routing is not there yet: the job thread first waits
     until `ready_word` (one pinned int32, which a CUDA stream writes after copying the routing
     down) reaches `seq` (cyclically), then reads slots [T, K] (host slot or -1, int32) and
@@ -382,23 +433,24 @@ def moe_forward_routed_async(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tenso
     [3]) the (token, k) pairs of host slots, the distinct chunk-experts below first_chunks of
     those (what the GPU streams) and the distinct ones from there on (what the CPU reads),
     and with `counts` of 3 + 2^K entries (K <= 12) each token at 3 + its cold-position mask
-    (bit k set: the pair (t, k) is on the host), and stores `seq` into `done_word`. Returns True,
-    or False without doing anything when no native kernel takes these inputs. A job whose word
-    does not come within 60 s, or that async_cancel_ready_waits cancels, fails
-    (async_take_error) and still stores done_word."""
+    (bit k set: the pair (t, k) is on the host), and stores `seq` into `done_word`. Experts,
+    math and biases as moe_forward_async's. Returns True, or False without doing anything when
+    no native kernel takes these inputs. A job whose word does not come within 60 s, or that
+    async_cancel_ready_waits cancels, fails (async_take_error) and still stores done_word."""
     # the inputs are read when the routing has landed, so they must be taken as they are:
     # a converted copy made now would hold what the buffers held before the copy
     if not (x.dtype == torch.bfloat16 and x.stride(-1) == 1 and slots.dtype == torch.int32
             and weights.dtype == torch.float32 and slots.is_contiguous() and weights.is_contiguous()
             and out.is_contiguous()):
         return False
-    native = _native_args(x, w13, w2, slots, weights, isa)
+    native = _async_args(x, w13, w2, slots, weights, math, biases, isa)
     if native is None:
         return False
-    mode = native[3]
+    mode, (w13_values, w2_values, *rest) = native[3], native[4]
     first = list(first_chunks) if first_chunks is not None else [0] * slots.shape[1]
-    torch.ops.fiddler_cpu.moe_forward_routed_async(x, w13, w2, slots, weights, chunks, first, out, mode,
-                                                   _amx_min_tokens(), ready_word, done_word, seq, counts)
+    torch.ops.fiddler_cpu.moe_forward_routed_async(x, w13_values, w2_values, slots, weights, chunks, first, out,
+                                                   mode, _amx_min_tokens(), ready_word, done_word, seq, counts,
+                                                   *rest)
     return True
 
 
@@ -423,12 +475,18 @@ def graph_jobs_attach(x: torch.Tensor, slots: torch.Tensor, weights: torch.Tenso
     return True
 
 
-def graph_jobs_add_layer(slot: int, w13: torch.Tensor, w2: torch.Tensor, chunks: int, counts: torch.Tensor,
-                         pairs: torch.Tensor) -> None:
+def graph_jobs_add_layer(slot: int, w13, w2, chunks: int, counts: torch.Tensor, pairs: torch.Tensor, *,
+                         math=None, biases: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """The experts of layer slot `slot` of the attached graph steps: host chunk-experts w13 / w2
-    (slot s chunk c = chunk-expert s * chunks + c, bf16), its counts (int64 [3] or [3 + 2^K], as
-    moe_forward_routed_async's) and pairs (int64 [1]: (token, k) pairs its jobs saw)."""
-    torch.ops.fiddler_cpu.graph_jobs_add_layer(slot, w13, w2, chunks, counts, pairs)
+    (slot s chunk c = chunk-expert s * chunks + c; bf16, or quantized with math and biases as
+    moe_forward_async's), its counts (int64 [3] or [3 + 2^K], as moe_forward_routed_async's)
+    and pairs (int64 [1]: (token, k) pairs its jobs saw). Raises ValueError where no native
+    kernel takes these experts."""
+    experts = _expert_set(w13, w2, math, biases)
+    if experts is None:
+        raise ValueError("fiddler: no native CPU kernel takes these experts for graph steps")
+    w13_values, w2_values, *rest = experts
+    torch.ops.fiddler_cpu.graph_jobs_add_layer(slot, w13_values, w2_values, chunks, counts, pairs, *rest)
 
 
 def graph_jobs_detach() -> None:

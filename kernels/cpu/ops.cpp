@@ -595,17 +595,27 @@ void moe_forward(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w
 // b13 [E, 2I] and b2 [E, H] bf16 biases (gate then up) or none; act / alpha / limit the
 // activation (kActSilu, kActSwigluOai); otherwise as moe_forward (x bf16, out fp32
 // accumulated into).
-void moe_forward_quant(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& s13, const at::Tensor& w2,
-                       const at::Tensor& s2, const c10::optional<at::Tensor>& b13, const c10::optional<at::Tensor>& b2,
-                       const at::Tensor& topk_ids, const at::Tensor& topk_weights, const at::Tensor& out, int64_t fmt,
-                       int64_t bn, int64_t bk, int64_t act, double alpha, double limit) {
-  const std::string op = "fiddler_cpu.moe_forward_quant: ";
-  for (const at::Tensor* t : {&x, &w13, &s13, &w2, &s2, &topk_ids, &topk_weights, &out})
-    FCHECK(t->device().is_cpu(), op + "all tensors must be on the CPU");
+// The experts a call reads: moe_forward's bf16 ones (s13 / s2 undefined), or
+// moe_forward_quant's quantized ones with their scales, biases and activation. Queued jobs
+// and graph-step layers hold one.
+struct ExpertSet {
+  at::Tensor w13, w2, s13, s2;
+  c10::optional<at::Tensor> b13, b2;
+  int64_t fmt = 0, bn = 0, bk = 0, act = kActSilu;
+  double alpha = 0, limit = 0;
+  bool quantized() const { return s13.defined(); }
+};
+
+// Checks a quantized ExpertSet's tensors against each other (layouts above); `op` prefixes
+// the messages.
+void check_quant(const ExpertSet& w, const std::string& op) {
+  const at::Tensor &w13 = w.w13, &s13 = w.s13, &w2 = w.w2, &s2 = w.s2;
+  const int64_t fmt = w.fmt, bn = w.bn, bk = w.bk;
+  for (const at::Tensor* t : {&w13, &s13, &w2, &s2})
+    FCHECK(t->defined() && t->device().is_cpu(), op + "weights and scales must be on the CPU");
   FCHECK(fmt == kFmtFp8Block || fmt == kFmtMxfp4 || fmt == kFmtInt4Group, op + "unknown format " + FSTR(fmt));
-  FCHECK(act == kActSilu || act == kActSwigluOai, op + "unknown activation " + FSTR(act));
+  FCHECK(w.act == kActSilu || w.act == kActSwigluOai, op + "unknown activation " + FSTR(w.act));
   const bool mx = fmt == kFmtMxfp4, int4 = fmt == kFmtInt4Group;
-  FCHECK(x.scalar_type() == at::kBFloat16, op + "x must be bfloat16");
   const auto values = mx ? at::kByte : int4 ? at::kInt : at::kFloat8_e4m3fn;
   const auto scales = mx ? at::kByte : int4 ? at::kBFloat16 : at::kFloat;
   FCHECK(w13.scalar_type() == values && w2.scalar_type() == values && s13.scalar_type() == scales &&
@@ -613,13 +623,9 @@ void moe_forward_quant(const at::Tensor& x, const at::Tensor& w13, const at::Ten
          op + (mx     ? "MXFP4 weights and scales must be uint8"
                : int4 ? "INT4 weights must be int32 words, scales bfloat16"
                       : "FP8 weights must be float8_e4m3fn, scales float32"));
-  FCHECK(topk_ids.scalar_type() == at::kInt && topk_weights.scalar_type() == at::kFloat &&
-             out.scalar_type() == at::kFloat,
-         op + "topk_ids int32, topk_weights and out float32");
-  FCHECK(x.dim() == 2 && w13.dim() == 3 && w2.dim() == 3 && s13.dim() == 3 && s2.dim() == 3 &&
-             topk_ids.dim() == 2 && topk_weights.dim() == 2 && out.dim() == 2,
-         op + "expected x [T,H], w13 [E,2I,.], s13, w2 [E,H,.], s2 [E,.,.], topk_ids/topk_weights [T,K], out [T,H]");
-  const int64_t T = x.size(0), H = x.size(1), E = w13.size(0), I = w13.size(1) / 2, K = topk_ids.size(1);
+  FCHECK(w13.dim() == 3 && w2.dim() == 3 && s13.dim() == 3 && s2.dim() == 3,
+         op + "expected w13 [E,2I,.], s13 [E,.,.], w2 [E,H,.], s2 [E,.,.]");
+  const int64_t E = w13.size(0), H = w2.size(1), I = w13.size(1) / 2;
   if (int4) {
     FCHECK(bk > 0 && bk % 32 == 0 && H % bk == 0 && I % bk == 0,
            op + "INT4 needs groups of a multiple of 32 dividing H and I, got " + FSTR(bk) + " for " + FSTR(H) + ", " +
@@ -644,21 +650,41 @@ void moe_forward_quant(const at::Tensor& x, const at::Tensor& w13, const at::Ten
                s2.size(1) == (H + bn - 1) / bn && s2.size(2) == (I + bk - 1) / bk,
            op + "scales must be [E, 2I/bn, ceil(H/bk)] and [E, ceil(H/bn), ceil(I/bk)]");
   }
-  FCHECK(b13.has_value() == b2.has_value(), op + "give both biases or neither");
-  if (b13.has_value()) {
-    FCHECK(b13->scalar_type() == at::kBFloat16 && b2->scalar_type() == at::kBFloat16 && b13->is_contiguous() &&
-               b2->is_contiguous() && b13->dim() == 2 && b13->size(0) == E && b13->size(1) == 2 * I &&
-               b2->dim() == 2 && b2->size(0) == E && b2->size(1) == H,
+  FCHECK(w.b13.has_value() == w.b2.has_value(), op + "give both biases or neither");
+  if (w.b13.has_value()) {
+    const at::Tensor &b13 = *w.b13, &b2 = *w.b2;
+    FCHECK(b13.scalar_type() == at::kBFloat16 && b2.scalar_type() == at::kBFloat16 && b13.is_contiguous() &&
+               b2.is_contiguous() && b13.dim() == 2 && b13.size(0) == E && b13.size(1) == 2 * I &&
+               b2.dim() == 2 && b2.size(0) == E && b2.size(1) == H,
            op + "biases must be contiguous bf16 b13 [E, 2I] and b2 [E, H]");
   }
+  FCHECK(w13.stride(2) == 1 && w13.stride(1) == w13.size(2) && w2.stride(2) == 1 && w2.stride(1) == w2.size(2) &&
+             s13.stride(2) == 1 && s13.stride(1) == s13.size(2) && s2.stride(2) == 1 && s2.stride(1) == s2.size(2),
+         op + "each expert's weights and scales must be contiguous (row-major)");
+}
+
+// moe_forward_quant once its experts are checked.
+void run_quant(const ExpertSet& w, const at::Tensor& x, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
+               const at::Tensor& out) {
+  const std::string op = "fiddler_cpu.moe_forward_quant: ";
+  for (const at::Tensor* t : {&x, &topk_ids, &topk_weights, &out})
+    FCHECK(t->device().is_cpu(), op + "all tensors must be on the CPU");
+  FCHECK(x.scalar_type() == at::kBFloat16, op + "x must be bfloat16");
+  FCHECK(topk_ids.scalar_type() == at::kInt && topk_weights.scalar_type() == at::kFloat &&
+             out.scalar_type() == at::kFloat,
+         op + "topk_ids int32, topk_weights and out float32");
+  FCHECK(x.dim() == 2 && topk_ids.dim() == 2 && topk_weights.dim() == 2 && out.dim() == 2,
+         op + "expected x [T,H], topk_ids/topk_weights [T,K], out [T,H]");
+  const at::Tensor &w13 = w.w13, &s13 = w.s13, &w2 = w.w2, &s2 = w.s2;
+  const int64_t T = x.size(0), H = x.size(1), E = w13.size(0), I = w13.size(1) / 2, K = topk_ids.size(1);
+  FCHECK(w2.size(1) == H, op + "x has " + FSTR(H) + " columns, the experts' hidden size is " + FSTR(w2.size(1)));
   FCHECK(topk_ids.size(0) == T && topk_weights.size(0) == T && topk_weights.size(1) == K && out.size(0) == T &&
              out.size(1) == H,
          op + "topk_ids/topk_weights must be [T, K] and out [T, H]");
   if (T == 0 || E == 0 || K == 0 || H == 0 || I == 0) return;
   FCHECK(x.stride(1) == 1 && out.stride(1) == 1, op + "x and out rows must be contiguous");
-  FCHECK(w13.stride(2) == 1 && w13.stride(1) == w13.size(2) && w2.stride(2) == 1 && w2.stride(1) == w2.size(2) &&
-             s13.stride(2) == 1 && s13.stride(1) == s13.size(2) && s2.stride(2) == 1 && s2.stride(1) == s2.size(2),
-         op + "each expert's weights and scales must be contiguous (row-major)");
+  const int64_t fmt = w.fmt;
+  const c10::optional<at::Tensor>&b13 = w.b13, &b2 = w.b2;
 
   const at::Tensor ids = topk_ids.contiguous();
   const at::Tensor wts = topk_weights.contiguous();
@@ -703,18 +729,59 @@ void moe_forward_quant(const at::Tensor& x, const at::Tensor& w13, const at::Ten
   split_gate_up(active, I, pool->size(), items1);
   Ctx ctx;
   set_problem(ctx, x, out, H, I, E, experts, active, items1, down_item_rows(H, pool->size(), 0));
-  ctx.prob.bn = bn;
-  ctx.prob.bk = bk;
+  ctx.prob.bn = w.bn;
+  ctx.prob.bk = w.bk;
   ctx.prob.fmt = int32_t(fmt);
-  ctx.prob.act = int32_t(act);
-  ctx.prob.alpha = float(alpha);
-  ctx.prob.limit = float(limit);
+  ctx.prob.act = int32_t(w.act);
+  ctx.prob.alpha = float(w.alpha);
+  ctx.prob.limit = float(w.limit);
   run_projections(pool, ctx, E, nullptr);
 }
 
+void moe_forward_quant(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& s13, const at::Tensor& w2,
+                       const at::Tensor& s2, const c10::optional<at::Tensor>& b13, const c10::optional<at::Tensor>& b2,
+                       const at::Tensor& topk_ids, const at::Tensor& topk_weights, const at::Tensor& out, int64_t fmt,
+                       int64_t bn, int64_t bk, int64_t act, double alpha, double limit) {
+  ExpertSet w{w13, w2, s13, s2, b13, b2, fmt, bn, bk, act, alpha, limit};
+  check_quant(w, "fiddler_cpu.moe_forward_quant: ");
+  run_quant(w, x, topk_ids, topk_weights, out);
+}
+
+// The experts' contribution to out, by kind: bf16 ones through moe_forward (mode, amx_min_tokens
+// as there), quantized ones through the quantized kernels (already checked: check_experts).
+void run_experts(const ExpertSet& w, const at::Tensor& x, const at::Tensor& ids, const at::Tensor& wts,
+                 const at::Tensor& out, int64_t mode, int64_t amx_min_tokens) {
+  if (w.quantized())
+    run_quant(w, x, ids, wts, out);
+  else
+    moe_forward(x, w.w13, w.w2, ids, wts, out, mode, amx_min_tokens);
+}
+
+// An ExpertSet from an op's arguments: bf16 w13 / w2 (s13 / s2 none), or quantized ones with
+// their scales, biases and activation, checked here (a queued job fails at its submit, not
+// later on the job thread).
+ExpertSet check_experts(const at::Tensor& w13, const at::Tensor& w2, const c10::optional<at::Tensor>& s13,
+                        const c10::optional<at::Tensor>& s2, const c10::optional<at::Tensor>& b13,
+                        const c10::optional<at::Tensor>& b2, int64_t fmt, int64_t bn, int64_t bk, int64_t act,
+                        double alpha, double limit, const std::string& op) {
+  FCHECK(s13.has_value() == s2.has_value(), op + "give both scales or neither");
+  ExpertSet w{w13, w2, s13.has_value() ? *s13 : at::Tensor(), s2.has_value() ? *s2 : at::Tensor(), b13, b2,
+              fmt, bn, bk, act, alpha, limit};
+  if (w.quantized()) {
+    check_quant(w, op);
+    return w;
+  }
+  FCHECK(!b13.has_value() && !b2.has_value() && act == kActSilu,
+         op + "bf16 experts run SiLU-gated without biases natively");
+  FCHECK(w13.scalar_type() == at::kBFloat16 && w2.scalar_type() == at::kBFloat16 && w13.dim() == 3 &&
+             w2.dim() == 3 && w2.size(0) == w13.size(0),
+         op + "bf16 experts: w13 [E, 2I, H] and w2 [E, H, I] bfloat16");
+  return w;
+}
+
 // ---------------------------------------------------------------- async jobs
-// A native job queue for moe_forward, for cold experts whose result the GPU
-// waits for on the device (vllm_fiddler.runtime.device_wait). The engine
+// A native job queue for moe_forward and the quantized kernels (an ExpertSet a
+// job), for cold experts whose result the GPU waits for on the device (vllm_fiddler.runtime.device_wait). The engine
 // thread enqueues a layer's job and goes on launching GPU work; this thread
 // (no Python, so it never waits for the GIL, which the engine thread holds
 // while it launches) runs the jobs in order, then stores each job's sequence
@@ -736,7 +803,8 @@ void moe_forward_quant(const at::Tensor& x, const at::Tensor& w13, const at::Ten
 // engine thread's wake-up, planning and hand-over cost ~0.6 ms of CPU idle
 // time a layer).
 struct AsyncJob {
-  at::Tensor x, w13, w2, ids, wts, out, done_word;
+  ExpertSet experts;
+  at::Tensor x, ids, wts, out, done_word;
   at::Tensor ready_word, counts;  // routed jobs only (ready_word undefined: a plain job)
   int64_t mode = 1, amx_min_tokens = 0, seq = 0, chunks = 1;
   std::vector<int64_t> first_chunks;  // [K] chunks below it are the GPU's, per top-k position
@@ -817,7 +885,7 @@ int64_t expand_routing(const at::Tensor& slots, const at::Tensor& wts, int64_t C
 // A routed job's work once its routing is there (queued routed jobs and graph steps):
 // expand the host slots into chunk-expert ids (counting them), then run the chunks from
 // first[k] on, if any are cold, into `out` (already zeroed). Returns the CPU's chunk-experts.
-int64_t run_routed(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w2, const at::Tensor& slots,
+int64_t run_routed(const at::Tensor& x, const ExpertSet& experts, const at::Tensor& slots,
                    const at::Tensor& wts, int64_t chunks, const std::vector<int64_t>& first, const at::Tensor& out,
                    const at::Tensor& counts, int64_t mode, int64_t amx_min_tokens) {
   at::Tensor ids, chunk_wts;
@@ -826,7 +894,7 @@ int64_t run_routed(const at::Tensor& x, const at::Tensor& w13, const at::Tensor&
   const int64_t cold = expand_routing(slots, wts, chunks, first, &ids, &chunk_wts, c, counts.numel());
   const int64_t cpu_chunks = __atomic_load_n(&c[2], __ATOMIC_RELAXED) - before;  // one job thread: no race
   if (cold && *std::min_element(first.begin(), first.end()) < chunks)
-    moe_forward(x, w13, w2, ids, chunk_wts, out, mode, amx_min_tokens);
+    run_experts(experts, x, ids, chunk_wts, out, mode, amx_min_tokens);
   return cpu_chunks;
 }
 
@@ -844,7 +912,8 @@ int64_t run_routed(const at::Tensor& x, const at::Tensor& w13, const at::Tensor&
 //   next done = 1 comes after it.
 // One job is in flight at a time: the graph waits for each before it marks the next.
 struct GraphLayer {
-  at::Tensor w13, w2, counts, pairs;  // pairs: int64 [1], (token, k) pairs this layer's graph jobs saw
+  ExpertSet experts;
+  at::Tensor counts, pairs;  // pairs: int64 [1], (token, k) pairs this layer's graph jobs saw
   int64_t chunks = 0;                 // 0: no layer in this slot
 };
 struct GraphJobs {
@@ -931,10 +1000,10 @@ class AsyncRunner {
       try {
         std::memset(job.out.data_ptr(), 0, job.out.nbytes());
         if (error.empty() && job.ready_word.defined()) {
-          cpu_chunks = run_routed(job.x, job.w13, job.w2, job.ids, job.wts, job.chunks, job.first_chunks, job.out,
+          cpu_chunks = run_routed(job.x, job.experts, job.ids, job.wts, job.chunks, job.first_chunks, job.out,
                                   job.counts, job.mode, job.amx_min_tokens);
         } else if (error.empty()) {
-          moe_forward(job.x, job.w13, job.w2, job.ids, job.wts, job.out, job.mode, job.amx_min_tokens);
+          run_experts(job.experts, job.x, job.ids, job.wts, job.out, job.mode, job.amx_min_tokens);
         }
       } catch (const std::exception& e) {
         error = e.what();
@@ -1028,7 +1097,7 @@ class AsyncRunner {
       const int32_t* first_word = g->first.data_ptr<int32_t>();
       std::vector<int64_t> first(static_cast<size_t>(K));
       for (int64_t k = 0; k < K; ++k) first[size_t(k)] = std::min<int64_t>(std::max(first_word[k], 0), layer.chunks);
-      cpu_chunks = run_routed(g->x.narrow(0, 0, T), layer.w13, layer.w2, slots, wts, layer.chunks, first, out,
+      cpu_chunks = run_routed(g->x.narrow(0, 0, T), layer.experts, slots, wts, layer.chunks, first, out,
                               layer.counts, g->mode, g->amx_min_tokens);
       __atomic_fetch_add(layer.pairs.data_ptr<int64_t>(), T * K, __ATOMIC_RELAXED);
     } catch (const std::exception& e) {
@@ -1106,13 +1175,12 @@ AsyncRunner* async_runner() {
   return g_async;
 }
 
-AsyncJob make_job(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w2, const at::Tensor& ids,
-                  const at::Tensor& wts, const at::Tensor& out, int64_t mode, int64_t amx_min_tokens,
-                  const at::Tensor& done_word, int64_t seq) {
+AsyncJob make_job(const at::Tensor& x, ExpertSet experts, const at::Tensor& ids, const at::Tensor& wts,
+                  const at::Tensor& out, int64_t mode, int64_t amx_min_tokens, const at::Tensor& done_word,
+                  int64_t seq) {
   AsyncJob job;
   job.x = x;
-  job.w13 = w13;
-  job.w2 = w2;
+  job.experts = std::move(experts);
   job.ids = ids;
   job.wts = wts;
   job.out = out;
@@ -1125,20 +1193,30 @@ AsyncJob make_job(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& 
 
 void moe_forward_async(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w2,
                        const at::Tensor& topk_ids, const at::Tensor& topk_weights, const at::Tensor& out,
-                       int64_t mode, int64_t amx_min_tokens, const at::Tensor& done_word, int64_t seq) {
+                       int64_t mode, int64_t amx_min_tokens, const at::Tensor& done_word, int64_t seq,
+                       const c10::optional<at::Tensor>& s13, const c10::optional<at::Tensor>& s2,
+                       const c10::optional<at::Tensor>& b13, const c10::optional<at::Tensor>& b2, int64_t fmt,
+                       int64_t bn, int64_t bk, int64_t act, double alpha, double limit) {
+  ExpertSet experts = check_experts(w13, w2, s13, s2, b13, b2, fmt, bn, bk, act, alpha, limit,
+                                    "fiddler_cpu.moe_forward_async: ");
   FCHECK(out.is_contiguous() && out.scalar_type() == at::kFloat,
          "fiddler_cpu.moe_forward_async: out must be contiguous float32");
   FCHECK(done_word.device().is_cpu() && done_word.scalar_type() == at::kInt && done_word.numel() == 1,
          "fiddler_cpu.moe_forward_async: done_word must be one int32 on the host");
   async_runner()->submit(
-      make_job(x, w13, w2, topk_ids.contiguous(), topk_weights.contiguous(), out, mode, amx_min_tokens, done_word, seq));
+      make_job(x, std::move(experts), topk_ids.contiguous(), topk_weights.contiguous(), out, mode, amx_min_tokens,
+               done_word, seq));
 }
 
 void moe_forward_routed_async(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w2,
                               const at::Tensor& slots, const at::Tensor& weights, int64_t chunks,
                               c10::IntArrayRef first_chunks, const at::Tensor& out, int64_t mode, int64_t amx_min_tokens,
                               const at::Tensor& ready_word, const at::Tensor& done_word, int64_t seq,
-                              const at::Tensor& counts) {
+                              const at::Tensor& counts, const c10::optional<at::Tensor>& s13, const c10::optional<at::Tensor>& s2,
+                              const c10::optional<at::Tensor>& b13, const c10::optional<at::Tensor>& b2, int64_t fmt,
+                              int64_t bn, int64_t bk, int64_t act, double alpha, double limit) {
+  ExpertSet experts = check_experts(w13, w2, s13, s2, b13, b2, fmt, bn, bk, act, alpha, limit,
+                                    "fiddler_cpu.moe_forward_routed_async: ");
   FCHECK(out.is_contiguous() && out.scalar_type() == at::kFloat,
          "fiddler_cpu.moe_forward_routed_async: out must be contiguous float32");
   for (const at::Tensor* word : {&ready_word, &done_word})
@@ -1159,7 +1237,7 @@ void moe_forward_routed_async(const at::Tensor& x, const at::Tensor& w13, const 
   for (int64_t f : first_chunks)
     FCHECK(f >= 0 && f <= chunks, "fiddler_cpu.moe_forward_routed_async: first_chunks must be in 0..chunks");
   // slots / weights are read only once ready_word says the routing copy has landed
-  AsyncJob job = make_job(x, w13, w2, slots, weights, out, mode, amx_min_tokens, done_word, seq);
+  AsyncJob job = make_job(x, std::move(experts), slots, weights, out, mode, amx_min_tokens, done_word, seq);
   job.ready_word = ready_word;
   job.counts = counts;
   job.chunks = chunks;
@@ -1199,7 +1277,11 @@ void graph_jobs_attach(const at::Tensor& x, const at::Tensor& slots, const at::T
 }
 
 void graph_jobs_add_layer(int64_t slot, const at::Tensor& w13, const at::Tensor& w2, int64_t chunks,
-                          const at::Tensor& counts, const at::Tensor& pairs) {
+                          const at::Tensor& counts, const at::Tensor& pairs, const c10::optional<at::Tensor>& s13, const c10::optional<at::Tensor>& s2,
+                          const c10::optional<at::Tensor>& b13, const c10::optional<at::Tensor>& b2, int64_t fmt,
+                          int64_t bn, int64_t bk, int64_t act, double alpha, double limit) {
+  ExpertSet experts = check_experts(w13, w2, s13, s2, b13, b2, fmt, bn, bk, act, alpha, limit,
+                                    "fiddler_cpu.graph_jobs_add_layer: ");
   AsyncRunner* runner = async_runner();
   const std::shared_ptr<GraphJobs> old = runner->graph();
   FCHECK(old, "fiddler_cpu.graph_jobs_add_layer: attach the graph buffers first");
@@ -1215,7 +1297,7 @@ void graph_jobs_add_layer(int64_t slot, const at::Tensor& w13, const at::Tensor&
   // copy on write: the job thread keeps reading the table it loaded
   auto g = std::make_shared<GraphJobs>(*old);
   if (int64_t(g->layers.size()) <= slot) g->layers.resize(size_t(slot + 1));
-  g->layers[size_t(slot)] = GraphLayer{w13, w2, counts, pairs, chunks};
+  g->layers[size_t(slot)] = GraphLayer{std::move(experts), counts, pairs, chunks};
   runner->set_graph(std::move(g));
 }
 
@@ -1293,16 +1375,19 @@ TORCH_LIBRARY(fiddler_cpu, m) {
         "Tensor topk_ids, Tensor topk_weights, Tensor(a!) out, int fmt, int bn, int bk, int act, float alpha, "
         "float limit) -> ()", &fiddler_cpu::moe_forward_quant);
   m.def("moe_forward_async(Tensor x, Tensor w13, Tensor w2, Tensor topk_ids, Tensor topk_weights, "
-        "Tensor(a!) out, int mode, int amx_min_tokens, Tensor(b!) done_word, int seq) -> ()",
+        "Tensor(a!) out, int mode, int amx_min_tokens, Tensor(b!) done_word, int seq, "
+        "Tensor? s13, Tensor? s2, Tensor? b13, Tensor? b2, int fmt, int bn, int bk, int act, float alpha, float limit) -> ()",
         &fiddler_cpu::moe_forward_async);
   m.def("moe_forward_routed_async(Tensor x, Tensor w13, Tensor w2, Tensor slots, Tensor weights, int chunks, "
         "int[] first_chunks, Tensor(a!) out, int mode, int amx_min_tokens, Tensor ready_word, Tensor(b!) done_word, int seq, "
-        "Tensor(c!) counts) -> ()",
+        "Tensor(c!) counts, "
+        "Tensor? s13, Tensor? s2, Tensor? b13, Tensor? b2, int fmt, int bn, int bk, int act, float alpha, float limit) -> ()",
         &fiddler_cpu::moe_forward_routed_async);
   m.def("graph_jobs_attach(Tensor x, Tensor slots, Tensor weights, Tensor first, Tensor(a!) out, "
         "Tensor(b!) mark_word, Tensor(c!) done_word, int mode, int amx_min_tokens) -> ()",
         &fiddler_cpu::graph_jobs_attach);
-  m.def("graph_jobs_add_layer(int slot, Tensor w13, Tensor w2, int chunks, Tensor(a!) counts, Tensor(b!) pairs) -> ()",
+  m.def("graph_jobs_add_layer(int slot, Tensor w13, Tensor w2, int chunks, Tensor(a!) counts, Tensor(b!) pairs, "
+        "Tensor? s13, Tensor? s2, Tensor? b13, Tensor? b2, int fmt, int bn, int bk, int act, float alpha, float limit) -> ()",
         &fiddler_cpu::graph_jobs_add_layer);
   m.def("graph_jobs_detach() -> ()", &fiddler_cpu::graph_jobs_detach);
   m.def("async_wait_idle() -> ()", &fiddler_cpu::async_wait_idle);

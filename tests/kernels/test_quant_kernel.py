@@ -213,3 +213,136 @@ def test_int4_groups_the_kernel_does_not_take_go_to_torch():
     fp32 = quant.QuantizedExperts("int4_group", {"weight_packed": p, "weight_scale": s}, group=32, k=64)
     assert not cpu_kernels.moe_forward_quantized(x, fp32, fp32, ids, w, out)
     assert not out.any()
+
+
+# ---------------------------------------------------------------- on the native job thread
+# Device-waited jobs, routed jobs and graph steps (vllm_fiddler.runtime.graph_jobs) run
+# quantized experts on the native job thread as bf16 ones. Same kernels, same threads, same
+# per-output-row summation order: bit-equal to moe_forward_quantized called directly.
+JOB_FORMATS = {
+    "fp8_block": dict(block=(32, 48)),
+    "mxfp4": dict(math=GPT_OSS),
+    "int4_group": dict(group=32),
+}
+
+
+def job_experts(fmt, E=5, H=96, I=64, seed=0):
+    """(w13, w2) QuantizedExperts of `fmt`, math, biases (bf16 where math has them)."""
+    spec = JOB_FORMATS[fmt]
+    gen = torch.Generator().manual_seed(seed)
+    w13 = torch.randn(E, 2 * I, H, generator=gen)
+    w2 = torch.randn(E, H, I, generator=gen)
+    make = lambda w: quant.QuantizedExperts.quantize(fmt, w, block=spec.get("block", (128, 128)),  # noqa: E731
+                                                     group=spec.get("group", 128))
+    math = spec.get("math", reference.SILU)
+    biases = None
+    if math.has_bias:
+        biases = ((torch.randn(E, 2 * I, generator=gen) * 4).bfloat16(), torch.randn(E, H, generator=gen).bfloat16())
+    return make(w13), make(w2), math, biases
+
+
+def direct(x, w13, w2, ids, weights, math, biases):
+    want = torch.zeros(x.shape[0], x.shape[1])
+    assert cpu_kernels.moe_forward_quantized(x, w13, w2, ids, weights, want, math, biases)
+    return want
+
+
+def routing(tokens, E, K, seed):
+    gen = torch.Generator().manual_seed(seed)
+    weights, ids = reference.route(torch.randn(tokens, E, generator=gen), K)
+    return weights, ids.to(torch.int32)
+
+
+@pytest.mark.parametrize("fmt", sorted(JOB_FORMATS))
+def test_quantized_jobs_on_the_job_thread_match_the_direct_call(fmt):
+    import time
+
+    w13, w2, math, biases = job_experts(fmt)
+    assert cpu_kernels.takes_jobs(w13, w2, math, biases)
+    if biases is not None:  # gpt-oss's math without its biases: not the kernels' (torch's path)
+        assert not cpu_kernels.takes_jobs(w13, w2, math, None)
+    H, E, K = 96, 5, 2
+    word = torch.zeros(1, dtype=torch.int32)
+    cpu_kernels.async_take_error()
+    jobs = []
+    for seq, tokens in enumerate((1, 3, 16), start=1):
+        x = torch.randn(tokens, H, generator=torch.Generator().manual_seed(seq)).bfloat16()
+        weights, ids = routing(tokens, E, K, seq)
+        ids[0, 1] = -1  # a pair the GPU serves
+        out = torch.full((tokens, H), 7.0)  # zeroed by the job
+        assert cpu_kernels.moe_forward_async(x, w13, w2, ids, weights, out, word, seq, math=math, biases=biases)
+        jobs.append((x, ids, weights, out))
+    deadline = time.monotonic() + 10
+    while int(word) != len(jobs):
+        assert time.monotonic() < deadline, "the job thread never signalled"
+    cpu_kernels.async_wait_idle()
+    assert cpu_kernels.async_take_error() == ""
+    for x, ids, weights, out in jobs:
+        assert torch.equal(out, direct(x, w13, w2, ids, weights, math, biases))
+
+
+@pytest.mark.parametrize("fmt", sorted(JOB_FORMATS))
+def test_quantized_routed_jobs_and_graph_steps_match_the_direct_call(fmt):
+    """A routed job reads host slots once its ready word lands; a graph step (a Python thread
+    playing the graph's memory operations) runs a layer slot's quantized experts."""
+    import time
+
+    w13, w2, math, biases = job_experts(fmt, seed=1)
+    H, E, K, T = 96, 5, 2, 3
+    weights, slots = routing(T, E, K, 11)
+    slots[1, 0] = -1
+    x = torch.randn(T, H, generator=torch.Generator().manual_seed(12)).bfloat16()
+    want = direct(x, w13, w2, slots, weights, math, biases)
+    cpu_kernels.async_take_error()
+
+    # routed: buffers filled after the submit, before the ready word
+    xb, sb, wb = torch.zeros_like(x), torch.full_like(slots, -1), torch.zeros_like(weights)
+    ready, done, out = torch.zeros(1, dtype=torch.int32), torch.zeros(1, dtype=torch.int32), torch.zeros(T, H)
+    counts = torch.zeros(3, dtype=torch.int64)
+    assert cpu_kernels.moe_forward_routed_async(xb, w13, w2, sb, wb, 1, out, ready, done, 1, counts, math=math,
+                                                biases=biases)
+    time.sleep(0.01)
+    xb.copy_(x), sb.copy_(slots), wb.copy_(weights)
+    ready.fill_(1)
+    cpu_kernels.async_wait_idle()
+    assert cpu_kernels.async_take_error() == "" and int(done) == 1
+    assert torch.equal(out, want)
+    assert counts.tolist() == [int((slots >= 0).sum()), 0, len(set(slots[slots >= 0].tolist()))]
+
+    # a graph step
+    N = 4
+    bufs = dict(x=torch.zeros(N, H, dtype=torch.bfloat16), slots=torch.full((N, K), -1, dtype=torch.int32),
+                weights=torch.zeros(N, K), first=torch.zeros(K, dtype=torch.int32), out=torch.zeros(N, H))
+    mark, done = torch.zeros(1, dtype=torch.int32), torch.zeros(1, dtype=torch.int32)
+    assert cpu_kernels.graph_jobs_attach(bufs["x"], bufs["slots"], bufs["weights"], bufs["first"], bufs["out"],
+                                         mark, done)
+    try:
+        counts, pairs = torch.zeros(3, dtype=torch.int64), torch.zeros(1, dtype=torch.int64)
+        cpu_kernels.graph_jobs_add_layer(0, w13, w2, 1, counts, pairs, math=math, biases=biases)
+        bufs["x"][:T], bufs["slots"][:T], bufs["weights"][:T] = x, slots, weights
+        mark.fill_((1 << 16) | T)  # layer slot 0, T rows
+        deadline = time.monotonic() + 10
+        while int(done) != 1:
+            assert time.monotonic() < deadline, "the job thread never served the graph step"
+        assert cpu_kernels.async_take_error() == ""
+        assert torch.equal(bufs["out"][:T], want) and int(pairs) == T * K
+    finally:
+        cpu_kernels.graph_jobs_detach()
+
+
+def test_quantized_jobs_with_bad_experts_fail_at_submit():
+    """A job whose experts the kernels cannot read fails where it is submitted, with the op's
+    message; nothing is queued (no stream could be left waiting for it)."""
+    w13, w2, math, biases = job_experts("mxfp4")
+    x, ids, weights = torch.randn(1, 96).bfloat16(), torch.zeros(1, 2, dtype=torch.int32), torch.ones(1, 2)
+    word, out = torch.zeros(1, dtype=torch.int32), torch.zeros(1, 96)
+    short = (biases[0][:, :10].contiguous(), biases[1])
+    with pytest.raises(RuntimeError, match="moe_forward_async: biases must be contiguous bf16"):
+        cpu_kernels.moe_forward_async(x, w13, w2, ids, weights, out, word, 1, math=math, biases=short)
+    bad = quant.QuantizedExperts("mxfp4", dict(w13.tensors))
+    bad.tensors["scales"] = bad.tensors["scales"][:, :8].contiguous()  # past the constructor's own check
+    with pytest.raises(RuntimeError, match="MXFP4 scales must be"):
+        cpu_kernels.graph_jobs_add_layer(0, bad, w2, 1, torch.zeros(3, dtype=torch.int64),
+                                         torch.zeros(1, dtype=torch.int64), math=math, biases=biases)
+    cpu_kernels.async_wait_idle()
+    assert int(word) == 0 and cpu_kernels.async_take_error() == ""

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from vllm_fiddler.config import FiddlerConfigError
+from vllm_fiddler.kernels import cpu as cpu_kernels
 from vllm_fiddler.kernels import quant, reference
 from vllm_fiddler.moe import method as moe_method
 from vllm_fiddler.moe.quantized import ExpertFormat, QuantizedHybridMoE
@@ -236,6 +237,39 @@ def test_mxfp4_layer_with_biases_matches_the_oracle(gpu_experts, tokens):
     ref = reference.moe(x, w13, w2, weights, ids, GPT_OSS, b13, b2)
     torch.testing.assert_close(out, ref, atol=1e-5 * ref.abs().max().item(), rtol=1e-5)
     assert m.routed_to_cpu == int(sum((ids == e).sum() for e in range(E) if e not in gpu_experts))
+
+
+@pytest.mark.skipif(not cpu_kernels.quantized_available(), reason="needs AVX512F/BW/VL and a native build")
+def test_device_waited_jobs_of_a_quantized_layer_run_on_the_native_job_thread():
+    """What a CUDA step submits for the host experts of a gpt-oss layer (device-waited: the stream
+    waits for the job's number) runs on the native job thread, with the layer's biases and
+    clamped SwiGLU, bit-equal to the direct kernel call; the job's number reaches the word."""
+    tensors, _ = mxfp4_checkpoint(2)
+    runtime = CPUExpertRuntime(num_threads=1, inline=False, wait_on_device=True)
+    signal = types.SimpleNamespace(word=torch.zeros(1, dtype=torch.int32), seq=0)
+    signal.next_seq = lambda: setattr(signal, "seq", signal.seq + 1) or signal.seq
+    runtime._device_signal = lambda: signal
+    try:
+        m = QuantizedHybridMoE(expert_format=MX, num_experts=E, top_k=K, hidden_size=H_MX, intermediate_size=I,
+                               gpu_experts=(1, 4), dtype=torch.bfloat16, device=torch.device("cpu"),
+                               cpu_runtime=runtime, pin_memory=False, math=GPT_OSS)
+        load_as_gpt_oss(m, tensors)
+        assert m.native_jobs
+        gen = torch.Generator().manual_seed(5)
+        x = torch.randn(3, H_MX, generator=gen).bfloat16()
+        weights, ids = reference.route(torch.randn(3, E, generator=gen), K)
+        slots = m.cpu_slot_of_host[ids].to(torch.int32)  # [3, K] host slot or -1
+        job = runtime.submit(x, m.w13_cpu_chunks, m.w2_cpu_chunks, slots, weights, device_wait=True, math=m.math,
+                             biases=m.host_biases)
+        assert job.future is None, "a quantized device-waited job should run on the native job thread"
+        got = job.result().clone()
+        want = torch.zeros(3, H_MX)
+        assert cpu_kernels.moe_forward_quantized(x, m.w13_cpu_chunks, m.w2_cpu_chunks, slots, weights, want, m.math,
+                                                 m.host_biases)
+        assert torch.equal(got, want) and want.abs().sum() > 0
+        assert int(signal.word) == job.seq
+    finally:
+        runtime.shutdown()
 
 
 def test_mxfp4_experts_are_stored_compressed():

@@ -268,6 +268,14 @@ class HybridMoE(nn.Module):
         return self.cold_expert_plain(self.host_slot[expert])
 
     @property
+    def native_jobs(self) -> bool:
+        """Whether the native job thread runs this layer's host experts (routed steps, graph
+        steps, device-waited jobs without the GIL)."""
+        from vllm_fiddler.kernels import cpu as cpu_kernels
+
+        return cpu_kernels.takes_jobs(self.w13_cpu_chunks, self.w2_cpu_chunks, self.math, self.host_biases)
+
+    @property
     def host_biases(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The host chunk-experts' biases (b13 [Eh*C, 2Ic], b2 [Eh*C, H]), or None."""
         if self.b13_cpu is None:
@@ -643,7 +651,8 @@ class HybridMoE(nn.Module):
         host = graphs.route(self, x, topk_weights, topk_ids)  # [T, ...] pinned, filled in stream order
         cold = self.cpu_runtime.submit_routed(host.x, self.w13_cpu_chunks, self.w2_cpu_chunks, host.ids,
                                               host.weights, self.chunks, self._routed_counts,
-                                              first_chunks=streamed, out=host.result)
+                                              first_chunks=streamed, out=host.result, math=self.math,
+                                              biases=self.host_biases)
         if cold is None:  # capture_routed checked that the native kernels take these buffers
             raise RuntimeError("fiddler: the native CPU kernels refused a graphed routed job")
         self._routed_pairs += T * K

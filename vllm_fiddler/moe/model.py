@@ -111,8 +111,8 @@ class FiddlerModel:
             from vllm_fiddler.kernels import cpu as cpu_kernels
 
             logger.info("fiddler: experts stay %s on both sides; host experts run %s, device experts the "
-                        "Triton MoE kernels, which read the stored format; weight copies, streamed chunks, "
-                        "routed graph steps and online re-placement, which move bf16 experts, are off",
+                        "Triton MoE kernels, which read the stored format; weight copies, streamed chunks "
+                        "and online re-placement, which move bf16 experts, are off",
                         shape.expert_format.describe(),
                         "the AVX512 quantized-expert kernels" if cpu_kernels.quantized_available()
                         else "torch's dequantize-per-expert path (no AVX512F/BW/VL here)")
@@ -146,7 +146,8 @@ class FiddlerModel:
         self.fiddler_layers = layers
         self.placement = placement
         self._stats_writer = StatsWriter()
-        routed_max_tokens = ROUTED_MAX_TOKENS if on_cuda and not quantized else 0
+        # decode-sized steps hand the native job thread their routing (bf16 or quantized experts alike)
+        routed_max_tokens = ROUTED_MAX_TOKENS if on_cuda and layers[0].native_jobs else 0
         for experts in layers:
             experts.stager = stager
             experts.routed_max_tokens = routed_max_tokens

@@ -10,11 +10,12 @@ Compute: host experts run the native quantized kernels
 (kernels/cpu/kernel_quant_avx512.cpp: values widened to fp32 in registers, scales on the
 groups' partial sums) where the CPU has AVX512F/BW/VL, else dequantize each routed expert in
 torch (kernels/torch_moe.py); on CUDA the device experts run the Triton MoE kernels, which read
-the stored tensors and widen each tile in registers (kernels/triton/fused_moe.py), and a step
-goes through HybridMoE's eager CUDA path (the host's job on the runtime's worker thread, the
-stream waiting for its result on the device). Weight copies, streamed chunks, routed
-CUDA-graph steps and online re-placement are bf16-only, so a quantized layer runs without
-them (``vllm_fiddler.moe.model`` logs it).
+the stored tensors and widen each tile in registers (kernels/triton/fused_moe.py). Steps go
+through HybridMoE's CUDA paths as bf16 layers' do: decode-sized ones as routed steps and
+inside vLLM's FULL decode graphs (graph steps), larger ones eagerly, the host's job on the
+native job thread (no GIL) in every case. Weight copies, streamed chunks and online
+re-placement are bf16-only, so a quantized layer runs without them
+(``vllm_fiddler.moe.model`` logs it).
 
 Formats (kernels/quant.py has the layouts):
   fp8_block   float8_e4m3fn weights, float32 scales per bn x bk block (vLLM's

@@ -193,9 +193,9 @@ class CPUExpertRuntime:
 
         device_wait: the result will go to the device through ``result_on_device``, whose
         stream waits for it there (when this runtime waits on the device). Such a job runs
-        on the native kernels' own job thread when they take it (bf16): it needs no GIL, so
-        it starts and signals while the engine thread runs Python; otherwise on the Python
-        worker thread."""
+        on the native kernels' own job thread when they take it (bf16 SiLU-gated experts, or
+        quantized ones): it needs no GIL, so it starts and signals while the engine thread
+        runs Python; otherwise on the Python worker thread."""
         self._raise_unchecked()
         signal = self._device_signal() if device_wait else None
         seq = signal.next_seq() if signal is not None else None
@@ -205,8 +205,9 @@ class CPUExpertRuntime:
         # the previous result's H2D, taken now: the one to_device records after this submit
         # is this job's own, which (device-waited) runs only after this job signals
         in_flight = self._result_in_flight
-        if seq is not None and math.plain_silu:
-            native = self._submit_native(x, w13, w2, topk_ids, topk_weights, out, in_flight, signal, seq)
+        if seq is not None:
+            native = self._submit_native(x, w13, w2, topk_ids, topk_weights, out, in_flight, signal, seq, math,
+                                         biases)
             if native is not None:
                 return native
         self._finish_native()  # Python jobs run after the native ones: they share `out`
@@ -243,7 +244,8 @@ class CPUExpertRuntime:
 
     def takes_routed_jobs(self) -> bool:
         """Whether submit_routed works here: the device waits for results, streams can write
-        host words, and the native kernels run bf16 jobs on their own thread."""
+        host words, and the native kernels run bf16 jobs on their own thread (quantized
+        layers also need their own kernels: submit_routed says)."""
         if self._routed_ok is None:
             if torch.cuda.is_current_stream_capturing():
                 return False
@@ -258,7 +260,8 @@ class CPUExpertRuntime:
     def submit_routed(self, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, slots: torch.Tensor,
                       weights: torch.Tensor, chunks: int, counts: torch.Tensor,
                       first_chunks: tuple[int, ...] | None = None,
-                      out: torch.Tensor | None = None) -> CPUJob | None:
+                      out: torch.Tensor | None = None, math: ExpertMath = SILU,
+                      biases: tuple[torch.Tensor, torch.Tensor] | None = None) -> CPUJob | None:
         """A device-waited job whose routing is still on its way: x [T, H] bf16, slots [T, K]
         int32 (host slot or -1) and weights [T, K] fp32 are pinned buffers that copies already
         queued on the current stream fill. The stream marks when they have landed and the
@@ -270,7 +273,7 @@ class CPUExpertRuntime:
         token under its cold-position mask, HybridMoE.routed_cold_patterns). The result goes
         to the device through result_on_device. None (nothing queued) if the native kernels
         do not take it; only call when takes_routed_jobs(). out: the pinned fp32 [T, H] result
-        buffer (default: the runtime's shared one).
+        buffer (default: the runtime's shared one). Experts, math and biases as submit's.
 
         The shared buffers are safe without the host waiting: the next job's routing copy
         into them is queued behind this job's stream wait and result copy."""
@@ -282,20 +285,22 @@ class CPUExpertRuntime:
         self._routing_mark.mark(seq)
         if not cpu_kernels.moe_forward_routed_async(x, w13, w2, slots, weights, chunks, out,
                                                     self._routing_mark.word, signal.word, seq, counts,
-                                                    first_chunks=first_chunks):
+                                                    first_chunks=first_chunks, math=math, biases=biases):
             signal.set(seq)  # nobody will run it: no stream may wait for it
             return None
         self._native_jobs += 1
         return CPUJob(out, seq, None, self)
 
-    def _submit_native(self, x, w13, w2, topk_ids, topk_weights, out, in_flight, signal, seq) -> CPUJob | None:
+    def _submit_native(self, x, w13, w2, topk_ids, topk_weights, out, in_flight, signal, seq, math,
+                       biases) -> CPUJob | None:
         """The job on the native job thread, which stores seq into the signal's word when done;
         None if the native kernels do not take it."""
         if in_flight is not None:  # done already when a layer submits (its routing copy came after it)
             start = time.perf_counter()
             in_flight.synchronize()
             self.result_wait_s += time.perf_counter() - start
-        if not cpu_kernels.moe_forward_async(x, w13, w2, topk_ids, topk_weights, out, signal.word, seq):
+        if not cpu_kernels.moe_forward_async(x, w13, w2, topk_ids, topk_weights, out, signal.word, seq, math=math,
+                                             biases=biases):
             return None
         self._native_jobs += 1
         return CPUJob(out, seq, None, self)

@@ -101,7 +101,8 @@ class GraphJobs:
             if slot >= MAX_LAYER_SLOTS:
                 raise RuntimeError(f"fiddler: more than {MAX_LAYER_SLOTS} layers in graph steps")
             cpu_kernels.graph_jobs_add_layer(slot, layer.w13_cpu_chunks, layer.w2_cpu_chunks, layer.chunks,
-                                             layer._routed_counts, layer.graph_pairs)
+                                             layer._routed_counts, layer.graph_pairs, math=layer.math,
+                                             biases=layer.host_biases)
             self._slot_of[id(layer)] = slot
             self._layers.append(layer)
         return slot
