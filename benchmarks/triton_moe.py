@@ -96,6 +96,32 @@ def profile(fn, fargs, fkwargs, T) -> dict:
     return res
 
 
+def expert_weights(fmt: str, Eg: int, H: int, I: int, dtype, group: int = 128, gpt_oss: bool = False,
+                   device: str = "cuda"):
+    """Random experts as the benchmarks launch them: (w13 [Eg, 2I, H], w2 [Eg, H, I], math, b13, b2,
+    stored bytes per expert); dense in `dtype`, or QuantizedExperts of `fmt` (INT4 in groups of
+    `group`); gpt-oss's clamped SwiGLU and biases with `gpt_oss`."""
+    import torch
+
+    from vllm_fiddler.kernels.quant import QuantizedExperts
+    from vllm_fiddler.kernels.reference import SILU, ExpertMath
+
+    w13 = torch.randn(Eg, 2 * I, H, device=device) / H**0.5  # [Eg, 2I, H]
+    w2 = torch.randn(Eg, H, I, device=device) / I**0.5  # [Eg, H, I]
+    if fmt == "dense":
+        w13, w2 = w13.to(dtype), w2.to(dtype)
+        bytes_per_expert = 3 * H * I * w13.element_size()
+    else:
+        w13, w2 = (QuantizedExperts.quantize(fmt, w, dtype, group=group) for w in (w13, w2))
+        bytes_per_expert = (w13.nbytes + w2.nbytes) // max(Eg, 1)
+    math, b13, b2 = SILU, None, None
+    if gpt_oss:
+        math = ExpertMath(activation="swigluoai", has_bias=True)
+        b13 = (0.1 * torch.randn(Eg, 2 * I, device=device)).to(dtype)  # [Eg, 2I]
+        b2 = (0.1 * torch.randn(Eg, H, device=device)).to(dtype)  # [Eg, H]
+    return w13, w2, math, b13, b2, bytes_per_expert
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--E", type=int, default=8, help="experts of the model (router width)")
@@ -120,7 +146,7 @@ def main(argv=None) -> int:
     import torch
     import triton
 
-    from vllm_fiddler.kernels.triton import fused_moe, get_config, device_name_for_config
+    from vllm_fiddler.kernels.triton import config_kind, device_name_for_config, fused_moe, get_config
 
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
@@ -131,22 +157,8 @@ def main(argv=None) -> int:
     tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else TOKENS
     dev = device_name_for_config()
     torch.manual_seed(0)
-    from vllm_fiddler.kernels.quant import QuantizedExperts
-    from vllm_fiddler.kernels.reference import SILU, ExpertMath
-
-    w13 = torch.randn(Eg, 2 * I, H, device="cuda") / H**0.5  # [Eg, 2I, H]
-    w2 = torch.randn(Eg, H, I, device="cuda") / I**0.5  # [Eg, H, I]
-    if args.format == "dense":
-        w13, w2 = w13.to(dtype), w2.to(dtype)
-        bytes_per_expert = 3 * H * I * w13.element_size()
-    else:
-        w13, w2 = (QuantizedExperts.quantize(args.format, w, dtype, group=args.group) for w in (w13, w2))
-        bytes_per_expert = (w13.nbytes + w2.nbytes) // Eg
-    math, b13, b2 = SILU, None, None
-    if args.gpt_oss:
-        math = ExpertMath(activation="swigluoai", has_bias=True)
-        b13 = (0.1 * torch.randn(Eg, 2 * I, device="cuda")).to(dtype)  # [Eg, 2I]
-        b2 = (0.1 * torch.randn(Eg, H, device="cuda")).to(dtype)  # [Eg, H]
+    w13, w2, math, b13, b2, bytes_per_expert = expert_weights(args.format, Eg, H, I, dtype, args.group,
+                                                               args.gpt_oss)
     print(f"{dev}: E={E} (GPU {Eg}) H={H} I={I} K={K} {args.dtype} experts {args.format}; "
           f"{bytes_per_expert / 1e6:.1f} MB/expert", flush=True)
 
@@ -160,7 +172,7 @@ def main(argv=None) -> int:
         hit = int(torch.unique(ti[ti >= 0]).numel())
         slots = int((ti >= 0).sum())
         out = torch.empty_like(x)
-        cfg = get_config(T, Eg, H, I, K, dtype, dev)
+        cfg = get_config(T, Eg, H, I, K, config_kind(w13, dtype), dev)
         kw = dict(math=math, b13=b13, b2=b2)
         ms = triton.testing.do_bench(lambda: fused_moe(x, w13, w2, tw, ti, out=out, config=cfg, **kw),
                                      warmup=25, rep=args.rep, return_mode="median")

@@ -15,6 +15,13 @@ Mixtral-8x7B on one GPU, from the repository root (a few minutes):
 
     python3 benchmarks/tune_triton_moe.py --E 8 --H 4096 --I 14336 --K 2 --dtype bf16
 
+Quantized experts (`--format fp8_block|mxfp4|int4_group`, `--gpt-oss` for gpt-oss's
+biases and clamped SwiGLU) get their own tables (dtype=<format>): gpt-oss-120b's MXFP4
+experts, 4 of 128 a token on a partial placement:
+
+    python3 benchmarks/tune_triton_moe.py --E 32 --model-experts 128 --H 2880 --I 2880 --K 4 \
+        --format mxfp4 --gpt-oss --tokens 1,2,4,8,16
+
 `--quick` times fewer token counts. For a partial placement (Eg of the 8
 experts on the GPU) pass `--E Eg --model-experts 8`: slots routed to the
 other experts are -1, as the hybrid layer passes them. get_config falls back
@@ -76,44 +83,47 @@ def make_inputs(T, E, H, I, K, dtype, seed=0):
     return x, tw, ti
 
 
-def make_weights(E, H, I, dtype):
-    import torch
+def make_weights(E, H, I, dtype, experts: dict):
+    """(w13, w2, fused_moe's math / b13 / b2, stored bytes per expert); experts: format, group,
+    gpt_oss (triton_moe.expert_weights)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from triton_moe import expert_weights
 
-    w13 = (torch.randn(E, 2 * I, H, device="cuda") / H**0.5).to(dtype)
-    w2 = (torch.randn(E, H, I, device="cuda") / I**0.5).to(dtype)
-    return w13, w2
+    w13, w2, math, b13, b2, nbytes = expert_weights(experts["format"], E, H, I, dtype, experts["group"],
+                                                    experts["gpt_oss"])
+    return w13, w2, dict(math=math, b13=b13, b2=b2), nbytes
 
 
 def _compile_worker(args):
     """Compiles (by launching once) each config; returns the ones that failed."""
-    configs, E, H, I, K, dtype_name = args
+    configs, E, H, I, K, dtype_name, experts = args
     import torch
 
     dtype = getattr(torch, DTYPES[dtype_name])
     fm = _fm()
     E1 = 1  # constexprs and strides do not depend on E: one expert is enough to compile
-    w13, w2 = make_weights(E1, H, I, dtype)
+    w13, w2, kw, _ = make_weights(E1, H, I, dtype, experts)
     x, tw, ti = make_inputs(8, max(E, K), H, I, K, dtype)
     ti = ti % E1  # every slot to the one expert
     bad = []
     for cfg in configs:
         try:
-            fm.fused_moe(x, w13, w2, tw, ti, config=cfg)
+            fm.fused_moe(x, w13, w2, tw, ti, config=cfg, **kw)
             torch.cuda.synchronize()
         except Exception as e:  # OutOfResources and the like: the config is not valid here
             bad.append((cfg, f"{type(e).__name__}: {str(e)[:200]}"))
     return bad
 
 
-def precompile(space, E, H, I, K, dtype_name, jobs) -> list[dict[str, int]]:
+def precompile(space, E, H, I, K, dtype_name, jobs, experts) -> list[dict[str, int]]:
     """Compiles the whole space in `jobs` processes; returns the configs that work."""
     if jobs <= 1:
-        bad = _compile_worker((space, E, H, I, K, dtype_name))
+        bad = _compile_worker((space, E, H, I, K, dtype_name, experts))
     else:
         chunks = [space[i::jobs] for i in range(jobs)]
         ctx = mp.get_context("spawn")
         with ctx.Pool(jobs) as pool:
-            bad = [b for part in pool.map(_compile_worker, [(c, E, H, I, K, dtype_name) for c in chunks])
+            bad = [b for part in pool.map(_compile_worker, [(c, E, H, I, K, dtype_name, experts) for c in chunks])
                    for b in part]
     for cfg, why in bad:
         print(f"  skipping {cfg}: {why}", flush=True)
@@ -131,6 +141,10 @@ def main(argv=None) -> int:
     p.add_argument("--I", type=int, default=14336)
     p.add_argument("--K", type=int, default=2)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    p.add_argument("--format", choices=["dense", "fp8_block", "mxfp4", "int4_group"], default="dense",
+                   help="how the experts are stored (dense: in --dtype); quantized formats get their own tables")
+    p.add_argument("--group", type=int, default=128, help="int4_group's inputs per scale")
+    p.add_argument("--gpt-oss", action="store_true", help="gpt-oss's expert math: clamped SwiGLU and biases")
     p.add_argument("--tokens", type=str, default=None, help="comma-separated token counts")
     p.add_argument("--quick", action="store_true", help=f"tokens {TOKENS_QUICK}")
     p.add_argument("--jobs", type=int, default=min(8, os.cpu_count() or 1),
@@ -153,17 +167,18 @@ def main(argv=None) -> int:
     E, H, I, K = args.E, args.H, args.I, args.K
     E_model = max(args.model_experts or E, E, K)
     device_name = fm.device_name_for_config()
-    print(f"tuning fused_moe on {device_name}: E={E} (router {E_model}) H={H} I={I} K={K} {args.dtype}, "
-          f"T in {tokens}", flush=True)
+    experts = dict(format=args.format, group=args.group, gpt_oss=args.gpt_oss)
+    print(f"tuning fused_moe on {device_name}: E={E} (router {E_model}) H={H} I={I} K={K} {args.dtype} "
+          f"experts {args.format}{' (gpt-oss math)' if args.gpt_oss else ''}, T in {tokens}", flush=True)
 
     t0 = time.time()
     space = search_space()
     needed = [c for c in space if any(c in configs_for(T, E_model, K, space) for T in tokens)]
-    space = precompile(needed, E, H, I, K, args.dtype, args.jobs)
+    space = precompile(needed, E, H, I, K, args.dtype, args.jobs, experts)
     print(f"compiled {len(space)} configs in {time.time() - t0:.0f} s", flush=True)
 
-    w13, w2 = make_weights(E, H, I, dtype)
-    bytes_per_expert = 3 * H * I * w13.element_size()
+    w13, w2, kw, bytes_per_expert = make_weights(E, H, I, dtype, experts)
+    kind = fm.config_kind(w13, dtype)
     best_table: dict[str, dict[str, int]] = {}
     rows = []
     for T in tokens:
@@ -177,10 +192,10 @@ def main(argv=None) -> int:
 
         def bench(cfg):
             return triton.testing.do_bench(
-                lambda: fm.fused_moe(x, w13, w2, tw, ti, out=out, config=cfg),
+                lambda: fm.fused_moe(x, w13, w2, tw, ti, out=out, config=cfg, **kw),
                 warmup=5, rep=args.rep, return_mode="median")
 
-        default_cfg = fm.default_config(T, E, K, w13.element_size())
+        default_cfg = fm.default_config(T, E, K, dtype.itemsize)
         default_ms = bench(default_cfg)
         best_ms, best_cfg = default_ms, default_cfg
 
@@ -213,7 +228,7 @@ def main(argv=None) -> int:
     else:
         out_dir = args.out_dir or fm.CONFIG_DIR
         os.makedirs(out_dir, exist_ok=True)
-        path = os.path.join(out_dir, fm.config_file_name(E, I, device_name, dtype))
+        path = os.path.join(out_dir, fm.config_file_name(E, I, device_name, kind))
         with open(path, "w") as f:
             f.write(text)
         print(f"wrote {path}")

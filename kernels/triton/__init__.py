@@ -7,7 +7,8 @@ first launch).
 - ``fused_moe(x, w13, w2, topk_weights, topk_ids, out=None, config=None, math=SILU, b13=None, b2=None)``:
   dense experts, or ``kernels.quant.QuantizedExperts`` (FP8 block-scaled, MXFP4, INT4 groups)
   read as stored
-- ``get_config(T, Eg, H, I, K, dtype, device_name)``
+- ``get_config(T, Eg, H, I, K, dtype, device_name)``; ``config_kind(w13, dtype)``: the tables'
+  dtype field (a quantized format's name for quantized experts)
 - ``moe_align_block_size(topk_ids, block_m, num_experts)`` (and ``..._torch``, its torch twin)
 - ``tile_configs(max_tokens, ...)`` / ``warm_up(w13, w2, top_k, max_tokens)``: compile every
   tile config a workload can hit, before serving
@@ -20,13 +21,13 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 __all__ = [
-    "fused_moe", "get_config", "moe_align_block_size", "moe_align_block_size_torch", "default_config",
+    "fused_moe", "get_config", "config_kind", "moe_align_block_size", "moe_align_block_size_torch", "default_config",
     "fit_shared_memory", "tile_configs", "warm_up", "compiled_variants",
     "config_file_name", "device_name_for_config", "CONFIG_DIR",
 ]
 
 if TYPE_CHECKING:  # for type checkers and IDEs only
-    from .fused_moe import (CONFIG_DIR, config_file_name, default_config, fit_shared_memory,  # noqa: F401
+    from .fused_moe import (CONFIG_DIR, config_file_name, config_kind, default_config, fit_shared_memory,  # noqa: F401
                             device_name_for_config, fused_moe, get_config, moe_align_block_size,
                             moe_align_block_size_torch, tile_configs, warm_up,
                             compiled_variants)

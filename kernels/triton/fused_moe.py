@@ -54,7 +54,8 @@ replays it), though it is meant to run outside graphs.
 
 Tile configs: get_config() reads configs/E=..,N=..,device_name=..,dtype=...json
 (token count -> tiles, tuned by benchmarks/tune_triton_moe.py), else
-default_config().
+default_config(). Quantized experts have their own tables, named by format
+(dtype=mxfp4, fp8_block, int4_group; config_kind).
 
 Measured on an H100 80GB HBM3 (Mixtral-8x7B shapes, bf16, tuned configs;
 benchmarks/triton_moe.py, do_bench medians): decode streams the experts'
@@ -507,8 +508,16 @@ def _device_name(index: int) -> str:
     return torch.cuda.get_device_name(index).replace(" ", "_")
 
 
+def config_kind(w13, dtype: torch.dtype | str) -> str:
+    """The `dtype` part of the config tables for experts w13 (a dense tensor or QuantizedExperts)
+    computed in `dtype`: the format's name for quantized experts, whose tiles decode in
+    registers and want other shapes than dense ones; else the dtype's ('bf16')."""
+    return _dtype_name(dtype) if isinstance(w13, torch.Tensor) else w13.fmt
+
+
 def config_file_name(E: int, N: int, device_name: str, dtype: torch.dtype | str) -> str:
-    """'E=8,N=14336,device_name=NVIDIA_H100_80GB_HBM3,dtype=bf16.json' (N = intermediate size I)."""
+    """'E=8,N=14336,device_name=NVIDIA_H100_80GB_HBM3,dtype=bf16.json' (N = intermediate size I;
+    dtype: a dtype, or config_kind's name)."""
     return f"E={E},N={N},device_name={device_name.replace(' ', '_')},dtype={_dtype_name(dtype)}.json"
 
 
@@ -594,7 +603,7 @@ def get_config(T: int, Eg: int, H: int, I: int, K: int, dtype: torch.dtype | str
     T, over default_config(). H is not part of the file name (as in vLLM: a
     model's H is fixed by its I).
     """
-    elem_bytes = {"bf16": 2, "fp16": 2, "fp32": 4}[_dtype_name(dtype)]
+    elem_bytes = 4 if _dtype_name(dtype) == "fp32" else 2  # quantized kinds: decoded to 16 bits
     cfg = default_config(T, Eg, K, elem_bytes)
     if device_name:
         found = _load_config_table(Eg, I, device_name.replace(" ", "_"), _dtype_name(dtype))
@@ -647,7 +656,7 @@ def warm_up(w13, w2, top_k: int, max_tokens: int, math: ExpertMath = SILU,
         return 0
     device = _weights(w13).values.device
     dev_name = device_name_for_config(device) if device.type == "cuda" else None
-    configs = tile_configs(max_tokens, Eg, H, two_i // 2, top_k, w13.dtype, dev_name)
+    configs = tile_configs(max_tokens, Eg, H, two_i // 2, top_k, config_kind(w13, w13.dtype), dev_name)
     x = torch.zeros((1, H), dtype=w13.dtype, device=device)  # [1, H]
     ids = (torch.arange(top_k, device=device) % Eg).to(torch.int32).view(1, top_k)  # [1, K]
     weights = torch.full((1, top_k), 1.0 / top_k, dtype=torch.float32, device=device)  # [1, K]
@@ -738,6 +747,7 @@ def fused_moe(x: torch.Tensor, w13, w2, topk_weights: torch.Tensor,
     down projection (the tensor cores' input), the per-slot outputs stay fp32.
     """
     dtype = w13.dtype  # of a dense tensor, or what QuantizedExperts dequantize to
+    kind = config_kind(w13, x.dtype)
     w13, w2 = _weights(w13), _weights(w2)
     T, H, Eg, I, K = _check_inputs(x, w13, w2, topk_weights, topk_ids, dtype, b13, b2)
     assert x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1", \
@@ -752,7 +762,7 @@ def fused_moe(x: torch.Tensor, w13, w2, topk_weights: torch.Tensor,
         return out.zero_()
     if config is None:
         dev_name = device_name_for_config(x.device) if x.is_cuda else None
-        config = get_config(T, Eg, H, I, K, x.dtype, dev_name)
+        config = get_config(T, Eg, H, I, K, kind, dev_name)
     for start in range(0, T, CHUNK_TOKENS):
         end = min(T, start + CHUNK_TOKENS)
         _fused_moe_chunk(x[start:end], w13, w2, topk_weights[start:end], topk_ids[start:end],
