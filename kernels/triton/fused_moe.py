@@ -159,14 +159,13 @@ def _dequantized_tile(b_ptrs, bs_ptrs, b_mask, s_mask, dtype: tl.constexpr, W_FO
     if W_FORMAT == 1:  # e4m3 widened by the hardware (sm89+), times the block scale
         w = codes.to(tl.float8e4nv, bitcast=True).to(tl.float32) * scale
     elif W_FORMAT == 2:  # e2m1 code s.e.e.m -> +-{0, 0.5, 1, 1.5, 2, 3, 4, 6}; e8m0 scale 2^(s-127)
-        e = (codes >> 1) & 3
-        m = codes & 1
-        normal = (((e + 126) << 23) | (m << 22)).to(tl.float32, bitcast=True)  # (1 + m/2) 2^(e-1)
-        value = tl.where(e == 0, m.to(tl.float32) * 0.5, normal)
-        value = tl.where((codes & 8) != 0, -value, value)
-        s = scale.to(tl.int32)
+        # e.e.m as an fp16's low exponent bits and top mantissa bit is the code's value times
+        # 2^-14 exactly (e = 0: 0 and 0.5 as fp16 subnormals), the sign bit to fp16's: four
+        # integer ops a weight; 2^14 goes into the group's scale (finite up to scales of 2^113)
+        half = (((codes & 7) << 9) | ((codes & 8) << 12)).to(tl.int16).to(tl.float16, bitcast=True)
+        s = scale.to(tl.int32)  # [BLOCK_N, BLOCK_K / G, 1]: per group, not per weight
         pow2 = tl.where(s == 0, 5.877471754111438e-39, (s << 23).to(tl.float32, bitcast=True))  # 2^-127
-        w = value * pow2
+        w = half.to(tl.float32) * (pow2 * 16384.0)  # 2^14 back
     else:  # INT4: code - 8, times the group's scale
         w = (codes - 8).to(tl.float32) * scale.to(tl.float32)
     return tl.trans(tl.reshape(w, (BLOCK_N, BLOCK_K)).to(dtype))
