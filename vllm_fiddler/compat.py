@@ -179,6 +179,16 @@ def expert_quantization(quant_config: Any, prefix: str, layer: Any = None) -> tu
         "symmetric INT4 groups in weight order (W4A16) so far")
 
 
+def tensor_parallel() -> tuple[int, int]:
+    """(rank, size) of this process in vLLM's tensor-parallel group; (0, 1) outside one (tests
+    that build layers without an engine)."""
+    from vllm.distributed import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        return 0, 1
+    return parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size()
+
+
 def on_cpu_platform() -> bool:
     from vllm.platforms import current_platform
 

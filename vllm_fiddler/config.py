@@ -97,10 +97,12 @@ class FiddlerConfig:
             streamed_chunks=_streamed_chunks(raw),
         )
 
-    def resolved_cpu_threads(self) -> int:
+    def resolved_cpu_threads(self, processes: int = 1) -> int:
+        """Compute threads of one process's CPU experts, where `processes` share this host's
+        cores (tensor-parallel ranks, each with its shard of every cold expert)."""
         if self.cpu_threads is not None:
             return self.cpu_threads
-        return default_cpu_threads()
+        return default_cpu_threads(processes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,8 +167,9 @@ ADAPTATION_KNOBS = {
 _POSITIVE_KNOBS = {"half_life_steps", "horizon_steps"}
 
 
-def default_cpu_threads() -> int:
-    """All cores this process may use but one, which the engine loop keeps.
+def default_cpu_threads(processes: int = 1) -> int:
+    """All cores this process may use but one, which the engine loop keeps; with several
+    processes (tensor-parallel ranks), the cores less one engine loop each, split evenly.
 
     Leaving vLLM more (its frontend process and output thread also run every
     step) did not beat the H100 box's noise: batch-1 decode with 13 of 16 threads
@@ -176,7 +179,7 @@ def default_cpu_threads() -> int:
         n = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         n = os.cpu_count() or 1
-    return max(1, n - 1)
+    return max(1, (n - processes) // processes)
 
 
 def _non_negative_float(raw: Mapping[str, Any], key: str, unit: str = "GB",

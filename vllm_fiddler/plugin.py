@@ -83,10 +83,13 @@ def check_vllm_config(vllm_config: Any) -> None:
                          f"(vLLM's {', '.join(compat.LOADED_QUANTIZATIONS)} configs) so far; this model is "
                          f"quantized as {quantization}.")
     parallel = vllm_config.parallel_config
-    if parallel.tensor_parallel_size > 1 or parallel.pipeline_parallel_size > 1 \
-            or parallel.data_parallel_size > 1 or parallel.enable_expert_parallel or parallel.enable_eplb:
-        raise ValueError("--model-impl fiddler runs on one GPU for now: remove tensor/pipeline/data/"
-                         "expert parallelism and EPLB options.")
+    if parallel.pipeline_parallel_size > 1 or parallel.data_parallel_size > 1 or parallel.enable_expert_parallel \
+            or parallel.enable_eplb:
+        raise ValueError("--model-impl fiddler runs with tensor parallelism or on one GPU: remove pipeline, "
+                         "data and expert parallelism and EPLB options.")
+    if parallel.tensor_parallel_size > 1 and quantization is not None:
+        raise ValueError(f"--model-impl fiddler splits unquantized experts over tensor-parallel ranks so far; "
+                         f"this model's experts are {quantization}: run it with --tensor-parallel-size 1.")
     if vllm_config.lora_config is not None:
         raise ValueError("--model-impl fiddler does not support LoRA yet; remove --enable-lora.")
     _select_cudagraph_mode(vllm_config)

@@ -221,3 +221,12 @@ def test_placement_file_names_a_dense_layer(tmp_path):
     with pytest.raises(Exception) as e:
         engine_config(model, model_impl="fiddler", additional_config={"fiddler": {"placement": str(f)}})
     assert "layer 0 is not an MoE layer of this model (its MoE layers: 1-3)" in str(e.value)
+
+
+def test_parallelism_fiddler_does_not_split_fails_at_config_time(tiny_mixtral):
+    """Tensor parallelism is taken (each rank holds a shard of every expert); pipeline, data and
+    expert parallelism are refused before anything is allocated."""
+    for kwargs, words in (({"pipeline_parallel_size": 2}, "pipeline"), ({"enable_expert_parallel": True}, "expert")):
+        with pytest.raises(Exception) as e:
+            engine_config(tiny_mixtral, model_impl="fiddler", **kwargs)
+        assert words in str(e.value) and "tensor parallelism" in str(e.value)

@@ -69,6 +69,33 @@ def test_stand_ins_take_vllms_per_expert_loader_calls():
         assert torch.equal(got13, torch.cat([w1[e], w3[e]])) and torch.equal(got2, w2[e])
 
 
+def test_tensor_parallel_ranks_load_their_share_of_each_expert():
+    """Under tensor parallelism vLLM's per-expert loader hands each rank the whole checkpoint
+    tensor; rank r of 2 keeps rows r*I..(r+1)*I of w1 / w3 and those columns of w2 (I: the
+    layer's share), as vLLM's FusedMoE loader splits them, and b2 on rank 0 only (the ranks'
+    outputs are summed). A tensor of the share's size passes as is; any other size fails."""
+    gen = torch.Generator().manual_seed(2)
+    w1, w3 = torch.randn(E, 2 * I, H, generator=gen), torch.randn(E, 2 * I, H, generator=gen)
+    w2, b2 = torch.randn(E, H, 2 * I, generator=gen), torch.randn(E, H, generator=gen)
+    for rank in (0, 1):
+        layer = hybrid(reference.SILU, gpu_experts=(0, 3))
+        method = moe_method.FiddlerMoEMethod.__new__(moe_method.FiddlerMoEMethod)
+        method.prefix, method.hybrid, method.tp_rank, method.tp_size = "model.layers.0.mlp.experts", layer, rank, 2
+        method.spec = types.SimpleNamespace(intermediate_size=I)
+        s = {n: moe_method.ExpertSink(torch.empty(E, 0), method, n) for n in ("w13_weight", "w2_weight")}
+        for e in range(E):
+            for shard, w, param in (("w1", w1, "w13_weight"), ("w3", w3, "w13_weight"), ("w2", w2, "w2_weight")):
+                method.weight_loader(s[param], w[e], "experts.w13_weight", shard_id=shard, expert_id=e)
+        rows = slice(rank * I, (rank + 1) * I)
+        for e in range(E):
+            got13, got2 = layer.expert_weights(e)
+            assert torch.equal(got13, torch.cat([w1[e, rows], w3[e, rows]])) and torch.equal(got2, w2[e, :, rows])
+        assert torch.equal(method._tp_share("b2", b2[0]), b2[0] if rank == 0 else torch.zeros(H))
+        assert torch.equal(method._tp_share("w1", w1[0, rows]), w1[0, rows])  # already this rank's share
+        with pytest.raises(ValueError, match="intermediate rows"):
+            method._tp_share("w2", torch.zeros(H, 3 * I))
+
+
 def test_no_method_outside_a_fiddler_build():
     assert moe_method.choose_method(object(), "p", None, object()) is None
     with moe_method.building() as build:

@@ -98,6 +98,8 @@ def choose_method(routed_experts: Any, prefix: str, quant_config: Any, moe_confi
 class FiddlerMoEMethod(compat.fused_moe_method_base()):
     """vLLM's FusedMoE method contract for a hybrid layer (module docstring)."""
 
+    tp_rank, tp_size = 0, 1  # this process's tensor-parallel rank and their number (set per method)
+
     def __init__(self, moe_config: Any, prefix: str, expert_format: Any = None):
         super().__init__(moe_config)
         self.prefix = prefix
@@ -106,6 +108,7 @@ class FiddlerMoEMethod(compat.fused_moe_method_base()):
         self.hybrid = None  # HybridMoE, attached by the model once placement is known
         self.runner = None  # the MoERunner holding this method (moe.model)
         self.dummy_init_seed: int | None = None  # set where vLLM's dummy loader fills the model
+        self.tp_rank, self.tp_size = compat.tensor_parallel()  # this rank holds 1 / tp_size of each expert
 
     # ---- construction -----------------------------------------------------
     def create_weights(self, layer: Any, num_experts: int, hidden_size: int,
@@ -153,8 +156,27 @@ class FiddlerMoEMethod(compat.fused_moe_method_base()):
             param.load_all(loaded_weight)
         else:
             kind = param.kind()  # "w13", "w2", "b13", "b2", "s13", "s2"
-            self._hybrid().load_expert(int(expert_id), kind[0] + shard_id[1:], loaded_weight)
+            name = kind[0] + shard_id[1:]
+            self._hybrid().load_expert(int(expert_id), name, self._tp_share(name, loaded_weight))
         return True if return_success else None
+
+    def _tp_share(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """This rank's share of one expert's tensor, as vLLM's FusedMoE loader splits it under
+        tensor parallelism: w1 / w3 [I, H] and b1 / b3 [I] by rows of the intermediate size,
+        w2 [H, I] by its columns; b2 [H] is added once, by rank 0 (the ranks' outputs are
+        summed). A tensor already of this rank's size (a model loader that splits it itself)
+        is taken as is."""
+        if self.tp_size == 1 or name[0] not in "wb":
+            return weight
+        if name == "b2":
+            return weight if self.tp_rank == 0 else torch.zeros_like(weight)
+        dim, I = (1 if name == "w2" else 0), self.spec.intermediate_size
+        if weight.shape[dim] == I:
+            return weight
+        if weight.shape[dim] != I * self.tp_size:
+            raise ValueError(f"fiddler: {self.prefix}'s {name} has {weight.shape[dim]} intermediate rows, not "
+                             f"{I} x {self.tp_size} tensor-parallel ranks")
+        return weight.narrow(dim, self.tp_rank * I, I)
 
     def _hybrid(self):
         if self.hybrid is None:

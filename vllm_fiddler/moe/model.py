@@ -120,8 +120,10 @@ class FiddlerModel:
         if cfg.streamed_chunks is not None:
             check_streamed_chunks(cfg.streamed_chunks, shape.top_k, C)
         placement, staging_slots, adapt = resolve_model_placement(cfg, shape, vllm_config)
-        runtime = get_cpu_runtime(cfg.resolved_cpu_threads(), inline=not on_cuda, pin_memory=on_cuda,
-                                  wait_on_device=True)
+        tp_rank, tp_size = compat.tensor_parallel()
+        # tensor-parallel ranks each compute their shard of the cold experts: together, once a host
+        runtime = get_cpu_runtime(cfg.resolved_cpu_threads(tp_size if on_cuda else 1), inline=not on_cuda,
+                                  pin_memory=on_cuda, wait_on_device=True)
         dtype = vllm_config.model_config.dtype
         stager = None
         if staging_slots:
@@ -145,7 +147,7 @@ class FiddlerModel:
             layers.append(hybrid)
         self.fiddler_layers = layers
         self.placement = placement
-        self._stats_writer = StatsWriter()
+        self._stats_writer = StatsWriter() if tp_rank == 0 else None  # the ranks route alike
         # decode-sized steps hand the native job thread their routing (bf16 or quantized experts alike)
         routed_max_tokens = ROUTED_MAX_TOKENS if on_cuda and layers[0].native_jobs else 0
         for experts in layers:
@@ -238,7 +240,8 @@ class FiddlerModel:
     def _between_steps(self) -> None:
         if self.replacer is not None:
             self.replacer.on_step()  # re-placement (runtime/replacer.py)
-        self._stats_writer.maybe_write(self)
+        if self._stats_writer is not None:
+            self._stats_writer.maybe_write(self)
 
 
 # Decode-sized steps (batch-1 to 4) take the routed path: the stream hands the CPU its

@@ -76,8 +76,14 @@ def resolve_model_placement(cfg: FiddlerConfig, shape: MoEShape, vllm_config) ->
     if placement.num_cpu == 0:
         staging = 0  # nothing to copy
     adapt, why = decide_adaptation(cfg, shape, placement, on_cuda)
+    from vllm_fiddler import compat
+
+    rank, ranks = compat.tensor_parallel()
+    # under tensor parallelism each rank holds a 1/ranks shard of every expert (shape.expert_bytes)
+    # within its own GPU's budget, and says so
+    shard = f"tensor-parallel rank {rank} of {ranks}, 1/{ranks} of each expert; " if ranks > 1 else ""
     logger.info("%s", placement.report(
-        shape.expert_bytes, f"{source}; budget {how}; {staging} staging slots for copied experts; "
+        shape.expert_bytes, f"{shard}{source}; budget {how}; {staging} staging slots for copied experts; "
                             f"online re-placement {'on' if adapt else 'off'} ({why})", shape.layer_ids))
     for warning in run_preflight(shape, placement, device_is_host=not on_cuda, host_backing=adapt):
         logger.warning("%s", warning)
