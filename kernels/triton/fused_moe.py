@@ -38,8 +38,8 @@ with no vLLM code or compiled op):
 Quantized experts (kernels.quant.QuantizedExperts: FP8 with block scales, MXFP4,
 INT4 in groups) are read as stored: each B tile is loaded as its rows' bytes
 or words ([BLOCK_N, BLOCK_K / PACK]) with the scales of its groups of G inputs,
-widened to x's dtype in registers (`_dequantized_tile`) and fed to tl.dot as
-the left operand (the tile computes C^T = B A^T, so no weight is transposed); the same kernels take biases and gpt-oss's clamped SwiGLU (math).
+widened to x's dtype in registers (`_dequantized_tile`) and transposed for
+tl.dot; the same kernels take biases and gpt-oss's clamped SwiGLU (math).
 Measured on an H100 (benchmarks/triton_moe.py, results/triton-moe-quant-h100.json):
 DeepSeek-V3's FP8 experts stream at 1.06-1.25 TB/s of stored bytes at 1-16
 tokens; the 4-bit formats at 0.15-0.65 TB/s, where the nibble unpacking and
@@ -144,7 +144,7 @@ ACT_SILU, ACT_SWIGLUOAI = 0, 1
 @triton.jit
 def _dequantized_tile(b_ptrs, bs_ptrs, b_mask, s_mask, dtype: tl.constexpr, W_FORMAT: tl.constexpr,
                       PACK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, G: tl.constexpr):
-    """One [BLOCK_N, BLOCK_K] tile of B (rows as stored) in `dtype`, from its stored form: b_ptrs [BLOCK_N,
+    """One [BLOCK_K, BLOCK_N] tile of B in `dtype`, from its stored form: b_ptrs [BLOCK_N,
     BLOCK_K / PACK] (each row contiguous in K: e4m3 bytes; MXFP4 bytes, two e2m1 codes each,
     low nibble first; INT4 int32 words, eight codes each, lowest nibble first) and bs_ptrs
     [BLOCK_N, BLOCK_K / G], the scale of each G consecutive inputs."""
@@ -159,16 +159,17 @@ def _dequantized_tile(b_ptrs, bs_ptrs, b_mask, s_mask, dtype: tl.constexpr, W_FO
     if W_FORMAT == 1:  # e4m3 widened by the hardware (sm89+), times the block scale
         w = codes.to(tl.float8e4nv, bitcast=True).to(tl.float32) * scale
     elif W_FORMAT == 2:  # e2m1 code s.e.e.m -> +-{0, 0.5, 1, 1.5, 2, 3, 4, 6}; e8m0 scale 2^(s-127)
-        # e.e.m as an fp16's low exponent bits and top mantissa bit is the code's value times
-        # 2^-14 exactly (e = 0: 0 and 0.5 as fp16 subnormals), the sign bit to fp16's: four
-        # integer ops a weight; 2^14 goes into the group's scale (finite up to scales of 2^113)
-        half = (((codes & 7) << 9) | ((codes & 8) << 12)).to(tl.int16).to(tl.float16, bitcast=True)
-        s = scale.to(tl.int32)  # [BLOCK_N, BLOCK_K / G, 1]: per group, not per weight
+        e = (codes >> 1) & 3
+        m = codes & 1
+        normal = (((e + 126) << 23) | (m << 22)).to(tl.float32, bitcast=True)  # (1 + m/2) 2^(e-1)
+        value = tl.where(e == 0, m.to(tl.float32) * 0.5, normal)
+        value = tl.where((codes & 8) != 0, -value, value)
+        s = scale.to(tl.int32)
         pow2 = tl.where(s == 0, 5.877471754111438e-39, (s << 23).to(tl.float32, bitcast=True))  # 2^-127
-        w = half.to(tl.float32) * (pow2 * 16384.0)  # 2^14 back
+        w = value * pow2
     else:  # INT4: code - 8, times the group's scale
         w = (codes - 8).to(tl.float32) * scale.to(tl.float32)
-    return tl.reshape(w, (BLOCK_N, BLOCK_K)).to(dtype)
+    return tl.trans(tl.reshape(w, (BLOCK_N, BLOCK_K)).to(dtype))
 
 
 # EM and num_valid_slots change with T; not specialising them (on divisibility
@@ -249,12 +250,7 @@ def _grouped_gemm_kernel(
     offs_k = tl.arange(0, BLOCK_K)  # [BLOCK_K]
 
     a_rows = offs_token // A_ROW_DIV  # [BLOCK_M]
-    if W_FORMAT == 0:
-        a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak  # [BLOCK_M, BLOCK_K]
-    else:
-        # Quantized B is widened in registers as stored, rows of N: the tile computes C^T = B A^T
-        # ([BLOCK_N, BLOCK_M]), so the widened rows feed tl.dot without a transpose.
-        a_ptrs = a_ptr + a_rows[None, :] * stride_am + offs_k[:, None] * stride_ak  # [BLOCK_K, BLOCK_M]
+    a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak  # [BLOCK_M, BLOCK_K]
     if W_FORMAT == 0:
         # B is read transposed: [BLOCK_K, BLOCK_N] from the row-major [N_b, Kd] weight.
         b_ptrs = (b_ptr + expert * stride_be
@@ -268,12 +264,9 @@ def _grouped_gemm_kernel(
                   + offs_bn[:, None] * stride_bn + offs_kp[None, :] * stride_bk)  # [BLOCK_N, BLOCK_K / PACK]
         bs_ptrs = bs_ptr + expert * stride_bse + (offs_bn // SCALE_BN)[:, None] * stride_bsn  # [BLOCK_N, 1]
 
-    if W_FORMAT == 0:  # gate (or the only) accumulator
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # C^T
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # gate (or the only) accumulator
     if FUSE_SWIGLU:
-        acc_up = tl.zeros_like(acc)
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         b_up_ptrs = b_ptrs + up_offset * stride_bn  # the same columns of the up rows
         if W_FORMAT != 0:
             bs_up_ptrs = (bs_ptr + expert * stride_bse
@@ -281,34 +274,27 @@ def _grouped_gemm_kernel(
 
     for k in range(0, tl.cdiv(Kd, BLOCK_K)):
         k_remaining = Kd - k * BLOCK_K
+        a = tl.load(a_ptrs, mask=token_mask[:, None] & (offs_k[None, :] < k_remaining), other=0.0)
         if W_FORMAT == 0:
-            a = tl.load(a_ptrs, mask=token_mask[:, None] & (offs_k[None, :] < k_remaining), other=0.0)
             b = tl.load(b_ptrs, mask=offs_k[:, None] < k_remaining, other=0.0)
-            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         else:
-            a = tl.load(a_ptrs, mask=(offs_k[:, None] < k_remaining) & token_mask[None, :], other=0.0)  # A^T
             b_mask = (offs_kp * PACK)[None, :] < k_remaining  # [1, BLOCK_K / PACK]
             s_mask = offs_g[None, :] < k_remaining  # [1, BLOCK_K / G]
             scale_k = ((k * BLOCK_K + offs_g) // SCALE_BK)[None, :] * stride_bsk  # [1, BLOCK_K / G]
             b = _dequantized_tile(b_ptrs, bs_ptrs + scale_k, b_mask, s_mask, a.dtype, W_FORMAT, PACK,
                                   BLOCK_N, BLOCK_K, G)
-            acc = tl.dot(b, a, acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         if FUSE_SWIGLU:
             if W_FORMAT == 0:
                 b_up = tl.load(b_up_ptrs, mask=offs_k[:, None] < k_remaining, other=0.0)
-                acc_up = tl.dot(a, b_up, acc_up, input_precision=DOT_PRECISION)
             else:
                 b_up = _dequantized_tile(b_up_ptrs, bs_up_ptrs + scale_k, b_mask, s_mask, a.dtype, W_FORMAT,
                                          PACK, BLOCK_N, BLOCK_K, G)
-                acc_up = tl.dot(b_up, a, acc_up, input_precision=DOT_PRECISION)
+            acc_up = tl.dot(a, b_up, acc_up, input_precision=DOT_PRECISION)
             b_up_ptrs += (BLOCK_K // PACK) * stride_bk
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += (BLOCK_K // PACK) * stride_bk
 
-    if W_FORMAT != 0:  # C^T back to [BLOCK_M, BLOCK_N], once a tile
-        acc = tl.trans(acc)
-        if FUSE_SWIGLU:
-            acc_up = tl.trans(acc_up)
     # -- Epilogue, in fp32.
     if HAS_BIAS:  # offs_bn is in range (wrapped)
         bias_row = bias_ptr + expert * stride_bias_e

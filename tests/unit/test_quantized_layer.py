@@ -98,7 +98,8 @@ def test_stand_ins_route_fp8_tensors_and_scales():
     tensors, (w13, w2) = quantized_experts(4)
     q13, s13, q2, s2 = tensors
     m = layer((2, 6))
-    method = types.SimpleNamespace(prefix="model.layers.0.mlp.experts", _hybrid=lambda: m)
+    method = moe_method.FiddlerMoEMethod.__new__(moe_method.FiddlerMoEMethod)
+    method.prefix, method.hybrid = "model.layers.0.mlp.experts", m
     loader = moe_method.FiddlerMoEMethod.weight_loader
     sinks = {n: moe_method.ExpertSink(torch.empty(E, 0), method, n)
              for n in ("w13_weight", "w2_weight", "w13_weight_scale_inv", "w2_weight_scale_inv")}
