@@ -376,6 +376,19 @@ def test_get_config_lookup(tmp_path, monkeypatch):
         assert fm.get_config(1000, 8, 4096, 14336, 2, "bf16", "Fake_GPU")["BLOCK_M"] == 64  # vLLM keys
         assert fm.get_config(2, 5, 4096, 14336, 2, torch.bfloat16, "Fake GPU")["BLOCK_K"] == 256
         assert fm.get_config(2, 8, 4096, 14336, 2, torch.float16, "Fake GPU") == fm.default_config(2, 8, 2)
+        # quantized experts read their format's table, never the bf16 one (their tiles decode in
+        # registers); without one, the default
+        from vllm_fiddler.kernels.quant import QuantizedExperts
+
+        mx = QuantizedExperts.quantize("mxfp4", torch.randn(1, 64, 64))
+        assert fm.config_kind(mx, torch.bfloat16) == "mxfp4"
+        assert fm.config_kind(torch.empty(1, 2, 2, dtype=torch.bfloat16), torch.bfloat16) == "bf16"
+        assert fm.get_config(2, 8, 4096, 14336, 2, "mxfp4", "Fake GPU") == fm.default_config(2, 8, 2)
+        mx_name = fm.config_file_name(8, 14336, "Fake GPU", "mxfp4")
+        assert mx_name == "E=8,N=14336,device_name=Fake_GPU,dtype=mxfp4.json"
+        (tmp_path / mx_name).write_text(json.dumps({"1": dict(table["1"], BLOCK_K=64)}))
+        fm._load_config_table.cache_clear()
+        assert fm.get_config(2, 8, 4096, 14336, 2, "mxfp4", "Fake GPU")["BLOCK_K"] == 64
         # fp32 defaults are shrunk to fit shared memory.
         cfg32 = fm.get_config(65, 6, 136, 264, 2, torch.float32, None)
         smem = (cfg32["num_stages"] - 1) * (cfg32["BLOCK_M"] * cfg32["BLOCK_K"]
