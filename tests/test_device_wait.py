@@ -298,6 +298,7 @@ def test_routed_steps_decide_their_cut_again_as_the_hit_rate_moves(monkeypatch):
 
     from vllm_fiddler import cost_model
     from vllm_fiddler.moe import layer as hybrid_moe
+    from vllm_fiddler.moe.steps import routed as routed_steps
 
     # one of the 2 chunks of the first position's expert streamed while most pairs are cold,
     # none at a low share (test_hybrid_moe's planted model)
@@ -305,8 +306,8 @@ def test_routed_steps_decide_their_cut_again_as_the_hit_rate_moves(monkeypatch):
                                                     expert_bytes=6_500_000, gpu_points=((1, 0.1),)),
                                cpu_contended_slowdown=1.1, h2d_contended_slowdown=1.1)
     monkeypatch.setattr(hybrid_moe, "get_step_planner", lambda layer: types.SimpleNamespace(cost=cost))
-    monkeypatch.setattr(hybrid_moe, "STREAMED_DECISION_STEPS", 2)
-    monkeypatch.setattr(hybrid_moe, "STREAMED_DECISION_MIN_PAIRS", 2)
+    monkeypatch.setattr(routed_steps, "STREAMED_DECISION_STEPS", 2)
+    monkeypatch.setattr(routed_steps, "STREAMED_DECISION_MIN_PAIRS", 2)
     runtime = CPUExpertRuntime(num_threads=2, inline=False, pin_memory=True, wait_on_device=True)
     try:
         layer, w13, w2 = make_cuda_layer(runtime, 0)  # experts 1 and 6 on the GPU

@@ -17,7 +17,9 @@ import pytest
 import torch
 
 from vllm_fiddler.kernels import reference
-from vllm_fiddler.moe.layer import HybridMoE, cold_token_counts
+from vllm_fiddler.moe.layer import HybridMoE
+from vllm_fiddler.moe.steps import synced, trace
+from vllm_fiddler.moe.steps.synced import cold_token_counts
 from vllm_fiddler.runtime.cpu_experts import CPUExpertRuntime
 
 
@@ -749,11 +751,11 @@ def test_small_step_host_plan_matches_tensor_path(monkeypatch, tokens, copy_gb_s
     for trial in range(20):
         ids = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(tokens)]).to(torch.int32)
         host = HostBuffers(x=torch.empty(tokens, H), ids=ids, weights=torch.rand(tokens, K, generator=gen))
-        assert tokens * K <= hybrid_moe.SMALL_STEP_PAIRS
+        assert tokens * K <= synced.SMALL_STEP_PAIRS
         read_before = layer.cpu_weight_bytes
         small = layer._plan_cold(host)
         read_small = layer.cpu_weight_bytes
-        monkeypatch.setattr(hybrid_moe, "SMALL_STEP_PAIRS", 0)
+        monkeypatch.setattr(synced, "SMALL_STEP_PAIRS", 0)
         tensor = layer._plan_cold(host)
         monkeypatch.undo()
         # both count the distinct chunk-experts they hand the CPU (none when it gets nothing)
@@ -770,7 +772,7 @@ def test_small_step_host_plan_matches_tensor_path(monkeypatch, tokens, copy_gb_s
 
 
 def test_small_chunk_ids_matches_tensor_version():
-    from vllm_fiddler.moe.layer import small_chunk_ids
+    from vllm_fiddler.moe.steps.synced import small_chunk_ids
 
     layer, _, _ = make_layer(PLACEMENTS["mixed"], torch.float32)
     C = layer.chunks
@@ -828,23 +830,21 @@ def test_trace_op_writes_the_engine_trace(tmp_path, monkeypatch):
 
     from conftest import load_benchmark
 
-    from vllm_fiddler.moe import layer as hybrid_moe
-
-    monkeypatch.setattr(hybrid_moe, "TRACE_DIR", str(tmp_path))
-    monkeypatch.setattr(hybrid_moe, "TRACE_FLUSH_OPS", 3)
-    monkeypatch.setattr(hybrid_moe, "OP_TRACE", [])
-    monkeypatch.setattr(hybrid_moe, "_trace_layers", {})
+    monkeypatch.setattr(trace, "TRACE_DIR", str(tmp_path))
+    monkeypatch.setattr(trace, "TRACE_FLUSH_OPS", 3)
+    monkeypatch.setattr(trace, "OP_TRACE", [])
+    monkeypatch.setattr(trace, "_trace_layers", {})
     layers = [types.SimpleNamespace(chunk_bytes=64, cpu_runtime=types.SimpleNamespace(num_threads=5))
               for _ in range(2)]
     for step in range(3):  # 6 ops: two files
         for layer in layers:
             t = time.perf_counter()
-            hybrid_moe.trace_op(layer, t, None, None, t)
+            trace.trace_op(layer, t, None, None, t)
     files = sorted(os.listdir(tmp_path))
-    assert len(files) == 2 and hybrid_moe.OP_TRACE == []
-    trace = load_benchmark("investigations/engine_trace").load(str(tmp_path))
-    assert [op[0] for op in trace["ops"]] == [0, 1] * 3
-    assert trace["chunk_bytes"] == 64 and trace["cpu_threads"] == 5
+    assert len(files) == 2 and trace.OP_TRACE == []
+    loaded = load_benchmark("investigations/engine_trace").load(str(tmp_path))
+    assert [op[0] for op in loaded["ops"]] == [0, 1] * 3
+    assert loaded["chunk_bytes"] == 64 and loaded["cpu_threads"] == 5
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

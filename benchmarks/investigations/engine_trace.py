@@ -1,6 +1,6 @@
 """Where a served engine's decode step goes: its MoE ops against its CPU jobs.
 
-Run an engine with FIDDLER_TRACE_DIR=DIR (vllm_fiddler.moe.layer writes its
+Run an engine with FIDDLER_TRACE_DIR=DIR (vllm_fiddler.moe.steps.trace writes its
 ops' host times and the native job thread's trace there), then
 
     python benchmarks/investigations/engine_trace.py DIR --steps 512 --out trace-summary.json

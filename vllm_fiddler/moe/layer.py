@@ -33,17 +33,16 @@ expert, Ic = I / C.
 
 from __future__ import annotations
 
-import json
-import os
 import time
 
 import torch
 from torch import nn
 
-from vllm_fiddler import envs
 from vllm_fiddler.compat import num_actual_tokens
 from vllm_fiddler.kernels.reference import SILU, ExpertMath
-from vllm_fiddler.logger import logger
+from vllm_fiddler.moe.steps.host import HostSteps
+from vllm_fiddler.moe.steps.routed import RoutedSteps
+from vllm_fiddler.moe.steps.synced import SyncedSteps
 from vllm_fiddler.runtime.cpu_experts import CPUExpertRuntime
 from vllm_fiddler.runtime.step_planner import get_step_planner
 
@@ -68,14 +67,20 @@ def expert_chunks(intermediate_size: int, most: int = 8, min_rows: int = 32) -> 
     return 1
 
 
+# Routed jobs count their tokens per cold-position mask (2^top_k counters) up to this top-k,
+# the native kernels' limit (kMaxPatternTopK in kernels/cpu/ops.cpp).
+COLD_PATTERN_MAX_TOP_K = 12
 # A gap between two MoE ops longer than this is idle time (no request), not a step's work.
 IDLE_GAP_S = 0.5
 
 
-class HybridMoE(nn.Module):
+class HybridMoE(HostSteps, SyncedSteps, RoutedSteps, nn.Module):
+    """The layer's state (expert sets, slot maps, counters) and forward, which picks a step's
+    path: vLLM's CPU platform (steps.host), a CUDA graph capture or a routed step
+    (steps.routed), or the synced CUDA step (steps.synced)."""
+
     # the end of the last MoE op in this process, any layer's (gap_before_s)
     _last_op_end: float | None = None
-    _routed_logged = False  # the routed steps' streamed chunks were logged (_decide_streamed_chunks)
 
     def __init__(self, *, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int,
                  gpu_experts: tuple[int, ...], dtype: torch.dtype, device: torch.device,
@@ -449,6 +454,10 @@ class HybridMoE(nn.Module):
         ids = torch.where(keep, slot * C + c, -1).view(T, K * C)
         return ids, topk_weights.unsqueeze(-1).expand(T, K, C).reshape(T, K * C)
 
+    def step_planner(self):
+        """The per-step planner of this layer's shape (runtime.step_planner): cost model and plans."""
+        return get_step_planner(self)
+
     # ---- compute -------------------------------------------------------
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         """x [T, H], topk_weights [T, K], topk_ids [T, K] (vLLM's router) -> [T, H] in x.dtype."""
@@ -482,34 +491,6 @@ class HybridMoE(nn.Module):
             self.count(topk_ids)
             self._forward_host(x, topk_weights, topk_ids, out)
 
-    def _capture_graph_step(self, x, topk_weights, topk_ids, out) -> bool:
-        """Under a CUDA graph capture (vLLM's FULL decode graphs): the whole routed step on the
-        stream, the CPU's job handed over by the graph itself (runtime.graph_jobs). False for a
-        layer the capture may take as is (every expert on the device for good). Raises for what
-        a graph cannot replay: its host-side planning would be frozen at capture."""
-        if not self.cpu_experts and not self.host_backing:
-            return False
-        jobs = self.graph_jobs
-        if jobs is None or x.shape[0] > jobs.max_tokens or x.dtype != torch.bfloat16:
-            raise RuntimeError(
-                f"fiddler: a CUDA graph is capturing the hybrid MoE op for {x.shape[0]} tokens, which only "
-                f"graph steps of up to {jobs.max_tokens if jobs else 0} bf16 tokens can replay; the plugin "
-                "limits vLLM's FULL graphs to those (vllm_fiddler.plugin), so some other capture reached the op")
-        jobs.queue(self, x, topk_weights, topk_ids, out)
-        return True
-
-    def after_graph_step(self) -> None:
-        """Between two replays of a FULL graph holding this layer's routed step: the streamed
-        cut, decided as a routed step decides it (_routed_streamed_cut), written where the
-        graph reads it (streamed_below, on the device, in stream order)."""
-        if self.graph_jobs is None:
-            return
-        self.steps += 1  # the op's Python did not run for it
-        if not (self.cpu_experts or self.host_backing):
-            return
-        cut = self._routed_streamed_cut()
-        self.streamed_below(cut or (0,) * self.top_k)
-
     def count(self, topk_ids: torch.Tensor) -> None:
         """Counts a step's routing [T, K] into expert_tokens and (once the replacer set a heat
         table) expert_heat."""
@@ -529,422 +510,3 @@ class HybridMoE(nn.Module):
         self._to_cpu += n_cpu
         self._to_gpu += n_pairs - n_cpu
         return n_cpu
-
-    # -- vLLM's CPU platform: both sets in host memory, same two paths ------
-    def _forward_host(self, x, topk_weights, topk_ids, out) -> None:
-        cpu_ids = self.cpu_slot_of[topk_ids]  # [T, K] host-set slot or -1
-        gpu_ids = self.gpu_slot_of[topk_ids]  # [T, K] device-set slot or -1
-        n_cpu = self._count(cpu_ids)
-        cold = None
-        if n_cpu:
-            self._cpu_chunk_reads += self.chunks * len(cold_token_counts(cpu_ids, self.num_host_slots))
-            cold = self.cpu_runtime.submit(x, self.w13_cpu_chunks, self.w2_cpu_chunks,
-                                           *self.cpu_chunk_ids(cpu_ids, topk_weights), math=self.math,
-                                           biases=self.host_biases)
-        acc = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # [T, H]
-        if n_cpu < cpu_ids.numel():
-            self._device_experts(x, gpu_ids, topk_weights, acc)
-        if cold is not None:
-            acc += cold.result()
-        out.copy_(acc)
-
-    def _device_experts(self, x: torch.Tensor, gpu_ids: torch.Tensor, topk_weights: torch.Tensor,
-                        acc: torch.Tensor) -> None:
-        from vllm_fiddler.kernels.torch_moe import moe_forward
-
-        moe_forward(x, self.w13_gpu, self.w2_gpu, gpu_ids, topk_weights, acc, self.math, self.b13_gpu,
-                    self.b2_gpu)
-
-    # -- CUDA: hot experts on the GPU || cold experts on the CPU || copies --
-    def hot_experts(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-                    out: torch.Tensor) -> torch.Tensor:
-        """out [T, H] = the device-served experts' share of x [T, H] (CUDA; topk_ids global)."""
-        from vllm_fiddler.kernels.triton import fused_moe
-
-        return fused_moe(x, self.w13_gpu, self.w2_gpu, topk_weights, self.gpu_slot_of[topk_ids], out=out,
-                         math=self.math, b13=self.b13_gpu, b2=self.b2_gpu)
-
-    def _forward_cuda(self, x, topk_weights, topk_ids, out, op_start: float) -> None:
-        T, K = topk_ids.shape
-        if not self.cpu_experts:  # all device-resident: no host round trip at all
-            self.hot_experts(x, topk_weights, topk_ids, out)
-            self._to_gpu += T * K
-            return
-        # 1. What the host needs, in one D2H on the compute stream: ids,
-        #    weights and the activations (KB per token).
-        host = self.cpu_runtime.host_buffers(T, K, self.hidden_size, x.dtype)
-        host.ids.copy_(topk_ids.to(torch.int32), non_blocking=True)
-        host.weights.copy_(topk_weights, non_blocking=True)
-        host.x.copy_(x, non_blocking=True)
-        # When the device waits for the CPU experts, this wait covers the previous layer's
-        # CPU work (ms): a blocking event sleeps through it, where the default one spins
-        # a core the CPU experts use (H100 box: their time rose 31.5 -> 39.2 ms a step).
-        d2h_done = torch.cuda.Event(blocking=self.cpu_runtime.wait_on_device)
-        d2h_done.record()
-        sync_start = time.perf_counter()
-        d2h_done.synchronize()
-        sync_end = time.perf_counter()
-        self.sync_wait_s += sync_end - sync_start
-        # 2. Per cold expert: compute on the CPU, copy its weights and compute
-        #    here, or both for one expert cut in two (chunks). The CPU gets its
-        #    work first: its queue is the step's critical path at decode, and
-        #    the GPU, idle since the routing copy, loses only the host's planning
-        #    time (launching the hot experts first delayed the CPU by ~0.25 ms a
-        #    layer of Triton launch overhead).
-        self._last_cpu_pairs, copies, cpu_args = self._plan_cold(host)
-        cold = None
-        submitted = None
-        if cpu_args is not None:
-            cold = self.cpu_runtime.submit(host.x, self.w13_cpu_chunks, self.w2_cpu_chunks, *cpu_args,
-                                           device_wait=True, math=self.math, biases=self.host_biases)
-            submitted = time.perf_counter()
-            self.to_cpu_submit_s += submitted - op_start
-        # 3. Hot experts, then the copied ones, on the GPU while the CPU works.
-        graphs = self._hot_share(x, topk_weights, topk_ids, out)
-        if copies:
-            self._copied_experts(x, topk_weights, topk_ids, copies, out, graphs)
-        # 4. The CPU's share comes back (pinned, async) and is added. By default the
-        #    stream waits for it on the device and this thread returns at once, to
-        #    launch the next attention block while the CPU computes (device_wait).
-        if cold is not None:
-            start = time.perf_counter()
-            result = self.cpu_runtime.result_on_device(cold, x.device, x.dtype)
-            self.cpu_wait_s += time.perf_counter() - start
-            out.add_(result)
-        if OP_TRACE is not None:
-            trace_op(self, op_start, sync_start, sync_end, submitted)
-
-    def _routed_streamed_cut(self) -> tuple[int, ...] | None:
-        """This routed step's streamed chunks per top-k position (None: the CPU takes every
-        chunk), decided again every STREAMED_DECISION_STEPS routed steps."""
-        decision = self._streamed_decision
-        if self.routed_gpu_chunks is None or (decision is not None
-                                              and decision["steps"] >= STREAMED_DECISION_STEPS):
-            self._decide_streamed_chunks()
-            decision = self._streamed_decision
-        if decision is not None:
-            decision["steps"] += 1
-        return self.routed_gpu_chunks if self.host_views is not None and any(self.routed_gpu_chunks) else None
-
-    def _forward_routed_graphs(self, x, topk_weights, topk_ids, out, op_start: float) -> bool:
-        """A routed step: the stream copies the routing (host slot or -1 per (token, k), mapped on
-        the device, so it follows re-placement in stream order) and the activations down and
-        marks a word; the native job thread waits for the word, runs the cold experts and
-        signals; the stream waits for that and adds the result, and the host never waits. Its
-        GPU work replays three CUDA graphs captured at
-        load (MoEGraphs.capture_routed): counting and the copies down; the hot and
-        streamed experts; the CPU's result added. The engine thread copies the inputs in,
-        replays, queues the routing mark and the CPU job, and copies the output out: ~10
-        host calls a layer against ~30 torch calls eagerly, whose ~0.6 ms a layer made the
-        engine thread, not the CPU experts, a compiled batch-1 step's critical path (H100
-        box: 16 ms of engine-thread CPU time in a 17 ms step). False (nothing done)
-        where no graph covers the step."""
-        graphs = self.graphs
-        T, K = x.shape[0], self.top_k
-        if (graphs is None or T > self.routed_max_tokens
-                or not graphs.has_routed(self, T)
-                or not self.cpu_experts or not self.cpu_runtime.takes_routed_jobs()):
-            return False
-        streamed = self._routed_streamed_cut()
-        if streamed:
-            self.streamed_below(streamed)  # before the experts' graph, which reads it
-        host = graphs.route(self, x, topk_weights, topk_ids)  # [T, ...] pinned, filled in stream order
-        cold = self.cpu_runtime.submit_routed(host.x, self.w13_cpu_chunks, self.w2_cpu_chunks, host.ids,
-                                              host.weights, self.chunks, self._routed_counts,
-                                              first_chunks=streamed, out=host.result, math=self.math,
-                                              biases=self.host_biases)
-        if cold is None:  # capture_routed checked that the native kernels take these buffers
-            raise RuntimeError("fiddler: the native CPU kernels refused a graphed routed job")
-        self._routed_pairs += T * K
-        submitted = time.perf_counter()
-        self.to_cpu_submit_s += submitted - op_start
-        graphs.experts(self, streamed is not None)
-        self.cpu_runtime.wait_on_stream(cold)
-        out.copy_(graphs.add_result())
-        if OP_TRACE is not None:
-            trace_op(self, op_start, None, None, submitted)
-        return True
-
-    @property
-    def streamed_cold_share(self) -> float | None:
-        """The share of (token, k) pairs on the host behind the current streamed cut (None:
-        not decided by the cost model)."""
-        return self._streamed_decision["cold_share"] if self._streamed_decision else None
-
-    @property
-    def streamed_cold_patterns(self) -> list[float] | None:
-        """The share of routed tokens per cold-position mask behind the current streamed cut
-        ([2^K]; None: priced from cold_share alone, or not decided by the cost model)."""
-        shares = self._streamed_decision.get("cold_patterns") if self._streamed_decision else None
-        return [round(n / sum(shares), 4) for n in shares] if shares else None
-
-    def set_streamed_chunks(self, cut: tuple[int, ...] | None) -> None:
-        """Fixes the routed steps' streamed cut (chunks per top-k position; benchmarks and
-        tests), or None: the cost model decides at the next routed step, and keeps deciding."""
-        self.routed_gpu_chunks = cut
-        self._streamed_decision = None
-
-    def _decide_streamed_chunks(self) -> None:
-        """routed_gpu_chunks from the cost model (cost_model.streamed_chunks), priced over how
-        this layer's routed tokens since the last decision had their top-k positions on the
-        host (routed_cold_patterns: settled batch-1 decode has a fixed number of cold experts
-        a token, not independent positions). With too few routed tokens since, over the share
-        of the layer's (token, k) pairs the host served since (prefill's included), each
-        position cold that often; at the first decision, and with too few pairs since, the
-        share of experts on the host. Placement and re-placement move these (H100 box, uniform
-        router: 17% of the experts resident, a 57% hit rate after 512 decode tokens). The first
-        decision does not go by the pairs before it: those are mostly vLLM's profiling run,
-        whose dummy tokens all pick the same experts."""
-        K = self.top_k
-        to_cpu, to_gpu, patterns = self.routed_to_cpu, self.routed_to_gpu, self.routed_cold_patterns
-        last = self._streamed_decision
-        pairs = to_cpu - last["to_cpu"] + to_gpu - last["to_gpu"] if last else 0
-        since = [n - b for n, b in zip(patterns, last["patterns"])] if last and patterns else None
-        weights = None  # tokens per cold-position mask, when enough to price the cut over
-        if since is not None and sum(since) * K >= STREAMED_DECISION_MIN_PAIRS:
-            weights = since
-            cold_share = sum(bin(mask).count("1") * n for mask, n in enumerate(since)) / (sum(since) * K)
-        elif pairs >= STREAMED_DECISION_MIN_PAIRS:
-            cold_share = (to_cpu - last["to_cpu"]) / pairs
-        else:
-            cold_share = len(self.cpu_experts) / self.num_experts
-        cut = (0,) * K
-        if self.host_views is not None and self.stager is not None and cold_share > 0:
-            from vllm_fiddler.cost_model import streamed_chunks
-
-            cut = streamed_chunks(get_step_planner(self).cost, self.chunks, K, cold_share=cold_share,
-                                  cold_patterns=weights)
-        self._streamed_decision = {"to_cpu": to_cpu, "to_gpu": to_gpu, "patterns": patterns, "steps": 0,
-                                   "cold_share": cold_share, "cold_patterns": weights}
-        if cut != self.routed_gpu_chunks:
-            first = self.routed_gpu_chunks is None
-            self.routed_gpu_chunks = cut
-            # every layer decides alike at first: say it once; later changes per layer, quietly
-            if first and not HybridMoE._routed_logged:
-                HybridMoE._routed_logged = True
-                logger.info("fiddler: steps of up to %d tokens hand the CPU their routing from the stream; "
-                            "the GPU computes %s of the %d chunks of each cold expert (per top-k position) "
-                            "from host memory in place (%.0f%% of the pairs on the host; decided again every "
-                            "%d such steps)", self.routed_max_tokens, cut, self.chunks, 100 * cold_share,
-                            STREAMED_DECISION_STEPS)
-            elif not first:
-                logger.debug("fiddler: a layer's routed steps now stream %s of %d chunks (%.0f%% of the "
-                             "pairs on the host)", cut, self.chunks, 100 * cold_share)
-
-    def _hot_share(self, x, topk_weights, topk_ids, out: torch.Tensor):
-        """out [T, H] = the device-resident experts' share (zeros without any). Small steps
-        replay CUDA graphs (a fraction of the launches' host time); returns the MoEGraphs
-        loaded with this op's inputs (for the copied experts), or None if launched eagerly."""
-        graphs = self.graphs
-        if graphs is not None and not graphs.load(x, topk_weights, topk_ids):
-            graphs = None
-        if not self.gpu_experts:
-            out.zero_()
-            return graphs
-        hot = graphs.hot(self) if graphs is not None else None
-        if hot is not None:
-            out.copy_(hot)
-        else:
-            self.hot_experts(x, topk_weights, topk_ids, out)
-        return graphs
-
-    def streamed_below(self, n: tuple[int, ...] | None = None) -> torch.Tensor:
-        """[K, 1] int32 on the device: per top-k position, how many leading chunks of each
-        cold expert a routed step's GPU kernels stream (zeros until set); `n` sets it, in
-        place, so the graphs captured reading it (MoEGraphs.streamed) follow."""
-        if self._streamed_below is None:
-            self._streamed_below = [(0,) * self.top_k,
-                                    torch.zeros(self.top_k, 1, dtype=torch.int32, device=self.device)]
-        below = self._streamed_below[1]
-        if n is not None and self._streamed_below[0] != n:
-            # filled on the device: a copy from pageable host memory would wait for the stream
-            for k, n_k in enumerate(n):
-                below[k].fill_(n_k)
-            self._streamed_below[0] = n
-        return below
-
-    def streamed_share(self, x: torch.Tensor, topk_weights: torch.Tensor, slots: torch.Tensor,
-                       out: torch.Tensor | None = None) -> torch.Tensor:
-        """[T, H]: the leading chunks (streamed_below) of each host-served (token, k) pair,
-        computed on the GPU from the host chunks in place (slots [T, K] host slot or -1, on
-        the device). K*C slots per token, -1 past the streamed chunks, as the staged path
-        launches (one compiled variant)."""
-        from vllm_fiddler.kernels.triton import fused_moe
-
-        T, K = slots.shape
-        C = self.chunks
-        c = torch.arange(C, dtype=slots.dtype, device=slots.device)  # [C]
-        slot = slots.unsqueeze(-1)  # [T, K, 1]
-        below = self.streamed_below()  # [K, 1]
-        ids = torch.where((slot >= 0) & (c < below), slot * C + c, -1).view(T, K * C)  # [T, K*C]
-        w13, w2 = self.host_views
-        return fused_moe(x, w13, w2, chunk_weights(topk_weights, C), ids, out=out)
-
-    def _plan_cold(self, host) -> tuple[int, list[tuple[int, int]], tuple[torch.Tensor, torch.Tensor] | None]:
-        """From the step's routing on the host: (cold (token, k) pairs, copies [(host slot,
-        chunks copied)] in copy order, the CPU's (chunk ids, weights) or None if it has nothing)."""
-        T, K = host.ids.shape
-        C = self.chunks
-        small = T * K <= SMALL_STEP_PAIRS  # decode: plain Python beats ~20 tiny torch ops
-        if small:
-            slot_of = self.cpu_slot_of_host.tolist()
-            rows = [[slot_of[e] for e in row] for row in host.ids.tolist()]  # [T][K] host slot or -1
-            counts: dict[int, int] = {}
-            for row in rows:
-                for slot in row:
-                    if slot >= 0:
-                        counts[slot] = counts.get(slot, 0) + 1
-            n_cpu = self._count_pairs(sum(counts.values()), T * K)
-        else:
-            cpu_ids = self.cpu_slot_of_host[host.ids.long()]  # [T, K] host-set slot or -1
-            n_cpu = self._count(cpu_ids)
-            counts = cold_token_counts(cpu_ids, self.num_host_slots) if n_cpu else {}
-        if n_cpu == 0:
-            return 0, [], None
-        planner = get_step_planner(self) if self.stager is not None else None
-        copies = planner.plan_counts(counts, C, hot_tokens=T * K - n_cpu) if planner else []
-        first = dict(copies)
-        on_cpu = sum(C - first.get(slot, 0) for slot in counts)  # chunk-experts left to the CPU
-        if not on_cpu:
-            return n_cpu, copies, None
-        self._cpu_chunk_reads += on_cpu
-        if small:
-            return n_cpu, copies, small_chunk_ids(rows, host.weights.tolist(), C, first)
-        first_cpu_chunk = None
-        if copies:
-            first_cpu_chunk = torch.zeros(self.num_host_slots, dtype=cpu_ids.dtype)
-            for slot, n in copies:
-                first_cpu_chunk[slot] = n
-        return n_cpu, copies, self.cpu_chunk_ids(cpu_ids, host.weights, first_cpu_chunk)
-
-    def _copied_experts(self, x, topk_weights, topk_ids, copies, out, graphs=None) -> None:
-        """Copies the first n chunks of each (slot, n) through the stager and computes them here
-        (with `graphs`, MoEGraphs loaded with this op's inputs, from its staged graph)."""
-        stager = self.stager
-
-        def stage(slot_n):
-            slot, n = slot_n
-            return (slot, n, *stager.stage(self.w13_cpu[slot, :n], self.w2_cpu[slot, :n]))
-
-        staged = [stage(c) for c in copies[:stager.num_slots]]
-        pending = list(copies[stager.num_slots:])
-        partial = weights = None
-        while staged:
-            cold_slot, n, staging_slot, ready = staged.pop(0)
-            torch.cuda.current_stream().wait_event(ready)
-            expert = self.host_experts[cold_slot]
-            part = graphs.staged(expert, stager.chunk_row(staging_slot, n)) if graphs is not None else None
-            if part is None:
-                if partial is None:
-                    partial, weights = torch.empty_like(out), chunk_weights(topk_weights, stager.chunks)
-                part = staged_expert(stager, x, topk_ids, weights, expert, stager.chunk_ids(staging_slot, n),
-                                     partial)
-            out.add_(part)
-            stager.release(staging_slot)
-            if pending:
-                staged.append(stage(pending.pop(0)))
-
-
-def cold_token_counts(cpu_ids: torch.Tensor, num_slots: int) -> dict[int, int]:
-    """cpu_ids [T, K] (host slot or -1) -> {host slot: (token, k) pairs routed to it}, slots
-    with none left out: the step planner's input. Beams of one request that chose the same
-    cold expert add up here, so the planner prices one larger CPU call or copy for them."""
-    per_slot = torch.bincount(cpu_ids[cpu_ids >= 0].long(), minlength=num_slots).tolist()
-    return {slot: n for slot, n in enumerate(per_slot) if n}
-
-
-def chunk_weights(topk_weights: torch.Tensor, chunks: int) -> torch.Tensor:
-    """[T, K] -> [T, K*C]: each routing weight once per chunk slot (staged_expert's weights)."""
-    T, K = topk_weights.shape
-    return topk_weights.unsqueeze(-1).expand(T, K, chunks).reshape(T, K * chunks)
-
-
-def staged_expert(stager, x: torch.Tensor, topk_ids: torch.Tensor, weights: torch.Tensor, expert,
-                  chunk_ids: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """out [T, H] = `expert`'s (token, k) pairs of x [T, H] over the staging slots' chunk-experts
-    chunk_ids ([C] or [1, C], -1 past the chunks copied); topk_ids [T, K] global ids, weights
-    [T, K*C] (chunk_weights); expert an int or a [1] device tensor (CUDA graphs).
-
-    Every launch has K*C slots per token, -1 beyond the n chunks copied: the slot count per
-    token is a constexpr of the kernels, so K*n would compile a variant per split size
-    (kernel_warmup compiles the one width ahead)."""
-    from vllm_fiddler.kernels.triton import fused_moe
-
-    T, K = topk_ids.shape
-    mine = (topk_ids == expert).unsqueeze(-1)  # [T, K, 1] only this expert
-    ids = torch.where(mine, chunk_ids, -1).view(T, K * stager.chunks)  # [T, K*C]
-    return fused_moe(x, stager.w13_chunks, stager.w2_chunks, weights, ids, out=out)
-
-
-# When a list, each CUDA op appends (id(layer), op start, routing-copy wait start, its end,
-# CPU job submitted or None, op end), time.perf_counter() seconds: benchmarks'
-# timelines (benchmarks/decode_op_host.py), with the CPU jobs' own times
-# (vllm_fiddler.kernels.cpu.async_trace, the same clock).
-OP_TRACE: list | None = None
-
-# FIDDLER_TRACE_DIR (benchmarks; off by default): a served engine's op and CPU-job
-# traces, written every TRACE_FLUSH_OPS ops to <dir>/trace-<pid>-<n>.json, for
-# benchmarks/investigations/engine_trace.py. The engine core is its own process, so this is how its
-# timeline leaves it; a flush takes a few ms of the engine thread, once in 64 batch-1
-# steps of 8 layers.
-TRACE_DIR = envs.FIDDLER_TRACE_DIR
-TRACE_FLUSH_OPS = 512
-if TRACE_DIR:
-    OP_TRACE = []
-_trace_layers: dict[int, int] = {}  # id(layer) -> its order of first appearance
-_trace_flushes = 0
-
-
-def trace_op(layer, op_start: float, sync_start, sync_end, submitted) -> None:
-    """Appends an op to OP_TRACE; under FIDDLER_TRACE_DIR, writes out the ops and the CPU jobs
-    done so far when TRACE_FLUSH_OPS have gathered."""
-    global _trace_flushes
-    OP_TRACE.append((id(layer), op_start, sync_start, sync_end, submitted, time.perf_counter()))
-    if TRACE_DIR is None or len(OP_TRACE) < TRACE_FLUSH_OPS:
-        return
-    from vllm_fiddler.kernels import cpu as cpu_kernels
-
-    ops = [(_trace_layers.setdefault(op[0], len(_trace_layers)), *op[1:]) for op in OP_TRACE]
-    record = {"op_fields": ["layer", "op_start", "sync_start", "sync_end", "submitted", "op_end"],
-              "ops": ops, "job_fields": list(cpu_kernels.ASYNC_TRACE_FIELDS),
-              "jobs": cpu_kernels.async_trace(),
-              "chunk_bytes": layer.chunk_bytes, "cpu_threads": layer.cpu_runtime.num_threads}
-    os.makedirs(TRACE_DIR, exist_ok=True)
-    path = os.path.join(TRACE_DIR, f"trace-{os.getpid()}-{_trace_flushes:04d}.json")
-    with open(path, "w") as f:
-        json.dump(record, f)
-    _trace_flushes += 1
-    OP_TRACE.clear()
-
-# Steps with at most this many (token, k) pairs plan their cold work in plain
-# Python lists (small_chunk_ids): ~20 torch ops on tiny host tensors took
-# ~90 us a layer on the dev box, before the CPU could start.
-SMALL_STEP_PAIRS = 32
-# Routed steps decide their streamed chunks again this often (a layer's; ~6 s of decode at
-# ~40 tok/s), from at least this many of the layer's (token, k) pairs since the last time
-# (fewer: the share of experts on the host).
-STREAMED_DECISION_STEPS = 256
-STREAMED_DECISION_MIN_PAIRS = 64
-# Routed jobs count their tokens per cold-position mask (2^top_k counters) up to this top-k,
-# the native kernels' limit (kMaxPatternTopK in kernels/cpu/ops.cpp).
-COLD_PATTERN_MAX_TOP_K = 12
-
-
-def small_chunk_ids(cpu_ids: list[list[int]], weights: list[list[float]], chunks: int,
-                    first_cpu_chunk: dict[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """HybridMoE.cpu_chunk_ids on Python lists: cpu_ids [T][K] host slot or -1, weights [T][K],
-    first_cpu_chunk {host slot: chunks computed elsewhere} -> (ids [T, K*C] int32 chunk-expert
-    or -1, weights [T, K*C] fp32), the dtypes the CPU kernel takes (no conversion on submit)."""
-    C = chunks
-    ids: list[list[int]] = []
-    ws: list[list[float]] = []
-    for slots, row_w in zip(cpu_ids, weights):
-        row_ids: list[int] = []
-        row_ws: list[float] = []
-        for slot, w in zip(slots, row_w):
-            first = first_cpu_chunk.get(slot, 0) if slot >= 0 else C
-            row_ids += [slot * C + c if c >= first else -1 for c in range(C)]
-            row_ws += [w] * C
-        ids.append(row_ids)
-        ws.append(row_ws)
-    return torch.tensor(ids, dtype=torch.int32), torch.tensor(ws, dtype=torch.float32)

@@ -245,7 +245,7 @@ class FiddlerModel:
 
 
 # Decode-sized steps (batch-1 to 4) take the routed path: the stream hands the CPU its
-# routing, so the engine thread never waits (moe.layer, runtime.graph_jobs). Measured on
+# routing, so the engine thread never waits (moe.steps.routed, runtime.graph_jobs). Measured on
 # the H100 box (Mixtral-8x7B shapes, 8 layers, greedy on random weights, one run): batch-1
 # decode 64.4 tok/s as graph steps, 54.9 eager (benchmarks/results/e2e-h100.json).
 ROUTED_MAX_TOKENS = 4

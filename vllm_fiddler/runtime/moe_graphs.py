@@ -56,7 +56,7 @@ import time
 
 import torch
 
-from vllm_fiddler.moe.layer import chunk_weights, staged_expert
+from vllm_fiddler.moe.steps.synced import chunk_weights, staged_expert
 from vllm_fiddler.logger import logger
 from vllm_fiddler.runtime.host_view import device_view
 
