@@ -204,6 +204,19 @@ def cuda_layers(runtime, n_layers: int, host_backing: bool):
     return layers, experts
 
 
+def graph_step_runtime() -> CPUExpertRuntime:
+    """A CPU runtime that takes routed jobs and graph steps here; skips the test otherwise."""
+    from vllm_fiddler.runtime import graph_jobs
+
+    if not graph_jobs.available():
+        pytest.skip("CUDA graphs here cannot capture stream memory operations")
+    runtime = CPUExpertRuntime(num_threads=2, inline=False, pin_memory=True, wait_on_device=True)
+    if not runtime.takes_routed_jobs():
+        runtime.shutdown()
+        pytest.skip("routed jobs need stream memory operations and the native kernels")
+    return runtime
+
+
 def chain(layers, x, logits_w):
     """A toy decode step: each layer's MoE of the previous one's output, its router logits a
     fixed projection of that (as attention and the gate would make them, on the device)."""
@@ -222,13 +235,9 @@ def test_full_graph_of_graph_steps_matches_the_synced_steps_and_the_oracle(host_
     on the same side, within the oracle's bf16 tolerance everywhere, counting every pair."""
     from vllm_fiddler.runtime import graph_jobs
 
-    if not graph_jobs.available():
-        pytest.skip("CUDA graphs here cannot capture stream memory operations")
-    runtime = CPUExpertRuntime(num_threads=2, inline=False, pin_memory=True, wait_on_device=True)
+    runtime = graph_step_runtime()
     jobs = None
     try:
-        if not runtime.takes_routed_jobs():
-            pytest.skip("routed jobs need stream memory operations and the native kernels")
         layers, experts = cuda_layers(runtime, 3, host_backing)
         gen = torch.Generator().manual_seed(tokens)
         logits_w = [torch.randn(H, E, generator=gen).cuda() for _ in layers]
@@ -376,13 +385,9 @@ def test_quantized_layers_take_the_routed_and_graph_step_paths(tokens):
     from vllm_fiddler.runtime import graph_jobs
     from vllm_fiddler.runtime.moe_graphs import MoEGraphs
 
-    if not graph_jobs.available():
-        pytest.skip("CUDA graphs here cannot capture stream memory operations")
-    runtime = CPUExpertRuntime(num_threads=2, inline=False, pin_memory=True, wait_on_device=True)
+    runtime = graph_step_runtime()
     jobs = None
     try:
-        if not runtime.takes_routed_jobs():
-            pytest.skip("routed jobs need stream memory operations and the native kernels")
         layers, oracle = mxfp4_cuda_layers(runtime, 3)
         assert all(m.native_jobs for m in layers)
         gen = torch.Generator().manual_seed(tokens)
