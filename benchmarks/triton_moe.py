@@ -96,6 +96,14 @@ def profile(fn, fargs, fkwargs, T) -> dict:
     return res
 
 
+def add_expert_args(p) -> None:
+    """--format, --group, --gpt-oss: the experts expert_weights builds (this script's and the tuner's)."""
+    p.add_argument("--format", choices=["dense", "fp8_block", "mxfp4", "int4_group"], default="dense",
+                   help="how the experts are stored (dense: in --dtype)")
+    p.add_argument("--group", type=int, default=128, help="int4_group's inputs per scale")
+    p.add_argument("--gpt-oss", action="store_true", help="gpt-oss's expert math: clamped SwiGLU and biases")
+
+
 def expert_weights(fmt: str, Eg: int, H: int, I: int, dtype, group: int = 128, gpt_oss: bool = False,
                    device: str = "cuda"):
     """Random experts as the benchmarks launch them: (w13 [Eg, 2I, H], w2 [Eg, H, I], math, b13, b2,
@@ -130,10 +138,7 @@ def main(argv=None) -> int:
     p.add_argument("--I", type=int, default=14336)
     p.add_argument("--K", type=int, default=2)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    p.add_argument("--format", choices=["dense", "fp8_block", "mxfp4", "int4_group"], default="dense",
-                   help="how the experts are stored (dense: in --dtype)")
-    p.add_argument("--group", type=int, default=128, help="int4_group's inputs per scale")
-    p.add_argument("--gpt-oss", action="store_true", help="gpt-oss's expert math: clamped SwiGLU and biases")
+    add_expert_args(p)
     p.add_argument("--tokens", type=str, default=None, help="comma-separated token counts")
     p.add_argument("--rep", type=float, default=100.0, help="do_bench rep (ms)")
     p.add_argument("--no-torch", action="store_true", help="skip the torch reference")

@@ -86,7 +86,7 @@ def make_inputs(T, E, H, I, K, dtype, seed=0):
 def make_weights(E, H, I, dtype, experts: dict):
     """(w13, w2, fused_moe's math / b13 / b2, stored bytes per expert); experts: format, group,
     gpt_oss (triton_moe.expert_weights)."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also in spawned compile workers
     from triton_moe import expert_weights
 
     w13, w2, math, b13, b2, nbytes = expert_weights(experts["format"], E, H, I, dtype, experts["group"],
@@ -141,10 +141,10 @@ def main(argv=None) -> int:
     p.add_argument("--I", type=int, default=14336)
     p.add_argument("--K", type=int, default=2)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    p.add_argument("--format", choices=["dense", "fp8_block", "mxfp4", "int4_group"], default="dense",
-                   help="how the experts are stored (dense: in --dtype); quantized formats get their own tables")
-    p.add_argument("--group", type=int, default=128, help="int4_group's inputs per scale")
-    p.add_argument("--gpt-oss", action="store_true", help="gpt-oss's expert math: clamped SwiGLU and biases")
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from triton_moe import add_expert_args
+
+    add_expert_args(p)  # quantized formats get their own tables
     p.add_argument("--tokens", type=str, default=None, help="comma-separated token counts")
     p.add_argument("--quick", action="store_true", help=f"tokens {TOKENS_QUICK}")
     p.add_argument("--jobs", type=int, default=min(8, os.cpu_count() or 1),

@@ -378,10 +378,9 @@ def takes_jobs(w13, w2, math=None, biases: tuple[torch.Tensor, torch.Tensor] | N
     """Whether the native job thread runs these experts (moe_forward_async, routed jobs, graph
     steps): bf16 SiLU-gated ones where the bf16 kernels are loaded, quantized ones where
     moe_forward_quantized takes them."""
-    experts = _expert_set(w13, w2, math, biases)
-    if experts is None:
+    if _expert_set(w13, w2, math, biases) is None:
         return False
-    return experts[2] is not None or (isa() != "torch" and w13.dtype == torch.bfloat16)
+    return not isinstance(w13, torch.Tensor) or (isa() != "torch" and w13.dtype == torch.bfloat16)
 
 
 def _async_args(x, w13, w2, topk_ids, topk_weights, math, biases, isa) -> tuple | None:
@@ -391,7 +390,7 @@ def _async_args(x, w13, w2, topk_ids, topk_weights, math, biases, isa) -> tuple 
     experts = _expert_set(w13, w2, math, biases)
     if experts is None:
         return None
-    if experts[2] is None:  # bf16
+    if isinstance(w13, torch.Tensor):  # bf16
         native = _native_args(x, w13, w2, topk_ids, topk_weights, isa)
         return None if native is None else (*native, experts)
     # quantized: the bf16 kernels' mode is not read

@@ -1361,6 +1361,10 @@ int64_t stream_read(const at::Tensor& buf) {
 }  // namespace
 }  // namespace fiddler_cpu
 
+// The ExpertSet arguments that end each async op's schema (check_experts reads them).
+#define EXPERT_SET_SCHEMA \
+  "Tensor? s13, Tensor? s2, Tensor? b13, Tensor? b2, int fmt, int bn, int bk, int act, float alpha, float limit"
+
 TORCH_LIBRARY(fiddler_cpu, m) {
   m.def("stream_read(Tensor buf) -> int", &fiddler_cpu::stream_read);
   m.def("cpu_features() -> int", &fiddler_cpu::features);
@@ -1376,18 +1380,18 @@ TORCH_LIBRARY(fiddler_cpu, m) {
         "float limit) -> ()", &fiddler_cpu::moe_forward_quant);
   m.def("moe_forward_async(Tensor x, Tensor w13, Tensor w2, Tensor topk_ids, Tensor topk_weights, "
         "Tensor(a!) out, int mode, int amx_min_tokens, Tensor(b!) done_word, int seq, "
-        "Tensor? s13, Tensor? s2, Tensor? b13, Tensor? b2, int fmt, int bn, int bk, int act, float alpha, float limit) -> ()",
+        EXPERT_SET_SCHEMA ") -> ()",
         &fiddler_cpu::moe_forward_async);
   m.def("moe_forward_routed_async(Tensor x, Tensor w13, Tensor w2, Tensor slots, Tensor weights, int chunks, "
         "int[] first_chunks, Tensor(a!) out, int mode, int amx_min_tokens, Tensor ready_word, Tensor(b!) done_word, int seq, "
         "Tensor(c!) counts, "
-        "Tensor? s13, Tensor? s2, Tensor? b13, Tensor? b2, int fmt, int bn, int bk, int act, float alpha, float limit) -> ()",
+        EXPERT_SET_SCHEMA ") -> ()",
         &fiddler_cpu::moe_forward_routed_async);
   m.def("graph_jobs_attach(Tensor x, Tensor slots, Tensor weights, Tensor first, Tensor(a!) out, "
         "Tensor(b!) mark_word, Tensor(c!) done_word, int mode, int amx_min_tokens) -> ()",
         &fiddler_cpu::graph_jobs_attach);
   m.def("graph_jobs_add_layer(int slot, Tensor w13, Tensor w2, int chunks, Tensor(a!) counts, Tensor(b!) pairs, "
-        "Tensor? s13, Tensor? s2, Tensor? b13, Tensor? b2, int fmt, int bn, int bk, int act, float alpha, float limit) -> ()",
+        EXPERT_SET_SCHEMA ") -> ()",
         &fiddler_cpu::graph_jobs_add_layer);
   m.def("graph_jobs_detach() -> ()", &fiddler_cpu::graph_jobs_detach);
   m.def("async_wait_idle() -> ()", &fiddler_cpu::async_wait_idle);

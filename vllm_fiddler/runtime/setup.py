@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from vllm_fiddler import compat
 from vllm_fiddler.config import FiddlerConfig, FiddlerConfigError
 from vllm_fiddler.preflight import host_backing_fits, run_preflight
 from vllm_fiddler.placement import (
@@ -76,8 +77,6 @@ def resolve_model_placement(cfg: FiddlerConfig, shape: MoEShape, vllm_config) ->
     if placement.num_cpu == 0:
         staging = 0  # nothing to copy
     adapt, why = decide_adaptation(cfg, shape, placement, on_cuda)
-    from vllm_fiddler import compat
-
     rank, ranks = compat.tensor_parallel()
     # under tensor parallelism each rank holds a 1/ranks shard of every expert (shape.expert_bytes)
     # within its own GPU's budget, and says so
