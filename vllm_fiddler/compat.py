@@ -109,7 +109,7 @@ def patch_quant_method_selection(choose: Callable[[Any, str, Any, Any], Any]) ->
 
 
 # vLLM quantization methods whose expert formats fiddler loads (expert_quantization)
-LOADED_QUANTIZATIONS = ("fp8", "gpt_oss_mxfp4", "mxfp4", "compressed-tensors")
+LOADED_QUANTIZATIONS = ("fp8", "gpt_oss_mxfp4", "mxfp4", "compressed-tensors", "auto_gptq")
 
 
 def _value(v: Any) -> Any:
@@ -127,11 +127,34 @@ def _compressed_tensors_scheme(quant_config: Any, prefix: str, layer: Any) -> tu
     return schemes[0], None
 
 
-def expert_quantization(quant_config: Any, prefix: str, layer: Any = None) -> tuple[str, tuple[int, int]] | None:
+def _gptq_experts(quant_config: Any, prefix: str) -> tuple[tuple | None, str | None]:
+    """((format, block, "gptq") or None for a layer left unquantized, None) for the experts of
+    MoE layer `prefix` under vLLM's auto_gptq config, after its per-module ``dynamic`` rules
+    (a negative match skips the layer, a positive one overrides bits or groups, as vLLM's
+    AutoGPTQMoEMethod reads them), or (None, what is not loaded)."""
+    import copy
+
+    from vllm.model_executor.layers.quantization.utils.gptq_utils import get_dynamic_override, override_config
+
+    if get_dynamic_override(quant_config, layer_name=prefix) is False:
+        return None, None
+    config = copy.deepcopy(quant_config)
+    override_config(config, prefix=prefix)
+    bits, group = config.weight_bits, config.group_size
+    if bits == 4 and config.is_sym and not config.desc_act and group > 0:
+        return ("int4_group", (1, int(group)), "gptq"), None
+    return None, (f"GPTQ {bits}-bit {'symmetric' if config.is_sym else 'asymmetric'}"
+                  f"{' with act-order (desc_act)' if config.desc_act else ''}"
+                  f"{' per output channel' if group <= 0 else f' in groups of {group}'}")
+
+
+def expert_quantization(quant_config: Any, prefix: str, layer: Any = None) -> tuple | None:
     """The format in which vLLM's quantization config stores the experts of MoE layer `prefix`
     (`layer`: its RoutedExperts, which compressed-tensors matches targets against): None
-    (unquantized: the layer is ignored), ("fp8_block", (bn, bk)), ("mxfp4", (1, 32)) or
-    ("int4_group", (1, group)). Raises FiddlerConfigError for a format fiddler does not load."""
+    (unquantized: the layer is ignored), ("fp8_block", (bn, bk)), ("mxfp4", (1, 32)),
+    ("int4_group", (1, group)), or ("int4_group", (1, group), "gptq") from AutoGPTQ's layout
+    (moe.quantized.ExpertFormat's arguments). Raises FiddlerConfigError for a format fiddler
+    does not load."""
     from vllm.model_executor.layers.quantization.utils.quant_utils import is_layer_skipped
 
     from vllm_fiddler.config import FiddlerConfigError
@@ -154,6 +177,10 @@ def expert_quantization(quant_config: Any, prefix: str, layer: Any = None) -> tu
                 f"{'symmetric' if w.symmetric else 'asymmetric'} (actorder {_value(w.actorder)})")
             unsupported = (f"compressed-tensors {scheme.get('format')} with {weights} weights and "
                            f"{'no' if a is None else 'quantized'} input activations")
+    elif name == "auto_gptq":
+        found, unsupported = _gptq_experts(quant_config, prefix)
+        if unsupported is None:
+            return found
     elif name in LOADED_QUANTIZATIONS and is_layer_skipped(
             prefix=prefix, ignored_layers=getattr(quant_config, "ignored_layers", None) or [],
             fused_mapping=quant_config.packed_modules_mapping):
@@ -175,8 +202,8 @@ def expert_quantization(quant_config: Any, prefix: str, layer: Any = None) -> tu
     raise FiddlerConfigError(
         f"fiddler: layer {prefix} has experts quantized as {unsupported or repr(name)}; fiddler loads "
         "unquantized experts, FP8 with block scales (vLLM's fp8 config with weight_block_size, as "
-        "DeepSeek-V3's checkpoints ship them), MXFP4 (gpt-oss) and compressed-tensors' pack-quantized "
-        "symmetric INT4 groups in weight order (W4A16) so far")
+        "DeepSeek-V3's checkpoints ship them), MXFP4 (gpt-oss), and symmetric INT4 groups in weight order "
+        "(W4A16) from compressed-tensors' pack-quantized or AutoGPTQ's layout (no act-order) so far")
 
 
 def tensor_parallel() -> tuple[int, int]:

@@ -45,7 +45,7 @@ class MoEShape:
     @property
     def expert_bytes(self) -> int:
         if self.expert_format is not None:  # as stored: values and scales
-            return self.expert_format.expert_bytes(self.hidden_size, self.intermediate_size)
+            return self.expert_format.expert_bytes(self.hidden_size, self.intermediate_size, self.dtype_bytes)
         # w1 and w3 are [I, H], w2 is [H, I]; biases [2I] and [H]
         bias = 2 * self.intermediate_size + self.hidden_size if self.has_bias else 0
         return (3 * self.hidden_size * self.intermediate_size + bias) * self.dtype_bytes

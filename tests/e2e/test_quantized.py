@@ -1,6 +1,6 @@
 """Quantized checkpoints end to end on vLLM's CPU platform: FP8 block-scaled experts
 (Mixtral, Qwen3-MoE), MXFP4 ones with biases (gpt-oss) and INT4 W4A16 groups from
-compressed-tensors (Mixtral, Qwen3-MoE).
+compressed-tensors (Mixtral, Qwen3-MoE) and AutoGPTQ (Qwen3-MoE, as Qwen3-30B-A3B-GPTQ-Int4 ships).
 
 fiddler runs the quantized checkpoint (tests/helpers/quantized.py: experts as DeepSeek-V3,
 gpt-oss and llm-compressor write them; FP8 with partial scale blocks, INT4 in groups of 32);
@@ -30,15 +30,15 @@ import test_families
 import torch
 
 from helpers.families import FAMILIES, build_family
-from helpers.quantized import write_fp8_block, write_int4_group, write_mxfp4
+from helpers.quantized import write_fp8_block, write_int4_gptq, write_int4_group, write_mxfp4
 from test_families import check_as_close_to_hf_as_stock, check_tokens_close, generate, top_n
 
 pytestmark = pytest.mark.slow
 
 
-WRITERS = {"fp8": write_fp8_block, "mxfp4": write_mxfp4, "int4": write_int4_group}
+WRITERS = {"fp8": write_fp8_block, "mxfp4": write_mxfp4, "int4": write_int4_group, "gptq": write_int4_gptq}
 CHECKPOINTS = [("mixtral", "fp8"), ("qwen3_moe", "fp8"), ("gpt_oss", "mxfp4"), ("mixtral", "int4"),
-               ("qwen3_moe", "int4")]
+               ("qwen3_moe", "int4"), ("qwen3_moe", "gptq")]
 
 
 @pytest.fixture(scope="module", params=CHECKPOINTS, ids=[f"{name}-{fmt}" for name, fmt in CHECKPOINTS])
@@ -111,3 +111,16 @@ def test_int8_weights_are_refused_at_build(mixtral_bf16, tmp_path):
     error = start_up_error(int8)
     assert "experts quantized as compressed-tensors pack-quantized with 8-bit int group symmetric (actorder None) " \
            "weights and no input activations" in error, error
+
+
+def test_gptq_act_order_is_refused_at_build(mixtral_bf16, tmp_path):
+    act_order, _ = write_int4_gptq(mixtral_bf16, str(tmp_path), config_overrides={"desc_act": True})
+    error = start_up_error(act_order)
+    assert "experts quantized as GPTQ 4-bit symmetric with act-order (desc_act) in groups of 32" in error, error
+
+
+def test_gptq_groups_out_of_order_are_refused_at_load(mixtral_bf16, tmp_path):
+    """A checkpoint whose config says no act-order but whose g_idx reorders the groups."""
+    shuffled, _ = write_int4_gptq(mixtral_bf16, str(tmp_path), g_idx_shift=1)
+    error = start_up_error(shuffled)
+    assert "has a g_idx that is not its" in error and "loads GPTQ checkpoints without act-order" in error, error

@@ -18,6 +18,15 @@ INT4 groups (W4A16), as llm-compressor writes GPTQ-style checkpoints for vLLM's
 with one symmetric int4 group scheme for "Linear" and every non-expert linear layer in
 ``ignore``.
 
+INT4 groups in AutoGPTQ's layout, as Qwen's and TheBloke's GPTQ-Int4 checkpoints ship for
+vLLM's ``auto_gptq`` config: each expert projection ``...qweight`` int32 [K/8, N] (eight 4-bit
+values a word along K, value + 8), ``...scales`` fp16 [K/g, N], ``...qzeros`` int32 [K/g, N/8]
+(every nibble 7: AutoGPTQ stores the symmetric zero point 8 less one) and ``...g_idx`` int32
+[K] (i // g: no act-order); ``quantization_config`` {"quant_method": "gptq", "bits": 4, "sym":
+true, "desc_act": false, ...}. Only the experts are quantized; vLLM finds which from the
+safetensors dtypes. The scales are fp16 values that bf16 holds exactly, so a bf16 engine holds
+them unrounded.
+
 Next to each, the reference: the same model with each expert dequantized (fp32 tensors), which
 stock vLLM loads as an unquantized checkpoint.
 """
@@ -112,6 +121,37 @@ def write_int4_group(src: str, dst: str, group: int = 32, *, scheme_overrides: d
         "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
                                       "output_activations": None, "format": "pack-quantized"}},
         "ignore": ignored})
+    return out, ref
+
+
+def write_int4_gptq(src: str, dst: str, group: int = 32, *, config_overrides: dict | None = None,
+                    g_idx_shift: int = 0) -> tuple[str, str]:
+    """(AutoGPTQ INT4 checkpoint, dequantized reference) under dst, from the bf16 checkpoint at
+    src; config_overrides change config.json's quantization_config; g_idx_shift rolls each
+    g_idx by that many inputs (an act-order checkpoint mislabelled as in weight order)."""
+    import torch
+
+    from vllm_fiddler.kernels.quant import dequant_int4_group, quant_int4_group
+
+    out, ref = _copy_others(src, dst)
+    quantized, reference = {}, {}
+    for name, w in _load_all(src).items():
+        if EXPERT.search(name):
+            base = name[:-len("weight")]
+            n, k = w.shape
+            packed, scale = quant_int4_group(w.float(), group)  # [N, K/8], [N, K/g]
+            scale = scale.to(torch.bfloat16).to(torch.float16)  # fp16 as AutoGPTQ writes, bf16-exact
+            quantized[base + "qweight"] = packed.t().contiguous()
+            quantized[base + "scales"] = scale.t().contiguous()
+            quantized[base + "qzeros"] = torch.full((k // group, n // 8), 0x77777777, dtype=torch.int32)
+            g_idx = torch.arange(k, dtype=torch.int32) // group
+            quantized[base + "g_idx"] = torch.roll(g_idx, g_idx_shift)
+            reference[name] = dequant_int4_group(packed, scale.float(), k, group)
+        else:
+            quantized[name] = reference[name] = w
+    _write(out, ref, quantized, reference, {
+        "quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": False, "sym": True,
+        "checkpoint_format": "gptq", **(config_overrides or {})})
     return out, ref
 
 

@@ -351,10 +351,85 @@ def test_int4_weight_shapes_are_checked_and_bytes_compressed():
     with pytest.raises(ValueError, match=r"expert 2's 2 projection is \[96, 96\] in the checkpoint, the layer's is "
                                          r"\[96, 64\]"):
         m.load_expert(2, "k2", torch.tensor([96, 96]))
-    # half a byte a weight, a bf16 scale per 32
-    assert m.expert_bytes == INT4.expert_bytes(H_MX, I) == 3 * H_MX * I // 2 + 3 * H_MX * I // 32 * 2
+    # half a byte a weight, a scale per 32 in the model's dtype (fp32 here; bf16 by default)
+    assert m.expert_bytes == INT4.expert_bytes(H_MX, I, 4) == 3 * H_MX * I // 2 + 3 * H_MX * I // 32 * 4
+    assert INT4.expert_bytes(H_MX, I) == 3 * H_MX * I // 2 + 3 * H_MX * I // 32 * 2
     with pytest.raises(ValueError, match="multiple of 8"):
         ExpertFormat("int4_group", (1, 12))
+
+
+GPTQ = ExpertFormat("int4_group", (1, 32), "gptq")
+
+
+def test_gptq_layout_loads_the_same_stored_experts_as_compressed_tensors():
+    """AutoGPTQ's qweight [K/8, N] and fp16 scales [K/g, N] are compressed-tensors' words and
+    scales transposed: a layer loaded from each holds the same bytes (scales rounded to the
+    model dtype once, as vLLM's methods hold them), and computes the same output bit for bit."""
+    gen = torch.Generator().manual_seed(5)
+    ours = QuantizedHybridMoE(expert_format=GPTQ, num_experts=E, top_k=K, hidden_size=H_MX, intermediate_size=I,
+                              gpu_experts=(1, 4), dtype=torch.bfloat16, device=torch.device("cpu"),
+                              cpu_runtime=CPUExpertRuntime(num_threads=1, inline=True), pin_memory=False,
+                              math=reference.SILU)
+    ct = QuantizedHybridMoE(expert_format=INT4, num_experts=E, top_k=K, hidden_size=H_MX, intermediate_size=I,
+                            gpu_experts=(1, 4), dtype=torch.bfloat16, device=torch.device("cpu"),
+                            cpu_runtime=CPUExpertRuntime(num_threads=1, inline=True), pin_memory=False,
+                            math=reference.SILU)
+    for name, shape in (("1", (I, H_MX)), ("3", (I, H_MX)), ("2", (H_MX, I))):
+        packed, scale = quant.quant_int4_group(torch.randn(E, *shape, generator=gen), 32)
+        scale = scale.half()
+        for e in range(E):
+            ct.load_expert(e, "w" + name, packed[e])
+            ct.load_expert(e, "s" + name, scale[e])
+            ours.load_expert(e, "w" + name, packed[e].t().contiguous())  # [K/8, N]
+            ours.load_expert(e, "s" + name, scale[e].t().contiguous())  # [K/g, N]
+            ours.load_expert(e, "g" + name, torch.arange(shape[1], dtype=torch.int32) // 32)
+            ours.load_expert(e, "z" + name, torch.full((shape[1] // 32, shape[0] // 8), 0x77777777))
+    for a, b in ((ours.w13_cpu, ct.w13_cpu), (ours.w2_cpu, ct.w2_cpu), (ours.w13_gpu, ct.w13_gpu)):
+        for key in ("weight_packed", "weight_scale"):
+            assert torch.equal(a.tensors[key], b.tensors[key]), key
+    assert ours.w13_cpu.tensors["weight_scale"].dtype == torch.bfloat16
+    x = torch.randn(5, H_MX, generator=gen).bfloat16()
+    weights, ids = reference.route(torch.randn(5, E, generator=gen), K)
+    assert torch.equal(ours(x, weights, ids.to(torch.int32)), ct(x, weights, ids.to(torch.int32)))
+    # an act-order g_idx (groups out of weight order) cannot be held in weight order
+    with pytest.raises(ValueError, match="expert 3's 2 projection has a g_idx that is not its 64 inputs in groups "
+                                         "of 32 in order"):
+        ours.load_expert(3, "g2", torch.arange(I, dtype=torch.int32).flip(0) // 32)
+
+
+def gptq_config(**overrides):
+    from vllm.model_executor.layers.quantization.auto_gptq import AutoGPTQConfig
+
+    return AutoGPTQConfig.from_config({"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False,
+                                       "sym": True, **overrides})
+
+
+def test_vllm_gptq_config_names_the_format():
+    from vllm_fiddler import compat
+
+    prefix = "model.layers.1.mlp.experts"
+    assert compat.expert_quantization(gptq_config(), prefix) == ("int4_group", (1, 128), "gptq")
+    # GPTQModel's per-module rules: a negative match leaves the layer unquantized, a positive
+    # one overrides its groups
+    assert compat.expert_quantization(gptq_config(dynamic={r"-:.*\.layers\.1\..*": {}}), prefix) is None
+    assert compat.expert_quantization(gptq_config(dynamic={r"+:.*\.layers\.1\..*": {"group_size": 64}}),
+                                      prefix) == ("int4_group", (1, 64), "gptq")
+    for overrides, what in (({"desc_act": True}, "GPTQ 4-bit symmetric with act-order"),
+                            ({"bits": 8}, "GPTQ 8-bit symmetric in groups of 128"),
+                            ({"group_size": -1}, "GPTQ 4-bit symmetric per output channel")):
+        with pytest.raises(FiddlerConfigError, match=f"quantized as {what}.*AutoGPTQ's layout"):
+            compat.expert_quantization(gptq_config(**overrides), prefix)
+
+
+def test_sinks_name_gptq_tensors():
+    method = types.SimpleNamespace()
+    kinds = {name: moe_method.ExpertSink(torch.empty(E, 0), method, name).kind()
+             for name in ("w13_qweight", "w2_scales", "w13_qzeros", "w2_g_idx")}
+    assert kinds == {"w13_qweight": "w13", "w2_scales": "s2", "w13_qzeros": "z13", "w2_g_idx": "g2"}
+    assert set(GPTQ.param_dtypes()) == {f"{p}_{t}" for p in ("w13", "w2") for t in ("qweight", "scales", "qzeros",
+                                                                                  "g_idx")}
+    with pytest.raises(ValueError, match="GPTQ checkpoint layout holds INT4 groups, not mxfp4"):
+        ExpertFormat("mxfp4", (1, 32), "gptq")
 
 
 def test_re_placement_is_off_for_quantized_experts():

@@ -231,12 +231,12 @@ class ExpertSink(torch.nn.Parameter):
 
     def kind(self) -> str:
         """The tensor as HybridMoE.load_expert names it: w13 / w2 weights, b13 / b2 biases, s13 /
-        s2 scales of quantized weights, k13 / k2 their checkpoint's [N, K]."""
+        s2 scales of quantized weights, k13 / k2 their checkpoint's [N, K], z13 / z2 and g13 /
+        g2 AutoGPTQ's zero points and group indices."""
         proj = self.tensor_name.split("_")[0]  # w13 / w2
-        if self.tensor_name.endswith("_bias"):
-            return "b" + proj[1:]
-        if self.tensor_name.endswith("_shape"):  # compressed-tensors' [N, K] of the projection
-            return "k" + proj[1:]
+        for suffix, kind in (("_bias", "b"), ("_shape", "k"), ("_qzeros", "z"), ("_g_idx", "g")):
+            if self.tensor_name.endswith(suffix):
+                return kind + proj[1:]
         return ("s" if "scale" in self.tensor_name else "w") + proj[1:]
 
     def load_all(self, full: torch.Tensor) -> None:

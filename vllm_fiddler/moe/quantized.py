@@ -21,11 +21,16 @@ Formats (kernels/quant.py has the layouts):
   fp8_block   float8_e4m3fn weights, float32 scales per bn x bk block (vLLM's
               ``fp8`` config with ``weight_block_size``: DeepSeek-V3/R1, Kimi-K2,
               Qwen3 FP8); vLLM names the scales ``*_weight_scale_inv``.
-  int4_group  eight 4-bit values an int32 word (value - 8), a bf16 scale per group
-              of inputs (vLLM's ``compressed-tensors`` config, pack-quantized
-              W4A16 symmetric groups: GPTQ / AWQ-style INT4 checkpoints as
-              llm-compressor writes them); ``*_weight_packed``, ``*_weight_scale``,
-              and ``*_weight_shape`` (checked).
+  int4_group  eight 4-bit values an int32 word (value + 8), a scale per group of
+              inputs in the model's dtype, as vLLM's methods hold them. Two checkpoint
+              layouts: vLLM's ``compressed-tensors`` config (pack-quantized W4A16
+              symmetric groups, as llm-compressor writes them): ``*_weight_packed``
+              [N, K/8], ``*_weight_scale`` [N, K/g] and ``*_weight_shape`` (checked);
+              and AutoGPTQ's (vLLM's ``auto_gptq`` config, checkpoint ``gptq``):
+              ``*_qweight`` [K/8, N] words packed along K in the same nibble order and
+              ``*_scales`` [K/g, N], stored transposed (a transpose is the repack),
+              ``*_g_idx`` (checked: groups in weight order) and ``*_qzeros``
+              (symmetric: ignored, as vLLM's uint4b8 kernels ignore them).
   mxfp4       two e2m1 values a byte, an e8m0 exponent per 32 inputs (vLLM's
               ``gpt_oss_mxfp4`` / ``mxfp4`` configs: gpt-oss-20b and -120b,
               whose experts also carry bf16 biases); vLLM names the values
@@ -62,22 +67,32 @@ LAYOUTS = {
                          ("weight", "weight_scale_inv")),
     "mxfp4": _Layout(torch.uint8, torch.uint8, 2, "weight", "weight_scale", ("blocks", "scales")),
     # eight 4-bit values an int32 word; bf16 scales (the model dtype of the checkpoints)
+    # eight 4-bit values an int32 word; scales in the model's dtype (the bf16 here sizes them)
     "int4_group": _Layout(torch.int32, torch.bfloat16, 2, "weight_packed", "weight_scale",
                           ("weight_packed", "weight_scale")),
+    "int4_group/gptq": _Layout(torch.int32, torch.bfloat16, 2, "qweight", "scales",
+                               ("weight_packed", "weight_scale")),
 }
+FORMATS = ("fp8_block", "mxfp4", "int4_group")
+CHECKPOINTS = ("", "gptq")  # ExpertFormat.checkpoint: vLLM's own layout for the format, or AutoGPTQ's
 
 
 @dataclasses.dataclass(frozen=True)
 class ExpertFormat:
     """One quantized expert format and its parameters: ``block`` is the (rows, inputs) a scale
-    covers, 128 x 128 for DeepSeek's FP8, 1 x 32 for MXFP4 and 1 x group for INT4."""
+    covers, 128 x 128 for DeepSeek's FP8, 1 x 32 for MXFP4 and 1 x group for INT4;
+    ``checkpoint`` the layout the checkpoint stores it in ("": vLLM's own for the format,
+    "gptq": AutoGPTQ's, INT4 only)."""
 
     name: str  # "fp8_block", "mxfp4" or "int4_group"
     block: tuple[int, int] = (128, 128)
+    checkpoint: str = ""
 
     def __post_init__(self) -> None:
-        if self.name not in LAYOUTS:
-            raise ValueError(f"unknown expert format {self.name!r}")
+        if self.name not in FORMATS or self.checkpoint not in CHECKPOINTS:
+            raise ValueError(f"unknown expert format {self.name!r} (checkpoint layout {self.checkpoint!r})")
+        if self.checkpoint == "gptq" and self.name != "int4_group":
+            raise ValueError(f"the GPTQ checkpoint layout holds INT4 groups, not {self.name}")
         if self.name == "mxfp4" and tuple(self.block) != (1, MXFP4_GROUP):
             raise ValueError(f"MXFP4 scales cover 1 x {MXFP4_GROUP} weights, not {self.block}")
         if self.name == "int4_group" and (self.block[0] != 1 or self.block[1] % INT4_PER_WORD):
@@ -86,13 +101,14 @@ class ExpertFormat:
 
     @property
     def layout(self) -> _Layout:
-        return LAYOUTS[self.name]
+        return LAYOUTS[f"{self.name}/{self.checkpoint}" if self.checkpoint else self.name]
 
     def describe(self) -> str:
         if self.name == "mxfp4":
             return f"MXFP4 (e2m1 with an e8m0 scale per {MXFP4_GROUP} weights)"
         if self.name == "int4_group":
-            return f"INT4 W4A16 (symmetric, a scale per {self.block[1]} weights)"
+            layout = ", AutoGPTQ's layout" if self.checkpoint == "gptq" else ""
+            return f"INT4 W4A16 (symmetric, a scale per {self.block[1]} weights{layout})"
         return f"FP8 e4m3 with {self.block[0]}x{self.block[1]} block scales"
 
     def scale_shape(self, n: int, k: int) -> tuple[int, int]:
@@ -100,22 +116,26 @@ class ExpertFormat:
         bn, bk = self.block
         return math.ceil(n / bn), math.ceil(k / bk)
 
-    def projection_bytes(self, n: int, k: int) -> int:
-        """Bytes of one expert's [N, K] weight as stored: values and scales."""
+    def projection_bytes(self, n: int, k: int, dtype_bytes: int = 2) -> int:
+        """Bytes of one expert's [N, K] weight as stored: values and scales (INT4's in the
+        model's dtype, of `dtype_bytes`)."""
         rows, cols = self.scale_shape(n, k)
         lay = self.layout
-        return n * k // lay.values_per_byte + rows * cols * lay.scales.itemsize
+        scale_bytes = dtype_bytes if self.name == "int4_group" else lay.scales.itemsize
+        return n * k // lay.values_per_byte + rows * cols * scale_bytes
 
-    def expert_bytes(self, hidden: int, inter: int) -> int:
+    def expert_bytes(self, hidden: int, inter: int, dtype_bytes: int = 2) -> int:
         """w13 [2I, H] and w2 [H, I] of one expert as stored."""
-        return self.projection_bytes(2 * inter, hidden) + self.projection_bytes(hidden, inter)
+        return self.projection_bytes(2 * inter, hidden, dtype_bytes) + self.projection_bytes(hidden, inter, dtype_bytes)
 
     def param_dtypes(self) -> dict[str, torch.dtype]:
         """The expert tensors vLLM's method for this format registers, by name."""
         lay = self.layout
         names = {f"w13_{lay.value_name}": lay.values, f"w2_{lay.value_name}": lay.values,
                  f"w13_{lay.scale_name}": lay.scales, f"w2_{lay.scale_name}": lay.scales}
-        if self.name == "int4_group":  # compressed-tensors' [N, K] of each projection, checked at load
+        if self.checkpoint == "gptq":  # zero points and group indices of each projection, checked at load
+            names.update(w13_qzeros=torch.int32, w2_qzeros=torch.int32, w13_g_idx=torch.int32, w2_g_idx=torch.int32)
+        elif self.name == "int4_group":  # compressed-tensors' [N, K] of each projection, checked at load
             names.update(w13_weight_shape=torch.int64, w2_weight_shape=torch.int64)
         return names
 
@@ -140,10 +160,10 @@ class ExpertFormat:
                                  pin_memory=pin)
             scales = torch.full((count, n, k // MXFP4_GROUP), E8M0_ONE, dtype=torch.uint8, device=device)
             scales = scales.pin_memory() if pin else scales
-        elif self.name == "int4_group":  # [count, N, K/8] words, [count, N, K/group] scales
+        elif self.name == "int4_group":  # [count, N, K/8] words, [count, N, K/group] scales in the model dtype
             values = torch.empty(count, n, math.ceil(k / INT4_PER_WORD), dtype=lay.values, device=device,
                                  pin_memory=pin)
-            scales = torch.ones(count, *self.scale_shape(n, k), dtype=lay.scales, device=device, pin_memory=pin)
+            scales = torch.ones(count, *self.scale_shape(n, k), dtype=dtype, device=device, pin_memory=pin)
             return QuantizedExperts(self.name, dict(zip(lay.keys, (values, scales))), dtype=dtype,
                                     group=self.block[1], k=k)
         else:
@@ -196,7 +216,8 @@ class QuantizedHybridMoE(HybridMoE):
 
     @property
     def expert_bytes(self) -> int:
-        return self.expert_format.expert_bytes(self.hidden_size, self.intermediate_size)
+        return self.expert_format.expert_bytes(self.hidden_size, self.intermediate_size,
+                                               self.w13_cpu.dtype.itemsize)
 
     def _sets(self, expert: int):
         """(w13, w2, slot) of each set holding `expert`."""
@@ -207,25 +228,50 @@ class QuantizedHybridMoE(HybridMoE):
 
     def load_expert(self, expert: int, name: str, weight: torch.Tensor) -> None:
         """One of `expert`'s tensors as vLLM's loaders name them: w1 / w3 [I, H] and w2 [H, I] in
-        the format's storage (MXFP4: [I, H/2] bytes), s1 / s3 / s2 their scales, w13 / s13 gate
-        and up together, and biases."""
-        if name in ("w13", "s13"):
-            gate, up = self.math.split_w13(weight)
-            self.load_expert(expert, name[0] + "1", gate)
-            self.load_expert(expert, name[0] + "3", up)
-            return
+        the format's storage (MXFP4: [I, H/2] bytes; AutoGPTQ: transposed), s1 / s3 / s2 their
+        scales, w13 / s13 gate and up together, biases, and the checked-only tensors (k:
+        compressed-tensors' shapes; z, g: AutoGPTQ's zero points and group indices)."""
         if name[0] == "b":
             super().load_expert(expert, name, weight)
             return
-        if name[0] == "k":  # compressed-tensors' [N, K] of the projection: checked, not stored
-            H, I = self.hidden_size, self.intermediate_size
-            expect = {"k1": (I, H), "k3": (I, H), "k2": (H, I), "k13": (2 * I, H)}[name]
-            if tuple(int(v) for v in weight.flatten().tolist()) != expect:
-                raise ValueError(f"fiddler: expert {expert}'s {name[1:]} projection is {weight.tolist()} in the "
-                                 f"checkpoint, the layer's is {list(expect)}")
+        if name[0] in "kzg":
+            self._check_metadata(expert, name, weight)
             return
-        if name not in ("w1", "w2", "w3", "s1", "s2", "s3"):
+        if name not in ("w1", "w2", "w3", "s1", "s2", "s3", "w13", "s13"):
             raise KeyError(f"unknown expert tensor {name!r} of a {self.expert_format.name} layer")
+        if self.expert_format.checkpoint == "gptq":  # [K/8, N] words, [K/g, N] scales
+            weight = weight.t()
+        if name in ("w13", "s13"):
+            gate, up = self.math.split_w13(weight)
+            self._store(expert, name[0] + "1", gate)
+            self._store(expert, name[0] + "3", up)
+        else:
+            self._store(expert, name, weight)
+
+    def _check_metadata(self, expert: int, name: str, weight: torch.Tensor) -> None:
+        """Checks what a checkpoint stores beside the values and scales: compressed-tensors'
+        [N, K] of a projection (k), AutoGPTQ's group index of each input (g: groups in weight
+        order; act-order checkpoints are refused at build) and zero points (z: a symmetric
+        checkpoint's, ignored as vLLM's uint4b8 kernels ignore them)."""
+        H, I = self.hidden_size, self.intermediate_size
+        if name[0] == "z":
+            return
+        if name[0] == "g":
+            k = {"g1": H, "g3": H, "g13": H, "g2": I}[name]
+            expect = torch.arange(k, dtype=torch.int64) // self.expert_format.block[1]
+            if weight.numel() != k or not torch.equal(weight.flatten().to(torch.int64), expect):
+                raise ValueError(f"fiddler: expert {expert}'s {name[1:]} projection has a g_idx that is not "
+                                 f"its {k} inputs in groups of {self.expert_format.block[1]} in order; fiddler "
+                                 "loads GPTQ checkpoints without act-order")
+            return
+        expect = {"k1": (I, H), "k3": (I, H), "k2": (H, I), "k13": (2 * I, H)}[name]
+        if tuple(int(v) for v in weight.flatten().tolist()) != expect:
+            raise ValueError(f"fiddler: expert {expert}'s {name[1:]} projection is {weight.tolist()} in the "
+                             f"checkpoint, the layer's is {list(expect)}")
+
+    def _store(self, expert: int, name: str, weight: torch.Tensor) -> None:
+        """w1 / w3 / w2 values or s1 / s3 / s2 scales, in storage layout, into each set holding
+        `expert`."""
         values, scales = self.expert_format.layout.keys
         key = values if name[0] == "w" else scales
         I = self.intermediate_size
