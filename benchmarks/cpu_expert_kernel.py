@@ -210,7 +210,7 @@ def main() -> int:
     ap.add_argument("--dram-gib", type=float, default=4.0, help="total size of the DRAM bandwidth buffers")
     ap.add_argument("--min-time", type=float, default=1.0, help="seconds per measurement (at least)")
     ap.add_argument("--max-experts", type=int, default=256)
-    ap.add_argument("--format", default="bf16", choices=["bf16", "fp8_block", "mxfp4", "int4_group"],
+    ap.add_argument("--format", default="bf16", choices=["bf16", "fp8_block", "mxfp4", "int4_group", "int4_zp"],
                     help="the experts' format")
     ap.add_argument("--out-json", default=None)
     ap.add_argument("--out-png", default=None)
@@ -327,13 +327,13 @@ def main() -> int:
 
 
 def run_quantized(args, threads, tokens, shapes, dram, dram_ways, out_json, out_png) -> int:
-    """--format fp8_block / mxfp4: fiddler's native kernels and torch (dequantize, then bf16 matmuls)."""
+    """--format fp8_block / mxfp4 / int4_group / int4_zp: fiddler's native kernels and torch (dequantize, then bf16 matmuls)."""
     from vllm_fiddler.kernels import cpu as fcpu
     from vllm_fiddler.kernels import quant, reference
 
     fmt = args.format
     math = reference.ExpertMath(activation="swigluoai", has_bias=True) if fmt == "mxfp4" else reference.SILU
-    block = {"mxfp4": (1, quant.MXFP4_GROUP), "int4_group": (1, 128)}.get(fmt, (128, 128))
+    block = {"mxfp4": (1, quant.MXFP4_GROUP), "int4_group": (1, 128), "int4_zp": (1, 128)}.get(fmt, (128, 128))
     if not fcpu.quantized_available():
         print("# the native quantized-expert kernels are not available here (AVX512F/BW/VL)")
 
@@ -341,9 +341,13 @@ def run_quantized(args, threads, tokens, shapes, dram, dram_ways, out_json, out_
         if fmt == "int4_group":
             packed, scale = quant.quant_int4_group(w, block[1])
             return packed, scale.bfloat16()  # as checkpoints store them
+        if fmt == "int4_zp":  # AutoAWQ's asymmetric groups, as fiddler holds them
+            packed, scale, zero = quant.quant_int4_zp(w, block[1])
+            return packed, quant.pack_scale_zero(scale, zero)
         return quant.quant_mxfp4(w) if fmt == "mxfp4" else quant.quant_fp8_block(w, block)
 
-    keys = {"mxfp4": ("blocks", "scales"), "int4_group": ("weight_packed", "weight_scale")}.get(
+    keys = {"mxfp4": ("blocks", "scales"), "int4_group": ("weight_packed", "weight_scale"),
+            "int4_zp": ("weight_packed", "weight_scale_zero")}.get(
         fmt, ("weight", "weight_scale_inv"))
 
     def experts(tensors, n_exp, k):
@@ -381,12 +385,14 @@ def run_quantized(args, threads, tokens, shapes, dram, dram_ways, out_json, out_
         w13 = w2 = None
     host = socket.gethostname().split(".")[0] or "host"
     counted = {"fp8_block": "fp8 values + fp32 block scales", "mxfp4": "e2m1 values + e8m0 exponents",
-               "int4_group": "int4 values + bf16 group scales"}[fmt]
+               "int4_group": "int4 values + bf16 group scales",
+               "int4_zp": "int4 values + a bf16 scale and zero point word a group"}[fmt]
     result = {"device": {"cpu": cpu_model(), "cpus": os.cpu_count(), "threads": threads, "host": host,
                          "flags": cpu_flags()},
               "command": " ".join([os.path.basename(sys.executable)] + sys.argv), "torch": torch.__version__,
               "format": {"fp8_block": "fp8_block 128x128", "mxfp4": "mxfp4, biases, swigluoai",
-                         "int4_group": "int4_group 128, bf16 scales"}[fmt],
+                         "int4_group": "int4_group 128, bf16 scales",
+                         "int4_zp": "int4_zp 128 (AWQ), bf16 scales, zero points"}[fmt],
               "gb_s_counts": f"compressed bytes: {counted}", "dram_read_gb_s": round(dram, 2),
               "dram_read_by_method_gb_s": {k: round(v, 2) for k, v in dram_ways.items()}, "rows": rows}
     return write_result(result, out_json, out_png)

@@ -98,9 +98,9 @@ def profile(fn, fargs, fkwargs, T) -> dict:
 
 def add_expert_args(p) -> None:
     """--format, --group, --gpt-oss: the experts expert_weights builds (this script's and the tuner's)."""
-    p.add_argument("--format", choices=["dense", "fp8_block", "mxfp4", "int4_group"], default="dense",
+    p.add_argument("--format", choices=["dense", "fp8_block", "mxfp4", "int4_group", "int4_zp"], default="dense",
                    help="how the experts are stored (dense: in --dtype)")
-    p.add_argument("--group", type=int, default=128, help="int4_group's inputs per scale")
+    p.add_argument("--group", type=int, default=128, help="int4_group's / int4_zp's inputs per scale")
     p.add_argument("--gpt-oss", action="store_true", help="gpt-oss's expert math: clamped SwiGLU and biases")
 
 
@@ -213,7 +213,7 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=dev, E=E, gpu_experts=Eg, H=H, I=I, K=K, dtype=args.dtype, format=args.format,
-                           group=args.group if args.format == "int4_group" else None, gpt_oss=args.gpt_oss,
+                           group=args.group if args.format.startswith("int4") else None, gpt_oss=args.gpt_oss,
                            bytes_per_expert=bytes_per_expert, command=" ".join(sys.argv), rows=rows), f, indent=1)
         print(f"wrote {args.json}")
     return 0

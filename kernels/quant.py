@@ -16,6 +16,13 @@ Formats (a weight is [N, K]: N output rows, K inputs):
   4i..4i+3, stored plus 8), and ``weight_scale`` [N, ceil(K / g)] per group of g inputs:
   W = (nibble - 8) * scale.
 
+- **INT4 groups with zero points, W4A16 asymmetric** (AutoAWQ's checkpoints, repacked at
+  load): ``weight_packed`` as INT4 groups' words but each nibble an unsigned code q, and
+  ``weight_scale_zero`` int32 [N, ceil(K / g)], each group's scale as the 16 bits of a bf16
+  or fp16 number (the model's dtype; fp16 only for fp16 models) in bits 0..15 and its zero
+  point z in bits 16..19: W = (q - z) * scale. One word a group (4 bytes for g inputs) keeps
+  the kernels' argument list that of the symmetric format.
+
 Shape legend: N rows, K inputs, G groups (of 32 for MXFP4), E experts.
 """
 
@@ -133,13 +140,98 @@ def quant_int4_group(w: torch.Tensor, group: int = 128) -> tuple[torch.Tensor, t
     padded[..., :k] = w.float()
     amax = padded.unflatten(-1, (groups, group)).abs().amax(-1)  # [..., N, G]
     scale = torch.where(amax > 0, amax / 7.0, torch.ones_like(amax))
-    q = torch.round(padded / scale.repeat_interleave(group, -1)).clamp(-8, 7)[..., :k].to(torch.int32) + 8
+    q = torch.round(padded / scale.repeat_interleave(group, -1)).clamp(-8, 7)[..., :k] + 8
+    return pack_int4(q), scale
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """int32 words [..., ceil(K/8)] from 4-bit codes [..., K] (0..15): code i of a word in bits
+    4i..4i+3; padding codes are 0."""
+    k = codes.shape[-1]
     words = math.ceil(k / INT4_PER_WORD)
-    q = torch.nn.functional.pad(q, (0, words * INT4_PER_WORD - k))  # padding codes are 0
-    shifts = torch.arange(INT4_PER_WORD, dtype=torch.int32, device=w.device) * 4
+    q = torch.nn.functional.pad(codes.to(torch.int32), (0, words * INT4_PER_WORD - k))
+    shifts = torch.arange(INT4_PER_WORD, dtype=torch.int32, device=codes.device) * 4
     packed = (q.unflatten(-1, (words, INT4_PER_WORD)) << shifts).sum(-1, dtype=torch.int64)
-    packed = torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)  # the words' bits as int32
-    return packed.contiguous(), scale
+    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32).contiguous()  # the bits as int32
+
+
+def unpack_int4(words: torch.Tensor, k: int) -> torch.Tensor:
+    """int32 codes [..., K] (0..15) from pack_int4's words."""
+    shifts = torch.arange(INT4_PER_WORD, dtype=torch.int32, device=words.device) * 4
+    return ((words[..., None] >> shifts) & 0xF).flatten(-2)[..., :k]
+
+
+# ---------------------------------------------------------------- INT4 groups with zero points
+def scale_zero_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The 16-bit float a model of `dtype` keeps INT4 zero-point scales in: fp16 for fp16
+    models, bf16 otherwise (an fp32 model's scales are rounded to bf16)."""
+    return torch.float16 if dtype == torch.float16 else torch.bfloat16
+
+
+def pack_scale_zero(scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """int32 words [...]: `scale` rounded to scale_zero_dtype(dtype) in bits 0..15, `zero`
+    (0..15) in bits 16..19."""
+    bits = scale.to(scale_zero_dtype(dtype)).view(torch.int16).to(torch.int32) & 0xFFFF
+    return bits | (zero.to(torch.int32) & 0xF) << 16
+
+
+def unpack_scale_zero(words: torch.Tensor, scale_dtype: torch.dtype = torch.bfloat16
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float32 scales, int32 zero points) from pack_scale_zero's words, their scale bits in
+    `scale_dtype` (bf16 or fp16)."""
+    bits = (words & 0xFFFF).to(torch.int16)  # wraps to the same 16 bits
+    return bits.view(scale_dtype).float(), (words >> 16) & 0xF
+
+
+def dequant_int4_zp(packed: torch.Tensor, scale_zero: torch.Tensor, k: int, group: int,
+                    dtype: torch.dtype = torch.float32, scale_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """[..., N, K] weights from unsigned-code words [..., N, ceil(K/8)] and scale / zero words
+    [..., N, ceil(K/g)] (pack_scale_zero; scale bits in `scale_dtype`, bf16 or fp16): (q - z) * scale."""
+    if packed.dtype != torch.int32 or scale_zero.dtype != torch.int32:
+        raise ValueError(f"INT4 zero-point weights and scales must be int32 words, got {packed.dtype} and "
+                         f"{scale_zero.dtype}")
+    scale, zero = unpack_scale_zero(scale_zero, scale_dtype)
+    if packed.shape[-1] != math.ceil(k / INT4_PER_WORD) or tuple(scale_zero.shape) != (
+            *packed.shape[:-1], math.ceil(k / group)):
+        raise ValueError(f"INT4 groups of {group} with zero points: for K = {k} expected words [..., N, "
+                         f"{math.ceil(k / 8)}] and scales [..., N, {math.ceil(k / group)}], got "
+                         f"{list(packed.shape)} and {list(scale_zero.shape)}")
+    q = unpack_int4(packed, k).float()  # [..., N, K] codes
+    per_group = lambda t: t.float().repeat_interleave(group, dim=-1)[..., :k]  # noqa: E731
+    return ((q - per_group(zero)) * per_group(scale)).to(dtype)
+
+
+# AutoAWQ packs eight columns a word, column AWQ_ORDER[i] in nibble i; column j is nibble
+# AWQ_NIBBLE[j]
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+AWQ_NIBBLE = (0, 4, 1, 5, 2, 6, 3, 7)
+
+
+def awq_unpack(words: torch.Tensor) -> torch.Tensor:
+    """int32 codes [..., 8 C] in column order from AutoAWQ's words [..., C] (qweight, qzeros)."""
+    nibbles = unpack_int4(words, words.shape[-1] * INT4_PER_WORD).unflatten(-1, (-1, INT4_PER_WORD))
+    return nibbles[..., list(AWQ_NIBBLE)].flatten(-2)
+
+
+def awq_pack(codes: torch.Tensor) -> torch.Tensor:
+    """AutoAWQ's int32 words [..., C] from codes [..., 8 C] (0..15) in column order."""
+    return pack_int4(codes.unflatten(-1, (-1, INT4_PER_WORD))[..., list(AWQ_ORDER)].flatten(-2))
+
+
+def quant_int4_zp(w: torch.Tensor, group: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(words [..., N, ceil(K/8)], float32 scales, int32 zero points [..., N, ceil(K/g)]):
+    asymmetric, as AutoAWQ quantizes: each group's range over the 16 codes, zero = round(-min /
+    scale)."""
+    k = w.shape[-1]
+    groups = math.ceil(k / group)
+    padded = torch.zeros(*w.shape[:-1], groups * group, dtype=torch.float32, device=w.device)
+    padded[..., :k] = w.float()
+    g = padded.unflatten(-1, (groups, group))
+    lo, hi = g.amin(-1).clamp(max=0), g.amax(-1).clamp(min=0)
+    scale = torch.where(hi > lo, (hi - lo) / 15.0, torch.ones_like(hi))
+    zero = torch.round(-lo / scale).clamp(0, 15)
+    q = torch.round(padded / scale.repeat_interleave(group, -1)) + zero.repeat_interleave(group, -1)
+    return pack_int4(q.clamp(0, 15)[..., :k]), scale, zero.to(torch.int32)
 
 
 # ---------------------------------------------------------------- experts of one projection
@@ -151,24 +243,33 @@ class QuantizedExperts:
     fmt "fp8_block": tensors ``weight`` [Ex, N, K] float8_e4m3fn, ``weight_scale_inv``
     [Ex, ceil(N/bn), ceil(K/bk)]; fmt "mxfp4": ``blocks`` [Ex, N, K/32, 16], ``scales``
     [Ex, N, K/32], both uint8; fmt "int4_group": ``weight_packed`` int32 [Ex, N, ceil(K/8)],
-    ``weight_scale`` [Ex, N, ceil(K/group)], and ``k`` (K: the words may pad it).
+    ``weight_scale`` [Ex, N, ceil(K/group)], and ``k`` (K: the words may pad it); fmt
+    "int4_zp": ``weight_packed`` likewise (unsigned codes) and ``weight_scale_zero`` int32 [Ex,
+    N, ceil(K/group)] (pack_scale_zero for a model of ``dtype``).
     """
 
-    FORMATS = ("fp8_block", "mxfp4", "int4_group")
+    FORMATS = ("fp8_block", "mxfp4", "int4_group", "int4_zp")
 
     def __init__(self, fmt: str, tensors: dict[str, torch.Tensor], dtype: torch.dtype = torch.bfloat16,
-                 block: tuple[int, int] = (128, 128), group: int = 128, k: int | None = None):
+                 block: tuple[int, int] = (128, 128), group: int = 128, k: int | None = None,
+                 scale_dtype: torch.dtype | None = None):
         if fmt not in self.FORMATS:
             raise ValueError(f"unknown expert format {fmt!r} (known: {', '.join(self.FORMATS)})")
         self.fmt, self.tensors, self.dtype, self.block, self.group = fmt, dict(tensors), dtype, tuple(block), group
+        # int4_zp: the 16-bit float its scale bits are in, fixed when stored (pack_scale_zero)
+        self.scale_dtype = scale_dtype or scale_zero_dtype(dtype)
         if fmt == "fp8_block":
             w = tensors["weight"]
             dequant_fp8_block(w[:1], tensors["weight_scale_inv"][:1], self.block)  # checks the scales' shape
             self.shape = tuple(w.shape)
-        elif fmt == "int4_group":
+        elif fmt in ("int4_group", "int4_zp"):
             packed = tensors["weight_packed"]
             self.k = k if k is not None else packed.shape[-1] * INT4_PER_WORD
-            dequant_int4_group(packed[:1], tensors["weight_scale"][:1], self.k, group)
+            if fmt == "int4_group":  # checks the scales' shape
+                dequant_int4_group(packed[:1], tensors["weight_scale"][:1], self.k, group)
+            else:
+                dequant_int4_zp(packed[:1], tensors["weight_scale_zero"][:1], self.k, group, torch.float32,
+                                self.scale_dtype)
             self.shape = (packed.shape[0], packed.shape[1], self.k)
         else:
             b = tensors["blocks"]
@@ -189,6 +290,9 @@ class QuantizedExperts:
             return dequant_fp8_block(t["weight"][e], t["weight_scale_inv"][e], self.block, self.dtype)
         if self.fmt == "int4_group":
             return dequant_int4_group(t["weight_packed"][e], t["weight_scale"][e], self.k, self.group, self.dtype)
+        if self.fmt == "int4_zp":
+            return dequant_int4_zp(t["weight_packed"][e], t["weight_scale_zero"][e], self.k, self.group, self.dtype,
+                                   self.scale_dtype)
         return dequant_mxfp4(t["blocks"][e], t["scales"][e], self.dtype)
 
     def dequantized(self) -> torch.Tensor:
@@ -197,13 +301,14 @@ class QuantizedExperts:
 
     def to_dtype(self, dtype: torch.dtype) -> "QuantizedExperts":
         """The same stored experts, dequantizing to `dtype`."""
-        return QuantizedExperts(self.fmt, self.tensors, dtype, self.block, self.group, self.shape[2])
+        return QuantizedExperts(self.fmt, self.tensors, dtype, self.block, self.group, self.shape[2], self.scale_dtype)
 
     @classmethod
     def quantize(cls, fmt: str, w: torch.Tensor, dtype: torch.dtype = torch.bfloat16,
                  block: tuple[int, int] = (128, 128), group: int = 128) -> "QuantizedExperts":
         """[Ex, N, K] weights stored as `fmt` (benchmarks and tests): FP8 with `block` scales,
-        MXFP4, or INT4 in groups of `group` with bf16 scales, as checkpoints store them."""
+        MXFP4, INT4 in groups of `group` with bf16 scales, or INT4 with zero points, as
+        checkpoints store them."""
         w = w.float()
         if fmt == "fp8_block":
             values, scales = quant_fp8_block(w, block)
@@ -211,6 +316,10 @@ class QuantizedExperts:
         if fmt == "mxfp4":
             blocks, scales = quant_mxfp4(w)
             return cls(fmt, {"blocks": blocks, "scales": scales}, dtype)
+        if fmt == "int4_zp":
+            packed, scales, zeros = quant_int4_zp(w, group)
+            return cls(fmt, {"weight_packed": packed, "weight_scale_zero": pack_scale_zero(scales, zeros, dtype)}, dtype,
+                       group=group, k=w.shape[-1])
         packed, scales = quant_int4_group(w, group)
         return cls(fmt, {"weight_packed": packed, "weight_scale": scales.to(torch.bfloat16)}, dtype, group=group,
                    k=w.shape[-1])

@@ -109,7 +109,8 @@ def patch_quant_method_selection(choose: Callable[[Any, str, Any, Any], Any]) ->
 
 
 # vLLM quantization methods whose expert formats fiddler loads (expert_quantization)
-LOADED_QUANTIZATIONS = ("fp8", "gpt_oss_mxfp4", "mxfp4", "compressed-tensors", "auto_gptq")
+# (vLLM names AutoAWQ's config "auto_awq" on CUDA and keeps the checkpoint's "awq" on its CPU platform)
+LOADED_QUANTIZATIONS = ("fp8", "gpt_oss_mxfp4", "mxfp4", "compressed-tensors", "auto_gptq", "auto_awq", "awq")
 
 
 def _value(v: Any) -> Any:
@@ -152,8 +153,8 @@ def expert_quantization(quant_config: Any, prefix: str, layer: Any = None) -> tu
     """The format in which vLLM's quantization config stores the experts of MoE layer `prefix`
     (`layer`: its RoutedExperts, which compressed-tensors matches targets against): None
     (unquantized: the layer is ignored), ("fp8_block", (bn, bk)), ("mxfp4", (1, 32)),
-    ("int4_group", (1, group)), or ("int4_group", (1, group), "gptq") from AutoGPTQ's layout
-    (moe.quantized.ExpertFormat's arguments). Raises FiddlerConfigError for a format fiddler
+    ("int4_group", (1, group)), ("int4_group", (1, group), "gptq") from AutoGPTQ's layout or
+    ("int4_zp", (1, group), "awq") from AutoAWQ's (moe.quantized.ExpertFormat's arguments). Raises FiddlerConfigError for a format fiddler
     does not load."""
     from vllm.model_executor.layers.quantization.utils.quant_utils import is_layer_skipped
 
@@ -181,6 +182,15 @@ def expert_quantization(quant_config: Any, prefix: str, layer: Any = None) -> tu
         found, unsupported = _gptq_experts(quant_config, prefix)
         if unsupported is None:
             return found
+    elif name in ("auto_awq", "awq"):
+        # vLLM's AutoAWQ MoE method skips a layer that contains a name in modules_to_not_convert
+        if any(module in prefix for module in quant_config.modules_to_not_convert):
+            return None
+        group = quant_config.group_size
+        if quant_config.weight_bits == 4 and quant_config.zero_point and group > 0:
+            return "int4_zp", (1, int(group)), "awq"
+        unsupported = (f"AWQ {quant_config.weight_bits}-bit {'with' if quant_config.zero_point else 'without'} "
+                       f"zero points{' per output channel' if group <= 0 else f' in groups of {group}'}")
     elif name in LOADED_QUANTIZATIONS and is_layer_skipped(
             prefix=prefix, ignored_layers=getattr(quant_config, "ignored_layers", None) or [],
             fused_mapping=quant_config.packed_modules_mapping):
@@ -202,8 +212,9 @@ def expert_quantization(quant_config: Any, prefix: str, layer: Any = None) -> tu
     raise FiddlerConfigError(
         f"fiddler: layer {prefix} has experts quantized as {unsupported or repr(name)}; fiddler loads "
         "unquantized experts, FP8 with block scales (vLLM's fp8 config with weight_block_size, as "
-        "DeepSeek-V3's checkpoints ship them), MXFP4 (gpt-oss), and symmetric INT4 groups in weight order "
-        "(W4A16) from compressed-tensors' pack-quantized or AutoGPTQ's layout (no act-order) so far")
+        "DeepSeek-V3's checkpoints ship them), MXFP4 (gpt-oss), symmetric INT4 groups in weight order "
+        "(W4A16) from compressed-tensors' pack-quantized or AutoGPTQ's layout (no act-order), and AutoAWQ's "
+        "INT4 groups with zero points so far")
 
 
 def tensor_parallel() -> tuple[int, int]:

@@ -79,7 +79,7 @@ def check_vllm_config(vllm_config: Any) -> None:
             f"expert budget with --additional-config '{{\"fiddler\": {{\"gpu_expert_budget_gb\": N}}}}'.")
     quantization = model_config.quantization or getattr(vllm_config.quant_config, "get_name", lambda: None)()
     if quantization is not None and quantization not in compat.LOADED_QUANTIZATIONS:
-        raise ValueError(f"--model-impl fiddler loads unquantized experts, FP8 block-scaled and MXFP4 ones "
+        raise ValueError(f"--model-impl fiddler loads unquantized experts and FP8 block-scaled, MXFP4 and INT4 ones "
                          f"(vLLM's {', '.join(compat.LOADED_QUANTIZATIONS)} configs) so far; this model is "
                          f"quantized as {quantization}.")
     parallel = vllm_config.parallel_config

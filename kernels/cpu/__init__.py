@@ -303,15 +303,15 @@ def quantized_available() -> bool:
     return _quant_native
 
 
-_FORMAT_CODE = {"fp8_block": 0, "mxfp4": 1, "int4_group": 2}  # kernel_api.h kFmt*
+_FORMAT_CODE = {"fp8_block": 0, "mxfp4": 1, "int4_group": 2, "int4_zp": 3}  # kernel_api.h kFmt*
 _ACTIVATION_CODE = {"silu": 0, "swigluoai": 1}  # kernel_api.h kAct*
 
 
 def moe_forward_quantized(x: torch.Tensor, w13, w2, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                           out: torch.Tensor, math=None, biases: tuple[torch.Tensor, torch.Tensor] | None = None) -> bool:
     """moe_forward for quantized experts, their weights read as stored: x [T,H] bf16; w13 [Ec,2I,H]
-    and w2 [Ec,H,I] as kernels.quant.QuantizedExperts (fp8_block, mxfp4, or int4_group with
-    groups of a multiple of 32 and bf16 scales); math the expert's
+    and w2 [Ec,H,I] as kernels.quant.QuantizedExperts (fp8_block, mxfp4, or int4_group /
+    int4_zp with groups of a multiple of 32 and bf16 scales); math the expert's
     activation (kernels.reference.ExpertMath; default SiLU-gated); biases (b13 [Ec,2I], b2
     [Ec,H], bf16) where math.has_bias; ids / weights / out as moe_forward. Returns False,
     doing nothing, where the native kernels are not loaded or do not take these inputs (x
@@ -345,14 +345,16 @@ def _quantized_set(w13, w2, math, biases) -> tuple | None:
             return None
         b13, b2 = b13.contiguous(), b2.contiguous()
     block = w13.block
-    if w13.fmt == "int4_group":
-        group = w13.group
+    if w13.fmt in ("int4_group", "int4_zp"):
+        group, key = w13.group, "weight_scale" if w13.fmt == "int4_group" else "weight_scale_zero"
+        # zero-point words hold bf16 scales for models other than fp16 ones (quant.scale_zero_dtype)
+        bf16 = torch.bfloat16 if w13.fmt == "int4_group" else torch.int32
         if group % 32 or w13.k % group or w2.k % group or w2.group != group or \
-                w13.tensors["weight_scale"].dtype != torch.bfloat16 or w2.tensors["weight_scale"].dtype != torch.bfloat16:
+                w13.tensors[key].dtype != bf16 or w2.tensors[key].dtype != bf16 or \
+                (w13.fmt == "int4_zp" and (w13.scale_dtype != torch.bfloat16 or w2.scale_dtype != torch.bfloat16)):
             return None
         block = (1, group)
-        tensors = (w13.tensors["weight_packed"], w2.tensors["weight_packed"], w13.tensors["weight_scale"],
-                   w2.tensors["weight_scale"])
+        tensors = (w13.tensors["weight_packed"], w2.tensors["weight_packed"], w13.tensors[key], w2.tensors[key])
     elif w13.fmt == "mxfp4":  # [Ec, N, K/32, 16] blocks as [Ec, N, K/2] bytes
         tensors = (w13.tensors["blocks"].flatten(-2), w2.tensors["blocks"].flatten(-2), w13.tensors["scales"],
                    w2.tensors["scales"])

@@ -62,12 +62,12 @@ struct MoeProblem {
   int32_t n_experts;
   const ExpertWork* experts;
   int64_t bn, bk;  // FP8 scale block (rows, columns); 0 for bf16 experts
-  int32_t fmt;     // quantized experts: kFmtFp8Block, kFmtMxfp4 or kFmtInt4Group
+  int32_t fmt;     // quantized experts: kFmtFp8Block, kFmtMxfp4, kFmtInt4Group or kFmtInt4Zp
   int32_t act;     // quantized experts: kActSilu or kActSwigluOai
   float alpha, limit;  // kActSwigluOai: (up + 1) * g * sigmoid(alpha * g), g <= limit, |up| <= limit
 };
 
-enum { kFmtFp8Block = 0, kFmtMxfp4 = 1, kFmtInt4Group = 2 };
+enum { kFmtFp8Block = 0, kFmtMxfp4 = 1, kFmtInt4Group = 2, kFmtInt4Zp = 3 };
 enum { kActSilu = 0, kActSwigluOai = 1 };
 
 struct KernelTable {

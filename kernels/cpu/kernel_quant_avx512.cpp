@@ -9,9 +9,11 @@
 //   block's scale is applied once per block: W = q * s exactly as kernels/quant.py's
 //   dequant_fp8_block.
 // - MXFP4: two e2m1 codes a byte, an e8m0 exponent per 32 weights; INT4: two codes a byte
-//   (value + 8), a bf16 scale per group of bk weights. Each code becomes fp32 by a 16-entry
-//   table lookup in a register, times the group's scale (exact, as kernels/quant.py's
-//   dequant_mxfp4 / dequant_int4_group). Up to 4 tokens multiply the values in registers
+//   (value + 8), a bf16 scale per group of bk weights; INT4 with zero points: unsigned codes
+//   and a word per group (bf16 scale, 4-bit zero point z). Each code becomes fp32 by a
+//   16-entry table lookup in a register, the table scaled by the group's scale (and offset
+//   by -z * scale) first (exact, as kernels/quant.py's dequant_mxfp4 / dequant_int4_group /
+//   dequant_int4_zp). Up to 4 tokens multiply the values in registers
 //   (row_dot_4bit); more go through a decoded row, as FP8's many-token path does.
 // Accumulation is fp32. x arrives in bf16 and is widened per item; biases (bf16) are added
 // to each projection's fp32 result; the activation (SiLU-gated, or gpt-oss's clamped
@@ -130,11 +132,14 @@ static inline void tile_rows(const float* W, int64_t K, const float* X, int64_t 
   for (; t0 < m; ++t0) tile_dot<R, 1>(W, K, X + int64_t(t0) * ldx, ldx, acc + t0, m);
 }
 
-// e2m1 values by 4-bit code (kernels/quant.py's E2M1_VALUES); INT4 values (code - 8)
+// e2m1 values by 4-bit code (kernels/quant.py's E2M1_VALUES); INT4 values (code - 8); the
+// codes themselves (INT4 with zero points: the offset subtracts z * scale)
 alignas(64) const float kE2M1[16] = {0.0f,  0.5f,  1.0f,  1.5f,  2.0f,  3.0f,  4.0f,  6.0f,
                                      -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
 alignas(64) const float kInt4[16] = {-8.0f, -7.0f, -6.0f, -5.0f, -4.0f, -3.0f, -2.0f, -1.0f,
                                      0.0f,  1.0f,  2.0f,  3.0f,  4.0f,  5.0f,  6.0f,  7.0f};
+alignas(64) const float kU4[16] = {0.0f, 1.0f, 2.0f,  3.0f,  4.0f,  5.0f,  6.0f,  7.0f,
+                                   8.0f, 9.0f, 10.0f, 11.0f, 12.0f, 13.0f, 14.0f, 15.0f};
 
 static inline float bf16_to_float(uint16_t b) {
   uint32_t bits = uint32_t(b) << 16;
@@ -143,12 +148,28 @@ static inline float bf16_to_float(uint16_t b) {
   return f;
 }
 
-// sc[c] = the scale of 32-weight chunk c of one row of a 4-bit format, fp32: MXFP4
-// 2^(e - 127) from its e8m0 byte (a byte of 0, 2^-127, gives 0), INT4 its group's bf16
-// scale. Computed once per row, so the inner loops broadcast a float from memory (a load,
-// no shuffle) and divide nothing.
+// sc[c] = the scale of 32-weight chunk c of one row of a 4-bit format, fp32, and sc[C + c]
+// its offset (C = K / 32 chunks): a weight is lut[code] * scale + offset. MXFP4: 2^(e - 127)
+// from its e8m0 byte (a byte of 0, 2^-127, gives 0); INT4: its group's bf16 scale; both
+// offset 0. INT4 with zero points: the scale from bits 0..15 of the group's word (bf16: only
+// bf16 models reach these kernels) and offset -z * scale from its zero point z in bits
+// 16..19, on the code table 0..15, so (q - z) * scale, exact in fp32 as the others are.
+// Computed once per row, so the inner loops broadcast a float from memory (a load, no
+// shuffle) and divide nothing.
 static inline void chunk_scales(const MoeProblem* p, const void* srow, int64_t K, float* sc) {
   const int64_t C = K / 32;
+  float* off = sc + C;
+  if (p->fmt == fiddler_cpu::kFmtInt4Zp) {
+    const auto* w = static_cast<const uint32_t*>(srow);
+    const int64_t per = p->bk / 32;  // chunks a group
+    for (int64_t g = 0; g < K / p->bk; ++g) {
+      const float s = bf16_to_float(uint16_t(w[g] & 0xFFFFu)), o = -float((w[g] >> 16) & 0xFu) * s;
+      std::fill(sc + g * per, sc + (g + 1) * per, s);
+      std::fill(off + g * per, off + (g + 1) * per, o);
+    }
+    return;
+  }
+  std::fill(off, off + C, 0.0f);
   if (p->fmt == fiddler_cpu::kFmtMxfp4) {
     const auto* e = static_cast<const uint8_t*>(srow);
     for (int64_t c = 0; c < C; c += 16) {
@@ -163,33 +184,36 @@ static inline void chunk_scales(const MoeProblem* p, const void* srow, int64_t K
   for (int64_t g = 0; g < K / p->bk; ++g) std::fill(sc + g * per, sc + (g + 1) * per, bf16_to_float(s[g]));
 }
 
-// 32 weights from 16 bytes of 4-bit codes (low nibble first): w[k] = lut[code k] * s.
-static inline void decode_nibbles32(const uint8_t* q, __m512 lut, __m512 s, float* w) {
+// 32 weights from 16 bytes of 4-bit codes (low nibble first): w[k] = lut[code k] * s + o.
+static inline void decode_nibbles32(const uint8_t* q, __m512 lut, __m512 s, __m512 o, float* w) {
   // natural order from the low-nibble values (a) and high-nibble values (b): a0 b0 a1 b1 ...
   const __m512i first = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
   const __m512i second = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
   const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
-  const __m512 lo = _mm512_permutexvar_ps(_mm512_and_si512(b, _mm512_set1_epi32(15)), lut);
-  const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), lut);
-  _mm512_storeu_ps(w, _mm512_mul_ps(_mm512_permutex2var_ps(lo, first, hi), s));
-  _mm512_storeu_ps(w + 16, _mm512_mul_ps(_mm512_permutex2var_ps(lo, second, hi), s));
+  const __m512 ls = _mm512_fmadd_ps(lut, s, o);  // the scaled table
+  const __m512 lo = _mm512_permutexvar_ps(_mm512_and_si512(b, _mm512_set1_epi32(15)), ls);
+  const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), ls);
+  _mm512_storeu_ps(w, _mm512_permutex2var_ps(lo, first, hi));
+  _mm512_storeu_ps(w + 16, _mm512_permutex2var_ps(lo, second, hi));
 }
 
-// One 4-bit row in natural order: w[k] = lut[code k] * sc[k / 32], k < K (K a multiple of
-// 32; sc from chunk_scales).
+// One 4-bit row in natural order: w[k] = lut[code k] * sc[k / 32] + sc[C + k / 32], k < K (K
+// a multiple of 32; sc from chunk_scales).
 static inline void decode_row_4bit(const uint8_t* q, const float* sc, int64_t K, __m512 lut, float* w) {
-  for (int64_t c = 0; c < K / 32; ++c) decode_nibbles32(q + 16 * c, lut, _mm512_set1_ps(sc[c]), w + 32 * c);
+  const int64_t C = K / 32;
+  for (int64_t c = 0; c < C; ++c)
+    decode_nibbles32(q + 16 * c, lut, _mm512_set1_ps(sc[c]), _mm512_set1_ps(sc[C + c]), w + 32 * c);
 }
 
 // One 32-weight chunk c of a 4-bit row against M tokens: the table is scaled first (one
-// multiply for 32 weights), then looked up for the low and the high nibbles, whose values
+// fused multiply-add for 32 weights, sc[C + c] the offset), then looked up for the low and the high nibbles, whose values
 // meet 16 contiguous activations each in Xd (see row_dot_4bit).
 template <int M>
 __attribute__((always_inline)) static inline void chunk_dot_4bit(const uint8_t* q, const float* sc, int64_t c,
                                                                  __m512 lut, const float* Xd, int64_t K,
                                                                  __m512 (&a)[M][2]) {
   const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16 * c)));
-  const __m512 ls = _mm512_mul_ps(lut, _mm512_set1_ps(sc[c]));
+  const __m512 ls = _mm512_fmadd_ps(lut, _mm512_set1_ps(sc[c]), _mm512_set1_ps(sc[K / 32 + c]));
   const __m512 lo = _mm512_permutexvar_ps(b, ls);  // VPERMPS reads an index's low 4 bits only
   const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), ls);
   for (int t = 0; t < M; ++t) {
@@ -241,23 +265,25 @@ static const float* deinterleave(const float* X, int64_t ldx, int32_t m, int64_t
 }
 
 static inline bool four_bit(const MoeProblem* p) {
-  return p->fmt == fiddler_cpu::kFmtMxfp4 || p->fmt == fiddler_cpu::kFmtInt4Group;
+  return p->fmt == fiddler_cpu::kFmtMxfp4 || p->fmt == fiddler_cpu::kFmtInt4Group || p->fmt == fiddler_cpu::kFmtInt4Zp;
 }
 
-// Row r's chunk scales (chunk_scales) from a 4-bit format's scale tensor ([rows][K / group]),
-// in thread-local scratch.
+// Row r's chunk scales and offsets (chunk_scales) from a 4-bit format's scale tensor
+// ([rows][K / group]: e8m0 bytes, bf16 scales or scale / zero words), in thread-local scratch.
 static inline const float* row_scales_4bit(const MoeProblem* p, const void* scales, int64_t r, int64_t K) {
   thread_local std::vector<float> sc;
-  sc.resize(size_t(K / 32));
+  sc.resize(size_t(2 * (K / 32)));
   const void* srow = p->fmt == fiddler_cpu::kFmtMxfp4
                          ? static_cast<const void*>(static_cast<const uint8_t*>(scales) + r * (K / 32))
+                     : p->fmt == fiddler_cpu::kFmtInt4Zp
+                         ? static_cast<const void*>(static_cast<const uint32_t*>(scales) + r * (K / p->bk))
                          : static_cast<const void*>(static_cast<const uint16_t*>(scales) + r * (K / p->bk));
   chunk_scales(p, srow, K, sc.data());
   return sc.data();
 }
 
 static inline __m512 lut_4bit(const MoeProblem* p) {
-  return _mm512_load_ps(p->fmt == fiddler_cpu::kFmtMxfp4 ? kE2M1 : kInt4);
+  return _mm512_load_ps(p->fmt == fiddler_cpu::kFmtMxfp4 ? kE2M1 : p->fmt == fiddler_cpu::kFmtInt4Zp ? kU4 : kInt4);
 }
 
 // acc[r * m + t] for rows row0 .. row0 + nr - 1 of a 4-bit format, m <= 4, Xd deinterleaved.

@@ -592,6 +592,8 @@ void moe_forward(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w
 //     [E, 2I, H / 32] and s2 [E, H, I / 32] uint8 e8m0 exponents (bn, bk ignored);
 //   INT4 groups: w13 [E, 2I, H / 8] and w2 [E, H, I / 8] int32 (eight codes a word), s13
 //     [E, 2I, H / bk] and s2 [E, H, I / bk] bf16, a scale per group of bk (a multiple of 32);
+//   INT4 with zero points: as INT4 groups, unsigned codes, s13 / s2 int32 words (bf16 scale
+//     in bits 0..15, zero point in bits 16..19);
 // b13 [E, 2I] and b2 [E, H] bf16 biases (gate then up) or none; act / alpha / limit the
 // activation (kActSilu, kActSwigluOai); otherwise as moe_forward (x bf16, out fp32
 // accumulated into).
@@ -613,14 +615,16 @@ void check_quant(const ExpertSet& w, const std::string& op) {
   const int64_t fmt = w.fmt, bn = w.bn, bk = w.bk;
   for (const at::Tensor* t : {&w13, &s13, &w2, &s2})
     FCHECK(t->defined() && t->device().is_cpu(), op + "weights and scales must be on the CPU");
-  FCHECK(fmt == kFmtFp8Block || fmt == kFmtMxfp4 || fmt == kFmtInt4Group, op + "unknown format " + FSTR(fmt));
+  FCHECK(fmt == kFmtFp8Block || fmt == kFmtMxfp4 || fmt == kFmtInt4Group || fmt == kFmtInt4Zp,
+         op + "unknown format " + FSTR(fmt));
   FCHECK(w.act == kActSilu || w.act == kActSwigluOai, op + "unknown activation " + FSTR(w.act));
-  const bool mx = fmt == kFmtMxfp4, int4 = fmt == kFmtInt4Group;
+  const bool mx = fmt == kFmtMxfp4, zp = fmt == kFmtInt4Zp, int4 = fmt == kFmtInt4Group || zp;
   const auto values = mx ? at::kByte : int4 ? at::kInt : at::kFloat8_e4m3fn;
-  const auto scales = mx ? at::kByte : int4 ? at::kBFloat16 : at::kFloat;
+  const auto scales = mx ? at::kByte : zp ? at::kInt : int4 ? at::kBFloat16 : at::kFloat;
   FCHECK(w13.scalar_type() == values && w2.scalar_type() == values && s13.scalar_type() == scales &&
              s2.scalar_type() == scales,
          op + (mx     ? "MXFP4 weights and scales must be uint8"
+               : zp   ? "INT4 zero-point weights and scales must be int32 words"
                : int4 ? "INT4 weights must be int32 words, scales bfloat16"
                       : "FP8 weights must be float8_e4m3fn, scales float32"));
   FCHECK(w13.dim() == 3 && w2.dim() == 3 && s13.dim() == 3 && s2.dim() == 3,

@@ -136,7 +136,7 @@ _VLLM_KEYS = {"BLOCK_SIZE_M": "BLOCK_M", "BLOCK_SIZE_N": "BLOCK_N", "BLOCK_SIZE_
 
 # How the GEMMs' B operand (the experts' weights) is stored (W_FORMAT); the quantized
 # layouts are kernels.quant.QuantizedExperts'.
-DENSE, FP8_BLOCK, MXFP4, INT4_GROUP = 0, 1, 2, 3
+DENSE, FP8_BLOCK, MXFP4, INT4_GROUP, INT4_ZP, INT4_ZP_F16 = 0, 1, 2, 3, 4, 5  # INT4_ZP*: scale bits bf16 / fp16
 # The gate/up activation (ACTIVATION): kernels.reference.ExpertMath's.
 ACT_SILU, ACT_SWIGLUOAI = 0, 1
 
@@ -147,7 +147,9 @@ def _dequantized_tile(b_ptrs, bs_ptrs, b_mask, s_mask, dtype: tl.constexpr, W_FO
     """One [BLOCK_K, BLOCK_N] tile of B in `dtype`, from its stored form: b_ptrs [BLOCK_N,
     BLOCK_K / PACK] (each row contiguous in K: e4m3 bytes; MXFP4 bytes, two e2m1 codes each,
     low nibble first; INT4 int32 words, eight codes each, lowest nibble first) and bs_ptrs
-    [BLOCK_N, BLOCK_K / G], the scale of each G consecutive inputs."""
+    [BLOCK_N, BLOCK_K / G], the scale of each G consecutive inputs (INT4 with zero points: a
+    word of the scale's 16 bits, bf16 for INT4_ZP and fp16 for INT4_ZP_F16, and the zero
+    point in bits 16..19)."""
     raw = tl.load(b_ptrs, mask=b_mask, other=0)  # [BLOCK_N, BLOCK_K / PACK]
     scale = tl.load(bs_ptrs, mask=s_mask, other=0)  # [BLOCK_N, BLOCK_K / G]
     if PACK > 1:  # [BLOCK_N, BLOCK_K / PACK, PACK] 4-bit codes, in K order
@@ -167,8 +169,14 @@ def _dequantized_tile(b_ptrs, bs_ptrs, b_mask, s_mask, dtype: tl.constexpr, W_FO
         s = scale.to(tl.int32)
         pow2 = tl.where(s == 0, 5.877471754111438e-39, (s << 23).to(tl.float32, bitcast=True))  # 2^-127
         w = value * pow2
-    else:  # INT4: code - 8, times the group's scale
+    elif W_FORMAT == 3:  # INT4: code - 8, times the group's scale
         w = (codes - 8).to(tl.float32) * scale.to(tl.float32)
+    else:  # INT4 with zero points: (code - zero) times the group's scale
+        if W_FORMAT == 5:
+            s = (scale & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        else:  # bf16 bits are an fp32's upper half
+            s = ((scale & 0xFFFF) << 16).to(tl.float32, bitcast=True)
+        w = (codes - ((scale >> 16) & 0xF)).to(tl.float32) * s
     return tl.trans(tl.reshape(w, (BLOCK_N, BLOCK_K)).to(dtype))
 
 
@@ -204,7 +212,7 @@ def _grouped_gemm_kernel(
     FUSE_SWIGLU: tl.constexpr,
     MUL_ROUTED_WEIGHT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs, "tf32" otherwise (ignored for 16-bit)
-    W_FORMAT: tl.constexpr,  # DENSE, FP8_BLOCK, MXFP4 or INT4_GROUP
+    W_FORMAT: tl.constexpr,  # DENSE, FP8_BLOCK, MXFP4, INT4_GROUP, INT4_ZP or INT4_ZP_F16
     PACK: tl.constexpr,  # weights per storage element of B: 1, 2 (MXFP4 bytes) or 8 (INT4 words)
     SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr,  # rows and inputs one scale covers
     G: tl.constexpr,  # inputs dequantized with one scale: a power of two dividing BLOCK_K and SCALE_BK
@@ -705,6 +713,9 @@ def _weights(w) -> _Weights:
         return _Weights(t["weight"].view(torch.uint8), t["weight_scale_inv"], (E, N, K), FP8_BLOCK, 1, bn, bk)
     if w.fmt == "mxfp4":  # [Eg, N, K/32, 16] bytes as [Eg, N, K/2]
         return _Weights(t["blocks"].view(E, N, K // 2), t["scales"], (E, N, K), MXFP4, 2, 1, MXFP4_GROUP)
+    if w.fmt == "int4_zp":
+        fmt = INT4_ZP_F16 if w.scale_dtype == torch.float16 else INT4_ZP
+        return _Weights(t["weight_packed"], t["weight_scale_zero"], (E, N, K), fmt, INT4_PER_WORD, 1, w.group)
     return _Weights(t["weight_packed"], t["weight_scale"], (E, N, K), INT4_GROUP, INT4_PER_WORD, 1, w.group)
 
 

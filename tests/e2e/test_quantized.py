@@ -1,6 +1,7 @@
 """Quantized checkpoints end to end on vLLM's CPU platform: FP8 block-scaled experts
 (Mixtral, Qwen3-MoE), MXFP4 ones with biases (gpt-oss) and INT4 W4A16 groups from
-compressed-tensors (Mixtral, Qwen3-MoE) and AutoGPTQ (Qwen3-MoE, as Qwen3-30B-A3B-GPTQ-Int4 ships).
+compressed-tensors (Mixtral, Qwen3-MoE) and AutoGPTQ (Qwen3-MoE, as Qwen3-30B-A3B-GPTQ-Int4 ships),
+and INT4 groups with zero points from AutoAWQ (Mixtral).
 
 fiddler runs the quantized checkpoint (tests/helpers/quantized.py: experts as DeepSeek-V3,
 gpt-oss and llm-compressor write them; FP8 with partial scale blocks, INT4 in groups of 32);
@@ -30,15 +31,16 @@ import test_families
 import torch
 
 from helpers.families import FAMILIES, build_family
-from helpers.quantized import write_fp8_block, write_int4_gptq, write_int4_group, write_mxfp4
+from helpers.quantized import write_fp8_block, write_int4_awq, write_int4_gptq, write_int4_group, write_mxfp4
 from test_families import check_as_close_to_hf_as_stock, check_tokens_close, generate, top_n
 
 pytestmark = pytest.mark.slow
 
 
-WRITERS = {"fp8": write_fp8_block, "mxfp4": write_mxfp4, "int4": write_int4_group, "gptq": write_int4_gptq}
+WRITERS = {"fp8": write_fp8_block, "mxfp4": write_mxfp4, "int4": write_int4_group, "gptq": write_int4_gptq,
+           "awq": write_int4_awq}
 CHECKPOINTS = [("mixtral", "fp8"), ("qwen3_moe", "fp8"), ("gpt_oss", "mxfp4"), ("mixtral", "int4"),
-               ("qwen3_moe", "int4"), ("qwen3_moe", "gptq")]
+               ("qwen3_moe", "int4"), ("qwen3_moe", "gptq"), ("mixtral", "awq")]
 
 
 @pytest.fixture(scope="module", params=CHECKPOINTS, ids=[f"{name}-{fmt}" for name, fmt in CHECKPOINTS])

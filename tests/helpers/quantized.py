@@ -27,6 +27,14 @@ true, "desc_act": false, ...}. Only the experts are quantized; vLLM finds which 
 safetensors dtypes. The scales are fp16 values that bf16 holds exactly, so a bf16 engine holds
 them unrounded.
 
+INT4 groups with zero points in AutoAWQ's layout (GEMM version), as the community's
+Qwen3-MoE and Mixtral AWQ checkpoints ship for vLLM's ``awq`` config: each expert projection
+``...qweight`` int32 [K, N/8] and ``...qzeros`` int32 [K/g, N/8] (eight columns a word in
+AWQ's nibble order 0 2 4 6 1 3 5 7), ``...scales`` fp16 [K/g, N]; ``quantization_config``
+{"quant_method": "awq", "bits": 4, "group_size": g, "zero_point": true, "version": "gemm",
+"modules_to_not_convert": [...]} listing every linear layer besides the experts. Scales are
+bf16-exact fp16 values, as for GPTQ.
+
 Next to each, the reference: the same model with each expert dequantized (fp32 tensors), which
 stock vLLM loads as an unquantized checkpoint.
 """
@@ -152,6 +160,36 @@ def write_int4_gptq(src: str, dst: str, group: int = 32, *, config_overrides: di
     _write(out, ref, quantized, reference, {
         "quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": False, "sym": True,
         "checkpoint_format": "gptq", **(config_overrides or {})})
+    return out, ref
+
+
+def write_int4_awq(src: str, dst: str, group: int = 32, *, config_overrides: dict | None = None
+                   ) -> tuple[str, str]:
+    """(AutoAWQ INT4 checkpoint, dequantized reference) under dst, from the bf16 checkpoint at src;
+    config_overrides change config.json's quantization_config."""
+    import torch
+
+    from vllm_fiddler.kernels.quant import awq_pack, dequant_int4_zp, pack_scale_zero, quant_int4_zp, unpack_int4
+
+    out, ref = _copy_others(src, dst)
+    quantized, reference, others = {}, {}, ["lm_head"]
+    for name, w in _load_all(src).items():
+        if EXPERT.search(name):
+            base = name[:-len("weight")]
+            k = w.shape[1]
+            packed, scale, zero = quant_int4_zp(w.float(), group)  # [N, K/8], [N, K/g], [N, K/g]
+            scale = scale.to(torch.bfloat16).to(torch.float16)  # fp16 as AutoAWQ writes, bf16-exact
+            quantized[base + "qweight"] = awq_pack(unpack_int4(packed, k).t().contiguous())  # [K, N/8]
+            quantized[base + "qzeros"] = awq_pack(zero.t().contiguous())  # [K/g, N/8]
+            quantized[base + "scales"] = scale.t().contiguous()  # [K/g, N]
+            reference[name] = dequant_int4_zp(packed, pack_scale_zero(scale.float(), zero), k, group)
+        else:
+            quantized[name] = reference[name] = w
+            if name.endswith(".weight") and name.count(".") > 2 and ".experts." not in name:
+                others.append(name[:-len(".weight")])  # a linear layer's (norms are ignored anyway)
+    _write(out, ref, quantized, reference, {
+        "quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True, "version": "gemm",
+        "modules_to_not_convert": others, **(config_overrides or {})})
     return out, ref
 
 

@@ -95,6 +95,9 @@ def quantized_experts(fmt: str, E: int, H: int, I: int, dtype: torch.dtype, seed
         q13, q2 = quant.quant_int4_group(w13, 64), quant.quant_int4_group(w2, 64)
         return (quant.QuantizedExperts(fmt, dict(zip(("weight_packed", "weight_scale"), q13)), dtype, group=64, k=H),
                 quant.QuantizedExperts(fmt, dict(zip(("weight_packed", "weight_scale"), q2)), dtype, group=64, k=I))
+    if fmt == "int4_zp":
+        return (quant.QuantizedExperts.quantize(fmt, w13, dtype, group=64),
+                quant.QuantizedExperts.quantize(fmt, w2, dtype, group=64))
     if fmt == "fp8_block":
         make = lambda w: dict(zip(("weight", "weight_scale_inv"), quant.quant_fp8_block(w)))  # noqa: E731
     else:
@@ -115,7 +118,7 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 @pytest.mark.parametrize("tokens", TOKENS)
 @pytest.mark.parametrize("fmt, H, I", [("fp8_block", 200, 72), ("fp8_block", 256, 384), ("mxfp4", 96, 64),
-                                       ("int4_group", 204, 72)])
+                                       ("int4_group", 204, 72), ("int4_zp", 204, 72)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_quantized_experts_match_the_fp32_oracle(tokens, fmt, H, I, dtype):
     """torch's grouped experts on QuantizedExperts (each routed expert dequantized when used)
@@ -197,3 +200,22 @@ def test_int4_bad_layouts_are_refused():
         quant.dequant_int4_group(torch.zeros(2, 1, dtype=torch.int64), torch.ones(2, 1), 8, 8)
     with pytest.raises(ValueError, match="groups of 64"):
         quant.dequant_int4_group(torch.zeros(2, 2, dtype=torch.int32), torch.ones(2, 2), 16, 64)
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float16])
+def test_int4_zero_points_dequantize_to_code_minus_zero_times_scale(scale_dtype):
+    """INT4 with zero points (AutoAWQ's, repacked): codes, zero points and scales drawn
+    independently; the words round-trip and W = (q - z) * scale, the scale rounded once to the
+    16-bit float its bits are kept in."""
+    gen = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (3, 16, 72), generator=gen)
+    zero = torch.randint(0, 16, (3, 16, 3), generator=gen)
+    scale = torch.rand(3, 16, 3, generator=gen) * 0.1 - 0.05
+    words = quant.pack_int4(codes)
+    assert words.shape == (3, 16, 9) and torch.equal(quant.unpack_int4(words, 72), codes.to(torch.int32))
+    packed = quant.pack_scale_zero(scale, zero, scale_dtype)
+    s, z = quant.unpack_scale_zero(packed, scale_dtype)
+    assert torch.equal(z, zero.to(torch.int32)) and torch.equal(s, scale.to(scale_dtype).float())
+    ref = (codes - zero.repeat_interleave(24, -1)).float() * scale.to(scale_dtype).float().repeat_interleave(24, -1)
+    torch.testing.assert_close(quant.dequant_int4_zp(words, packed, 72, 24, scale_dtype=scale_dtype), ref,
+                               rtol=0, atol=0)

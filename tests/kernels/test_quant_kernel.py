@@ -201,6 +201,31 @@ def test_int4_kernel_matches_the_oracle(tokens, H, I, group):
     check(out, ref)
 
 
+@pytest.mark.parametrize("tokens", [1, 2, 3, 7, 16, 33, 128])
+@pytest.mark.parametrize("H, I, group", [(128, 96, 32), (384, 128, 128), (160, 224, 32)],
+                         ids=["g32", "g128", "odd-groups"])
+def test_int4_zero_point_kernel_matches_the_oracle(tokens, H, I, group):
+    """INT4 with zero points (AutoAWQ's asymmetric groups): every zero point 0..15 occurs
+    (weights shifted per row so some groups are all positive or all negative), bf16 scales."""
+    E, K = 6, 2
+    gen = torch.Generator().manual_seed(100 + tokens)
+    w13 = torch.randn(E, 2 * I, H, generator=gen) + torch.randn(E, 2 * I, 1, generator=gen) * 2
+    w2 = torch.randn(E, H, I, generator=gen) + torch.randn(E, H, 1, generator=gen) * 2
+    w13e = quant.QuantizedExperts.quantize("int4_zp", w13, group=group)
+    w2e = quant.QuantizedExperts.quantize("int4_zp", w2, group=group)
+    zeros = quant.unpack_scale_zero(w13e.tensors["weight_scale_zero"])[1]
+    assert set(zeros.unique().tolist()) == set(range(16))
+    x = torch.randn(tokens, H, generator=gen).bfloat16()
+    logits = torch.randn(tokens, E, generator=gen)
+    logits[:, 3] = -1e9
+    weights, ids = reference.route(logits, K)
+    out = torch.zeros(tokens, H)
+    assert cpu_kernels.moe_forward_quantized(x, w13e, w2e, ids.to(torch.int32), weights, out)
+    ref = reference.moe(x.float(), w13e.to_dtype(torch.float32).dequantized(), w2e.to_dtype(torch.float32).dequantized(),
+                        weights, ids, reference.SILU)
+    check(out, ref)
+
+
 def test_int4_groups_the_kernel_does_not_take_go_to_torch():
     """Groups of 8 or 16 (no multiple of the kernel's 32-weight steps) and fp32 scales: False,
     nothing done (kernels.quant's torch path computes them)."""
@@ -223,6 +248,7 @@ JOB_FORMATS = {
     "fp8_block": dict(block=(32, 48)),
     "mxfp4": dict(math=GPT_OSS),
     "int4_group": dict(group=32),
+    "int4_zp": dict(group=32),
 }
 
 

@@ -94,6 +94,8 @@ QUANT_INTERP_CASES = [
     ("q_int4_g32_T33_neg", 33, 64, 96, 4, 2, "fp32", "neg", SMALL_CONFIG, dict(fmt="int4_group", group=32)),
     ("q_int4_g8_odd_T7_empty", 7, 40, 72, 4, 2, "fp32", "empty", SMALL_CONFIG, dict(fmt="int4_group", group=8)),
     ("q_int4_T7_allneg", 7, 64, 96, 4, 2, "fp32", "allneg", SMALL_CONFIG, dict(fmt="int4_group", group=32)),
+    ("q_int4zp_g32_T33_neg", 33, 64, 96, 4, 2, "fp32", "neg", SMALL_CONFIG, dict(fmt="int4_zp", group=32)),
+    ("q_int4zp_g8_odd_T7_fp16", 7, 40, 72, 4, 2, "fp16", "empty", SMALL_CONFIG, dict(fmt="int4_zp", group=8)),
     ("dense_oai_bias_T7_neg", 7, 40, 72, 4, 2, "fp32", "neg", SMALL_CONFIG,
      dict(fmt=None, act="swigluoai", bias=True)),
     ("dense_silu_bias_T33_K1", 33, 64, 96, 4, 1, "fp32", "neg", SMALL_CONFIG, dict(fmt=None, bias=True)),
@@ -124,6 +126,9 @@ CUDA_CASES = [
       for T in (1, 100)],
     ("odd_fp8_T33", 33, 200, 256, 5, 2, "bf16", "neg", None, FP8_128),
     ("odd_int4_g32_T33", 33, 224, 96, 5, 2, "bf16", "empty", None, dict(fmt="int4_group", group=32)),
+    *[(f"int4zp_g128_T{T}", T, 2048, 768, 16, 8, "bf16", "neg", None, dict(fmt="int4_zp", group=128))
+      for T in (1, 100)],
+    ("odd_int4zp_g32_T33_fp16", 33, 224, 96, 5, 2, "fp16", "empty", None, dict(fmt="int4_zp", group=32)),
     ("odd_dense_oai_bias_T33", 33, 200, 328, 5, 2, "bf16", "neg", None, dict(fmt=None, act="swigluoai", bias=True)),
 ]
 

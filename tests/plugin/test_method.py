@@ -99,9 +99,9 @@ def test_tensor_parallel_ranks_load_their_share_of_each_expert():
 def test_no_method_outside_a_fiddler_build():
     assert moe_method.choose_method(object(), "p", None, object()) is None
     with moe_method.building() as build:
-        awq = types.SimpleNamespace(get_name=lambda: "awq")
-        with pytest.raises(Exception, match="experts quantized as 'awq'"):
-            moe_method.choose_method(object(), "model.layers.0.mlp.experts", awq, object())
+        bnb = types.SimpleNamespace(get_name=lambda: "bitsandbytes")
+        with pytest.raises(Exception, match="experts quantized as 'bitsandbytes'"):
+            moe_method.choose_method(object(), "model.layers.0.mlp.experts", bnb, object())
         assert build.methods == []
     assert moe_method.choose_method(object(), "p", None, object()) is None
 

@@ -165,9 +165,9 @@ def test_vllm_fp8_config_names_the_format():
     assert compat.expert_quantization(fp8_config(ignored_layers=[prefix]), prefix) is None
     with pytest.raises(FiddlerConfigError, match="FP8 with per-tensor scales"):
         compat.expert_quantization(fp8_config(weight_block_size=None), prefix)
-    awq = types.SimpleNamespace(get_name=lambda: "awq")
-    with pytest.raises(FiddlerConfigError, match="quantized as 'awq'.*FP8 with block scales"):
-        compat.expert_quantization(awq, prefix)
+    bnb = types.SimpleNamespace(get_name=lambda: "bitsandbytes")
+    with pytest.raises(FiddlerConfigError, match="quantized as 'bitsandbytes'.*FP8 with block scales"):
+        compat.expert_quantization(bnb, prefix)
 
 
 def test_layers_of_different_formats_are_refused():
@@ -428,8 +428,82 @@ def test_sinks_name_gptq_tensors():
     assert kinds == {"w13_qweight": "w13", "w2_scales": "s2", "w13_qzeros": "z13", "w2_g_idx": "g2"}
     assert set(GPTQ.param_dtypes()) == {f"{p}_{t}" for p in ("w13", "w2") for t in ("qweight", "scales", "qzeros",
                                                                                   "g_idx")}
-    with pytest.raises(ValueError, match="GPTQ checkpoint layout holds INT4 groups, not mxfp4"):
+    with pytest.raises(ValueError, match="gptq checkpoint layout holds int4_group experts, not mxfp4"):
         ExpertFormat("mxfp4", (1, 32), "gptq")
+    with pytest.raises(ValueError, match="default checkpoint layout holds .* experts, not int4_zp"):
+        ExpertFormat("int4_zp", (1, 32))
+
+
+AWQ = ExpertFormat("int4_zp", (1, 32), "awq")
+
+
+def awq_layer(gpu_experts, dtype=torch.bfloat16):
+    return QuantizedHybridMoE(expert_format=AWQ, num_experts=E, top_k=K, hidden_size=H_MX, intermediate_size=I,
+                              gpu_experts=tuple(gpu_experts), dtype=dtype, device=torch.device("cpu"),
+                              cpu_runtime=CPUExpertRuntime(num_threads=1, inline=True), pin_memory=False,
+                              math=reference.SILU)
+
+
+def test_awq_packs_column_j_in_nibble_j_order():
+    """AutoAWQ's GEMM packing: a word's nibble i holds column (0, 2, 4, 6, 1, 3, 5, 7)[i]."""
+    codes = torch.zeros(1, 8, dtype=torch.int32)
+    codes[0, 1], codes[0, 6] = 5, 9
+    assert quant.awq_pack(codes).item() == 5 << 16 | 9 << 12
+    assert torch.equal(quant.awq_unpack(torch.tensor([[5 << 16 | 9 << 12]], dtype=torch.int32)), codes)
+
+
+@pytest.mark.parametrize("gpu_experts", [(), tuple(range(E)), (1, 4)], ids=["all-cpu", "all-gpu", "mixed"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_awq_layer_matches_the_oracle(gpu_experts, dtype):
+    """AutoAWQ's tensors as vLLM's per-expert loader hands them over (qweight [K, N/8], qzeros
+    [K/g, N/8], fp16 scales [K/g, N]; zero points before scales for some experts, after for
+    others): the layer computes the fp32 oracle on (q - z) * scale, the scale rounded to the
+    model's 16-bit dtype as vLLM holds it."""
+    gen = torch.Generator().manual_seed(11)
+    m = awq_layer(gpu_experts, dtype)
+    oracle = {}
+    for name, shape in (("1", (I, H_MX)), ("3", (I, H_MX)), ("2", (H_MX, I))):
+        w = torch.randn(E, *shape, generator=gen) + torch.randn(E, shape[0], 1, generator=gen)
+        packed, scale, zero = quant.quant_int4_zp(w, 32)
+        scale = scale.half()
+        oracle[name] = quant.dequant_int4_zp(packed, quant.pack_scale_zero(scale.float(), zero, dtype), shape[1], 32,
+                                             scale_dtype=quant.scale_zero_dtype(dtype))
+        for e in range(E):
+            qweight = quant.awq_pack(quant.unpack_int4(packed[e], shape[1]).t().contiguous())  # [K, N/8]
+            qzeros = quant.awq_pack(zero[e].t().contiguous())  # [K/g, N/8]
+            m.load_expert(e, "w" + name, qweight)
+            order = [("s" + name, scale[e].t().contiguous()), ("z" + name, qzeros)]
+            for tensor_name, t in (order if e % 2 else order[::-1]):
+                m.load_expert(e, tensor_name, t)
+    x = torch.randn(7, H_MX, generator=gen).to(dtype)
+    weights, ids = reference.route(torch.randn(7, E, generator=gen), K)
+    out = m(x, weights, ids.to(torch.int32))
+    ref = reference.moe(x.float(), torch.cat([oracle["1"], oracle["3"]], dim=1), oracle["2"], weights, ids,
+                        reference.SILU)
+    # one rounding of the output to the model dtype (2^-8 relative for bf16) over fp32 sums
+    torch.testing.assert_close(out.float(), ref, atol=8e-3 * ref.abs().max().item(), rtol=0)
+
+
+def awq_config(**overrides):
+    from vllm.model_executor.layers.quantization.auto_awq import AutoAWQConfig
+
+    return AutoAWQConfig.from_config({"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True,
+                                      "version": "gemm", **overrides})
+
+
+def test_vllm_awq_config_names_the_format():
+    from vllm_fiddler import compat
+
+    prefix = "model.layers.1.mlp.experts"
+    assert compat.expert_quantization(awq_config(), prefix) == ("int4_zp", (1, 128), "awq")
+    assert compat.expert_quantization(awq_config(modules_to_not_convert=["layers.1.mlp"]), prefix) is None
+    for overrides, what in (({"zero_point": False}, "AWQ 4-bit without zero points in groups of 128"),
+                            ({"group_size": -1}, "AWQ 4-bit with zero points per output channel")):
+        with pytest.raises(FiddlerConfigError, match=f"quantized as {what}.*AutoAWQ's INT4 groups"):
+            compat.expert_quantization(awq_config(**overrides), prefix)
+    assert set(AWQ.param_dtypes()) == {f"{p}_{t}" for p in ("w13", "w2") for t in ("qweight", "scales", "qzeros")}
+    # a scale / zero word per group of 32: 4 bytes
+    assert AWQ.expert_bytes(H_MX, I) == 3 * H_MX * I // 2 + 3 * H_MX * I // 32 * 4
 
 
 def test_re_placement_is_off_for_quantized_experts():

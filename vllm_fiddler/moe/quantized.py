@@ -31,6 +31,13 @@ Formats (kernels/quant.py has the layouts):
               ``*_scales`` [K/g, N], stored transposed (a transpose is the repack),
               ``*_g_idx`` (checked: groups in weight order) and ``*_qzeros``
               (symmetric: ignored, as vLLM's uint4b8 kernels ignore them).
+  int4_zp     INT4 groups with zero points (W4A16 asymmetric), from AutoAWQ's layout
+              (vLLM's ``awq`` / ``auto_awq`` config, checkpoint ``awq``): ``*_qweight``
+              [K, N/8] and ``*_qzeros`` [K/g, N/8], eight columns a word in AWQ's
+              nibble order, and fp16 ``*_scales`` [K/g, N]; repacked at load (per
+              expert, 4-bit to 4-bit) into int4_group's [N, K/8] words of unsigned
+              codes and one int32 a group holding its scale (16 bits, in the model's
+              dtype: fp16 for fp16 models, else bf16) and zero point.
   mxfp4       two e2m1 values a byte, an e8m0 exponent per 32 inputs (vLLM's
               ``gpt_oss_mxfp4`` / ``mxfp4`` configs: gpt-oss-20b and -120b,
               whose experts also carry bf16 biases); vLLM names the values
@@ -47,7 +54,8 @@ import math
 
 import torch
 
-from vllm_fiddler.kernels.quant import E2M1_MAX, E8M0_ONE, FP8_MAX, INT4_PER_WORD, MXFP4_GROUP, QuantizedExperts
+from vllm_fiddler.kernels.quant import (E2M1_MAX, E8M0_ONE, FP8_MAX, INT4_PER_WORD, MXFP4_GROUP, QuantizedExperts,
+                                        awq_unpack, pack_int4, pack_scale_zero, scale_zero_dtype)
 from vllm_fiddler.moe.layer import HybridMoE
 
 @dataclasses.dataclass(frozen=True)
@@ -72,9 +80,13 @@ LAYOUTS = {
                           ("weight_packed", "weight_scale")),
     "int4_group/gptq": _Layout(torch.int32, torch.bfloat16, 2, "qweight", "scales",
                                ("weight_packed", "weight_scale")),
+    # unsigned codes as int4_group's words; a scale / zero-point int32 a group
+    "int4_zp/awq": _Layout(torch.int32, torch.int32, 2, "qweight", "scales", ("weight_packed", "weight_scale_zero")),
 }
-FORMATS = ("fp8_block", "mxfp4", "int4_group")
-CHECKPOINTS = ("", "gptq")  # ExpertFormat.checkpoint: vLLM's own layout for the format, or AutoGPTQ's
+FORMATS = ("fp8_block", "mxfp4", "int4_group", "int4_zp")
+# ExpertFormat.checkpoint: vLLM's own layout for the format, AutoGPTQ's (int4_group) or
+# AutoAWQ's (int4_zp, its only one)
+CHECKPOINTS = {"": ("fp8_block", "mxfp4", "int4_group"), "gptq": ("int4_group",), "awq": ("int4_zp",)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,20 +94,21 @@ class ExpertFormat:
     """One quantized expert format and its parameters: ``block`` is the (rows, inputs) a scale
     covers, 128 x 128 for DeepSeek's FP8, 1 x 32 for MXFP4 and 1 x group for INT4;
     ``checkpoint`` the layout the checkpoint stores it in ("": vLLM's own for the format,
-    "gptq": AutoGPTQ's, INT4 only)."""
+    "gptq": AutoGPTQ's for int4_group, "awq": AutoAWQ's for int4_zp)."""
 
-    name: str  # "fp8_block", "mxfp4" or "int4_group"
+    name: str  # "fp8_block", "mxfp4", "int4_group" or "int4_zp"
     block: tuple[int, int] = (128, 128)
     checkpoint: str = ""
 
     def __post_init__(self) -> None:
         if self.name not in FORMATS or self.checkpoint not in CHECKPOINTS:
             raise ValueError(f"unknown expert format {self.name!r} (checkpoint layout {self.checkpoint!r})")
-        if self.checkpoint == "gptq" and self.name != "int4_group":
-            raise ValueError(f"the GPTQ checkpoint layout holds INT4 groups, not {self.name}")
+        if self.name not in CHECKPOINTS[self.checkpoint]:
+            raise ValueError(f"the {self.checkpoint or 'default'} checkpoint layout holds "
+                             f"{' or '.join(CHECKPOINTS[self.checkpoint])} experts, not {self.name}")
         if self.name == "mxfp4" and tuple(self.block) != (1, MXFP4_GROUP):
             raise ValueError(f"MXFP4 scales cover 1 x {MXFP4_GROUP} weights, not {self.block}")
-        if self.name == "int4_group" and (self.block[0] != 1 or self.block[1] % INT4_PER_WORD):
+        if self.name in ("int4_group", "int4_zp") and (self.block[0] != 1 or self.block[1] % INT4_PER_WORD):
             raise ValueError(f"INT4 scales cover 1 x group weights, the group a multiple of {INT4_PER_WORD}; "
                              f"got {self.block}")
 
@@ -109,6 +122,8 @@ class ExpertFormat:
         if self.name == "int4_group":
             layout = ", AutoGPTQ's layout" if self.checkpoint == "gptq" else ""
             return f"INT4 W4A16 (symmetric, a scale per {self.block[1]} weights{layout})"
+        if self.name == "int4_zp":
+            return f"INT4 W4A16 (a scale and zero point per {self.block[1]} weights, AutoAWQ's layout)"
         return f"FP8 e4m3 with {self.block[0]}x{self.block[1]} block scales"
 
     def scale_shape(self, n: int, k: int) -> tuple[int, int]:
@@ -135,13 +150,15 @@ class ExpertFormat:
                  f"w13_{lay.scale_name}": lay.scales, f"w2_{lay.scale_name}": lay.scales}
         if self.checkpoint == "gptq":  # zero points and group indices of each projection, checked at load
             names.update(w13_qzeros=torch.int32, w2_qzeros=torch.int32, w13_g_idx=torch.int32, w2_g_idx=torch.int32)
+        elif self.checkpoint == "awq":  # zero points of each projection
+            names.update(w13_qzeros=torch.int32, w2_qzeros=torch.int32)
         elif self.name == "int4_group":  # compressed-tensors' [N, K] of each projection, checked at load
             names.update(w13_weight_shape=torch.int64, w2_weight_shape=torch.int64)
         return names
 
     def check_layer(self, prefix: str, hidden: int, inter: int) -> None:
         """Raises ValueError for a layer the format cannot store or split into gate and up."""
-        if self.name in ("mxfp4", "int4_group"):
+        if self.name in ("mxfp4", "int4_group", "int4_zp"):
             group = self.block[1]
             if hidden % group or inter % group:
                 raise ValueError(f"{prefix}: hidden size {hidden} and intermediate size {inter} must be multiples "
@@ -166,6 +183,13 @@ class ExpertFormat:
             scales = torch.ones(count, *self.scale_shape(n, k), dtype=dtype, device=device, pin_memory=pin)
             return QuantizedExperts(self.name, dict(zip(lay.keys, (values, scales))), dtype=dtype,
                                     group=self.block[1], k=k)
+        elif self.name == "int4_zp":  # [count, N, K/8] words, [count, N, K/group] scale / zero words
+            values = torch.empty(count, n, math.ceil(k / INT4_PER_WORD), dtype=lay.values, device=device,
+                                 pin_memory=pin)
+            scales = torch.full((count, *self.scale_shape(n, k)), self.scale_for(1.0, dtype), dtype=torch.int32,
+                                device=device)
+            return QuantizedExperts(self.name, dict(zip(lay.keys, (values, scales.pin_memory() if pin else scales))),
+                                    dtype=dtype, group=self.block[1], k=k, scale_dtype=scale_zero_dtype(dtype))
         else:
             values = torch.empty(count, n, k, dtype=lay.values, device=device, pin_memory=pin)
             scales = torch.ones(count, *self.scale_shape(n, k), dtype=lay.scales, device=device, pin_memory=pin)
@@ -174,17 +198,20 @@ class ExpertFormat:
     def random_values(self, count: int, gen: torch.Generator) -> torch.Tensor:
         """`count` random stored bytes: FP8 values uniform over e4m3's range, or MXFP4 bytes
         uniform over every pair of e2m1 codes."""
-        if self.name in ("mxfp4", "int4_group"):  # every pair of 4-bit codes
+        if self.name in ("mxfp4", "int4_group", "int4_zp"):  # every pair of 4-bit codes
             return torch.randint(0, 256, (count,), dtype=torch.uint8, generator=gen)
         pool = torch.empty(count, dtype=torch.float32).uniform_(-FP8_MAX, FP8_MAX, generator=gen)
         return pool.to(torch.float8_e4m3fn).view(torch.uint8)
 
-    def scale_for(self, magnitude: float) -> float | int:
-        """The scale that maps the format's largest value to about `magnitude`."""
+    def scale_for(self, magnitude: float, dtype: torch.dtype = torch.bfloat16) -> float | int:
+        """The scale that maps the format's largest value to about `magnitude` (INT4 with zero
+        points: the word of that scale and zero point 8, for a model of `dtype`)."""
         if self.name == "mxfp4":  # an e8m0 exponent: 2 ** (byte - 127)
             return E8M0_ONE + round(math.log2(magnitude / E2M1_MAX))
         if self.name == "int4_group":  # codes -8..7
             return magnitude / 8
+        if self.name == "int4_zp":  # codes 0..15 about zero point 8
+            return int(pack_scale_zero(torch.tensor(magnitude / 8), torch.tensor(8), dtype))
         return magnitude / FP8_MAX
 
 
@@ -229,24 +256,41 @@ class QuantizedHybridMoE(HybridMoE):
     def load_expert(self, expert: int, name: str, weight: torch.Tensor) -> None:
         """One of `expert`'s tensors as vLLM's loaders name them: w1 / w3 [I, H] and w2 [H, I] in
         the format's storage (MXFP4: [I, H/2] bytes; AutoGPTQ: transposed), s1 / s3 / s2 their
-        scales, w13 / s13 gate and up together, biases, and the checked-only tensors (k:
-        compressed-tensors' shapes; z, g: AutoGPTQ's zero points and group indices)."""
+        scales, w13 / s13 gate and up together, biases, AutoAWQ's zero points (z1 / z3 / z2,
+        z13), and the checked-only tensors (k: compressed-tensors' shapes; z, g: AutoGPTQ's zero
+        points and group indices)."""
+        checkpoint = self.expert_format.checkpoint
         if name[0] == "b":
             super().load_expert(expert, name, weight)
             return
-        if name[0] in "kzg":
+        if name[0] in "kg" or (name[0] == "z" and checkpoint != "awq"):
             self._check_metadata(expert, name, weight)
             return
-        if name not in ("w1", "w2", "w3", "s1", "s2", "s3", "w13", "s13"):
+        if name not in ("w1", "w2", "w3", "s1", "s2", "s3", "w13", "s13", "z1", "z2", "z3", "z13"):
             raise KeyError(f"unknown expert tensor {name!r} of a {self.expert_format.name} layer")
-        if self.expert_format.checkpoint == "gptq":  # [K/8, N] words, [K/g, N] scales
+        if checkpoint == "gptq":  # [K/8, N] words, [K/g, N] scales
             weight = weight.t()
-        if name in ("w13", "s13"):
+        elif checkpoint == "awq":  # [K, N/8] and [K/g, N/8] words of columns, [K/g, N] scales
+            if name[0] == "s":
+                weight = weight.t()
+            else:
+                codes = awq_unpack(weight.to(torch.int32)).t()  # [N, K] codes, [N, K/g] zero points
+                weight = pack_int4(codes) if name[0] == "w" else codes
+        if name in ("w13", "s13", "z13"):
             gate, up = self.math.split_w13(weight)
             self._store(expert, name[0] + "1", gate)
             self._store(expert, name[0] + "3", up)
         else:
             self._store(expert, name, weight)
+
+    def _merge_scale_zero(self, dst: torch.Tensor, name: str, weight: torch.Tensor, scale_dtype: torch.dtype) -> None:
+        """Writes groups' scales (s, rounded to `scale_dtype`) or zero points (z) into their INT4
+        zero-point words in `dst`, keeping the other half (they load in either order)."""
+        weight = weight.reshape(dst.shape).to(dst.device)
+        if name[0] == "s":
+            dst.copy_((dst & ~0xFFFF) | pack_scale_zero(weight, torch.zeros_like(dst), scale_dtype))
+        else:
+            dst.copy_((dst & 0xFFFF) | ((weight.to(torch.int32) & 0xF) << 16))
 
     def _check_metadata(self, expert: int, name: str, weight: torch.Tensor) -> None:
         """Checks what a checkpoint stores beside the values and scales: compressed-tensors'
@@ -273,7 +317,7 @@ class QuantizedHybridMoE(HybridMoE):
         """w1 / w3 / w2 values or s1 / s3 / s2 scales, in storage layout, into each set holding
         `expert`."""
         values, scales = self.expert_format.layout.keys
-        key = values if name[0] == "w" else scales
+        key = values if name[0] == "w" else scales  # s and z share int4_zp's scale / zero words
         I = self.intermediate_size
         for w13, w2, slot in self._sets(expert):
             if name[1] == "2":
@@ -285,7 +329,10 @@ class QuantizedHybridMoE(HybridMoE):
             if dst.numel() != weight.numel() or dst.shape[0] != weight.shape[0]:
                 raise ValueError(f"fiddler: expert {expert}'s {name} ({key}) has shape {list(weight.shape)}, the "
                                  f"layer's {self.expert_format.describe()} expects {list(dst.shape)}")
-            dst.copy_(weight.reshape(dst.shape))  # MXFP4 values: [rows, K/2] bytes as [rows, K/32, 16]
+            if key == "weight_scale_zero":
+                self._merge_scale_zero(dst, name, weight, w13.scale_dtype)
+            else:
+                dst.copy_(weight.reshape(dst.shape))  # MXFP4 values: [rows, K/2] bytes as [rows, K/32, 16]
 
     def expert_weights(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(w13 [2I, H], w2 [H, I]) of one expert, dequantized (copies)."""
@@ -313,7 +360,7 @@ class QuantizedHybridMoE(HybridMoE):
             for w13, w2, slot in self._sets(e):
                 for j, experts in enumerate((w13, w2)):
                     fill(experts.tensors[values][slot], (2 * e + j) * 104729 % pool_size)
-                    experts.tensors[scales][slot].fill_(f.scale_for(scale))
+                    experts.tensors[scales][slot].fill_(f.scale_for(scale, experts.dtype))
         if self.math.has_bias:
             H, I = self.hidden_size, self.intermediate_size
             for e in range(self.num_experts):
