@@ -107,15 +107,20 @@ class FiddlerModel:
                 f"fiddler: bf16 experts with the {math.activation!r} activation"
                 f"{' and biases' if math.has_bias else ''} (gpt-oss) run on vLLM's CPU platform only so far; "
                 "the CUDA kernels compute SiLU-gated experts without biases")
-        if quantized:
-            from vllm_fiddler.kernels import cpu as cpu_kernels
+        from vllm_fiddler.kernels import cpu as cpu_kernels
 
+        dtype = vllm_config.model_config.dtype
+        if dtype != torch.bfloat16:  # GPTQ and AWQ checkpoints ship fp16, so vLLM's "auto" picks it
+            logger.warning("fiddler: the model runs in %s; the native CPU expert kernels take bf16 activations, "
+                           "so host experts run on torch's path, many times slower. Pass --dtype bfloat16 to "
+                           "run them at the host's memory bandwidth", str(dtype).removeprefix("torch."))
+        if quantized:
             logger.info("fiddler: experts stay %s on both sides; host experts run %s, device experts the "
                         "Triton MoE kernels, which read the stored format; weight copies, streamed chunks "
                         "and online re-placement, which move bf16 experts, are off",
                         shape.expert_format.describe(),
                         "the AVX512 quantized-expert kernels" if cpu_kernels.quantized_available()
-                        else "torch's dequantize-per-expert path (no AVX512F/BW/VL here)")
+                        and dtype == torch.bfloat16 else "torch's dequantize-per-expert path")
         C = expert_chunks(shape.intermediate_size)
         if cfg.streamed_chunks is not None:
             check_streamed_chunks(cfg.streamed_chunks, shape.top_k, C)
