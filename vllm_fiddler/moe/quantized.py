@@ -74,7 +74,6 @@ LAYOUTS = {
     "fp8_block": _Layout(torch.float8_e4m3fn, torch.float32, 1, "weight", "weight_scale_inv",
                          ("weight", "weight_scale_inv")),
     "mxfp4": _Layout(torch.uint8, torch.uint8, 2, "weight", "weight_scale", ("blocks", "scales")),
-    # eight 4-bit values an int32 word; bf16 scales (the model dtype of the checkpoints)
     # eight 4-bit values an int32 word; scales in the model's dtype (the bf16 here sizes them)
     "int4_group": _Layout(torch.int32, torch.bfloat16, 2, "weight_packed", "weight_scale",
                           ("weight_packed", "weight_scale")),
