@@ -154,8 +154,8 @@ def expert_quantization(quant_config: Any, prefix: str, layer: Any = None) -> tu
     (`layer`: its RoutedExperts, which compressed-tensors matches targets against): None
     (unquantized: the layer is ignored), ("fp8_block", (bn, bk)), ("mxfp4", (1, 32)),
     ("int4_group", (1, group)), ("int4_group", (1, group), "gptq") from AutoGPTQ's layout or
-    ("int4_zp", (1, group), "awq") from AutoAWQ's (moe.quantized.ExpertFormat's arguments). Raises FiddlerConfigError for a format fiddler
-    does not load."""
+    ("int4_zp", (1, group), "awq") from AutoAWQ's (moe.quantized.ExpertFormat's arguments).
+    Raises FiddlerConfigError for a format fiddler does not load."""
     from vllm.model_executor.layers.quantization.utils.quant_utils import is_layer_skipped
 
     from vllm_fiddler.config import FiddlerConfigError

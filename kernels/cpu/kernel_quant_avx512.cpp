@@ -206,8 +206,8 @@ static inline void decode_row_4bit(const uint8_t* q, const float* sc, int64_t K,
 }
 
 // One 32-weight chunk c of a 4-bit row against M tokens: the table is scaled first (one
-// fused multiply-add for 32 weights, sc[C + c] the offset), then looked up for the low and the high nibbles, whose values
-// meet 16 contiguous activations each in Xd (see row_dot_4bit).
+// fused multiply-add for 32 weights, sc[C + c] the offset), then looked up for the low and
+// the high nibbles, whose values meet 16 contiguous activations each in Xd (see row_dot_4bit).
 template <int M>
 __attribute__((always_inline)) static inline void chunk_dot_4bit(const uint8_t* q, const float* sc, int64_t c,
                                                                  __m512 lut, const float* Xd, int64_t K,

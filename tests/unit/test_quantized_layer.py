@@ -417,8 +417,13 @@ def test_vllm_gptq_config_names_the_format():
     for overrides, what in (({"desc_act": True}, "GPTQ 4-bit symmetric with act-order"),
                             ({"bits": 8}, "GPTQ 8-bit symmetric in groups of 128"),
                             ({"group_size": -1}, "GPTQ 4-bit symmetric per output channel")):
+        try:
+            config = gptq_config(**overrides)
+        except ValueError as e:  # vLLM 0.32 refuses act-order itself, for every engine
+            assert overrides == {"desc_act": True} and "desc_act=True) is no longer supported" in str(e)
+            continue
         with pytest.raises(FiddlerConfigError, match=f"quantized as {what}.*AutoGPTQ's layout"):
-            compat.expert_quantization(gptq_config(**overrides), prefix)
+            compat.expert_quantization(config, prefix)
 
 
 def test_sinks_name_gptq_tensors():
