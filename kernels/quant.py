@@ -118,17 +118,20 @@ def dequant_int4_group(packed: torch.Tensor, scale: torch.Tensor, k: int, group:
     """[..., N, K] weights from int32 words [..., N, ceil(K/8)] and scales [..., N, ceil(K/g)]."""
     if packed.dtype != torch.int32:
         raise ValueError(f"INT4 weights must be packed in int32, got {packed.dtype}")
-    n = packed.shape[-2]
-    if packed.shape[-1] != math.ceil(k / INT4_PER_WORD) or tuple(scale.shape) != (
-            *packed.shape[:-1], math.ceil(k / group)):
-        raise ValueError(f"INT4 groups of {group}: for K = {k} expected words [..., {n}, {math.ceil(k / 8)}] and "
-                         f"scales [..., {n}, {math.ceil(k / group)}], got {list(packed.shape)} and "
-                         f"{list(scale.shape)}")
-    shifts = torch.arange(INT4_PER_WORD, dtype=torch.int32, device=packed.device) * 4
-    nibbles = (packed[..., None] >> shifts) & 0xF  # [..., N, K/8, 8]
-    q = nibbles.flatten(-2)[..., :k].to(torch.float32) - 8.0  # [..., N, K]
+    _check_int4_shapes(packed, scale, k, group, "INT4 groups")
+    q = unpack_int4(packed, k).float() - 8.0  # [..., N, K]
     per_input = scale.to(torch.float32).repeat_interleave(group, dim=-1)[..., :k]
     return (q * per_input).to(dtype)
+
+
+def _check_int4_shapes(packed: torch.Tensor, scales: torch.Tensor, k: int, group: int, what: str) -> None:
+    """Raises ValueError unless packed is [..., N, ceil(K/8)] words and scales [..., N, ceil(K/g)]."""
+    n = packed.shape[-2]
+    if packed.shape[-1] != math.ceil(k / INT4_PER_WORD) or tuple(scales.shape) != (
+            *packed.shape[:-1], math.ceil(k / group)):
+        raise ValueError(f"{what} of {group}: for K = {k} expected words [..., {n}, {math.ceil(k / 8)}] and "
+                         f"scales [..., {n}, {math.ceil(k / group)}], got {list(packed.shape)} and "
+                         f"{list(scales.shape)}")
 
 
 def quant_int4_group(w: torch.Tensor, group: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,12 +193,8 @@ def dequant_int4_zp(packed: torch.Tensor, scale_zero: torch.Tensor, k: int, grou
     if packed.dtype != torch.int32 or scale_zero.dtype != torch.int32:
         raise ValueError(f"INT4 zero-point weights and scales must be int32 words, got {packed.dtype} and "
                          f"{scale_zero.dtype}")
+    _check_int4_shapes(packed, scale_zero, k, group, "INT4 zero-point groups")
     scale, zero = unpack_scale_zero(scale_zero, scale_dtype)
-    if packed.shape[-1] != math.ceil(k / INT4_PER_WORD) or tuple(scale_zero.shape) != (
-            *packed.shape[:-1], math.ceil(k / group)):
-        raise ValueError(f"INT4 groups of {group} with zero points: for K = {k} expected words [..., N, "
-                         f"{math.ceil(k / 8)}] and scales [..., N, {math.ceil(k / group)}], got "
-                         f"{list(packed.shape)} and {list(scale_zero.shape)}")
     q = unpack_int4(packed, k).float()  # [..., N, K] codes
     per_group = lambda t: t.float().repeat_interleave(group, dim=-1)[..., :k]  # noqa: E731
     return ((q - per_group(zero)) * per_group(scale)).to(dtype)

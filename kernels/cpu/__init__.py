@@ -346,12 +346,12 @@ def _quantized_set(w13, w2, math, biases) -> tuple | None:
         b13, b2 = b13.contiguous(), b2.contiguous()
     block = w13.block
     if w13.fmt in ("int4_group", "int4_zp"):
-        group, key = w13.group, "weight_scale" if w13.fmt == "int4_group" else "weight_scale_zero"
-        # zero-point words hold bf16 scales for models other than fp16 ones (quant.scale_zero_dtype)
-        bf16 = torch.bfloat16 if w13.fmt == "int4_group" else torch.int32
+        # the kernels read bf16 scales: stored as such, or as the 16 bits of a zero-point word
+        # (quant.scale_zero_dtype: bf16 in every model but an fp16 one)
+        group = w13.group
+        key, stored = ("weight_scale", torch.bfloat16) if w13.fmt == "int4_group" else ("weight_scale_zero", torch.int32)
         if group % 32 or w13.k % group or w2.k % group or w2.group != group or \
-                w13.tensors[key].dtype != bf16 or w2.tensors[key].dtype != bf16 or \
-                (w13.fmt == "int4_zp" and (w13.scale_dtype != torch.bfloat16 or w2.scale_dtype != torch.bfloat16)):
+                any(w.tensors[key].dtype != stored or w.scale_dtype != torch.bfloat16 for w in (w13, w2)):
             return None
         block = (1, group)
         tensors = (w13.tensors["weight_packed"], w2.tensors["weight_packed"], w13.tensors[key], w2.tensors[key])

@@ -55,7 +55,7 @@ import math
 import torch
 
 from vllm_fiddler.kernels.quant import (E2M1_MAX, E8M0_ONE, FP8_MAX, INT4_PER_WORD, MXFP4_GROUP, QuantizedExperts,
-                                        awq_unpack, pack_int4, pack_scale_zero, scale_zero_dtype)
+                                        awq_unpack, pack_int4, pack_scale_zero)
 from vllm_fiddler.moe.layer import HybridMoE
 
 @dataclasses.dataclass(frozen=True)
@@ -176,19 +176,15 @@ class ExpertFormat:
                                  pin_memory=pin)
             scales = torch.full((count, n, k // MXFP4_GROUP), E8M0_ONE, dtype=torch.uint8, device=device)
             scales = scales.pin_memory() if pin else scales
-        elif self.name == "int4_group":  # [count, N, K/8] words, [count, N, K/group] scales in the model dtype
+        elif self.name in ("int4_group", "int4_zp"):
+            # [count, N, K/8] words; [count, N, K/group] scales in the model dtype, or scale / zero words
             values = torch.empty(count, n, math.ceil(k / INT4_PER_WORD), dtype=lay.values, device=device,
                                  pin_memory=pin)
-            scales = torch.ones(count, *self.scale_shape(n, k), dtype=dtype, device=device, pin_memory=pin)
-            return QuantizedExperts(self.name, dict(zip(lay.keys, (values, scales))), dtype=dtype,
-                                    group=self.block[1], k=k)
-        elif self.name == "int4_zp":  # [count, N, K/8] words, [count, N, K/group] scale / zero words
-            values = torch.empty(count, n, math.ceil(k / INT4_PER_WORD), dtype=lay.values, device=device,
-                                 pin_memory=pin)
-            scales = torch.full((count, *self.scale_shape(n, k)), self.scale_for(1.0, dtype), dtype=torch.int32,
-                                device=device)
+            one = self.scale_for(1.0, dtype) if self.name == "int4_zp" else 1.0
+            scales = torch.full((count, *self.scale_shape(n, k)), one, dtype=dtype if self.name == "int4_group"
+                                else torch.int32, device=device)
             return QuantizedExperts(self.name, dict(zip(lay.keys, (values, scales.pin_memory() if pin else scales))),
-                                    dtype=dtype, group=self.block[1], k=k, scale_dtype=scale_zero_dtype(dtype))
+                                    dtype=dtype, group=self.block[1], k=k)
         else:
             values = torch.empty(count, n, k, dtype=lay.values, device=device, pin_memory=pin)
             scales = torch.ones(count, *self.scale_shape(n, k), dtype=lay.scales, device=device, pin_memory=pin)
