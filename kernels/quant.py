@@ -306,7 +306,8 @@ class QuantizedExperts:
     def quantize(cls, fmt: str, w: torch.Tensor, dtype: torch.dtype = torch.bfloat16,
                  block: tuple[int, int] = (128, 128), group: int = 128) -> "QuantizedExperts":
         """[Ex, N, K] weights stored as `fmt` (benchmarks and tests): FP8 with `block` scales,
-        MXFP4, INT4 in groups of `group` with bf16 scales, or INT4 with zero points, as
+        MXFP4, INT4 in groups of `group` with 16-bit float scales (scale_zero_dtype(dtype): fp16
+        in an fp16 model, as GPTQ checkpoints ship them, else bf16), or INT4 with zero points, as
         checkpoints store them."""
         w = w.float()
         if fmt == "fp8_block":
@@ -320,5 +321,5 @@ class QuantizedExperts:
             return cls(fmt, {"weight_packed": packed, "weight_scale_zero": pack_scale_zero(scales, zeros, dtype)}, dtype,
                        group=group, k=w.shape[-1])
         packed, scales = quant_int4_group(w, group)
-        return cls(fmt, {"weight_packed": packed, "weight_scale": scales.to(torch.bfloat16)}, dtype, group=group,
-                   k=w.shape[-1])
+        return cls(fmt, {"weight_packed": packed, "weight_scale": scales.to(scale_zero_dtype(dtype))}, dtype,
+                   group=group, k=w.shape[-1])

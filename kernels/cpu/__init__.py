@@ -12,10 +12,10 @@ per Python and torch version; a build lock left by a killed build is removed):
 - ``"torch"``: the same math through torch matmuls; used where the native
   kernels can't be built or the CPU lacks the instructions.
 
-Quantized experts (``moe_forward_quantized``: FP8 block-scaled and MXFP4, with
-optional biases and gpt-oss's clamped SwiGLU) have their own kernels, which need
-AVX512F/BW/VL only: the weights are read as stored and widened to fp32 in
-registers.
+Quantized experts (``moe_forward_quantized``: FP8 block-scaled, MXFP4 and INT4,
+with optional biases and gpt-oss's clamped SwiGLU) have their own kernels, which
+need AVX512F/BW/VL only: the weights are read as stored and widened to fp32 in
+registers, the activations from the model's bf16 or fp16.
 
 Weights are used in vLLM's FusedMoE layout as loaded (no repacking); see
 docs/cpu-kernel.md for the layouts, the work split and the numerics.
@@ -54,7 +54,7 @@ _ISA_ORDER = ("amx", "avx512_bf16")  # best first
 _ISA_SOURCES = {"avx512_bf16": "kernel_avx512bf16.cpp", "amx": "kernel_amx.cpp",
                 "avx512_quant": "kernel_quant_avx512.cpp"}
 _ISA_FLAGS = {
-    "avx512_quant": ["-mavx512f", "-mavx512bw", "-mavx512vl"],
+    "avx512_quant": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mf16c"],  # F16C: every AVX-512 CPU has it
     "avx512_bf16": ["-mavx512f", "-mavx512bf16", "-mavx512bw", "-mavx512vl"],
     "amx": ["-mamx-tile", "-mamx-bf16", "-mavx512f", "-mavx512bf16", "-mavx512bw", "-mavx512vl"],
 }
@@ -305,20 +305,22 @@ def quantized_available() -> bool:
 
 _FORMAT_CODE = {"fp8_block": 0, "mxfp4": 1, "int4_group": 2, "int4_zp": 3}  # kernel_api.h kFmt*
 _ACTIVATION_CODE = {"silu": 0, "swigluoai": 1}  # kernel_api.h kAct*
+_HALF = (torch.bfloat16, torch.float16)  # the model dtypes the quantized kernels take x in
 
 
 def moe_forward_quantized(x: torch.Tensor, w13, w2, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                           out: torch.Tensor, math=None, biases: tuple[torch.Tensor, torch.Tensor] | None = None) -> bool:
-    """moe_forward for quantized experts, their weights read as stored: x [T,H] bf16; w13 [Ec,2I,H]
-    and w2 [Ec,H,I] as kernels.quant.QuantizedExperts (fp8_block, mxfp4, or int4_group /
-    int4_zp with groups of a multiple of 32 and bf16 scales); math the expert's
-    activation (kernels.reference.ExpertMath; default SiLU-gated); biases (b13 [Ec,2I], b2
-    [Ec,H], bf16) where math.has_bias; ids / weights / out as moe_forward. Returns False,
-    doing nothing, where the native kernels are not loaded or do not take these inputs (x
-    not bf16, other dtypes or formats): kernels.quant dequantizes in torch instead. Releases
-    the GIL while it computes."""
+    """moe_forward for quantized experts, their weights read as stored: x [T,H] in the model's
+    dtype, bf16 or fp16 (GPTQ and AWQ checkpoints run in fp16); w13 [Ec,2I,H] and w2 [Ec,H,I]
+    as kernels.quant.QuantizedExperts (fp8_block, mxfp4, or int4_group / int4_zp with groups
+    of a multiple of 32 and scales in x's dtype); math the expert's activation
+    (kernels.reference.ExpertMath; default SiLU-gated); biases (b13 [Ec,2I], b2 [Ec,H], x's
+    dtype) where math.has_bias; ids / weights / out as moe_forward. Returns False, doing
+    nothing, where the native kernels are not loaded or do not take these inputs (x in
+    another dtype than the experts' scales and biases, other formats): kernels.quant
+    dequantizes in torch instead. Releases the GIL while it computes."""
     experts = _quantized_set(w13, w2, math, biases)
-    if x.dtype != torch.bfloat16 or experts is None:
+    if experts is None or x.dtype not in _HALF or _x_dtype(w13, biases) not in (None, x.dtype):
         return False
     if x.shape[0]:
         w13_values, w2_values, s13, s2, b13, b2, *spec = experts
@@ -341,18 +343,18 @@ def _quantized_set(w13, w2, math, biases) -> tuple | None:
     b13 = b2 = None
     if biases is not None:
         b13, b2 = biases
-        if b13.dtype != torch.bfloat16 or b2.dtype != torch.bfloat16:
+        if b13.dtype not in _HALF or b2.dtype != b13.dtype:
             return None
         b13, b2 = b13.contiguous(), b2.contiguous()
     block = w13.block
     if w13.fmt in ("int4_group", "int4_zp"):
-        # the kernels read bf16 scales: stored as such, or as the 16 bits of a zero-point word
-        # (quant.scale_zero_dtype: bf16 in every model but an fp16 one)
-        group = w13.group
-        key, stored = ("weight_scale", torch.bfloat16) if w13.fmt == "int4_group" else ("weight_scale_zero", torch.int32)
-        if group % 32 or w13.k % group or w2.k % group or w2.group != group or \
-                any(w.tensors[key].dtype != stored or w.scale_dtype != torch.bfloat16 for w in (w13, w2)):
+        # the kernels read 16-bit float scales (x's dtype, _x_dtype): stored as such, or as the
+        # 16 bits of a zero-point word (quant.scale_zero_dtype)
+        group, scales = w13.group, {_int4_scale_dtype(w) for w in (w13, w2)}
+        if group % 32 or w13.k % group or w2.k % group or w2.group != group or len(scales) != 1 or \
+                None in scales or (b13 is not None and scales != {b13.dtype}):
             return None
+        key = "weight_scale" if w13.fmt == "int4_group" else "weight_scale_zero"
         block = (1, group)
         tensors = (w13.tensors["weight_packed"], w2.tensors["weight_packed"], w13.tensors[key], w2.tensors[key])
     elif w13.fmt == "mxfp4":  # [Ec, N, K/32, 16] blocks as [Ec, N, K/2] bytes
@@ -363,6 +365,24 @@ def _quantized_set(w13, w2, math, biases) -> tuple | None:
                    w2.tensors["weight_scale_inv"])
     return (*tensors, b13, b2, _FORMAT_CODE[w13.fmt], int(block[0]), int(block[1]), _ACTIVATION_CODE[activation],
             float(getattr(math, "alpha", 0.0)), float(getattr(math, "limit", 0.0)))
+
+
+def _int4_scale_dtype(w) -> torch.dtype | None:
+    """The 16-bit float an INT4 set's scales are in (stored, or a zero-point word's bits); None
+    where the kernels cannot read them."""
+    if w.fmt == "int4_group":
+        dtype = w.tensors["weight_scale"].dtype
+    else:
+        dtype = w.scale_dtype if w.tensors["weight_scale_zero"].dtype == torch.int32 else None
+    return dtype if dtype in _HALF else None
+
+
+def _x_dtype(w13, biases) -> torch.dtype | None:
+    """The dtype quantized experts take x in: their INT4 scales' and biases' (the model's;
+    _quantized_set checked that they agree); None where bf16 and fp16 both do."""
+    if w13.fmt in ("int4_group", "int4_zp"):
+        return _int4_scale_dtype(w13)
+    return None if biases is None else biases[0].dtype
 
 
 def _expert_set(w13, w2, math, biases) -> tuple | None:
@@ -376,13 +396,17 @@ def _expert_set(w13, w2, math, biases) -> tuple | None:
     return w13, w2, None, None, None, None, 0, 0, 0, _ACTIVATION_CODE["silu"], 0.0, 0.0
 
 
-def takes_jobs(w13, w2, math=None, biases: tuple[torch.Tensor, torch.Tensor] | None = None) -> bool:
+def takes_jobs(w13, w2, math=None, biases: tuple[torch.Tensor, torch.Tensor] | None = None,
+               x_dtype: torch.dtype | None = None) -> bool:
     """Whether the native job thread runs these experts (moe_forward_async, routed jobs, graph
-    steps): bf16 SiLU-gated ones where the bf16 kernels are loaded, quantized ones where
-    moe_forward_quantized takes them."""
+    steps) on activations of `x_dtype` (None: the dtype they need): bf16 SiLU-gated ones where
+    the bf16 kernels are loaded, bf16 x; quantized ones where moe_forward_quantized takes them,
+    bf16 or fp16 x as their scales and biases are."""
     if _expert_set(w13, w2, math, biases) is None:
         return False
-    return not isinstance(w13, torch.Tensor) or (isa() != "torch" and w13.dtype == torch.bfloat16)
+    if isinstance(w13, torch.Tensor):
+        return isa() != "torch" and w13.dtype == torch.bfloat16 and x_dtype in (None, torch.bfloat16)
+    return x_dtype is None or (x_dtype in _HALF and _x_dtype(w13, biases) in (None, x_dtype))
 
 
 def _async_args(x, w13, w2, topk_ids, topk_weights, math, biases, isa) -> tuple | None:
@@ -395,8 +419,9 @@ def _async_args(x, w13, w2, topk_ids, topk_weights, math, biases, isa) -> tuple 
     if isinstance(w13, torch.Tensor):  # bf16
         native = _native_args(x, w13, w2, topk_ids, topk_weights, isa)
         return None if native is None else (*native, experts)
-    # quantized: the bf16 kernels' mode is not read
-    x = x if x.dtype == torch.bfloat16 and x.stride(-1) == 1 else x.to(torch.bfloat16).contiguous()
+    # quantized: x in the experts' dtype (the model's); the bf16 kernels' mode is not read
+    dtype = _x_dtype(w13, biases) or (x.dtype if x.dtype in _HALF else torch.bfloat16)
+    x = x if x.dtype == dtype and x.stride(-1) == 1 else x.to(dtype).contiguous()
     return x, topk_ids.to(torch.int32), topk_weights.float(), _MODE["avx512_bf16"], experts
 
 
@@ -440,12 +465,12 @@ def moe_forward_routed_async(x: torch.Tensor, w13, w2, slots: torch.Tensor,
     async_cancel_ready_waits cancels, fails (async_take_error) and still stores done_word."""
     # the inputs are read when the routing has landed, so they must be taken as they are:
     # a converted copy made now would hold what the buffers held before the copy
-    if not (x.dtype == torch.bfloat16 and x.stride(-1) == 1 and slots.dtype == torch.int32
+    if not (x.dtype in _HALF and x.stride(-1) == 1 and slots.dtype == torch.int32
             and weights.dtype == torch.float32 and slots.is_contiguous() and weights.is_contiguous()
             and out.is_contiguous()):
         return False
     native = _async_args(x, w13, w2, slots, weights, math, biases, isa)
-    if native is None:
+    if native is None or native[0] is not x:  # x in a dtype these experts do not take
         return False
     mode, (w13_values, w2_values, *rest) = native[3], native[4]
     first = list(first_chunks) if first_chunks is not None else [0] * slots.shape[1]
@@ -459,7 +484,8 @@ def graph_jobs_attach(x: torch.Tensor, slots: torch.Tensor, weights: torch.Tenso
                       out: torch.Tensor, mark_word: torch.Tensor, done_word: torch.Tensor,
                       *, isa: str | None = None) -> bool:
     """Graph steps (vllm_fiddler.runtime.graph_jobs): the native job thread serves routed steps
-    that a CUDA graph hands it without any Python. The graph fills rows [:T] of x [N, H] (bf16),
+    that a CUDA graph hands it without any Python. The graph fills rows [:T] of x [N, H] (bf16;
+    fp16 where every layer's experts are quantized ones of an fp16 model),
     slots [N, K] (host slot or -1, int32), weights [N, K] (fp32) and first [K] (int32, per top-k
     position the chunks below it are the GPU's), then writes ((layer slot + 1) << 16) | T into
     mark_word (one pinned int32). The thread clears mark_word, runs the layer's cold chunk-experts
@@ -468,7 +494,7 @@ def graph_jobs_attach(x: torch.Tensor, slots: torch.Tensor, weights: torch.Tenso
     clears. Replaces buffers attached before, and their layers. False (nothing attached) where
     no native kernel takes bf16 experts."""
     path, forced = _resolve(isa)
-    if path == "torch" or x.dtype != torch.bfloat16:
+    if path == "torch" or x.dtype not in _HALF:
         return False
     mode = _native_mode(path, forced)
     torch.ops.fiddler_cpu.graph_jobs_attach(x, slots, weights, first, out, mark_word, done_word, mode,

@@ -15,7 +15,7 @@
 
 namespace fiddler_cpu {
 
-enum { kApiVersion = 4 };
+enum { kApiVersion = 5 };
 
 // AMX packed ("VNNI") activation layout, used for x before the gate/up
 // projection and for the SwiGLU activation before the down projection of every
@@ -42,19 +42,19 @@ struct ExpertWork {
   //   MXFP4: q13 [2I, H / 2] two e2m1 codes a byte (low nibble first), s13 uint8
   //          [2I, H / 32] e8m0 exponents; q2 [H, I / 2], s2 uint8 [H, I / 32]
   //   INT4:  q13 [2I, H / 2] two codes a byte (value + 8, low nibble first: int32 words
-  //          of eight), s13 bf16 [2I, H / g] a scale per group of g = bk; q2 [H, I / 2],
-  //          s2 bf16 [H, I / g]
+  //          of eight), s13 [2I, H / g] a scale per group of g = bk (bf16, or fp16 where
+  //          MoeProblem.f16); q2 [H, I / 2], s2 [H, I / g]
   const uint8_t* q13;
   const void* s13;
   const uint8_t* q2;
   const void* s2;
-  const uint16_t* b13;  // [2I] bf16 biases, gate then up; null: none
-  const uint16_t* b2;   // [H] bf16 biases; null: none
+  const uint16_t* b13;  // [2I] biases, gate then up (bf16, or fp16 where MoeProblem.f16); null: none
+  const uint16_t* b2;   // [H] biases, as b13; null: none
   float* actf;          // [m][I] fp32 activation
 };
 
 struct MoeProblem {
-  const uint16_t* x;  // [T, H] bf16, row stride ldx (elements)
+  const uint16_t* x;  // [T, H] bf16 (quantized experts: or fp16, f16), row stride ldx (elements)
   int64_t ldx;
   float* out;  // [T, H] fp32, row stride ldo (elements)
   int64_t ldo;
@@ -65,6 +65,7 @@ struct MoeProblem {
   int32_t fmt;     // quantized experts: kFmtFp8Block, kFmtMxfp4, kFmtInt4Group or kFmtInt4Zp
   int32_t act;     // quantized experts: kActSilu or kActSwigluOai
   float alpha, limit;  // kActSwigluOai: (up + 1) * g * sigmoid(alpha * g), g <= limit, |up| <= limit
+  int32_t f16;         // quantized experts: x, biases and INT4 scales are fp16 (0: bf16), the model's dtype
 };
 
 enum { kFmtFp8Block = 0, kFmtMxfp4 = 1, kFmtInt4Group = 2, kFmtInt4Zp = 3 };

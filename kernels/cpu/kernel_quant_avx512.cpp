@@ -1,6 +1,6 @@
 // Quantized experts on AVX-512 (F, BW, VL: no BF16 or AMX needed): FP8 (e4m3fn)
-// block-scaled and MXFP4. Built as its own shared library with those -m flags (see
-// kernel_api.h).
+// block-scaled, MXFP4 and INT4 (groups, or groups with zero points). Built as its own
+// shared library with those -m flags (see kernel_api.h).
 //
 // Weights stay as stored (ExpertWork.q13 / s13, q2 / s2; MoeProblem.fmt):
 // - FP8: one byte a weight, one fp32 scale per bn x bk block (MoeProblem.bn / bk). Each
@@ -9,14 +9,15 @@
 //   block's scale is applied once per block: W = q * s exactly as kernels/quant.py's
 //   dequant_fp8_block.
 // - MXFP4: two e2m1 codes a byte, an e8m0 exponent per 32 weights; INT4: two codes a byte
-//   (value + 8), a bf16 scale per group of bk weights; INT4 with zero points: unsigned codes
-//   and a word per group (bf16 scale, 4-bit zero point z). Each code becomes fp32 by a
-//   16-entry table lookup in a register, the table scaled by the group's scale (and offset
-//   by -z * scale) first (exact, as kernels/quant.py's dequant_mxfp4 / dequant_int4_group /
-//   dequant_int4_zp). Up to 4 tokens multiply the values in registers
+//   (value + 8), a scale per group of bk weights (the model's bf16 or fp16); INT4 with zero
+//   points: unsigned codes and a word per group (that scale, 4-bit zero point z). Each code
+//   becomes fp32 by a 16-entry table lookup in a register, the table scaled by the group's
+//   scale (and offset by -z * scale) first (exact, as kernels/quant.py's dequant_mxfp4 /
+//   dequant_int4_group / dequant_int4_zp). Up to 4 tokens multiply the values in registers
 //   (row_dot_4bit); more go through a decoded row, as FP8's many-token path does.
-// Accumulation is fp32. x arrives in bf16 and is widened per item; biases (bf16) are added
-// to each projection's fp32 result; the activation (SiLU-gated, or gpt-oss's clamped
+// Accumulation is fp32. x arrives in the model's 16-bit float (bf16, or fp16: MoeProblem.f16,
+// as GPTQ and AWQ checkpoints run) and is widened exactly per item; biases (same dtype) are
+// added to each projection's fp32 result; the activation (SiLU-gated, or gpt-oss's clamped
 // SwiGLU) stays fp32 (ExpertWork.actf, [m][I]) for the down projection.
 //
 // Shape legend: H hidden, I intermediate, m tokens of an expert, bn x bk scale blocks.
@@ -148,12 +149,15 @@ static inline float bf16_to_float(uint16_t b) {
   return f;
 }
 
+// A value of the model's 16-bit float (bias, INT4 scale): fp16 where p->f16, else bf16.
+static inline float half_to_float(const MoeProblem* p, uint16_t b) { return p->f16 ? _cvtsh_ss(b) : bf16_to_float(b); }
+
 // sc[c] = the scale of 32-weight chunk c of one row of a 4-bit format, fp32, and sc[C + c]
 // its offset (C = K / 32 chunks): a weight is lut[code] * scale + offset. MXFP4: 2^(e - 127)
-// from its e8m0 byte (a byte of 0, 2^-127, gives 0); INT4: its group's bf16 scale; both
-// offset 0. INT4 with zero points: the scale from bits 0..15 of the group's word (bf16: only
-// bf16 models reach these kernels) and offset -z * scale from its zero point z in bits
-// 16..19, on the code table 0..15, so (q - z) * scale, exact in fp32 as the others are.
+// from its e8m0 byte (a byte of 0, 2^-127, gives 0); INT4: its group's scale (the model's
+// 16-bit float); both offset 0. INT4 with zero points: the scale from bits 0..15 of the
+// group's word (the model's 16-bit float too) and offset -z * scale from its zero point z in
+// bits 16..19, on the code table 0..15, so (q - z) * scale, exact in fp32 as the others are.
 // Computed once per row, so the inner loops broadcast a float from memory (a load, no
 // shuffle) and divide nothing.
 static inline void chunk_scales(const MoeProblem* p, const void* srow, int64_t K, float* sc) {
@@ -163,7 +167,7 @@ static inline void chunk_scales(const MoeProblem* p, const void* srow, int64_t K
     const auto* w = static_cast<const uint32_t*>(srow);
     const int64_t per = p->bk / 32;  // chunks a group
     for (int64_t g = 0; g < K / p->bk; ++g) {
-      const float s = bf16_to_float(uint16_t(w[g] & 0xFFFFu)), o = -float((w[g] >> 16) & 0xFu) * s;
+      const float s = half_to_float(p, uint16_t(w[g] & 0xFFFFu)), o = -float((w[g] >> 16) & 0xFu) * s;
       std::fill(sc + g * per, sc + (g + 1) * per, s);
       std::fill(off + g * per, off + (g + 1) * per, o);
     }
@@ -181,7 +185,7 @@ static inline void chunk_scales(const MoeProblem* p, const void* srow, int64_t K
   }
   const auto* s = static_cast<const uint16_t*>(srow);
   const int64_t per = p->bk / 32;  // chunks a group
-  for (int64_t g = 0; g < K / p->bk; ++g) std::fill(sc + g * per, sc + (g + 1) * per, bf16_to_float(s[g]));
+  for (int64_t g = 0; g < K / p->bk; ++g) std::fill(sc + g * per, sc + (g + 1) * per, half_to_float(p, s[g]));
 }
 
 // 32 weights from 16 bytes of 4-bit codes (low nibble first): w[k] = lut[code k] * s + o.
@@ -341,7 +345,7 @@ static void rows_dot(const MoeProblem* p, const uint8_t* q, const void* scales, 
 
 static inline float silu(float g) { return g / (1.0f + expf(-g)); }
 
-// The expert's tokens' x rows, bf16 -> fp32 [m][H] (thread-local scratch).
+// The expert's tokens' x rows, bf16 or fp16 -> fp32 [m][H] (exact; thread-local scratch).
 static const float* widen_x(const MoeProblem* p, const ExpertWork& ew) {
   thread_local std::vector<float> xs;
   const int64_t H = p->H;
@@ -351,8 +355,10 @@ static const float* widen_x(const MoeProblem* p, const ExpertWork& ew) {
     float* dst = xs.data() + int64_t(t) * H;
     for (int64_t h = 0; h < H; h += 16) {
       const __mmask16 mask = tail_mask(H - h);
-      const __m512i v = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, src + h));
-      _mm512_mask_storeu_ps(dst + h, mask, _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)));
+      const __m256i v = _mm256_maskz_loadu_epi16(mask, src + h);
+      const __m512 f = p->f16 ? _mm512_cvtph_ps(v)
+                              : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+      _mm512_mask_storeu_ps(dst + h, mask, f);
     }
   }
   return xs.data();
@@ -388,8 +394,8 @@ void gate_up(const MoeProblem* p, int32_t e, int64_t n0, int64_t n1) {
       rows_dot(p, ew.q13, ew.s13, n + I, nr, H, xs, H, ew.m, u.data());
     }
     for (int r = 0; r < nr; ++r) {
-      const float bg = ew.b13 ? bf16_to_float(ew.b13[n + r]) : 0.0f;
-      const float bu = ew.b13 ? bf16_to_float(ew.b13[I + n + r]) : 0.0f;
+      const float bg = ew.b13 ? half_to_float(p, ew.b13[n + r]) : 0.0f;
+      const float bu = ew.b13 ? half_to_float(p, ew.b13[I + n + r]) : 0.0f;
       for (int32_t t = 0; t < ew.m; ++t)
         ew.actf[int64_t(t) * I + n + r] = activate(p, g[size_t(r) * ew.m + t] + bg, u[size_t(r) * ew.m + t] + bu);
     }
@@ -411,7 +417,7 @@ void down(const MoeProblem* p, int32_t e, int64_t h0, int64_t h1) {
     else
       rows_dot(p, ew.q2, ew.s2, h, nr, I, ew.actf, I, ew.m, y.data());
     for (int r = 0; r < nr; ++r) {
-      const float b = ew.b2 ? bf16_to_float(ew.b2[h + r]) : 0.0f;
+      const float b = ew.b2 ? half_to_float(p, ew.b2[h + r]) : 0.0f;
       for (int32_t t = 0; t < ew.m; ++t)
         p->out[int64_t(ew.tok[t]) * p->ldo + h + r] += ew.wt[t] * (y[size_t(r) * ew.m + t] + b);
     }

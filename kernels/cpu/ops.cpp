@@ -53,7 +53,7 @@ enum : int64_t {
   kFeatAmx = 2,         // AMX-TILE + AMX-BF16 and XTILEDATA permission granted
   kFeatAmxCpuid = 4,    // AMX in CPUID (whether or not usable)
   kFeatAmxNoPerm = 8,   // AMX in CPUID but arch_prctl(ARCH_REQ_XCOMP_PERM) failed
-  kFeatAvx512 = 16,     // AVX512F/BW/VL, zmm state enabled by the OS (the quantized-expert kernels)
+  kFeatAvx512 = 16,     // AVX512F/BW/VL and F16C, zmm state enabled by the OS (the quantized-expert kernels)
 };
 
 uint64_t xgetbv0() {
@@ -66,6 +66,7 @@ int64_t detect_features() {
   unsigned a = 0, b = 0, c = 0, d = 0;
   if (!__get_cpuid(1, &a, &b, &c, &d)) return 0;
   if (!(c & (1u << 27))) return 0;  // OSXSAVE
+  const bool f16c = c & (1u << 29);
   const uint64_t xcr0 = xgetbv0();
   if (__get_cpuid_max(0, nullptr) < 7) return 0;
   __cpuid_count(7, 0, a, b, c, d);
@@ -79,7 +80,7 @@ int64_t detect_features() {
   }
   const bool zmm_os = (xcr0 & 0xE6) == 0xE6;  // SSE, AVX, opmask, ZMM_Hi256, Hi16_ZMM
   int64_t feats = 0;
-  if (zmm_os && f && bw && vl) feats |= kFeatAvx512;
+  if (zmm_os && f && bw && vl && f16c) feats |= kFeatAvx512;
   if (zmm_os && f && bw && vl && bf16) feats |= kFeatAvx512Bf16;
   if (amx_tile && amx_bf16) {
     feats |= kFeatAmxCpuid;
@@ -455,7 +456,7 @@ void split_gate_up(const std::vector<int32_t>& active, int64_t I, int nthreads, 
 void set_problem(Ctx& ctx, const at::Tensor& x, const at::Tensor& out, int64_t H, int64_t I, int64_t E,
                  const std::vector<ExpertWork>& experts, const std::vector<int32_t>& active,
                  const std::vector<Item1>& items1, int64_t rows2) {
-  ctx.prob.x = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  ctx.prob.x = static_cast<const uint16_t*>(x.data_ptr());  // bf16 (or fp16 for quantized experts: prob.f16)
   ctx.prob.ldx = x.stride(0);
   ctx.prob.out = out.data_ptr<float>();
   ctx.prob.ldo = out.stride(0);
@@ -591,12 +592,14 @@ void moe_forward(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w
 //   MXFP4: w13 [E, 2I, H / 2] and w2 [E, H, I / 2] uint8 (two e2m1 codes a byte), s13
 //     [E, 2I, H / 32] and s2 [E, H, I / 32] uint8 e8m0 exponents (bn, bk ignored);
 //   INT4 groups: w13 [E, 2I, H / 8] and w2 [E, H, I / 8] int32 (eight codes a word), s13
-//     [E, 2I, H / bk] and s2 [E, H, I / bk] bf16, a scale per group of bk (a multiple of 32);
-//   INT4 with zero points: as INT4 groups, unsigned codes, s13 / s2 int32 words (bf16 scale
-//     in bits 0..15, zero point in bits 16..19);
-// b13 [E, 2I] and b2 [E, H] bf16 biases (gate then up) or none; act / alpha / limit the
-// activation (kActSilu, kActSwigluOai); otherwise as moe_forward (x bf16, out fp32
-// accumulated into).
+//     [E, 2I, H / bk] and s2 [E, H, I / bk] in x's dtype, a scale per group of bk (a
+//     multiple of 32);
+//   INT4 with zero points: as INT4 groups, unsigned codes, s13 / s2 int32 words (the scale's
+//     bits, x's dtype, in bits 0..15, zero point in bits 16..19);
+// b13 [E, 2I] and b2 [E, H] biases in x's dtype (gate then up) or none; act / alpha / limit
+// the activation (kActSilu, kActSwigluOai); otherwise as moe_forward (out fp32 accumulated
+// into), except that x may be bf16 or fp16 (the model's dtype: GPTQ and AWQ checkpoints run
+// in fp16).
 // The experts a call reads: moe_forward's bf16 ones (s13 / s2 undefined), or
 // moe_forward_quant's quantized ones with their scales, biases and activation. Queued jobs
 // and graph-step layers hold one.
@@ -620,12 +623,13 @@ void check_quant(const ExpertSet& w, const std::string& op) {
   FCHECK(w.act == kActSilu || w.act == kActSwigluOai, op + "unknown activation " + FSTR(w.act));
   const bool mx = fmt == kFmtMxfp4, zp = fmt == kFmtInt4Zp, int4 = fmt == kFmtInt4Group || zp;
   const auto values = mx ? at::kByte : int4 ? at::kInt : at::kFloat8_e4m3fn;
-  const auto scales = mx ? at::kByte : zp ? at::kInt : int4 ? at::kBFloat16 : at::kFloat;
+  const bool half_scales = fmt == kFmtInt4Group && s13.scalar_type() == at::kHalf;  // run_quant: x's dtype
+  const auto scales = mx ? at::kByte : zp ? at::kInt : half_scales ? at::kHalf : int4 ? at::kBFloat16 : at::kFloat;
   FCHECK(w13.scalar_type() == values && w2.scalar_type() == values && s13.scalar_type() == scales &&
              s2.scalar_type() == scales,
          op + (mx     ? "MXFP4 weights and scales must be uint8"
                : zp   ? "INT4 zero-point weights and scales must be int32 words"
-               : int4 ? "INT4 weights must be int32 words, scales bfloat16"
+               : int4 ? "INT4 weights must be int32 words, scales bfloat16 or float16 (both the same)"
                       : "FP8 weights must be float8_e4m3fn, scales float32"));
   FCHECK(w13.dim() == 3 && w2.dim() == 3 && s13.dim() == 3 && s2.dim() == 3,
          op + "expected w13 [E,2I,.], s13 [E,.,.], w2 [E,H,.], s2 [E,.,.]");
@@ -657,14 +661,28 @@ void check_quant(const ExpertSet& w, const std::string& op) {
   FCHECK(w.b13.has_value() == w.b2.has_value(), op + "give both biases or neither");
   if (w.b13.has_value()) {
     const at::Tensor &b13 = *w.b13, &b2 = *w.b2;
-    FCHECK(b13.scalar_type() == at::kBFloat16 && b2.scalar_type() == at::kBFloat16 && b13.is_contiguous() &&
-               b2.is_contiguous() && b13.dim() == 2 && b13.size(0) == E && b13.size(1) == 2 * I &&
-               b2.dim() == 2 && b2.size(0) == E && b2.size(1) == H,
-           op + "biases must be contiguous bf16 b13 [E, 2I] and b2 [E, H]");
+    FCHECK((b13.scalar_type() == at::kBFloat16 || b13.scalar_type() == at::kHalf) &&
+               b2.scalar_type() == b13.scalar_type() && b13.is_contiguous() && b2.is_contiguous() &&
+               b13.dim() == 2 && b13.size(0) == E && b13.size(1) == 2 * I && b2.dim() == 2 && b2.size(0) == E &&
+               b2.size(1) == H,
+           op + "biases must be contiguous bf16 (or fp16) b13 [E, 2I] and b2 [E, H]");
   }
   FCHECK(w13.stride(2) == 1 && w13.stride(1) == w13.size(2) && w2.stride(2) == 1 && w2.stride(1) == w2.size(2) &&
              s13.stride(2) == 1 && s13.stride(1) == s13.size(2) && s2.stride(2) == 1 && s2.stride(1) == s2.size(2),
          op + "each expert's weights and scales must be contiguous (row-major)");
+}
+
+// x's dtype for experts w: bf16 for bf16 experts; for quantized ones the model's, bf16 or
+// fp16, which their biases and INT4 scales are in (zero-point words hold its bits).
+void check_x_dtype(const ExpertSet& w, at::ScalarType xt, const std::string& op) {
+  const std::string got = std::string(" (x is ") + c10::toString(xt) + ")";
+  if (!w.quantized()) {
+    FCHECK(xt == at::kBFloat16, op + "bf16 experts take bfloat16 x" + got);
+    return;
+  }
+  FCHECK(xt == at::kBFloat16 || xt == at::kHalf, op + "x must be bfloat16 or float16" + got);
+  FCHECK(!w.b13.has_value() || w.b13->scalar_type() == xt, op + "the biases' dtype must be x's" + got);
+  FCHECK(w.fmt != kFmtInt4Group || w.s13.scalar_type() == xt, op + "the INT4 scales' dtype must be x's" + got);
 }
 
 // moe_forward_quant once its experts are checked.
@@ -673,7 +691,8 @@ void run_quant(const ExpertSet& w, const at::Tensor& x, const at::Tensor& topk_i
   const std::string op = "fiddler_cpu.moe_forward_quant: ";
   for (const at::Tensor* t : {&x, &topk_ids, &topk_weights, &out})
     FCHECK(t->device().is_cpu(), op + "all tensors must be on the CPU");
-  FCHECK(x.scalar_type() == at::kBFloat16, op + "x must be bfloat16");
+  check_x_dtype(w, x.scalar_type(), op);
+  const bool f16 = x.scalar_type() == at::kHalf;
   FCHECK(topk_ids.scalar_type() == at::kInt && topk_weights.scalar_type() == at::kFloat &&
              out.scalar_type() == at::kFloat,
          op + "topk_ids int32, topk_weights and out float32");
@@ -707,8 +726,8 @@ void run_quant(const ExpertSet& w, const at::Tensor& x, const at::Tensor& topk_i
   const auto* q2 = static_cast<const uint8_t*>(w2.data_ptr());
   const auto* sc13 = static_cast<const uint8_t*>(s13.data_ptr());
   const auto* sc2 = static_cast<const uint8_t*>(s2.data_ptr());
-  const auto* bias13 = b13.has_value() ? reinterpret_cast<const uint16_t*>(b13->data_ptr<at::BFloat16>()) : nullptr;
-  const auto* bias2 = b2.has_value() ? reinterpret_cast<const uint16_t*>(b2->data_ptr<at::BFloat16>()) : nullptr;
+  const auto* bias13 = b13.has_value() ? static_cast<const uint16_t*>(b13->data_ptr()) : nullptr;
+  const auto* bias2 = b2.has_value() ? static_cast<const uint16_t*>(b2->data_ptr()) : nullptr;
   for (int64_t e = 0; e < E; ++e) {
     if (g_counts[e] == 0) continue;
     ExpertWork& ew = experts[e];
@@ -739,6 +758,7 @@ void run_quant(const ExpertSet& w, const at::Tensor& x, const at::Tensor& topk_i
   ctx.prob.act = int32_t(w.act);
   ctx.prob.alpha = float(w.alpha);
   ctx.prob.limit = float(w.limit);
+  ctx.prob.f16 = int32_t(f16);
   run_projections(pool, ctx, E, nullptr);
 }
 
@@ -921,7 +941,7 @@ struct GraphLayer {
   int64_t chunks = 0;                 // 0: no layer in this slot
 };
 struct GraphJobs {
-  at::Tensor x, slots, wts, first, out, mark_word, done_word;  // [N, H] bf16, [N, K] i32, [N, K] f32, [K] i32, [N, H] f32
+  at::Tensor x, slots, wts, first, out, mark_word, done_word;  // [N, H] bf16 / fp16, [N, K] i32, [N, K] f32, [K] i32, [N, H] f32
   int64_t mode = 1, amx_min_tokens = 0;
   std::vector<GraphLayer> layers;
 };
@@ -1203,6 +1223,7 @@ void moe_forward_async(const at::Tensor& x, const at::Tensor& w13, const at::Ten
                        int64_t bn, int64_t bk, int64_t act, double alpha, double limit) {
   ExpertSet experts = check_experts(w13, w2, s13, s2, b13, b2, fmt, bn, bk, act, alpha, limit,
                                     "fiddler_cpu.moe_forward_async: ");
+  check_x_dtype(experts, x.scalar_type(), "fiddler_cpu.moe_forward_async: ");
   FCHECK(out.is_contiguous() && out.scalar_type() == at::kFloat,
          "fiddler_cpu.moe_forward_async: out must be contiguous float32");
   FCHECK(done_word.device().is_cpu() && done_word.scalar_type() == at::kInt && done_word.numel() == 1,
@@ -1221,6 +1242,7 @@ void moe_forward_routed_async(const at::Tensor& x, const at::Tensor& w13, const 
                               int64_t bn, int64_t bk, int64_t act, double alpha, double limit) {
   ExpertSet experts = check_experts(w13, w2, s13, s2, b13, b2, fmt, bn, bk, act, alpha, limit,
                                     "fiddler_cpu.moe_forward_routed_async: ");
+  check_x_dtype(experts, x.scalar_type(), "fiddler_cpu.moe_forward_routed_async: ");
   FCHECK(out.is_contiguous() && out.scalar_type() == at::kFloat,
          "fiddler_cpu.moe_forward_routed_async: out must be contiguous float32");
   for (const at::Tensor* word : {&ready_word, &done_word})
@@ -1252,8 +1274,10 @@ void moe_forward_routed_async(const at::Tensor& x, const at::Tensor& w13, const 
 void graph_jobs_attach(const at::Tensor& x, const at::Tensor& slots, const at::Tensor& weights,
                        const at::Tensor& first, const at::Tensor& out, const at::Tensor& mark_word,
                        const at::Tensor& done_word, int64_t mode, int64_t amx_min_tokens) {
-  FCHECK(x.device().is_cpu() && x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.is_contiguous(),
-         "fiddler_cpu.graph_jobs_attach: x must be [N, H] bf16, contiguous, on the host");
+  FCHECK(x.device().is_cpu() && (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf) &&
+             x.dim() == 2 && x.is_contiguous(),
+         "fiddler_cpu.graph_jobs_attach: x must be [N, H] bf16 (fp16: quantized layers only), contiguous, on the "
+         "host");
   const int64_t N = x.size(0);
   FCHECK(slots.scalar_type() == at::kInt && slots.dim() == 2 && slots.size(0) == N && slots.is_contiguous() &&
              weights.scalar_type() == at::kFloat && weights.sizes() == slots.sizes() && weights.is_contiguous(),
@@ -1289,6 +1313,7 @@ void graph_jobs_add_layer(int64_t slot, const at::Tensor& w13, const at::Tensor&
   AsyncRunner* runner = async_runner();
   const std::shared_ptr<GraphJobs> old = runner->graph();
   FCHECK(old, "fiddler_cpu.graph_jobs_add_layer: attach the graph buffers first");
+  check_x_dtype(experts, old->x.scalar_type(), "fiddler_cpu.graph_jobs_add_layer: ");
   FCHECK(slot >= 0 && slot < 0x7FFE, "fiddler_cpu.graph_jobs_add_layer: slot must be in 0..32765");
   FCHECK(chunks >= 1 && w13.size(0) % chunks == 0 && w2.size(0) == w13.size(0),
          "fiddler_cpu.graph_jobs_add_layer: chunks must divide the chunk-experts of w13 and w2");

@@ -134,3 +134,27 @@ def test_gptq_groups_out_of_order_are_refused_at_load(mixtral_bf16, tmp_path):
     shuffled, _ = write_int4_gptq(mixtral_bf16, str(tmp_path), g_idx_shift=1)
     error = start_up_error(shuffled)
     assert "has a g_idx that is not its" in error and "loads GPTQ checkpoints without act-order" in error, error
+
+
+FP16_CHECKPOINTS = [("qwen3_moe", "gptq"), ("mixtral", "awq")]
+
+
+@pytest.mark.parametrize("name, fmt", FP16_CHECKPOINTS, ids=[f"{n}-{f}" for n, f in FP16_CHECKPOINTS])
+def test_fp16_checkpoints_run_on_the_native_kernels(name, fmt, tmp_path, monkeypatch):
+    """GPTQ and AWQ checkpoints run in fp16 (vLLM's "auto" dtype for them): host experts take
+    the native kernels in fp16 (none falls back to torch's dequantizing path), and the tokens
+    and log-probabilities meet the bf16 runs' criteria against stock vLLM in fp16 on the
+    dequantized weights."""
+    from vllm_fiddler.runtime import cpu_experts
+
+    fallbacks = []
+    monkeypatch.setattr(cpu_experts, "_warn_quantized_in_torch", lambda *args: fallbacks.append(args))
+    src = build_family(name, str(tmp_path / "src"))
+    quantized, ref = WRITERS[fmt](src, str(tmp_path / fmt))
+    placement = tmp_path / "placement.json"
+    placement.write_text(json.dumps(FAMILIES[name].placement()))
+    ours = generate(quantized, "fiddler", "float16", {"placement": str(placement)}, logprobs=NEAR_TIE_TOP)
+    assert not fallbacks, f"host experts fell back to torch: {fallbacks[0][1].fmt}, x {fallbacks[0][0].dtype}"
+    stock = generate(ref, "auto", "float16", logprobs=NEAR_TIE_TOP)
+    check_tokens_close(ours, stock, f"{name} {fmt} fp16")
+    check_as_close_to_hf_as_stock(top_n(ours, 5), top_n(stock, 5), FAMILIES[name], ref, f"{name} {fmt} fp16")

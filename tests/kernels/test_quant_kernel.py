@@ -240,11 +240,8 @@ def test_int4_groups_the_kernel_does_not_take_go_to_torch():
     assert not out.any()
 
 
-# ---------------------------------------------------------------- on the native job thread
-# Device-waited jobs, routed jobs and graph steps (vllm_fiddler.runtime.graph_jobs) run
-# quantized experts on the native job thread as bf16 ones. Same kernels, same threads, same
-# per-output-row summation order: bit-equal to moe_forward_quantized called directly.
-JOB_FORMATS = {
+# ---------------------------------------------------------------- fp16 models (GPTQ, AWQ)
+FORMAT_SPECS = {
     "fp8_block": dict(block=(32, 48)),
     "mxfp4": dict(math=GPT_OSS),
     "int4_group": dict(group=32),
@@ -252,18 +249,91 @@ JOB_FORMATS = {
 }
 
 
-def job_experts(fmt, E=5, H=96, I=64, seed=0):
-    """(w13, w2) QuantizedExperts of `fmt`, math, biases (bf16 where math has them)."""
-    spec = JOB_FORMATS[fmt]
+def fp16_model_experts(fmt, E, H, I, seed):
+    """(w13, w2) of `fmt` as an fp16 model holds them (INT4 scales in fp16, zero-point words
+    with fp16 scale bits), math, fp16 biases where math has them, and the oracle's fp32
+    (w13, w2, b13, b2)."""
+    spec = FORMAT_SPECS[fmt]
+    gen = torch.Generator().manual_seed(seed)
+    w13 = torch.randn(E, 2 * I, H, generator=gen) + torch.randn(E, 2 * I, 1, generator=gen)
+    w2 = torch.randn(E, H, I, generator=gen)
+    make = lambda w: quant.QuantizedExperts.quantize(fmt, w, torch.float16, block=spec.get("block", (128, 128)),  # noqa: E731
+                                                     group=spec.get("group", 128))
+    w13q, w2q = make(w13), make(w2)
+    math = spec.get("math", reference.SILU)
+    biases = None
+    if math.has_bias:
+        biases = ((torch.randn(E, 2 * I, generator=gen) * 4).half(), torch.randn(E, H, generator=gen).half())
+    oracle = (w13q.to_dtype(torch.float32).dequantized(), w2q.to_dtype(torch.float32).dequantized(),
+              *(b.float() for b in biases or ()))
+    return w13q, w2q, math, biases, oracle
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 16, 33])
+@pytest.mark.parametrize("fmt", sorted(FORMAT_SPECS))
+def test_fp16_models_run_natively(fmt, tokens):
+    """An fp16 model (GPTQ and AWQ checkpoints' dtype): x, biases and INT4 scales in fp16,
+    widened exactly, so the kernels match the fp32 oracle as tightly as in bf16."""
+    E, H, I, K = 5, 96, 64, 2
+    w13, w2, math, biases, oracle = fp16_model_experts(fmt, E, H, I, seed=tokens)
+    if fmt.startswith("int4"):
+        assert {w13.tensors.get("weight_scale", torch.empty(0, dtype=torch.float16)).dtype, w13.scale_dtype} == \
+            {torch.float16}
+    gen = torch.Generator().manual_seed(tokens + 1)
+    x = torch.randn(tokens, H, generator=gen).half()
+    weights, ids = reference.route(torch.randn(tokens, E, generator=gen), K)
+    out = torch.zeros(tokens, H)
+    assert cpu_kernels.moe_forward_quantized(x, w13, w2, ids.to(torch.int32), weights, out, math, biases)
+    check(out, reference.moe(x.float(), oracle[0], oracle[1], weights, ids, math, *oracle[2:]))
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMAT_SPECS))
+def test_x_in_another_dtype_than_the_experts_goes_to_torch(fmt):
+    """fp16 scales or biases with bf16 x, or fp32 x: False, nothing done; the op itself
+    refuses where the dtypes are in its tensors, naming x's."""
+    w13, w2, math, biases, _ = fp16_model_experts(fmt, 3, 64, 32, seed=0)
+    ids, w = torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, 1)
+    out = torch.zeros(1, 64)
+    # the job thread: the layer asks for its model's dtype
+    assert cpu_kernels.takes_jobs(w13, w2, math, biases, x_dtype=torch.float16)
+    assert not cpu_kernels.takes_jobs(w13, w2, math, biases, x_dtype=torch.float32)
+    assert cpu_kernels.takes_jobs(w13, w2, math, biases, x_dtype=torch.bfloat16) == \
+        (not fmt.startswith("int4") and biases is None)
+    assert not cpu_kernels.moe_forward_quantized(torch.randn(1, 64), w13, w2, ids, w, out, math, biases)
+    if fmt.startswith("int4") or biases is not None:
+        assert not cpu_kernels.moe_forward_quantized(torch.randn(1, 64).bfloat16(), w13, w2, ids, w, out, math, biases)
+        w13_values, w2_values, s13, s2, b13, b2, *spec = cpu_kernels._quantized_set(w13, w2, math, biases)
+        if fmt == "int4_zp":  # the words hold a scale's bits, not its dtype: only the Python side knows
+            assert not out.any()
+            return
+        with pytest.raises(RuntimeError, match=r"dtype must be x's \(x is BFloat16\)"):
+            torch.ops.fiddler_cpu.moe_forward_quant(torch.randn(1, 64).bfloat16(), w13_values, s13, w2_values, s2, b13,
+                                                    b2, ids, w, out, *spec)
+    else:  # FP8 without biases: either dtype
+        assert cpu_kernels.moe_forward_quantized(torch.randn(1, 64).bfloat16(), w13, w2, ids, w, out, math, biases)
+        out.zero_()
+    assert not out.any()
+
+
+# ---------------------------------------------------------------- on the native job thread
+# Device-waited jobs, routed jobs and graph steps (vllm_fiddler.runtime.graph_jobs) run
+# quantized experts on the native job thread as bf16 ones. Same kernels, same threads, same
+# per-output-row summation order: bit-equal to moe_forward_quantized called directly.
+
+
+def job_experts(fmt, E=5, H=96, I=64, seed=0, dtype=torch.bfloat16):
+    """(w13, w2) QuantizedExperts of `fmt` for a model of `dtype`, math, biases (in `dtype`
+    where math has them)."""
+    spec = FORMAT_SPECS[fmt]
     gen = torch.Generator().manual_seed(seed)
     w13 = torch.randn(E, 2 * I, H, generator=gen)
     w2 = torch.randn(E, H, I, generator=gen)
-    make = lambda w: quant.QuantizedExperts.quantize(fmt, w, block=spec.get("block", (128, 128)),  # noqa: E731
+    make = lambda w: quant.QuantizedExperts.quantize(fmt, w, dtype, block=spec.get("block", (128, 128)),  # noqa: E731
                                                      group=spec.get("group", 128))
     math = spec.get("math", reference.SILU)
     biases = None
     if math.has_bias:
-        biases = ((torch.randn(E, 2 * I, generator=gen) * 4).bfloat16(), torch.randn(E, H, generator=gen).bfloat16())
+        biases = ((torch.randn(E, 2 * I, generator=gen) * 4).to(dtype), torch.randn(E, H, generator=gen).to(dtype))
     return make(w13), make(w2), math, biases
 
 
@@ -279,12 +349,13 @@ def routing(tokens, E, K, seed):
     return weights, ids.to(torch.int32)
 
 
-@pytest.mark.parametrize("fmt", sorted(JOB_FORMATS))
+@pytest.mark.parametrize("fmt", sorted(FORMAT_SPECS))
 def test_quantized_jobs_on_the_job_thread_match_the_direct_call(fmt):
     import time
 
     w13, w2, math, biases = job_experts(fmt)
     assert cpu_kernels.takes_jobs(w13, w2, math, biases)
+    assert cpu_kernels.takes_jobs(w13, w2, math, biases, x_dtype=torch.bfloat16)
     if biases is not None:  # gpt-oss's math without its biases: not the kernels' (torch's path)
         assert not cpu_kernels.takes_jobs(w13, w2, math, None)
     H, E, K = 96, 5, 2
@@ -307,17 +378,19 @@ def test_quantized_jobs_on_the_job_thread_match_the_direct_call(fmt):
         assert torch.equal(out, direct(x, w13, w2, ids, weights, math, biases))
 
 
-@pytest.mark.parametrize("fmt", sorted(JOB_FORMATS))
-def test_quantized_routed_jobs_and_graph_steps_match_the_direct_call(fmt):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("fmt", sorted(FORMAT_SPECS))
+def test_quantized_routed_jobs_and_graph_steps_match_the_direct_call(fmt, dtype):
     """A routed job reads host slots once its ready word lands; a graph step (a Python thread
-    playing the graph's memory operations) runs a layer slot's quantized experts."""
+    playing the graph's memory operations) runs a layer slot's quantized experts; in either
+    model dtype (the graph's x buffer is the model's)."""
     import time
 
-    w13, w2, math, biases = job_experts(fmt, seed=1)
+    w13, w2, math, biases = job_experts(fmt, seed=1, dtype=dtype)
     H, E, K, T = 96, 5, 2, 3
     weights, slots = routing(T, E, K, 11)
     slots[1, 0] = -1
-    x = torch.randn(T, H, generator=torch.Generator().manual_seed(12)).bfloat16()
+    x = torch.randn(T, H, generator=torch.Generator().manual_seed(12)).to(dtype)
     want = direct(x, w13, w2, slots, weights, math, biases)
     cpu_kernels.async_take_error()
 
@@ -337,7 +410,7 @@ def test_quantized_routed_jobs_and_graph_steps_match_the_direct_call(fmt):
 
     # a graph step
     N = 4
-    bufs = dict(x=torch.zeros(N, H, dtype=torch.bfloat16), slots=torch.full((N, K), -1, dtype=torch.int32),
+    bufs = dict(x=torch.zeros(N, H, dtype=dtype), slots=torch.full((N, K), -1, dtype=torch.int32),
                 weights=torch.zeros(N, K), first=torch.zeros(K, dtype=torch.int32), out=torch.zeros(N, H))
     mark, done = torch.zeros(1, dtype=torch.int32), torch.zeros(1, dtype=torch.int32)
     assert cpu_kernels.graph_jobs_attach(bufs["x"], bufs["slots"], bufs["weights"], bufs["first"], bufs["out"],

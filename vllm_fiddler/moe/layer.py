@@ -94,6 +94,7 @@ class HybridMoE(HostSteps, SyncedSteps, RoutedSteps, nn.Module):
         E, H, I = num_experts, hidden_size, intermediate_size
         self.num_experts, self.top_k, self.hidden_size, self.intermediate_size = E, top_k, H, I
         self.math = math
+        self.dtype = dtype  # the model's: activations, and the native kernels' x
         gpu_experts = tuple(sorted(gpu_experts))
         cold = tuple(e for e in range(E) if e not in set(gpu_experts))
         self.device = torch.device(device)
@@ -275,10 +276,11 @@ class HybridMoE(HostSteps, SyncedSteps, RoutedSteps, nn.Module):
     @property
     def native_jobs(self) -> bool:
         """Whether the native job thread runs this layer's host experts (routed steps, graph
-        steps, device-waited jobs without the GIL)."""
+        steps, device-waited jobs without the GIL) on activations in the model's dtype."""
         from vllm_fiddler.kernels import cpu as cpu_kernels
 
-        return cpu_kernels.takes_jobs(self.w13_cpu_chunks, self.w2_cpu_chunks, self.math, self.host_biases)
+        return cpu_kernels.takes_jobs(self.w13_cpu_chunks, self.w2_cpu_chunks, self.math, self.host_biases,
+                                      x_dtype=self.dtype)
 
     @property
     def host_biases(self) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -110,17 +110,21 @@ class FiddlerModel:
         from vllm_fiddler.kernels import cpu as cpu_kernels
 
         dtype = vllm_config.model_config.dtype
-        if dtype != torch.bfloat16:  # GPTQ and AWQ checkpoints ship fp16, so vLLM's "auto" picks it
-            logger.warning("fiddler: the model runs in %s; the native CPU expert kernels take bf16 activations, "
+        # quantized experts' kernels take the model's bf16 or fp16 (GPTQ and AWQ checkpoints
+        # ship fp16, so vLLM's "auto" picks it); bf16 experts' kernels take bf16 only
+        native_dtype = dtype == torch.bfloat16 or (quantized and dtype == torch.float16)
+        if not native_dtype:
+            logger.warning("fiddler: the model runs in %s; the native CPU expert kernels take %s activations, "
                            "so host experts run on torch's path, many times slower. Pass --dtype bfloat16 to "
-                           "run them at the host's memory bandwidth", str(dtype).removeprefix("torch."))
+                           "run them at the host's memory bandwidth", str(dtype).removeprefix("torch."),
+                           "bf16 or fp16" if quantized else "bf16")
         if quantized:
             logger.info("fiddler: experts stay %s on both sides; host experts run %s, device experts the "
                         "Triton MoE kernels, which read the stored format; weight copies, streamed chunks "
                         "and online re-placement, which move bf16 experts, are off",
                         shape.expert_format.describe(),
                         "the AVX512 quantized-expert kernels" if cpu_kernels.quantized_available()
-                        and dtype == torch.bfloat16 else "torch's dequantize-per-expert path")
+                        and native_dtype else "torch's dequantize-per-expert path")
         C = expert_chunks(shape.intermediate_size)
         if cfg.streamed_chunks is not None:
             check_streamed_chunks(cfg.streamed_chunks, shape.top_k, C)
@@ -202,13 +206,13 @@ class FiddlerModel:
             return None
         from vllm_fiddler.kernels import cpu as cpu_kernels
 
-        if not (routed_max_tokens and vllm_config.model_config.dtype == torch.bfloat16
+        if not (routed_max_tokens and layers[0].native_jobs
                 and cpu_kernels.isa() != "torch" and layers[0].cpu_runtime.takes_routed_jobs()
                 and graph_jobs.available()):
-            logger.info("fiddler: the MoE op stays out of FULL CUDA graphs here (it needs bf16, the native CPU "
-                        "kernels and stream memory operations in graphs); piecewise graphs only")
+            logger.info("fiddler: the MoE op stays out of FULL CUDA graphs here (it needs the native CPU kernels "
+                        "in the model's dtype and stream memory operations in graphs); piecewise graphs only")
             return None
-        jobs = GraphJobs(routed_max_tokens, shape.hidden_size, shape.top_k)
+        jobs = GraphJobs(routed_max_tokens, shape.hidden_size, shape.top_k, vllm_config.model_config.dtype)
         for experts in layers:
             # made before any capture: the graphs read them where they are (rewritten in place)
             if experts.heat_table is None:

@@ -57,7 +57,7 @@ def mark_code(slot: int, tokens: int) -> int:
 
 @dataclasses.dataclass
 class _Buffers:
-    x: torch.Tensor  # [N, H] bf16
+    x: torch.Tensor  # [N, H] the model's dtype
     slots: torch.Tensor  # [N, K] int32 host slot or -1
     weights: torch.Tensor  # [N, K] fp32
     first: torch.Tensor  # [K] int32 streamed chunks per top-k position
@@ -65,15 +65,15 @@ class _Buffers:
 
 
 class GraphJobs:
-    def __init__(self, max_tokens: int, hidden_size: int, top_k: int):
+    def __init__(self, max_tokens: int, hidden_size: int, top_k: int, dtype: torch.dtype = torch.bfloat16):
         from vllm_fiddler.kernels import cpu as cpu_kernels
 
         def pinned(shape, dtype):
             return torch.zeros(shape, dtype=dtype, device="cpu", pin_memory=True)
 
         N, H, K = max_tokens, hidden_size, top_k
-        self.max_tokens, self.top_k = N, K
-        self.host = _Buffers(pinned((N, H), torch.bfloat16), pinned((N, K), torch.int32),
+        self.max_tokens, self.top_k, self.dtype = N, K, dtype
+        self.host = _Buffers(pinned((N, H), dtype), pinned((N, K), torch.int32),
                              pinned((N, K), torch.float32), pinned((K,), torch.int32),
                              pinned((N, H), torch.float32))
         self.views = _Buffers(*(device_view(getattr(self.host, f.name)) for f in dataclasses.fields(_Buffers)))
@@ -86,7 +86,7 @@ class GraphJobs:
         self._done_ptr = self._driver.device_pointer(self.done.data_ptr())
         h = self.host
         if not cpu_kernels.graph_jobs_attach(h.x, h.slots, h.weights, h.first, h.result, self.mark, self.done):
-            raise RuntimeError("no native CPU kernel takes bf16 experts here")
+            raise RuntimeError(f"no native CPU kernel takes {dtype} activations here")
         self._slot_of: dict[int, int] = {}  # id(layer) -> its slot
         self._layers: list = []  # keeps them (and their tensors) alive as long as the native table
 

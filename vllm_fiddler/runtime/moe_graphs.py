@@ -145,7 +145,7 @@ class MoEGraphs:
 
         layers = [m for m in layers if m.cpu_experts or m.host_backing]
         max_tokens = min(max_tokens, self.max_tokens)
-        if (not layers or max_tokens < 1 or self._dtype != torch.bfloat16 or cpu_kernels.isa() == "torch"
+        if (not layers or max_tokens < 1 or not layers[0].native_jobs or cpu_kernels.isa() == "torch"
                 or not layers[0].cpu_runtime.takes_routed_jobs()):
             return {"graphs": 0, "seconds": 0.0}
         start = time.perf_counter()

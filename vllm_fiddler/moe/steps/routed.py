@@ -33,11 +33,12 @@ class RoutedSteps:
         if not self.cpu_experts and not self.host_backing:
             return False
         jobs = self.graph_jobs
-        if jobs is None or x.shape[0] > jobs.max_tokens or x.dtype != torch.bfloat16:
+        if jobs is None or x.shape[0] > jobs.max_tokens or x.dtype != jobs.dtype:
             raise RuntimeError(
-                f"fiddler: a CUDA graph is capturing the hybrid MoE op for {x.shape[0]} tokens, which only "
-                f"graph steps of up to {jobs.max_tokens if jobs else 0} bf16 tokens can replay; the plugin "
-                "limits vLLM's FULL graphs to those (vllm_fiddler.plugin), so some other capture reached the op")
+                f"fiddler: a CUDA graph is capturing the hybrid MoE op for {x.shape[0]} {x.dtype} tokens, which "
+                f"only graph steps of up to {jobs.max_tokens if jobs else 0} tokens in the model's dtype can replay; "
+                "the plugin limits vLLM's FULL graphs to those (vllm_fiddler.plugin), so some other capture reached "
+                "the op")
         jobs.queue(self, x, topk_weights, topk_ids, out)
         return True
 
