@@ -87,9 +87,6 @@ def check_vllm_config(vllm_config: Any) -> None:
             or parallel.enable_eplb:
         raise ValueError("--model-impl fiddler runs with tensor parallelism or on one GPU: remove pipeline, "
                          "data and expert parallelism and EPLB options.")
-    if parallel.tensor_parallel_size > 1 and quantization is not None:
-        raise ValueError(f"--model-impl fiddler splits unquantized experts over tensor-parallel ranks so far; "
-                         f"this model's experts are {quantization}: run it with --tensor-parallel-size 1.")
     if vllm_config.lora_config is not None:
         raise ValueError("--model-impl fiddler does not support LoRA yet; remove --enable-lora.")
     _select_cudagraph_mode(vllm_config)

@@ -99,7 +99,7 @@ def test_stand_ins_route_fp8_tensors_and_scales():
     q13, s13, q2, s2 = tensors
     m = layer((2, 6))
     method = moe_method.FiddlerMoEMethod.__new__(moe_method.FiddlerMoEMethod)
-    method.prefix, method.hybrid = "model.layers.0.mlp.experts", m
+    method.prefix, method.hybrid, method.expert_format = "model.layers.0.mlp.experts", m, FMT
     loader = moe_method.FiddlerMoEMethod.weight_loader
     sinks = {n: moe_method.ExpertSink(torch.empty(E, 0), method, n)
              for n in ("w13_weight", "w2_weight", "w13_weight_scale_inv", "w2_weight_scale_inv")}
@@ -583,3 +583,79 @@ def test_device_experts_read_as_stored_match_the_dequantized_ones():
 
 if __name__ == "__main__" and "--hot-experts-worker" in sys.argv:
     _hot_experts_worker()
+
+
+# ---------------------------------------------------------------- tensor parallelism
+TP_FORMATS = {"fp8": ExpertFormat("fp8_block", (32, 32)), "int4": INT4, "gptq": GPTQ, "awq": AWQ}
+
+
+def tp_checkpoint(fmt: str, inter: int, seed: int = 0) -> list[tuple[int, str, torch.Tensor]]:
+    """(expert, tensor name, whole checkpoint tensor) of every expert, as vLLM's per-expert loader
+    hands them over (the format's own layout and metadata), for intermediate size `inter`."""
+    f = TP_FORMATS[fmt]
+    gen = torch.Generator().manual_seed(seed)
+    calls = []
+    for name, shape in (("1", (inter, H_MX)), ("3", (inter, H_MX)), ("2", (H_MX, inter))):
+        w = torch.randn(E, *shape, generator=gen) + torch.randn(E, shape[0], 1, generator=gen)
+        for e in range(E):
+            if fmt == "fp8":
+                q, s = quant.quant_fp8_block(w[e], f.block)
+                calls += [(e, "w" + name, q), (e, "s" + name, s)]
+            elif fmt == "awq":
+                packed, scale, zero = quant.quant_int4_zp(w[e], 32)
+                calls += [(e, "w" + name, quant.awq_pack(quant.unpack_int4(packed, shape[1]).t().contiguous())),
+                          (e, "s" + name, scale.half().t().contiguous()),
+                          (e, "z" + name, quant.awq_pack(zero.t().contiguous()))]
+            else:
+                packed, scale = quant.quant_int4_group(w[e], 32)
+                if fmt == "gptq":
+                    calls += [(e, "w" + name, packed.t().contiguous()), (e, "s" + name, scale.half().t().contiguous()),
+                              (e, "g" + name, torch.arange(shape[1], dtype=torch.int32) // 32)]
+                else:
+                    calls += [(e, "w" + name, packed), (e, "s" + name, scale.bfloat16()),
+                              (e, "k" + name, torch.tensor(list(shape)))]
+    return calls
+
+
+@pytest.mark.parametrize("fmt", sorted(TP_FORMATS))
+def test_tensor_parallel_ranks_load_their_share_of_each_quantized_expert(fmt):
+    """Under tensor parallelism vLLM's per-expert loader hands each rank whole checkpoint
+    tensors; rank r of 2 keeps gate and up rows r*I..(r+1)*I and those inputs of the down
+    projection, values and scales alike (I: the rank's share), in each layout: the ranks'
+    experts are exactly the slices of a one-rank layer's, so their outputs sum to its."""
+    f = TP_FORMATS[fmt]
+
+    def make(inter, tp):
+        return QuantizedHybridMoE(expert_format=f, tp=tp, num_experts=E, top_k=K, hidden_size=H_MX,
+                                  intermediate_size=inter, gpu_experts=(1, 4), dtype=torch.float32,
+                                  device=torch.device("cpu"), cpu_runtime=CPUExpertRuntime(num_threads=1, inline=True),
+                                  pin_memory=False, math=reference.SILU)
+
+    calls = tp_checkpoint(fmt, 2 * I)
+    whole, ranks = make(2 * I, (0, 1)), [make(I, (r, 2)) for r in range(2)]
+    for m in (whole, *ranks):
+        for e, name, t in calls:
+            m.load_expert(e, name, t)
+    for e in range(E):
+        w13, w2 = whole.expert_weights(e)
+        for r, m in enumerate(ranks):
+            rows = slice(r * I, (r + 1) * I)
+            got13, got2 = m.expert_weights(e)
+            assert torch.equal(got13, torch.cat([w13[:2 * I][rows], w13[2 * I:][rows]])), (e, r)
+            assert torch.equal(got2, w2[:, rows]), (e, r)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(5, H_MX, generator=gen)
+    weights, ids = reference.route(torch.randn(5, E, generator=gen), K)
+    ids = ids.to(torch.int32)
+    ref = whole(x, weights, ids)
+    torch.testing.assert_close(ranks[0](x, weights, ids) + ranks[1](x, weights, ids), ref,
+                               atol=1e-5 * ref.abs().max().item(), rtol=1e-5)
+
+
+def test_tensor_parallel_shares_must_hold_whole_scale_blocks():
+    with pytest.raises(ValueError, match="a tensor-parallel rank's intermediate size 64 is not a multiple of the FP8 "
+                                         "scale block's 48 columns"):
+        FMT.check_layer("layer", H, I, tp_size=2)
+    FMT.check_layer("layer", H, I)  # one rank: partial blocks are fine
+    with pytest.raises(ValueError, match=r"intermediate size 48 \(a tensor-parallel rank's share\) must be"):
+        INT4.check_layer("layer", H_MX, 48, tp_size=2)

@@ -99,11 +99,12 @@ class FiddlerMoEMethod(compat.fused_moe_method_base()):
     """vLLM's FusedMoE method contract for a hybrid layer (module docstring)."""
 
     tp_rank, tp_size = 0, 1  # this process's tensor-parallel rank and their number (set per method)
+    expert_format = None  # moe.quantized.ExpertFormat, or None: unquantized experts (set per method)
 
     def __init__(self, moe_config: Any, prefix: str, expert_format: Any = None):
         super().__init__(moe_config)
         self.prefix = prefix
-        self.expert_format = expert_format  # moe.quantized.ExpertFormat, or None: unquantized experts
+        self.expert_format = expert_format
         self.spec: MoELayerSpec | None = None
         self.hybrid = None  # HybridMoE, attached by the model once placement is known
         self.runner = None  # the MoERunner holding this method (moe.model)
@@ -157,7 +158,9 @@ class FiddlerMoEMethod(compat.fused_moe_method_base()):
         else:
             kind = param.kind()  # "w13", "w2", "b13", "b2", "s13", "s2"
             name = kind[0] + shard_id[1:]
-            self._hybrid().load_expert(int(expert_id), name, self._tp_share(name, loaded_weight))
+            if self.expert_format is None or name[0] == "b":  # a quantized layer shards its own layouts
+                loaded_weight = self._tp_share(name, loaded_weight)
+            self._hybrid().load_expert(int(expert_id), name, loaded_weight)
         return True if return_success else None
 
     def _tp_share(self, name: str, weight: torch.Tensor) -> torch.Tensor:

@@ -148,8 +148,8 @@ class FiddlerModel:
                 intermediate_size=shape.intermediate_size, gpu_experts=placement.on_gpu(ordinal),
                 dtype=method.spec.dtype, device=device, cpu_runtime=runtime, pin_memory=on_cuda,
                 host_backing=adapt, math=math)
-            hybrid = QuantizedHybridMoE(expert_format=shape.expert_format, **kwargs) if quantized \
-                else HybridMoE(**kwargs)
+            hybrid = QuantizedHybridMoE(expert_format=shape.expert_format, tp=(tp_rank, tp_size), **kwargs) \
+                if quantized else HybridMoE(**kwargs)
             method.hybrid = hybrid
             if dummy:  # vLLM's dummy loader fills Parameters only: the experts are plain tensors
                 method.dummy_init_seed = 1234 + method.spec.layer_index

@@ -155,16 +155,22 @@ class ExpertFormat:
             names.update(w13_weight_shape=torch.int64, w2_weight_shape=torch.int64)
         return names
 
-    def check_layer(self, prefix: str, hidden: int, inter: int) -> None:
-        """Raises ValueError for a layer the format cannot store or split into gate and up."""
+    def check_layer(self, prefix: str, hidden: int, inter: int, tp_size: int = 1) -> None:
+        """Raises ValueError for a layer the format cannot store or split into gate and up; `inter`
+        is one tensor-parallel rank's share of tp_size, which must hold whole scale blocks."""
         if self.name in ("mxfp4", "int4_group", "int4_zp"):
             group = self.block[1]
+            share = " (a tensor-parallel rank's share)" if tp_size > 1 else ""
             if hidden % group or inter % group:
-                raise ValueError(f"{prefix}: hidden size {hidden} and intermediate size {inter} must be multiples "
-                                 f"of the {group}-weight scale groups of {self.describe()}")
+                raise ValueError(f"{prefix}: hidden size {hidden} and intermediate size {inter}{share} must be "
+                                 f"multiples of the {group}-weight scale groups of {self.describe()}")
         elif inter % self.block[0]:
             raise ValueError(f"{prefix}: intermediate size {inter} is not a multiple of the FP8 scale block's "
                              f"{self.block[0]} rows, so gate and up scales cannot be told apart")
+        elif tp_size > 1 and inter % self.block[1]:
+            raise ValueError(f"{prefix}: a tensor-parallel rank's intermediate size {inter} is not a multiple of the "
+                             f"FP8 scale block's {self.block[1]} columns, so the down projection's scales cannot be "
+                             f"split between {tp_size} ranks")
 
     def empty(self, count: int, n: int, k: int, device: torch.device | str, pin_memory: bool,
               dtype: torch.dtype) -> QuantizedExperts:
@@ -215,11 +221,15 @@ class QuantizedHybridMoE(HybridMoE):
     load by vLLM's names: w1 / w3 / w2 (values) and s1 / s3 / s2 (their scales), w13 / s13
     fused; biases (b1 / b3 / b2, b13) stay in the model's dtype, as HybridMoE's."""
 
-    def __init__(self, *, expert_format: ExpertFormat, **kwargs):
+    def __init__(self, *, expert_format: ExpertFormat, tp: tuple[int, int] = (0, 1), **kwargs):
+        """tp: (rank, ranks) of tensor parallelism: this layer holds the rank's 1/ranks of every
+        expert's intermediate size (intermediate_size is the rank's), and loads it from whole
+        checkpoint tensors as vLLM's loader would shard them (_store)."""
         if kwargs.get("host_backing"):
             raise ValueError("quantized layers keep no host backing (no online re-placement)")
         self.expert_format = expert_format
-        expert_format.check_layer("layer", kwargs["hidden_size"], kwargs["intermediate_size"])
+        self.tp_rank, self.tp_size = tp
+        expert_format.check_layer("layer", kwargs["hidden_size"], kwargs["intermediate_size"], self.tp_size)
         super().__init__(**kwargs)
 
     def _allocate_experts(self, Eg: int, Eh: int, dtype: torch.dtype, pin_memory: bool) -> None:
@@ -292,7 +302,7 @@ class QuantizedHybridMoE(HybridMoE):
         [N, K] of a projection (k), AutoGPTQ's group index of each input (g: groups in weight
         order; act-order checkpoints are refused at build) and zero points (z: a symmetric
         checkpoint's, ignored as vLLM's uint4b8 kernels ignore them)."""
-        H, I = self.hidden_size, self.intermediate_size
+        H, I = self.hidden_size, self.intermediate_size * self.tp_size  # the checkpoint's, all ranks'
         if name[0] == "z":
             return
         if name[0] == "g":
@@ -310,7 +320,10 @@ class QuantizedHybridMoE(HybridMoE):
 
     def _store(self, expert: int, name: str, weight: torch.Tensor) -> None:
         """w1 / w3 / w2 values or s1 / s3 / s2 scales, in storage layout, into each set holding
-        `expert`."""
+        `expert`. Under tensor parallelism a whole checkpoint tensor gives this rank's share of
+        the intermediate size, as vLLM's loader splits it: w1 / w3 and their scales by rows,
+        w2 and its scales by the columns of its inputs (each share whole scale groups:
+        check_layer); a tensor already of the share's size is taken as is."""
         values, scales = self.expert_format.layout.keys
         key = values if name[0] == "w" else scales  # s and z share int4_zp's scale / zero words
         I = self.intermediate_size
@@ -321,6 +334,7 @@ class QuantizedHybridMoE(HybridMoE):
                 rows = I if key == values else I // self.expert_format.block[0]
                 full = w13.tensors[key][slot]
                 dst = full[:rows] if name[1] == "1" else full[rows:]
+            weight = self._tp_share(weight, dst, 1 if name[1] == "2" else 0)
             if dst.numel() != weight.numel() or dst.shape[0] != weight.shape[0]:
                 raise ValueError(f"fiddler: expert {expert}'s {name} ({key}) has shape {list(weight.shape)}, the "
                                  f"layer's {self.expert_format.describe()} expects {list(dst.shape)}")
@@ -328,6 +342,18 @@ class QuantizedHybridMoE(HybridMoE):
                 self._merge_scale_zero(dst, name, weight, w13.scale_dtype)
             else:
                 dst.copy_(weight.reshape(dst.shape))  # MXFP4 values: [rows, K/2] bytes as [rows, K/32, 16]
+
+    def _tp_share(self, weight: torch.Tensor, dst: torch.Tensor, dim: int) -> torch.Tensor:
+        """This rank's share of `weight` along `dim` (its intermediate axis) where `weight` holds
+        every rank's (tp_size x dst's extent there); `weight` otherwise. [N, K/2] MXFP4 bytes
+        are compared as dst's [N, K/32, 16]."""
+        if self.tp_size == 1:
+            return weight
+        shaped = weight.reshape(weight.shape[0], -1, *dst.shape[2:])
+        if shaped.shape[dim] != dst.shape[dim] * self.tp_size:
+            return weight
+        share = dst.shape[dim]
+        return shaped.narrow(dim, self.tp_rank * share, share)
 
     def expert_weights(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(w13 [2I, H], w2 [H, I]) of one expert, dequantized (copies)."""
