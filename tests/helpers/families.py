@@ -5,9 +5,11 @@ Each family has at least three MoE layers, so one placement file can put a whole
 layer on the GPU, a whole layer on the CPU and split a third (FAMILIES[...].placement).
 Routing variants covered: softmax with and without renormalisation, grouped top-k
 (DeepSeek-V2), sigmoid with correction bias and routed scaling, grouped (DeepSeek-V3)
-and not (GLM-4.5), shared experts with and without a sigmoid gate (Qwen2-MoE), first
-dense layers (DeepSeek, GLM), top-k 2 and 4, 8 and 16 experts, gpt-oss's biased
-clamped-SwiGLU experts.
+and not (GLM-4.5), a custom routing function with the router weight applied to the input
+(Llama-4's sigmoid top-1), shared experts with and without a sigmoid gate (Qwen2-MoE),
+first dense layers (DeepSeek, GLM), top-k 1, 2 and 4, 8 and 16 experts, gpt-oss's biased
+clamped-SwiGLU experts; experts loaded one at a time and every expert at once (Llama-4's
+fused checkpoint tensors, gpt-oss's).
 """
 
 from __future__ import annotations
@@ -91,6 +93,10 @@ FAMILIES: dict[str, Family] = {
         n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1, n_group=1,
         topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True, partial_rotary_factor=0.5),
         (1, 2, 3), 8, gate_scale=8.0),
+    "llama4": Family("Llama4ForCausalLM", lambda: _tf().Llama4TextConfig(
+        **COMMON, num_hidden_layers=3, head_dim=32, intermediate_size=96, intermediate_size_mlp=192,
+        num_local_experts=8, num_experts_per_tok=1, interleave_moe_layer_step=1, attention_chunk_size=128,
+        no_rope_layers=[1, 1, 0]), (0, 1, 2), 8),
     "gpt_oss": Family("GptOssForCausalLM", lambda: _tf().GptOssConfig(
         **COMMON, num_hidden_layers=3, head_dim=32, intermediate_size=64, num_local_experts=8,
         num_experts_per_tok=2, sliding_window=128,

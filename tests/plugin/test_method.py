@@ -69,6 +69,32 @@ def test_stand_ins_take_vllms_per_expert_loader_calls():
         assert torch.equal(got13, torch.cat([w1[e], w3[e]])) and torch.equal(got2, w2[e])
 
 
+def test_a_shard_of_every_expert_at_once_loads_each_expert():
+    """Llama-4's fused checkpoints: vLLM's loader hands w1 / w3 [E, I, H] and w2 [E, H, I]
+    over once, with expert id 0 (its mapping for fused tensors has one expert), as FusedMoE
+    takes such a tensor whole: every expert gets its own slice, under tensor parallelism its
+    share of it."""
+    gen = torch.Generator().manual_seed(3)
+    w1, w3 = torch.randn(E, 2 * I, H, generator=gen), torch.randn(E, 2 * I, H, generator=gen)
+    w2 = torch.randn(E, H, 2 * I, generator=gen)
+    for rank, size in ((0, 1), (1, 2)):
+        inter = 2 * I // size
+        layer = HybridMoE(num_experts=E, top_k=K, hidden_size=H, intermediate_size=inter, gpu_experts=(0, 3),
+                          dtype=torch.float32, device=torch.device("cpu"),
+                          cpu_runtime=CPUExpertRuntime(num_threads=1, inline=True), pin_memory=False,
+                          math=reference.SILU)
+        method = moe_method.FiddlerMoEMethod.__new__(moe_method.FiddlerMoEMethod)
+        method.prefix, method.hybrid, method.tp_rank, method.tp_size = "model.layers.0.mlp.experts", layer, rank, size
+        method.spec = types.SimpleNamespace(intermediate_size=inter)
+        s = {n: moe_method.ExpertSink(torch.empty(E, 0), method, n) for n in ("w13_weight", "w2_weight")}
+        for shard, w, param in (("w1", w1, "w13_weight"), ("w3", w3, "w13_weight"), ("w2", w2, "w2_weight")):
+            method.weight_loader(s[param], w, "experts.w13_weight", shard_id=shard, expert_id=0)
+        rows = slice(rank * inter, (rank + 1) * inter)
+        for e in range(E):
+            got13, got2 = layer.expert_weights(e)
+            assert torch.equal(got13, torch.cat([w1[e, rows], w3[e, rows]])) and torch.equal(got2, w2[e, :, rows])
+
+
 def test_tensor_parallel_ranks_load_their_share_of_each_expert():
     """Under tensor parallelism vLLM's per-expert loader hands each rank the whole checkpoint
     tensor; rank r of 2 keeps rows r*I..(r+1)*I of w1 / w3 and those columns of w2 (I: the
