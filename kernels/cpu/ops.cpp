@@ -1215,17 +1215,25 @@ AsyncJob make_job(const at::Tensor& x, ExpertSet experts, const at::Tensor& ids,
   return job;
 }
 
+// A job's experts (check_experts) checked against its x and fp32 result buffer, at submit.
+ExpertSet check_job_experts(const at::Tensor& x, const at::Tensor& out, const at::Tensor& w13, const at::Tensor& w2,
+                            const c10::optional<at::Tensor>& s13, const c10::optional<at::Tensor>& s2,
+                            const c10::optional<at::Tensor>& b13, const c10::optional<at::Tensor>& b2, int64_t fmt,
+                            int64_t bn, int64_t bk, int64_t act, double alpha, double limit, const std::string& op) {
+  ExpertSet experts = check_experts(w13, w2, s13, s2, b13, b2, fmt, bn, bk, act, alpha, limit, op);
+  check_x_dtype(experts, x.scalar_type(), op);
+  FCHECK(out.is_contiguous() && out.scalar_type() == at::kFloat, op + "out must be contiguous float32");
+  return experts;
+}
+
 void moe_forward_async(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w2,
                        const at::Tensor& topk_ids, const at::Tensor& topk_weights, const at::Tensor& out,
                        int64_t mode, int64_t amx_min_tokens, const at::Tensor& done_word, int64_t seq,
                        const c10::optional<at::Tensor>& s13, const c10::optional<at::Tensor>& s2,
                        const c10::optional<at::Tensor>& b13, const c10::optional<at::Tensor>& b2, int64_t fmt,
                        int64_t bn, int64_t bk, int64_t act, double alpha, double limit) {
-  ExpertSet experts = check_experts(w13, w2, s13, s2, b13, b2, fmt, bn, bk, act, alpha, limit,
-                                    "fiddler_cpu.moe_forward_async: ");
-  check_x_dtype(experts, x.scalar_type(), "fiddler_cpu.moe_forward_async: ");
-  FCHECK(out.is_contiguous() && out.scalar_type() == at::kFloat,
-         "fiddler_cpu.moe_forward_async: out must be contiguous float32");
+  ExpertSet experts = check_job_experts(x, out, w13, w2, s13, s2, b13, b2, fmt, bn, bk, act, alpha, limit,
+                                        "fiddler_cpu.moe_forward_async: ");
   FCHECK(done_word.device().is_cpu() && done_word.scalar_type() == at::kInt && done_word.numel() == 1,
          "fiddler_cpu.moe_forward_async: done_word must be one int32 on the host");
   async_runner()->submit(
@@ -1240,11 +1248,8 @@ void moe_forward_routed_async(const at::Tensor& x, const at::Tensor& w13, const 
                               const at::Tensor& counts, const c10::optional<at::Tensor>& s13, const c10::optional<at::Tensor>& s2,
                               const c10::optional<at::Tensor>& b13, const c10::optional<at::Tensor>& b2, int64_t fmt,
                               int64_t bn, int64_t bk, int64_t act, double alpha, double limit) {
-  ExpertSet experts = check_experts(w13, w2, s13, s2, b13, b2, fmt, bn, bk, act, alpha, limit,
-                                    "fiddler_cpu.moe_forward_routed_async: ");
-  check_x_dtype(experts, x.scalar_type(), "fiddler_cpu.moe_forward_routed_async: ");
-  FCHECK(out.is_contiguous() && out.scalar_type() == at::kFloat,
-         "fiddler_cpu.moe_forward_routed_async: out must be contiguous float32");
+  ExpertSet experts = check_job_experts(x, out, w13, w2, s13, s2, b13, b2, fmt, bn, bk, act, alpha, limit,
+                                        "fiddler_cpu.moe_forward_routed_async: ");
   for (const at::Tensor* word : {&ready_word, &done_word})
     FCHECK(word->device().is_cpu() && word->scalar_type() == at::kInt && word->numel() == 1,
            "fiddler_cpu.moe_forward_routed_async: ready_word and done_word must be one int32 each on the host");
