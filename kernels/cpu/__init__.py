@@ -320,7 +320,7 @@ def moe_forward_quantized(x: torch.Tensor, w13, w2, topk_ids: torch.Tensor, topk
     another dtype than the experts' scales and biases, other formats): kernels.quant
     dequantizes in torch instead. Releases the GIL while it computes."""
     experts = _quantized_set(w13, w2, math, biases)
-    if experts is None or x.dtype not in _HALF or _x_dtype(w13, biases) not in (None, x.dtype):
+    if experts is None or not _takes_x(w13, biases, x.dtype):
         return False
     if x.shape[0]:
         w13_values, w2_values, s13, s2, b13, b2, *spec = experts
@@ -377,6 +377,17 @@ def _int4_scale_dtype(w) -> torch.dtype | None:
     return dtype if dtype in _HALF else None
 
 
+def activation_dtypes(quantized: bool) -> tuple[torch.dtype, ...]:
+    """The model dtypes whose activations the native kernels take: bf16, and fp16 too for
+    quantized experts (GPTQ and AWQ checkpoints run in fp16)."""
+    return _HALF if quantized else (torch.bfloat16,)
+
+
+def _takes_x(w13, biases, dtype: torch.dtype) -> bool:
+    """Whether quantized experts take x of `dtype`: bf16 or fp16, their scales' and biases'."""
+    return dtype in _HALF and _x_dtype(w13, biases) in (None, dtype)
+
+
 def _x_dtype(w13, biases) -> torch.dtype | None:
     """The dtype quantized experts take x in: their INT4 scales' and biases' (the model's;
     _quantized_set checked that they agree); None where bf16 and fp16 both do."""
@@ -405,8 +416,8 @@ def takes_jobs(w13, w2, math=None, biases: tuple[torch.Tensor, torch.Tensor] | N
     if _expert_set(w13, w2, math, biases) is None:
         return False
     if isinstance(w13, torch.Tensor):
-        return isa() != "torch" and w13.dtype == torch.bfloat16 and x_dtype in (None, torch.bfloat16)
-    return x_dtype is None or (x_dtype in _HALF and _x_dtype(w13, biases) in (None, x_dtype))
+        return isa() != "torch" and w13.dtype == torch.bfloat16 and x_dtype in (None, *activation_dtypes(False))
+    return x_dtype is None or _takes_x(w13, biases, x_dtype)
 
 
 def _async_args(x, w13, w2, topk_ids, topk_weights, math, biases, isa) -> tuple | None:

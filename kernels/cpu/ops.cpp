@@ -623,8 +623,9 @@ void check_quant(const ExpertSet& w, const std::string& op) {
   FCHECK(w.act == kActSilu || w.act == kActSwigluOai, op + "unknown activation " + FSTR(w.act));
   const bool mx = fmt == kFmtMxfp4, zp = fmt == kFmtInt4Zp, int4 = fmt == kFmtInt4Group || zp;
   const auto values = mx ? at::kByte : int4 ? at::kInt : at::kFloat8_e4m3fn;
-  const bool half_scales = fmt == kFmtInt4Group && s13.scalar_type() == at::kHalf;  // run_quant: x's dtype
-  const auto scales = mx ? at::kByte : zp ? at::kInt : half_scales ? at::kHalf : int4 ? at::kBFloat16 : at::kFloat;
+  // INT4 group scales: bf16 or fp16, x's dtype (check_x_dtype)
+  const auto int4_scales = s13.scalar_type() == at::kHalf ? at::kHalf : at::kBFloat16;
+  const auto scales = mx ? at::kByte : zp ? at::kInt : int4 ? int4_scales : at::kFloat;
   FCHECK(w13.scalar_type() == values && w2.scalar_type() == values && s13.scalar_type() == scales &&
              s2.scalar_type() == scales,
          op + (mx     ? "MXFP4 weights and scales must be uint8"

@@ -158,15 +158,15 @@ class FiddlerMoEMethod(compat.fused_moe_method_base()):
         else:
             kind = param.kind()  # "w13", "w2", "b13", "b2", "s13", "s2"
             name = kind[0] + shard_id[1:]
+            experts = [(int(expert_id), loaded_weight)]
             if self.expert_format is None and loaded_weight.dim() == (3 if name[0] == "w" else 2):
                 # one shard of every expert at once, as vLLM's loader takes it whatever the
                 # expert id (Llama-4's fused checkpoints: w1 / w3 [E, I, H], w2 [E, H, I])
-                for e in range(loaded_weight.shape[0]):
-                    self._hybrid().load_expert(e, name, self._tp_share(name, loaded_weight[e]))
-                return True if return_success else None
-            if self.expert_format is None or name[0] == "b":  # a quantized layer shards its own layouts
-                loaded_weight = self._tp_share(name, loaded_weight)
-            self._hybrid().load_expert(int(expert_id), name, loaded_weight)
+                experts = list(enumerate(loaded_weight))
+            for e, weight in experts:
+                if self.expert_format is None or name[0] == "b":  # a quantized layer shards its own layouts
+                    weight = self._tp_share(name, weight)
+                self._hybrid().load_expert(e, name, weight)
         return True if return_success else None
 
     def _tp_share(self, name: str, weight: torch.Tensor) -> torch.Tensor:

@@ -110,14 +110,13 @@ class FiddlerModel:
         from vllm_fiddler.kernels import cpu as cpu_kernels
 
         dtype = vllm_config.model_config.dtype
-        # quantized experts' kernels take the model's bf16 or fp16 (GPTQ and AWQ checkpoints
-        # ship fp16, so vLLM's "auto" picks it); bf16 experts' kernels take bf16 only
-        native_dtype = dtype == torch.bfloat16 or (quantized and dtype == torch.float16)
+        native_dtypes = cpu_kernels.activation_dtypes(quantized)  # GPTQ and AWQ checkpoints run in fp16
+        native_dtype = dtype in native_dtypes
         if not native_dtype:
             logger.warning("fiddler: the model runs in %s; the native CPU expert kernels take %s activations, "
                            "so host experts run on torch's path, many times slower. Pass --dtype bfloat16 to "
                            "run them at the host's memory bandwidth", str(dtype).removeprefix("torch."),
-                           "bf16 or fp16" if quantized else "bf16")
+                           " or ".join(str(d).removeprefix("torch.") for d in native_dtypes))
         if quantized:
             logger.info("fiddler: experts stay %s on both sides; host experts run %s, device experts the "
                         "Triton MoE kernels, which read the stored format; weight copies, streamed chunks "
@@ -206,7 +205,7 @@ class FiddlerModel:
             return None
         from vllm_fiddler.kernels import cpu as cpu_kernels
 
-        if not (routed_max_tokens and layers[0].native_jobs
+        if not (routed_max_tokens  # 0 where the native job thread does not take the layers' experts
                 and cpu_kernels.isa() != "torch" and layers[0].cpu_runtime.takes_routed_jobs()
                 and graph_jobs.available()):
             logger.info("fiddler: the MoE op stays out of FULL CUDA graphs here (it needs the native CPU kernels "
